@@ -1,0 +1,95 @@
+"""The conversion config: a validated, versioned dataclass."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import Any
+
+from .errors import ConfigError, RegistryError
+
+__all__ = ["ReplaceConfig"]
+
+_SCALARS = ("block", "tensor")
+_NEIGHBOUR_GRAD = ("detached", "coupled")
+
+
+@dataclass(frozen=True)
+class ReplaceConfig:
+    """How replaced blocks synthesize their weights.
+
+    Args:
+        rule: Name of the integration rule (see :func:`replace_wrap.list_rules`). ``"linear"`` (the paper):
+            ``W = a * W_prev + b * W_next``; ``"convex"``: ``a = sigmoid(alpha)``, ``b = 1 - a``.
+        scalars: ``"block"``: one set of scalars per replaced block; ``"tensor"``: one set per synthesized
+            tensor.
+        neighbour_grad: ``"detached"``: the neighbours' tensors are detached inside the synthesis, so only the
+            site's scalars learn there; ``"coupled"``: gradient also flows into the neighbours.
+        keep_original: Keep a frozen copy of each replaced tensor (as buffers) so that
+            :func:`replace_wrap.revert` can restore the block.
+        init: Initial ``(a, b)``. Rules that parametrize differently map it to their own parameters.
+        version: Format version of this config, stored with saved conversions.
+
+    Example:
+        >>> cfg = ReplaceConfig(rule="convex", scalars="tensor")
+        >>> cfg.neighbour_grad
+        'detached'
+    """
+
+    rule: str = "linear"
+    scalars: str = "block"
+    neighbour_grad: str = "detached"
+    keep_original: bool = False
+    init: tuple[float, float] = (0.5, 0.5)
+    version: int = 1
+
+    def __post_init__(self) -> None:
+        from .rules import get_rule  # late: rules imports fusion, which is independent of config
+
+        if not isinstance(self.rule, str):
+            raise ConfigError(f"rule must be a rule name (str), got {self.rule!r}")
+        try:
+            rule = get_rule(self.rule)
+        except RegistryError as exc:  # the user passed a config value: report it as a config error
+            raise ConfigError(str(exc)) from None
+        _check_choice("scalars", self.scalars, _SCALARS)
+        _check_choice("neighbour_grad", self.neighbour_grad, _NEIGHBOUR_GRAD)
+        if not isinstance(self.keep_original, bool):
+            raise ConfigError(f"keep_original must be True or False, got {self.keep_original!r}")
+        init = self.init
+        if (
+            not isinstance(init, (tuple, list))
+            or len(init) != 2
+            or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in init)
+            or not all(math.isfinite(v) for v in init)
+        ):
+            raise ConfigError(f"init must be two finite numbers (a, b), got {init!r}")
+        object.__setattr__(self, "init", (float(init[0]), float(init[1])))
+        rule.check_init(self.init)
+        if self.version != 1:
+            raise ConfigError(
+                f"config version {self.version!r} is not supported by this replace_wrap (supports 1); "
+                "upgrade replace_wrap to read it"
+            )
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain-JSON form, for saving next to weights."""
+        return dataclasses.asdict(self) | {"init": list(self.init)}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ReplaceConfig:
+        """Inverse of :meth:`to_dict`; unknown keys are an error, not silently dropped."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ConfigError(f"unknown ReplaceConfig field(s) {unknown}; known fields: {sorted(known)}")
+        data = dict(data)
+        if "init" in data:
+            data["init"] = tuple(data["init"])
+        return cls(**data)
+
+
+def _check_choice(name: str, value: object, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ConfigError(f"{name} must be one of {', '.join(map(repr, allowed))}; got {value!r}")

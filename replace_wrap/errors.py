@@ -1,0 +1,70 @@
+"""Typed errors raised by replace_wrap.
+
+Every error derives from :class:`ReplaceWrapError`, so ``except replace_wrap.ReplaceWrapError`` catches all of
+them. Each message names the offending module path or value and says what to do next. Subclasses also derive
+from the matching builtin (``ValueError``, ``TypeError``, ``RuntimeError``) so generic handlers keep working.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "AlreadyConvertedError",
+    "AnalysisError",
+    "ConfigError",
+    "MergeError",
+    "NotConvertedError",
+    "NothingToReplaceError",
+    "PolicyError",
+    "RegistryError",
+    "ReplaceWrapError",
+    "StateDictError",
+    "TracingError",
+]
+
+
+class ReplaceWrapError(Exception):
+    """Base class of every error raised by replace_wrap."""
+
+
+class ConfigError(ReplaceWrapError, ValueError):
+    """An option of :class:`~replace_wrap.ReplaceConfig` or of ``convert`` has an invalid value."""
+
+
+class PolicyError(ReplaceWrapError, ValueError):
+    """A policy selected blocks that cannot be replaced (first/last of a stack, adjacent, out of range)."""
+
+
+class RegistryError(ReplaceWrapError, ValueError):
+    """A registry entry (integration rule, ...) is duplicated, malformed or unknown."""
+
+
+class AnalysisError(ReplaceWrapError, RuntimeError):
+    """The model's structure could not be analysed."""
+
+
+class TracingError(AnalysisError):
+    """A graph could not be captured (torch.fx or torch.export); the caller falls back to another route."""
+
+
+class NothingToReplaceError(ReplaceWrapError, ValueError):
+    """``convert`` found no block it could replace; the message (and ``.report``) says why."""
+
+    def __init__(self, message: str, report=None):
+        super().__init__(message)
+        self.report = report
+
+
+class AlreadyConvertedError(ReplaceWrapError, RuntimeError):
+    """The model (or a submodule of it) is already converted."""
+
+
+class NotConvertedError(ReplaceWrapError, RuntimeError):
+    """An operation that needs a converted model got an unconverted one."""
+
+
+class MergeError(ReplaceWrapError, RuntimeError):
+    """``merge`` or ``revert`` cannot proceed (for example a synthesized tensor is not finite)."""
+
+
+class StateDictError(ReplaceWrapError, RuntimeError):
+    """A state dict does not fit the model (converted vs. unconverted)."""

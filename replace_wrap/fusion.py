@@ -1,0 +1,35 @@
+"""The weight-synthesis maths as pure tensor functions.
+
+Nothing here knows about modules or policies, so each function can be property-tested on its own.
+"""
+
+from __future__ import annotations
+
+import torch
+
+__all__ = ["mix"]
+
+
+def mix(a: torch.Tensor, b: torch.Tensor, prev: torch.Tensor, next: torch.Tensor) -> torch.Tensor:
+    """Synthesize ``a * prev + b * next``.
+
+    The coefficients are fp32 scalars (0-d tensors) whatever the weights' dtype; they are cast to the weights'
+    dtype so the result has the dtype of ``prev`` (bf16 weights give a bf16 tensor, gradients still reach the
+    fp32 scalars through the cast).
+
+    Args:
+        a: Coefficient of ``prev``, a 0-d tensor.
+        b: Coefficient of ``next``, a 0-d tensor.
+        prev: The tensor of the previous block.
+        next: The same tensor of the next block, of the same shape.
+
+    Returns:
+        A tensor of the shape and dtype of ``prev``.
+
+    Example:
+        >>> mix(torch.tensor(0.5), torch.tensor(0.5), torch.ones(2), torch.zeros(2))
+        tensor([0.5000, 0.5000])
+    """
+    # shape: prev, next: S ; a, b: () -> S
+    dtype = prev.dtype
+    return a.to(dtype) * prev + b.to(dtype) * next

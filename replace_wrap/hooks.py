@@ -1,0 +1,175 @@
+"""Parameter-integration hooks: make a replaced block compute with synthesized weights.
+
+A replaced tensor is removed from its module's ``_parameters`` (so it is no parameter of the model: no memory,
+no optimizer state, no gradient) and the module's class is swapped for a cached subclass in which that name is
+a property. Reading ``module.weight`` then returns ``site.synthesize(i, prev.weight, next.weight)``, computed
+afresh on every access from the neighbour modules' *current* tensors, so it follows ``.to()``,
+``load_state_dict`` and optimizer steps, and nothing synthesized outlives the backward pass.
+
+Why not ``torch.nn.utils.parametrize``: it keeps the original tensor as a parameter, which defeats the
+purpose. Why not forward pre-hooks that assign tensors: the assigned tensor would stay alive between steps
+and be missing outside forward. The subclass keeps the base class's name, so ``isinstance``, ``repr`` and
+name-based checks in user code still see the original type.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from .rules import get_rule
+
+__all__ = ["ReplacementSite", "base_class", "install", "is_swapped", "uninstall"]
+
+SITE_ATTR = "replacement"  # attribute under which a replaced block holds its ReplacementSite
+
+# (base class, fused names) -> generated subclass; shared by every module with the same layout.
+_SWAPPED: dict[tuple[type, tuple[str, ...]], type] = {}
+
+
+class ReplacementSite(nn.Module):
+    """The learnable scalars of one replaced block.
+
+    Registered on the block as ``block.replacement``; its parameters (``a`` and ``b`` for the linear rule) are
+    the only learnable parameters of the site and stay fp32 whatever dtype the model is cast to.
+
+    Args:
+        rule: Name of the integration rule.
+        n_sets: Number of scalar sets: 1 (``scalars="block"``) or the number of synthesized tensors.
+        init: Initial ``(a, b)``.
+        tensor_names: Paths of the synthesized tensors inside the block, in scalar-set order.
+        detach: Detach the neighbours' tensors inside the synthesis (``neighbour_grad="detached"``).
+        prev_path: Path of the previous block (for reports).
+        next_path: Path of the next block (for reports).
+        originals: Frozen copies of the replaced tensors (``keep_original=True``), kept as buffers.
+    """
+
+    def __init__(
+        self,
+        rule: str,
+        n_sets: int,
+        init: tuple[float, float],
+        tensor_names: tuple[str, ...],
+        detach: bool,
+        prev_path: str,
+        next_path: str,
+        originals: list[torch.Tensor] | None = None,
+    ):
+        super().__init__()
+        self.rule = rule
+        self._rule = get_rule(rule)
+        for name, value in self._rule.init_params(n_sets, init).items():
+            self.register_parameter(name, nn.Parameter(value.detach().to(torch.float32)))
+        self.n_sets = n_sets
+        self.tensor_names = tuple(tensor_names)
+        self.detach = detach
+        self.prev_path, self.next_path = prev_path, next_path
+        self.has_originals = originals is not None
+        for i, t in enumerate(originals or []):
+            self.register_buffer(f"original_{i}", t.detach().clone())
+
+    def index_of(self, k: int) -> int:
+        """Scalar set used by the ``k``-th synthesized tensor."""
+        return k if self.n_sets > 1 else 0
+
+    def coefficients(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The current ``(a, b)``, each of shape ``(n_sets,)``."""
+        return self._rule.coefficients(self)
+
+    def synthesize(self, index: int, prev: torch.Tensor, next: torch.Tensor) -> torch.Tensor:
+        if self.detach:
+            prev, next = prev.detach(), next.detach()
+        return self._rule.synthesize(self, index, prev, next)
+
+    def _apply(self, fn: Any, recurse: bool = True) -> ReplacementSite:
+        # The scalars stay fp32 when the model is cast (model.half(), .to(torch.bfloat16)): a bf16 scalar
+        # cannot express small updates. Devices still follow; buffers (originals) follow the model's dtype.
+        fp32 = {n: p.detach().clone() for n, p in self._parameters.items() if p is not None}
+        super()._apply(fn, recurse)
+        for n, p in self._parameters.items():
+            if p is not None and p.dtype != torch.float32:
+                p.data = fp32[n].to(p.device)
+        return self
+
+    def extra_repr(self) -> str:
+        a, b = (t.detach().float() for t in self.coefficients())
+        ab = f"a={a.item():.4g}, b={b.item():.4g}" if a.numel() == 1 else f"a.mean={a.mean():.4g}, b.mean={b.mean():.4g}"
+        return f"rule={self.rule!r}, tensors={len(self.tensor_names)}, {ab}, prev={self.prev_path!r}, next={self.next_path!r}"
+
+
+def is_swapped(module: nn.Module) -> bool:
+    """Whether ``module`` has synthesized tensors installed."""
+    return "_rw_sources" in module.__dict__
+
+
+def base_class(module: nn.Module) -> type:
+    """The module's original class (its own class if it is not swapped)."""
+    return type(module).__dict__.get("_rw_base", type(module)) if is_swapped(module) else type(module)
+
+
+def install(leaf: nn.Module, sources: dict[str, tuple[ReplacementSite, int, nn.Module, nn.Module]]) -> None:
+    """Remove ``leaf``'s parameters named in ``sources`` and synthesize them on access.
+
+    ``sources[name] = (site, index, prev_leaf, next_leaf)``: ``leaf.<name>`` becomes
+    ``site.synthesize(index, prev_leaf.<name>, next_leaf.<name>)``. Undo with :func:`uninstall`.
+    """
+    if is_swapped(leaf):
+        raise RuntimeError(f"{type(leaf).__name__} already has synthesized tensors")  # internal invariant
+    names = tuple(sorted(sources))
+    object.__setattr__(leaf, "_rw_order", tuple(leaf._parameters))
+    object.__setattr__(leaf, "_rw_sources", dict(sources))
+    for name in names:
+        del leaf._parameters[name]
+    leaf.__class__ = _swapped_class(type(leaf), names)
+
+
+def uninstall(leaf: nn.Module, params: dict[str, nn.Parameter]) -> None:
+    """Undo :func:`install`: restore the base class and register ``params`` in the original order."""
+    order = leaf.__dict__["_rw_order"]
+    leaf.__class__ = type(leaf)._rw_base
+    del leaf.__dict__["_rw_sources"], leaf.__dict__["_rw_order"]
+    current = dict(leaf._parameters)
+    current.update(params)
+    leaf._parameters.clear()
+    for name in order:  # state_dict key order is the original one again
+        if name in current:
+            leaf._parameters[name] = current.pop(name)
+    leaf._parameters.update(current)
+
+
+def _swapped_class(base: type, names: tuple[str, ...]) -> type:
+    key = (base, names)
+    cls = _SWAPPED.get(key)
+    if cls is None:
+        namespace: dict[str, Any] = {name: property(_synthesized(name)) for name in names}
+        namespace.update(
+            _rw_base=base,
+            __module__=base.__module__,
+            __qualname__=base.__qualname__,
+            __reduce_ex__=_reduce_ex,
+            __doc__=base.__doc__,
+        )
+        cls = type(base.__name__, (base,), namespace)
+        _SWAPPED[key] = cls
+    return cls
+
+
+def _synthesized(name: str) -> Any:
+    def fget(self: nn.Module) -> torch.Tensor:
+        site, index, prev, nxt = self._rw_sources[name]
+        return site.synthesize(index, getattr(prev, name), getattr(nxt, name))
+
+    fget.__name__ = name
+    return fget
+
+
+def _reduce_ex(self: nn.Module, protocol: int) -> tuple[Any, ...]:
+    # Generated classes cannot be found by name; pickle and deepcopy rebuild them from (base, names).
+    return _rebuild, (type(self)._rw_base, tuple(sorted(self._rw_sources))), self.__dict__
+
+
+def _rebuild(base: type, names: tuple[str, ...]) -> nn.Module:
+    cls = _swapped_class(base, names)
+    return cls.__new__(cls)

@@ -1,0 +1,124 @@
+"""What ``convert`` did and did not do, per block, with reasons; renders as a table."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+from .config import ReplaceConfig
+
+__all__ = ["BlockReport", "ConversionReport"]
+
+
+@dataclass
+class BlockReport:
+    """One block of one stack.
+
+    Attributes:
+        stack: Name of the stack.
+        index: Position in the stack.
+        path: Module path of the block.
+        status: ``"replaced"``, ``"kept"`` (not selected, or first/last) or ``"skipped"`` (selected but cannot
+            be replaced; ``reason`` says why).
+        prev: Path of the previous block (for replaced and skipped blocks).
+        next: Path of the next block.
+        params_saved: Trainable parameters removed by replacing the block (before adding its scalars).
+        reason: Why the block has this status.
+        scalars: Current values of the site's parameters (e.g. ``{"a": [0.5], "b": [0.5]}``).
+        fused: Paths (inside the block) of the synthesized tensors.
+        kept_tensors: ``(path, reason)`` of the block's tensors that stay its own.
+    """
+
+    stack: str
+    index: int
+    path: str
+    status: str
+    prev: str | None = None
+    next: str | None = None
+    params_saved: int = 0
+    reason: str = ""
+    scalars: dict[str, list[float]] | None = None
+    fused: tuple[str, ...] = ()
+    kept_tensors: tuple[tuple[str, str], ...] = ()
+
+
+@dataclass
+class ConversionReport:
+    """The result of :func:`replace_wrap.plan`, also kept by :func:`replace_wrap.convert`.
+
+    ``str(report)`` renders a table, :meth:`summary` a single line, :meth:`to_dict` plain JSON.
+    """
+
+    route: str
+    policy: str
+    config: ReplaceConfig
+    blocks: list[BlockReport]
+    stacks: list[tuple[str, int]]
+    trainable_before: int
+    trainable_after: int
+    notes: list[str] = field(default_factory=list)
+    applied: bool = False
+
+    @property
+    def replaced(self) -> list[BlockReport]:
+        """The replaced blocks."""
+        return [b for b in self.blocks if b.status == "replaced"]
+
+    @property
+    def skipped(self) -> list[BlockReport]:
+        """The blocks the policy selected but that could not be replaced."""
+        return [b for b in self.blocks if b.status == "skipped"]
+
+    @property
+    def trainable_ratio(self) -> float:
+        """Trainable parameters after / before."""
+        return self.trainable_after / self.trainable_before if self.trainable_before else 1.0
+
+    def summary(self) -> str:
+        """One line: blocks replaced, trainable parameters before and after, analysis route."""
+        n_stacks = len({b.stack for b in self.replaced})
+        verb = "replaced" if self.applied else "would be replaced"
+        return (
+            f"{len(self.replaced)} of {len(self.blocks)} blocks {verb} in {n_stacks} "
+            f"stack{'s' if n_stacks != 1 else ''}; trainable parameters {_human(self.trainable_after)} of "
+            f"{_human(self.trainable_before)} ({100 * self.trainable_ratio:.1f}%); analysis: {self.route}"
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain-JSON form."""
+        d = dataclasses.asdict(self)
+        d["config"] = self.config.to_dict()
+        return d
+
+    def __str__(self) -> str:
+        header = ("stack", "#", "block", "status", "prev", "next", "scalars", "saved", "reason")
+        rows = [header]
+        for b in self.blocks:
+            rows.append(
+                (
+                    b.stack, str(b.index), b.path, b.status, b.prev or "", b.next or "", _scalars(b.scalars),
+                    _human(b.params_saved) if b.params_saved else "", b.reason,
+                )
+            )
+        widths = [max(len(r[i]) for r in rows) for i in range(len(header) - 1)]
+        lines = ["  ".join(c.ljust(w) for c, w in zip(r[:-1], widths)) + "  " + r[-1] for r in rows]
+        lines.insert(1, "  ".join("-" * w for w in widths) + "  " + "-" * len(header[-1]))
+        tail = [self.summary()] + [f"note: {n}" for n in self.notes]
+        return "\n".join([*lines, *tail])
+
+
+def _scalars(values: dict[str, list[float]] | None) -> str:
+    if not values:
+        return ""
+    parts = []
+    for k, v in values.items():
+        parts.append(f"{k}={v[0]:.3g}" if len(v) == 1 else f"{k}~{sum(v) / len(v):.3g}(x{len(v)})")
+    return " ".join(parts)
+
+
+def _human(n: int) -> str:
+    for unit, scale in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if abs(n) >= scale:
+            return f"{n / scale:.2f}{unit}"
+    return str(n)
