@@ -8,9 +8,11 @@ Pure analysis: nothing here changes the model or knows about policies.
 2. **Stacks.** Runs of the same kind whose parents' paths differ only in numbers (``stages.0.blocks`` and
    ``stages.1.blocks``, ``layer1`` and ``layer2``) are chained, in registration order, into one stack: the
    blocks of a CNN run across its stages.
-3. **Choice.** Candidate stacks that nest (the LayerNorms inside transformer blocks chain into a stack too)
-   conflict; the one whose blocks carry the most parameters shared in shape with an adjacent block wins,
-   so transformer blocks beat their LayerNorms and Swin's blocks beat its stages.
+3. **Choice.** A stack needs evidence of repetition: two blocks at distance 1 or 2 (period-2 stacks
+   alternate two kinds of block) with identical parameter shapes.
+   Candidate stacks that nest (the LayerNorms inside transformer blocks chain into a stack too) or share
+   modules conflict; the one whose blocks carry the most parameters shared in shape with an adjacent block
+   wins, so transformer blocks beat their LayerNorms and Swin's blocks beat its stages.
 4. **Order.** If the model can be traced (torch.fx, or torch.export with example inputs), the graph reorders
    each stack by execution, drops blocks that never run, and splits a stack where one block does not feed
    the next (parallel branches). Otherwise registration order stands, and the route says so.
@@ -102,22 +104,28 @@ def find_stacks(model: nn.Module) -> list[Stack]:
     """Structural discovery (steps 1-3 above), in registration order."""
     sizes = _sizes(model)
     order = {id(m): i for i, m in enumerate(model.modules())}
+    aliases: dict[int, list[str]] = {}  # a shared module is reachable under several paths
+    for path, m in model.named_modules(remove_duplicate=False):
+        aliases.setdefault(id(m), []).append(path)
     candidates = _chain(_runs(model, sizes))
+    scores = {id(c[0][1]): _score(c, sizes) for c in candidates}
     scored = sorted(
-        candidates,
+        # A stack needs evidence of repetition: blocks with identical parameter shapes nearby.
+        (c for c in candidates if scores[id(c[0][1])] > 0),
         # Most shape-shared parameters first; on a tie the outer stack (shorter paths) wins.
-        key=lambda c: (-_score(c, sizes), c[0][0].count("."), order[id(c[0][1])]),
+        key=lambda c: (-scores[id(c[0][1])], c[0][0].count("."), order[id(c[0][1])]),
     )
     taken: set[str] = set()  # accepted block paths
     taken_prefixes: set[str] = set()  # every ancestor path of an accepted block
     chosen: list[list[tuple[str, nn.Module]]] = []
     for cand in scored:
-        if any(_conflicts(p, taken, taken_prefixes) for p, _ in cand):
+        if any(_conflicts(a, taken, taken_prefixes) for _, m in cand for a in aliases[id(m)]):
             continue
         chosen.append(cand)
-        for p, _ in cand:
-            taken.add(p)
-            taken_prefixes.update(_ancestors(p))
+        for _, m in cand:
+            for a in aliases[id(m)]:
+                taken.add(a)
+                taken_prefixes.update(_ancestors(a))
     chosen.sort(key=lambda c: order[id(c[0][1])])
     return _named([Stack("", tuple(p for p, _ in c), tuple(m for _, m in c)) for c in chosen])
 
@@ -129,7 +137,9 @@ def _runs(model: nn.Module, sizes: dict[int, int]) -> Iterator[tuple[Hashable, s
         run_kind: Hashable = None
         for name, child in parent.named_children():
             path = f"{ppath}.{name}" if ppath else name
-            kind = _kind(child) if sizes[id(child)] else None
+            # ModuleList/ModuleDict have no forward: they hold blocks but are never blocks themselves.
+            callable_block = not isinstance(child, (nn.ModuleList, nn.ModuleDict))
+            kind = _kind(child) if sizes[id(child)] and callable_block else None
             if kind is not None and kind == run_kind:
                 run.append((path, child))
                 continue
@@ -172,10 +182,12 @@ def _signature(module: nn.Module) -> tuple[tuple[str, tuple[int, ...]], ...]:
 
 
 def _score(cand: list[tuple[str, nn.Module]], sizes: dict[int, int]) -> int:
+    """Parameters of the blocks whose shapes repeat at distance 1 or 2 (period-2 stacks alternate kinds)."""
     sigs = [_signature(m) for _, m in cand]
+    n = len(cand)
     total = 0
     for i, (_, m) in enumerate(cand):
-        if (i > 0 and sigs[i - 1] == sigs[i]) or (i + 1 < len(cand) and sigs[i + 1] == sigs[i]):
+        if any(0 <= j < n and sigs[j] == sigs[i] for j in (i - 2, i - 1, i + 1, i + 2)):
             total += sizes[id(m)]
     return total
 

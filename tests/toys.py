@@ -1,0 +1,117 @@
+"""Seeded toy models covering the kinds of stacks replace_wrap must handle."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class ResidualMLPBlock(nn.Module):
+    def __init__(self, width: int):
+        super().__init__()
+        self.norm = nn.LayerNorm(width)
+        self.fc1 = nn.Linear(width, 2 * width)
+        self.fc2 = nn.Linear(2 * width, width)
+
+    def forward(self, x):
+        return x + self.fc2(torch.relu(self.fc1(self.norm(x))))
+
+
+class ResidualMLP(nn.Module):
+    """An MLP of residual blocks in a ModuleList, with an input projection and a head."""
+
+    def __init__(self, depth: int = 6, width: int = 16, n_in: int = 8, n_out: int = 4):
+        super().__init__()
+        self.proj = nn.Linear(n_in, width)
+        self.blocks = nn.ModuleList(ResidualMLPBlock(width) for _ in range(depth))
+        self.head = nn.Linear(width, n_out)
+
+    def forward(self, x):
+        x = self.proj(x)
+        for blk in self.blocks:
+            x = blk(x)
+        return self.head(x)
+
+    @staticmethod
+    def example(batch: int = 4) -> torch.Tensor:
+        return torch.randn(batch, 8)
+
+
+class ConvBNBlock(nn.Module):
+    def __init__(self, ch: int):
+        super().__init__()
+        self.conv1 = nn.Conv2d(ch, ch, 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(ch)
+        self.conv2 = nn.Conv2d(ch, ch, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(ch)
+
+    def forward(self, x):
+        return torch.relu(x + self.bn2(self.conv2(torch.relu(self.bn1(self.conv1(x))))))
+
+
+class ConvNet(nn.Module):
+    """A small CNN: stem, a Sequential of conv+BatchNorm residual blocks, pooled head."""
+
+    def __init__(self, depth: int = 5, ch: int = 8, n_out: int = 3):
+        super().__init__()
+        self.stem = nn.Conv2d(3, ch, 3, padding=1)
+        self.layers = nn.Sequential(*[ConvBNBlock(ch) for _ in range(depth)])
+        self.head = nn.Linear(ch, n_out)
+
+    def forward(self, x):
+        return self.head(self.layers(self.stem(x)).mean(dim=(2, 3)))
+
+    @staticmethod
+    def example(batch: int = 2) -> torch.Tensor:
+        return torch.randn(batch, 3, 8, 8)
+
+
+class TinyTransformer(nn.Module):
+    """Token embedding + nn.TransformerEncoderLayer blocks registered as plain attributes (no container)."""
+
+    def __init__(self, depth: int = 5, width: int = 16, vocab: int = 11):
+        super().__init__()
+        self.embed = nn.Embedding(vocab, width)
+        self.depth = depth
+        for i in range(depth):
+            layer = nn.TransformerEncoderLayer(width, 2, 32, dropout=0.0, batch_first=True)
+            setattr(self, f"layer{i}", layer)
+        self.out = nn.Linear(width, vocab)
+
+    def forward(self, tokens):
+        x = self.embed(tokens)
+        for i in range(self.depth):
+            x = getattr(self, f"layer{i}")(x)
+        return self.out(x)
+
+    @staticmethod
+    def example(batch: int = 2) -> torch.Tensor:
+        return torch.randint(0, 11, (batch, 6))
+
+
+class SharedSubmoduleNet(nn.Module):
+    """Sibling blocks that share one module (like timm's CoaT shares its conv position encoding)."""
+
+    def __init__(self, depth: int = 5, width: int = 8):
+        super().__init__()
+        self.shared = nn.Linear(width, width)
+        self.blocks = nn.ModuleList(SharingBlock(width, self.shared) for _ in range(depth))
+
+    def forward(self, x):
+        for b in self.blocks:
+            x = b(x)
+        return x
+
+    @staticmethod
+    def example(batch: int = 3) -> torch.Tensor:
+        return torch.randn(batch, 8)
+
+
+class SharingBlock(nn.Module):
+    def __init__(self, width: int, shared: nn.Module):
+        super().__init__()
+        self.pos = shared
+        self.fc = nn.Linear(width, width)
+
+    def forward(self, x):
+        return x + torch.tanh(self.fc(x + self.pos(x)))
