@@ -230,7 +230,10 @@ def _plan(model: nn.Module, pol: Policy, cfg: ReplaceConfig, example_inputs: Any
             if SITE_ATTR in block._modules or hasattr(block, SITE_ATTR):
                 entry.reason = f"the block already has an attribute {SITE_ATTR!r}"
                 continue
-            m = match_block(block, stack.modules[i - 1], stack.modules[i + 1], path, prev_path, next_path, owners)
+            m = match_block(
+                block, stack.modules[i - 1], stack.modules[i + 1], path, prev_path, next_path, owners,
+                adapt_shapes=cfg.adapt_shapes,
+            )
             entry.kept_tensors = tuple(m.kept)
             if m.problem:
                 entry.reason = m.problem
@@ -241,9 +244,10 @@ def _plan(model: nn.Module, pol: Policy, cfg: ReplaceConfig, example_inputs: Any
             entry.fused = tuple(t.rel for t in m.fused)
             entry.params_saved = sum(t.numel for t in m.fused if t.leaf._parameters[t.name].requires_grad)
             entry.scalars = {"a": [cfg.init[0]] * n_sets, "b": [cfg.init[1]] * n_sets}
+            entry.adapted = tuple((t.rel, t.describe()) for t in m.fused if t.adapted)
             entry.reason = f"{len(m.fused)} tensors synthesized" + (
-                f"; {len(m.kept)} kept as its own ({m.kept[0][0]}: {m.kept[0][1]})" if m.kept else ""
-            )
+                f" ({len(entry.adapted)} shape-adapted)" if entry.adapted else ""
+            ) + (f"; {len(m.kept)} kept as its own ({m.kept[0][0]}: {m.kept[0][1]})" if m.kept else "")
             saved_total += entry.params_saved
             scalars_total += sum(t.numel() for t in init.values())
             targets.append(_Target(path, block, prev_path, next_path, m))
@@ -287,7 +291,7 @@ def _apply(model: nn.Module, planned: _Plan, cfg: ReplaceConfig) -> None:
             by_leaf: dict[int, tuple[nn.Module, dict[str, Any]]] = {}
             for k, f in enumerate(fused):
                 by_leaf.setdefault(id(f.leaf), (f.leaf, {}))[1][f.name] = (
-                    site, site.index_of(k), f.prev_leaf, f.next_leaf
+                    site, site.index_of(k), f.prev_leaf, f.next_leaf, f.prev_adapter, f.next_adapter
                 )
             for leaf, sources in by_leaf.values():
                 saved = {name: leaf._parameters[name] for name in sources}

@@ -29,6 +29,11 @@ class ReplaceConfig:
         keep_original: Keep a frozen copy of each replaced tensor (as buffers) so that
             :func:`replace_wrap.revert` can restore the block.
         init: Initial ``(a, b)``. Rules that parametrize differently map it to their own parameters.
+        adapt_shapes: Shape-adapting fusion. ``True``: a neighbour tensor of another shape is sliced or
+            zero-padded to the replaced block's shape (kernel dimensions centred), a side without a
+            counterpart contributes zeros, and a tensor without a counterpart on either side stays the
+            block's own parameter. ``False``: a block is only replaced when both neighbours supply every
+            tensor with exactly its shape (otherwise it is skipped).
         version: Format version of this config, stored with saved conversions.
 
     Example:
@@ -42,6 +47,7 @@ class ReplaceConfig:
     neighbour_grad: str = "detached"
     keep_original: bool = False
     init: tuple[float, float] = (0.5, 0.5)
+    adapt_shapes: bool = True
     version: int = 1
 
     def __post_init__(self) -> None:
@@ -57,6 +63,8 @@ class ReplaceConfig:
         _check_choice("neighbour_grad", self.neighbour_grad, _NEIGHBOUR_GRAD)
         if not isinstance(self.keep_original, bool):
             raise ConfigError(f"keep_original must be True or False, got {self.keep_original!r}")
+        if not isinstance(self.adapt_shapes, bool):
+            raise ConfigError(f"adapt_shapes must be True or False, got {self.adapt_shapes!r}")
         init = self.init
         if (
             not isinstance(init, (tuple, list))

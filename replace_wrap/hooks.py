@@ -19,6 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .adapt import ShapeAdapter, adapt_pair
 from .rules import get_rule
 
 __all__ = ["ReplacementSite", "base_class", "install", "is_swapped", "uninstall"]
@@ -109,11 +110,17 @@ def base_class(module: nn.Module) -> type:
     return type(module).__dict__.get("_rw_base", type(module)) if is_swapped(module) else type(module)
 
 
-def install(leaf: nn.Module, sources: dict[str, tuple[ReplacementSite, int, nn.Module, nn.Module]]) -> None:
+# (site, scalar-set index, prev leaf, next leaf, prev adapter, next adapter) of one synthesized tensor
+Source = tuple[ReplacementSite, int, nn.Module | None, nn.Module | None, ShapeAdapter | None, ShapeAdapter | None]
+
+
+def install(leaf: nn.Module, sources: dict[str, Source]) -> None:
     """Remove ``leaf``'s parameters named in ``sources`` and synthesize them on access.
 
-    ``sources[name] = (site, index, prev_leaf, next_leaf)``: ``leaf.<name>`` becomes
-    ``site.synthesize(index, prev_leaf.<name>, next_leaf.<name>)``. Undo with :func:`uninstall`.
+    ``sources[name] = (site, index, prev_leaf, next_leaf, prev_adapter, next_adapter)``: ``leaf.<name>``
+    becomes ``site.synthesize(index, prev_leaf.<name>, next_leaf.<name>)``, each side first mapped by its
+    adapter when it has one (another shape; an absent side, whose leaf is ``None``, gives zeros).
+    Undo with :func:`uninstall`.
     """
     if is_swapped(leaf):
         raise RuntimeError(f"{type(leaf).__name__} already has synthesized tensors")  # internal invariant
@@ -158,8 +165,12 @@ def _swapped_class(base: type, names: tuple[str, ...]) -> type:
 
 def _synthesized(name: str) -> Any:
     def fget(self: nn.Module) -> torch.Tensor:
-        site, index, prev, nxt = self._rw_sources[name]
-        return site.synthesize(index, getattr(prev, name), getattr(nxt, name))
+        site, index, prev, nxt, prev_adapter, next_adapter = self._rw_sources[name]
+        if prev_adapter is None and next_adapter is None:  # same shapes: no adapter call, nothing allocated
+            return site.synthesize(index, getattr(prev, name), getattr(nxt, name))
+        p = None if prev is None else getattr(prev, name)
+        n = None if nxt is None else getattr(nxt, name)
+        return site.synthesize(index, *adapt_pair(p, n, prev_adapter, next_adapter))
 
     fget.__name__ = name
     return fget

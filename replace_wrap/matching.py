@@ -1,9 +1,15 @@
 """Which tensors of a replaced block are synthesized from which tensors of its neighbours.
 
 A tensor of the replaced block is synthesized from the *same-named* tensor of the previous and next block
-(same path inside the block, same shape, dtype and device). Tensors that the block shares with modules
-outside it (timm's CoaT shares one module between sibling blocks) are not the block's own: they stay as they
-are, and the report says so. A block with an own tensor that a neighbour cannot supply is not replaced.
+(same path inside the block). Tensors that the block shares with modules outside it (timm's CoaT shares one
+module between sibling blocks) are not the block's own: they stay as they are, and the report says so.
+
+With shape adaptation (``ReplaceConfig(adapt_shapes=True)``, the default), a neighbour's counterpart is
+*usable* if it has the same number of dimensions, dtype and device; a different shape is mapped to the
+block's shape by a :class:`~replace_wrap.adapt.ShapeAdapter` (slice / zero-pad; the spatial dimensions of a
+convolution kernel centre-aligned). A side without a usable counterpart contributes zeros; a tensor for which
+neither side has one stays an ordinary parameter of the block (reported as kept). Without adaptation, any
+missing or differently shaped counterpart makes the block unreplaceable.
 """
 
 from __future__ import annotations
@@ -13,19 +19,28 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from .adapt import ShapeAdapter
+
 __all__ = ["BlockMatch", "Ownership", "TensorMatch", "match_block"]
 
 
 @dataclass(frozen=True)
 class TensorMatch:
-    """One synthesized tensor: ``leaf.<name>`` of the replaced block from the neighbours' leaves."""
+    """One synthesized tensor: ``leaf.<name>`` of the replaced block from the neighbours' leaves.
+
+    ``prev_adapter``/``next_adapter`` are ``None`` when that side's tensor has the block's shape (used as
+    is), else the :class:`~replace_wrap.adapt.ShapeAdapter` that maps it; an absent adapter means the side
+    has no usable counterpart (its leaf is then ``None``) and contributes zeros.
+    """
 
     leaf_path: str
     name: str
     shape: tuple[int, ...]
     leaf: nn.Module = field(repr=False, compare=False)
-    prev_leaf: nn.Module = field(repr=False, compare=False)
-    next_leaf: nn.Module = field(repr=False, compare=False)
+    prev_leaf: nn.Module | None = field(repr=False, compare=False)
+    next_leaf: nn.Module | None = field(repr=False, compare=False)
+    prev_adapter: ShapeAdapter | None = None
+    next_adapter: ShapeAdapter | None = None
 
     @property
     def rel(self) -> str:
@@ -35,6 +50,16 @@ class TensorMatch:
     @property
     def numel(self) -> int:
         return int(torch.Size(self.shape).numel())
+
+    @property
+    def adapted(self) -> bool:
+        """Whether either side goes through an adapter (another shape, or absent)."""
+        return self.prev_adapter is not None or self.next_adapter is not None
+
+    def describe(self) -> str:
+        """How each side is mapped, e.g. ``"prev: as is; next: slice dim 0 128->64"``."""
+        sides = (("prev", self.prev_adapter), ("next", self.next_adapter))
+        return "; ".join(f"{side}: {'as is' if ad is None else ad.describe()}" for side, ad in sides)
 
 
 @dataclass
@@ -65,11 +90,32 @@ class Ownership:
 
 
 def match_block(
-    block: nn.Module, prev: nn.Module, next: nn.Module, block_path: str, prev_path: str, next_path: str,
+    block: nn.Module,
+    prev: nn.Module,
+    next: nn.Module,
+    block_path: str,
+    prev_path: str,
+    next_path: str,
     owners: Ownership,
+    adapt_shapes: bool = True,
 ) -> BlockMatch:
-    """Plan the synthesis of ``block`` from ``prev`` and ``next``."""
+    """Plan the synthesis of ``block`` from ``prev`` and ``next``.
+
+    Args:
+        block: The block to replace.
+        prev: The previous block of the stack.
+        next: The next block of the stack.
+        block_path: Module path of ``block`` (for ownership checks and messages).
+        prev_path: Module path of ``prev``.
+        next_path: Module path of ``next``.
+        owners: Where every module and parameter of the model is reachable.
+        adapt_shapes: Map counterparts of another shape (and absent ones) instead of giving up.
+
+    Returns:
+        A :class:`BlockMatch`; ``problem`` is set when the block cannot be replaced.
+    """
     out = BlockMatch()
+    sides = (("previous", prev, prev_path), ("next", next, next_path))
     for leaf_path, leaf in block.named_modules():
         for name, param in leaf._parameters.items():
             if param is None:
@@ -82,17 +128,32 @@ def match_block(
             if not param.is_floating_point():
                 out.kept.append((rel, f"dtype {param.dtype} cannot be synthesized"))
                 continue
-            sources = []
-            for side, nb, nb_path in (("previous", prev, prev_path), ("next", next, next_path)):
+            leaves: list[nn.Module | None] = []
+            adapters: list[ShapeAdapter | None] = []
+            why: list[str] = []
+            for side, nb, nb_path in sides:
                 found = _counterpart(nb, leaf_path, name)
-                why = _mismatch(param, found)
-                if why:
-                    out.problem = (
-                        f"tensor {rel!r} {_describe(param)} has {why} in the {side} block {nb_path!r}"
-                    )
+                problem = _mismatch(param, found, strict=not adapt_shapes)
+                if problem and not adapt_shapes:
+                    out.problem = f"tensor {rel!r} {_describe(param)} has {problem} in the {side} block {nb_path!r}"
                     return out
-                sources.append(nb.get_submodule(leaf_path))
-            out.fused.append(TensorMatch(leaf_path, name, tuple(param.shape), leaf, sources[0], sources[1]))
+                if problem:  # adaptation on: this side contributes zeros
+                    why.append(f"{side} block {nb_path!r}: {problem}")
+                    leaves.append(None)
+                    adapters.append(ShapeAdapter(None, tuple(param.shape)))
+                    continue
+                assert found is not None  # _mismatch returned no problem
+                leaves.append(nb.get_submodule(leaf_path))
+                adapters.append(
+                    None if found.shape == param.shape
+                    else ShapeAdapter(tuple(found.shape), tuple(param.shape), _centre_dims(leaf, name, param))
+                )
+            if leaves[0] is None and leaves[1] is None:
+                out.kept.append((rel, "no usable counterpart in either neighbour (" + "; ".join(why) + ")"))
+                continue
+            out.fused.append(
+                TensorMatch(leaf_path, name, tuple(param.shape), leaf, leaves[0], leaves[1], adapters[0], adapters[1])
+            )
     if not out.fused:
         out.problem = "the block owns no tensor that can be synthesized" + (
             f" ({out.kept[0][0]}: {out.kept[0][1]})" if out.kept else ""
@@ -108,16 +169,27 @@ def _counterpart(block: nn.Module, leaf_path: str, name: str) -> torch.Tensor | 
     return leaf._parameters.get(name)
 
 
-def _mismatch(own: torch.Tensor, other: torch.Tensor | None) -> str | None:
+def _mismatch(own: torch.Tensor, other: torch.Tensor | None, strict: bool) -> str | None:
+    """Why ``other`` cannot stand in for ``own`` (``None``: usable). Without ``strict`` shapes may differ."""
     if other is None:
         return "no counterpart"
-    if other.shape != own.shape:
+    if strict and other.shape != own.shape:
         return f"shape {tuple(other.shape)}"
+    if other.dim() != own.dim():
+        return f"{other.dim()}-d counterpart of shape {tuple(other.shape)}"
     if other.dtype != own.dtype:
         return f"dtype {other.dtype}"
     if other.device != own.device:
         return f"device {other.device}"
     return None
+
+
+def _centre_dims(leaf: nn.Module, name: str, param: torch.Tensor) -> tuple[int, ...]:
+    """The kernel dimensions of a convolution weight (centre-aligned); every other dimension aligns at 0."""
+    # (out, in/groups, *kernel) for Conv*d; (in, out/groups, *kernel) for ConvTranspose*d: kernel dims are 2..
+    if name == "weight" and isinstance(leaf, nn.modules.conv._ConvNd):
+        return tuple(range(2, param.dim()))
+    return ()
 
 
 def _describe(t: torch.Tensor) -> str:

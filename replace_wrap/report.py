@@ -27,7 +27,10 @@ class BlockReport:
         reason: Why the block has this status.
         scalars: Current values of the site's parameters (e.g. ``{"a": [0.5], "b": [0.5]}``).
         fused: Paths (inside the block) of the synthesized tensors.
-        kept_tensors: ``(path, reason)`` of the block's tensors that stay its own.
+        kept_tensors: ``(path, reason)`` of the block's tensors that stay its own (shared with another
+            module, or, with shape adaptation, without a usable counterpart in either neighbour).
+        adapted: ``(path, how)`` of the synthesized tensors whose neighbour tensors are shape-adapted, e.g.
+            ``("conv1.weight", "prev: as is; next: slice dim 0 128->64")``.
     """
 
     stack: str
@@ -41,6 +44,7 @@ class BlockReport:
     scalars: dict[str, list[float]] | None = None
     fused: tuple[str, ...] = ()
     kept_tensors: tuple[tuple[str, str], ...] = ()
+    adapted: tuple[tuple[str, str], ...] = ()
 
 
 @dataclass

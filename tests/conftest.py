@@ -50,8 +50,45 @@ def assert_same_state(before: dict, after: dict) -> None:
         assert before[key] == after[key], key
 
 
+def reference_adapt(t: torch.Tensor, shape, centre=()) -> torch.Tensor:
+    """The documented slice / zero-pad rule, written independently of replace_wrap.adapt (index slices).
+
+    Per dimension, source entry ``j`` lands at target entry ``j + off`` where ``off = 0`` (start alignment)
+    or ``floor((m - s) / 2)`` for growing and ``-floor((s - m) / 2)`` for shrinking centre-aligned dims.
+    """
+    centre = {d % len(shape) for d in centre}
+    out = t.new_zeros(tuple(shape))
+    src, dst = [], []
+    for d, (s, m) in enumerate(zip(t.shape, shape)):
+        off = 0 if d not in centre else ((m - s) // 2 if m >= s else -((s - m) // 2))
+        lo, hi = max(0, off), min(m, s + off)  # target range covered by the source
+        dst.append(slice(lo, hi))
+        src.append(slice(lo - off, hi - off))
+    out[tuple(dst)] = t[tuple(src)]
+    return out
+
+
+def kernel_dims(leaf: torch.nn.Module, name: str, ndim: int) -> tuple[int, ...]:
+    """Centre-aligned dimensions by the documented rule: the kernel dims of a convolution weight."""
+    return tuple(range(2, ndim)) if name == "weight" and isinstance(leaf, torch.nn.modules.conv._ConvNd) else ()
+
+
+def neighbour_term(model: torch.nn.Module, nb_path: str, rel: str, target: torch.Tensor, centre) -> torch.Tensor:
+    """A neighbour's tensor mapped to ``target``'s shape, or zeros when it has no counterpart of that rank."""
+    try:
+        t = model.get_parameter(f"{nb_path}.{rel}")
+    except AttributeError:
+        return torch.zeros_like(target)
+    if t.dim() != target.dim():
+        return torch.zeros_like(target)
+    return reference_adapt(t, target.shape, centre)
+
+
 def oracle_model(original: torch.nn.Module, converted: torch.nn.Module) -> torch.nn.Module:
-    """A deep copy of the unconverted model whose replaced tensors are set to a*prev + b*next by hand."""
+    """A deep copy of the unconverted model whose replaced tensors are set to a*prev + b*next by hand.
+
+    Neighbour tensors of another shape are mapped by :func:`reference_adapt`; a missing one counts as zeros.
+    """
     import replace_wrap
 
     oracle = copy.deepcopy(original)
@@ -62,8 +99,11 @@ def oracle_model(original: torch.nn.Module, converted: torch.nn.Module) -> torch
             a, b = site.coefficients()
             for k, rel in enumerate(site.tensor_names):
                 i = site.index_of(k)
-                prev = converted.get_parameter(f"{block.prev}.{rel}")
-                nxt = converted.get_parameter(f"{block.next}.{rel}")
                 target = oracle.get_parameter(f"{block.path}.{rel}")
+                leaf_path, _, name = rel.rpartition(".")
+                leaf = oracle.get_submodule(f"{block.path}.{leaf_path}" if leaf_path else block.path)
+                centre = kernel_dims(leaf, name, target.dim())
+                prev = neighbour_term(converted, block.prev, rel, target, centre)
+                nxt = neighbour_term(converted, block.next, rel, target, centre)
                 target.copy_(a[i] * prev + b[i] * nxt)
     return oracle

@@ -15,8 +15,8 @@ import pytest
 import torch
 
 import replace_wrap
-from conftest import TOL, assert_same_state, oracle_model, state_snapshot
-from toys import ConvNet, ResidualMLP, SharedSubmoduleNet, TinyTransformer
+from conftest import TOL, assert_same_state, kernel_dims, oracle_model, reference_adapt, state_snapshot
+from toys import ConvNet, ResidualMLP, SharedSubmoduleNet, StagedCNN, TinyTransformer
 
 
 def _out(y):
@@ -118,9 +118,12 @@ class ConversionContract:
         if mode == "detached":
             assert grads[0] is None and grads[1] is None
         else:
+            # d(sum of a*adapt(P))/dP is a on the entries that land in the target, 0 on the sliced-off ones
             a, bb = (float(t.detach()) for t in block.replacement.coefficients())
-            torch.testing.assert_close(grads[0], torch.full_like(prev, a))
-            torch.testing.assert_close(grads[1], torch.full_like(nxt, bb))
+            centre = kernel_dims(leaf, name, synthesized.dim())
+            ones = torch.ones_like(synthesized)
+            torch.testing.assert_close(grads[0], a * reference_adapt(ones, prev.shape, centre))
+            torch.testing.assert_close(grads[1], bb * reference_adapt(ones, nxt.shape, centre))
 
     def test_step_on_scalars_alone_changes_function(self):
         _, model = self.converted()
@@ -256,3 +259,40 @@ class TestHFViT(ConversionContract):
 
     def make_input(self):
         return torch.randn(2, 3, 16, 16)
+
+
+# --- models whose replaced blocks need shape-adapting fusion ----------------------------------------------
+
+
+class TestStagedCNN(ConversionContract):
+    """Channels and kernel sizes change between stages; stage-first blocks are strided and project."""
+
+    def make_model(self):
+        return StagedCNN()
+
+    def make_input(self):
+        return StagedCNN.example()
+
+
+class TestTimmResNet18(ConversionContract):
+    # two blocks per stage: every replaced block has a neighbour in another stage (channels x2)
+    min_replaced = 3
+
+    def make_model(self):
+        timm = pytest.importorskip("timm")
+        return timm.create_model("resnet18", pretrained=False, num_classes=5, zero_init_last=False)
+
+    def make_input(self):
+        return torch.randn(2, 3, 32, 32)
+
+
+class TestTimmEfficientNet(ConversionContract):
+    # inverted-residual stacks: expansion, kernel size (3 / 5) and width change at stage boundaries
+    min_replaced = 3
+
+    def make_model(self):
+        timm = pytest.importorskip("timm")
+        return timm.create_model("efficientnet_b0", pretrained=False, num_classes=5)
+
+    def make_input(self):
+        return torch.randn(2, 3, 32, 32)

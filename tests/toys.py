@@ -115,3 +115,45 @@ class SharingBlock(nn.Module):
 
     def forward(self, x):
         return x + torch.tanh(self.fc(x + self.pos(x)))
+
+
+class StageBlock(nn.Module):
+    """A residual conv block; a stage's first block may change width and stride, with a 1x1 projection."""
+
+    def __init__(self, c_in: int, c_out: int, stride: int = 1, kernel: int = 3):
+        super().__init__()
+        self.conv1 = nn.Conv2d(c_in, c_out, kernel, stride=stride, padding=kernel // 2, bias=False)
+        self.bn1 = nn.BatchNorm2d(c_out)
+        self.conv2 = nn.Conv2d(c_out, c_out, kernel, padding=kernel // 2)
+        self.proj = nn.Conv2d(c_in, c_out, 1, stride=stride) if (c_in != c_out or stride != 1) else None
+
+    def forward(self, x):
+        skip = x if self.proj is None else self.proj(x)
+        return torch.relu(skip + self.conv2(torch.relu(self.bn1(self.conv1(x)))))
+
+
+class StagedCNN(nn.Module):
+    """Three stages (width 4 -> 8 -> 6, kernel 3 -> 3 -> 5) of two blocks each, chained into one stack.
+
+    The stage-first blocks are strided and carry a projection their neighbours may lack, so ``every=2``
+    replaces blocks whose neighbours differ in channels (slice / zero-pad) and kernel size (centre crop/pad).
+    """
+
+    def __init__(self, n_out: int = 3):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 4, 3, padding=1)
+        spec = [(4, 4, 1, 3), (4, 4, 1, 3), (4, 8, 2, 3), (8, 8, 1, 3), (8, 6, 2, 5), (6, 6, 1, 5)]
+        self.stages = nn.ModuleList(
+            nn.Sequential(*(StageBlock(*spec[j]) for j in range(i, i + 2))) for i in range(0, len(spec), 2)
+        )
+        self.head = nn.Linear(6, n_out)
+
+    def forward(self, x):
+        x = self.stem(x)
+        for stage in self.stages:
+            x = stage(x)
+        return self.head(x.mean(dim=(2, 3)))
+
+    @staticmethod
+    def example(batch: int = 2) -> torch.Tensor:
+        return torch.randn(batch, 3, 12, 12)
