@@ -23,7 +23,7 @@ from __future__ import annotations
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any, Hashable
+from typing import Any, Callable, Hashable
 
 from torch import nn
 
@@ -83,37 +83,81 @@ def analyse(model: nn.Module, example_inputs: Any = None, trace: bool = True) ->
         notes: list[str] = []
         if not stacks or not trace:
             return Analysis("structural", stacks, notes)
-        blocks = {p: m for s in stacks for p, m in zip(s.paths, s.modules)}
-        graph: BlockGraph | None = None
-        try:
-            graph = fx_block_graph(model, blocks)
-        except TracingError as exc:
+        refuted: set[str] = set()
+        for attempt in range(_MAX_REFUTATIONS + 1):
+            graph = _capture(model, stacks, example_inputs, notes)
+            if graph is None:
+                notes.append("using the structural walk: blocks in registration order")
+                return Analysis("structural", stacks, notes)
+            step_notes: list[str] = []
+            ordered = [(s, _segments(s, graph, step_notes)) for s in stacks]
+            # A candidate that the graph cuts into pieces too short to replace in (parallel branches, such
+            # as RepVGG's 3x3 and 1x1 convs) was the wrong guess: try the next candidate in its place.
+            wrong = {s.paths[0] for s, segs in ordered if len(s) >= 3 and max(map(len, segs)) < 3}
+            if not wrong or attempt == _MAX_REFUTATIONS:
+                break
+            for s, _ in ordered:
+                if s.paths[0] in wrong:
+                    notes.append(f"stack {s.name!r} set aside: the {graph.route} graph shows its blocks do not run one "
+                                 "after another")
+            refuted |= wrong
+            retry = find_stacks(model, frozenset(refuted))
+            if not retry:
+                break
+            stacks = retry
+        notes.extend(step_notes)
+        return Analysis(graph.route, [seg for _, segs in ordered for seg in segs], notes)
+
+
+_MAX_REFUTATIONS = 3  # graph captures spent on replacing refuted candidates
+
+
+def _capture(model: nn.Module, stacks: list[Stack], example_inputs: Any, notes: list[str]) -> BlockGraph | None:
+    """The block graph by torch.fx, else torch.export with example inputs; ``None`` if neither works."""
+    blocks = {p: m for s in stacks for p, m in zip(s.paths, s.modules)}
+    try:
+        return fx_block_graph(model, blocks)
+    except TracingError as exc:
+        if str(exc) not in notes:
             notes.append(str(exc))
-        if graph is None and example_inputs is not None:
-            try:
-                graph = export_block_graph(model, blocks, example_inputs)
-            except TracingError as exc:
+    if example_inputs is not None:
+        try:
+            return export_block_graph(model, blocks, example_inputs)
+        except TracingError as exc:
+            if str(exc) not in notes:
                 notes.append(str(exc))
-        if graph is None:
-            notes.append("using the structural walk: blocks in registration order")
-            return Analysis("structural", stacks, notes)
-        return Analysis(graph.route, _order_by_graph(stacks, graph, notes), notes)
+    return None
 
 
-def find_stacks(model: nn.Module) -> list[Stack]:
-    """Structural discovery (steps 1-3 above), in registration order."""
+def find_stacks(model: nn.Module, exclude: frozenset[str] = frozenset()) -> list[Stack]:
+    """Structural discovery (steps 1-3 above), in registration order.
+
+    Args:
+        model: The model.
+        exclude: First block paths of candidate stacks to leave out (candidates a graph refuted).
+    """
     sizes = _sizes(model)
     order = {id(m): i for i, m in enumerate(model.modules())}
     aliases: dict[int, list[str]] = {}  # a shared module is reachable under several paths
     for path, m in model.named_modules(remove_duplicate=False):
         aliases.setdefault(id(m), []).append(path)
-    candidates = _chain(_runs(model, sizes))
-    scores = {id(c[0][1]): _score(c, sizes) for c in candidates}
+    candidates = [c for c in _chain(_runs(model, sizes)) if len(c) >= 2 and c[0][0] not in exclude]
+    exact = {id(c[0][1]): _score(c, sizes, _signature) for c in candidates}
+    alike = {id(c[0][1]): _score(c, sizes, _structure) for c in candidates}
+    layers = {id(c[0][1]): not all(_is_block(m) for _, m in c) for c in candidates}
     scored = sorted(
-        # A stack needs evidence of repetition: blocks with identical parameter shapes nearby.
-        (c for c in candidates if scores[id(c[0][1])] > 0),
-        # Most shape-shared parameters first; on a tie the outer stack (shorter paths) wins.
-        key=lambda c: (-scores[id(c[0][1])], c[0][0].count("."), order[id(c[0][1])]),
+        # A stack needs evidence of repetition: blocks with the same parameters nearby (alike: same names
+        # and ranks; exact: same shapes too).
+        (c for c in candidates if alike[id(c[0][1])] > 0),
+        # Stacks of blocks before stacks of single layers (a RegNet layer beats the convs inside it); then
+        # stacks with exact repeats, most shape-shared parameters first (a transformer block beats its
+        # LayerNorms, Swin's blocks beat its stages); then those whose blocks only differ in shape (CNN
+        # stages of one block each), most alike parameters first. On a tie the inner stack wins: the outer
+        # one only wraps it (a Sequential holding one block).
+        key=lambda c: (
+            layers[id(c[0][1])], exact[id(c[0][1])] == 0, -exact[id(c[0][1])], -alike[id(c[0][1])],
+            -c[0][0].count("."), order[id(c[0][1])],
+        ),
     )
     taken: set[str] = set()  # accepted block paths
     taken_prefixes: set[str] = set()  # every ancestor path of an accepted block
@@ -131,23 +175,48 @@ def find_stacks(model: nn.Module) -> list[Stack]:
 
 
 def _runs(model: nn.Module, sizes: dict[int, int]) -> Iterator[tuple[Hashable, str, list[tuple[str, nn.Module]]]]:
-    """Yield ``(kind, parent_path, members)`` for every run of >= 2 same-kind children with parameters."""
+    """Yield ``(kind, parent_path, members)`` for every run of same-kind children with parameters.
+
+    Runs of >= 2 anywhere, single blocks too where they are items (of a generic container, or numbered
+    attributes such as ``s1.b1``), so that CNN stages of one block each chain into a stack. Under a module
+    of its own class (not a generic container) only blocks count: its single layers (``qkv``/``proj``,
+    ``fc1``/``fc2``, RepVGG's parallel 3x3/1x1 convs) are parts of one block, not a stack.
+    """
     for ppath, parent in model.named_modules():
         run: list[tuple[str, nn.Module]] = []
         run_kind: Hashable = None
+        item_parent = type(parent) in _GENERIC_CONTAINERS
         for name, child in parent.named_children():
             path = f"{ppath}.{name}" if ppath else name
-            # ModuleList/ModuleDict have no forward: they hold blocks but are never blocks themselves.
-            callable_block = not isinstance(child, (nn.ModuleList, nn.ModuleDict))
-            kind = _kind(child) if sizes[id(child)] and callable_block else None
+            # ModuleList/ModuleDict have no forward: they hold blocks but are never blocks themselves
+            # (a subclass with its own forward, like DenseNet's DenseBlock, can be a block).
+            callable_block = type(child).forward is not nn.Module.forward
+            member = sizes[id(child)] and callable_block and (item_parent or _is_block(child))
+            kind = _kind(child) if member else None
             if kind is not None and kind == run_kind:
                 run.append((path, child))
                 continue
-            if len(run) >= 2:
+            if len(run) >= 2 or (run and _lone_block(run[0], item_parent)):
                 yield run_kind, ppath, run
             run, run_kind = ([(path, child)], kind) if kind is not None else ([], None)
-        if len(run) >= 2:
+        if len(run) >= 2 or (run and _lone_block(run[0], item_parent)):
             yield run_kind, ppath, run
+
+
+def _is_block(module: nn.Module) -> bool:
+    """A block of layers: at least two weight matrices or kernels (a conv+norm unit or a Linear is a layer)."""
+    count = 0
+    for p in module.parameters():
+        count += p.dim() >= 2
+        if count >= 2:
+            return True
+    return False
+
+
+def _lone_block(member: tuple[str, nn.Module], item_parent: bool) -> bool:
+    """Whether a child without a same-kind sibling may still join a stack: an item, and a block."""
+    path, module = member
+    return (item_parent or path.rsplit(".", 1)[-1][-1:].isdigit()) and _is_block(module)
 
 
 def _chain(runs: Iterator[tuple[Hashable, str, list[tuple[str, nn.Module]]]]) -> list[list[tuple[str, nn.Module]]]:
@@ -181,9 +250,14 @@ def _signature(module: nn.Module) -> tuple[tuple[str, tuple[int, ...]], ...]:
     return tuple((n, tuple(p.shape)) for n, p in module.named_parameters())
 
 
-def _score(cand: list[tuple[str, nn.Module]], sizes: dict[int, int]) -> int:
-    """Parameters of the blocks whose shapes repeat at distance 1 or 2 (period-2 stacks alternate kinds)."""
-    sigs = [_signature(m) for _, m in cand]
+def _structure(module: nn.Module) -> tuple[tuple[str, int], ...]:
+    """Like :func:`_signature` without sizes: parameter names and ranks (shape-adapting fusion fills the rest)."""
+    return tuple((n, p.dim()) for n, p in module.named_parameters())
+
+
+def _score(cand: list[tuple[str, nn.Module]], sizes: dict[int, int], key: Callable[[nn.Module], Hashable]) -> int:
+    """Parameters of the blocks whose ``key`` repeats at distance 1 or 2 (period-2 stacks alternate kinds)."""
+    sigs = [key(m) for _, m in cand]
     n = len(cand)
     total = 0
     for i, (_, m) in enumerate(cand):
@@ -212,28 +286,27 @@ def _named(stacks: list[Stack]) -> list[Stack]:
     return out
 
 
-def _order_by_graph(stacks: list[Stack], graph: BlockGraph, notes: list[str]) -> list[Stack]:
-    out: list[Stack] = []
-    for stack in stacks:
-        seen = [(p, m) for p, m in zip(stack.paths, stack.modules) if p in graph.order]
-        if not seen:  # the graph shows none of them (called through a path FX does not see): keep as is
-            notes.append(f"stack {stack.name!r}: no block appears in the {graph.route} graph; registration order kept")
-            out.append(stack)
-            continue
-        missing = [p for p in stack.paths if p not in graph.order]
-        if missing:
-            notes.append(f"stack {stack.name!r}: {', '.join(missing)} never run in the traced forward; left out")
-        seen.sort(key=lambda pm: graph.order[pm[0]])
-        segments: list[list[tuple[str, nn.Module]]] = [[seen[0]]]
-        for prev, cur in zip(seen, seen[1:]):
-            if graph.feeds(prev[0], cur[0]):
-                segments[-1].append(cur)
-            else:
-                notes.append(
-                    f"stack {stack.name!r} split between {prev[0]} and {cur[0]}: the first does not feed the second"
-                )
-                segments.append([cur])
-        for k, seg in enumerate(segments):
-            name = stack.name if len(segments) == 1 else f"{stack.name}#{k}"
-            out.append(Stack(name, tuple(p for p, _ in seg), tuple(m for _, m in seg)))
-    return out
+def _segments(stack: Stack, graph: BlockGraph, notes: list[str]) -> list[Stack]:
+    """``stack`` in execution order, without blocks that never run, split where a block does not feed the next."""
+    seen = [(p, m) for p, m in zip(stack.paths, stack.modules) if p in graph.order]
+    if not seen:  # the graph shows none of them (called through a path FX does not see): keep as is
+        notes.append(f"stack {stack.name!r}: no block appears in the {graph.route} graph; registration order kept")
+        return [stack]
+    missing = [p for p in stack.paths if p not in graph.order]
+    if missing:
+        notes.append(f"stack {stack.name!r}: {', '.join(missing)} never run in the traced forward; left out")
+    seen.sort(key=lambda pm: graph.order[pm[0]])
+    segments: list[list[tuple[str, nn.Module]]] = [[seen[0]]]
+    for prev, cur in zip(seen, seen[1:]):
+        if graph.feeds(prev[0], cur[0]):
+            segments[-1].append(cur)
+        else:
+            notes.append(
+                f"stack {stack.name!r} split between {prev[0]} and {cur[0]}: the first does not feed the second"
+            )
+            segments.append([cur])
+    return [
+        Stack(stack.name if len(segments) == 1 else f"{stack.name}#{k}", tuple(p for p, _ in seg),
+              tuple(m for _, m in seg))
+        for k, seg in enumerate(segments)
+    ]

@@ -71,6 +71,10 @@ class ReplacementSite(nn.Module):
         for i, t in enumerate(originals or []):
             self.register_buffer(f"original_{i}", t.detach().clone())
 
+    def forward(self, x: Any, *args: Any, **kwargs: Any) -> Any:
+        """Identity: a block that is an ``nn.Sequential`` calls every child, the site included."""
+        return x
+
     def index_of(self, k: int) -> int:
         """Scalar set used by the ``k``-th synthesized tensor."""
         return k if self.n_sets > 1 else 0

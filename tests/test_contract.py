@@ -292,7 +292,17 @@ class TestTimmEfficientNet(ConversionContract):
 
     def make_model(self):
         timm = pytest.importorskip("timm")
-        return timm.create_model("efficientnet_b0", pretrained=False, num_classes=5)
+        model = timm.create_model("efficientnet_b0", pretrained=False, num_classes=5)
+        # Fresh BatchNorm statistics (variance 1) shrink the eval activations ~4x per stage down to ~1e-6 at
+        # the logits; set them from one batch, as training would, so the outputs respond to a and b.
+        norms = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+        for m in norms:
+            m.momentum = None  # cumulative average: one batch sets the statistics
+        with torch.no_grad():
+            model.train()(torch.randn(8, 3, 32, 32))
+        for m in norms:
+            m.momentum = 0.1
+        return model
 
     def make_input(self):
         return torch.randn(2, 3, 32, 32)

@@ -14,7 +14,6 @@ reason (timm's test style) in :data:`TIMM_EXCLUDE`.
 from __future__ import annotations
 
 import json
-import math
 import os
 import re
 import time
@@ -183,19 +182,25 @@ def default_loss(y: Any) -> torch.Tensor:
 
 def check(
     model: nn.Module,
-    inputs: Any,
     row: Row,
-    call: Callable[[nn.Module, Any], Any] | None = None,
-    eval_call: Callable[[nn.Module, Any], Any] | None = None,
+    train: Callable[[nn.Module], Any],
+    evaluate: Callable[[nn.Module], Any] | None = None,
+    require_loss: bool = False,
 ) -> Row:
     """Convert ``model`` (every=2) and run the contract on it; fill and return ``row``.
+
+    Args:
+        model: A freshly built model (it is converted and merged in place).
+        row: The row to fill.
+        train: Runs the model in train mode on a batch (``lambda m: m(x)``).
+        evaluate: Runs it for the merge comparison (default: ``train``).
+        require_loss: The train output must carry ``.loss`` (HF models called with labels).
 
     ``status`` is ``"ok"``, or ``"not converted"`` when convert raised a typed
     :class:`~replace_wrap.ReplaceWrapError` (its message is the reason). Anything else propagates: a crash is
     a failure of the matrix, not a row.
     """
-    call = call or (lambda m, x: m(x))
-    eval_call = eval_call or call
+    evaluate = evaluate or train
     t0 = time.perf_counter()
     row.params = sum(p.numel() for p in model.parameters())
     try:
@@ -215,7 +220,10 @@ def check(
     sites = [m for m in model.modules() if isinstance(m, replace_wrap.ReplacementSite)]
 
     model.train()
-    loss = default_loss(call(model, inputs))
+    out = train(model)
+    if require_loss and not isinstance(getattr(out, "loss", None), torch.Tensor):
+        raise AssertionError(f"the converted model's output has no .loss: {type(out).__name__}")
+    loss = default_loss(out)
     loss.backward()
     missing = [n for s in sites for n, p in s.named_parameters() if p.grad is None]
     if missing or not torch.isfinite(loss):
@@ -224,10 +232,10 @@ def check(
 
     model.eval()
     with torch.no_grad():
-        y_conv = _first_tensor(eval_call(model, inputs)).detach().clone()
+        y_conv = _first_tensor(evaluate(model)).detach().clone()
     replace_wrap.merge(model)
     with torch.no_grad():
-        y_merged = _first_tensor(eval_call(model, inputs))
+        y_merged = _first_tensor(evaluate(model))
     scale = max(1.0, y_conv.abs().max().item()) if y_conv.numel() else 1.0
     row.merge_err = (y_merged - y_conv).abs().max().item() / scale if y_conv.numel() else 0.0
     row.status = "ok"
@@ -238,7 +246,7 @@ def check(
         ) if part
     )
     row.seconds = time.perf_counter() - t0
-    if not (row.merge_err <= MERGE_RTOL) or math.isnan(row.merge_err):
+    if not (row.merge_err <= MERGE_RTOL):  # also catches NaN
         raise AssertionError(f"merged output differs from the converted one by {row.merge_err:.3g} (relative)")
     return row
 
@@ -248,4 +256,19 @@ def check_timm(name: str, family: str = "") -> Row:
     row = Row(model=name, family=family)
     model, x, hw = build_timm(name)
     row.input = f"{hw}x{hw}"
-    return check(model, x, row)
+    return check(model, row, lambda m: m(x))
+
+
+def check_hf(name: str) -> Row:
+    """Build the HF model ``name`` (see :mod:`zoo_hf`) and :func:`check` it, requiring ``.loss``."""
+    from zoo_hf import BUILDERS
+
+    torch.manual_seed(0)
+    case = BUILDERS[name]()
+    row = Row(model=f"{type(case.model).__name__} ({name})", family=f"hf:{name}")
+    x = case.train_inputs.get("pixel_values")
+    row.input = "x".join(map(str, x.shape[-2:])) if isinstance(x, torch.Tensor) else ""
+    return check(
+        case.model, row, lambda m: case.call(m, case.train_inputs), lambda m: case.call(m, case.eval_inputs),
+        require_loss=True,
+    )
