@@ -5,17 +5,24 @@ Pure analysis: nothing here changes the model or knows about policies.
 1. **Runs.** Under every module, consecutive children of the same kind (class; for plain
    ``Sequential``/``ModuleList``/``ModuleDict`` the class plus the kinds of their children) that own
    parameters form a run. Blocks registered as plain attributes (``s1.b1``, ``s1.b2``) are children too.
+   Under a module of its own class, only *blocks* (two or more weight matrices or kernels) count: the
+   ``qkv``/``proj`` or ``fc1``/``fc2`` layers of one block are not a stack. A lone block counts where it is
+   an item (of a container, or a numbered attribute): CNN stages of one block each.
 2. **Stacks.** Runs of the same kind whose parents' paths differ only in numbers (``stages.0.blocks`` and
-   ``stages.1.blocks``, ``layer1`` and ``layer2``) are chained, in registration order, into one stack: the
-   blocks of a CNN run across its stages.
-3. **Choice.** A stack needs evidence of repetition: two blocks at distance 1 or 2 (period-2 stacks
-   alternate two kinds of block) with identical parameter shapes.
-   Candidate stacks that nest (the LayerNorms inside transformer blocks chain into a stack too) or share
-   modules conflict; the one whose blocks carry the most parameters shared in shape with an adjacent block
-   wins, so transformer blocks beat their LayerNorms and Swin's blocks beat its stages.
+   ``stages.1.blocks``, ``layer1`` and ``layer2``) are chained, in registration order, into one candidate
+   stack: the blocks of a CNN run across its stages.
+3. **Choice.** A candidate needs evidence of repetition: two blocks at distance 1 or 2 (period-2 stacks
+   alternate two kinds of block) with the same parameter names and ranks (*alike*; shape-adapting fusion
+   maps the sizes) or also the same shapes (*exact*). Candidates that nest (the LayerNorms inside
+   transformer blocks chain into a stack too) or share modules conflict; the first in this order wins:
+   stacks of at least 3 blocks; stacks of blocks before stacks of single layers; exact stacks by
+   shape-shared parameters (transformer blocks beat their LayerNorms, Swin's blocks beat its stages); alike
+   stacks, the longest first (DenseNet's layers beat its dense blocks); on a tie the inner stack.
 4. **Order.** If the model can be traced (torch.fx, or torch.export with example inputs), the graph reorders
    each stack by execution, drops blocks that never run, and splits a stack where one block does not feed
-   the next (parallel branches). Otherwise registration order stands, and the route says so.
+   the next (parallel branches). A candidate that the graph cuts into pieces too short to replace in was
+   the wrong guess: it is set aside and the next candidate takes its place (a few rounds at most).
+   Otherwise registration order stands, and the route says so.
 """
 
 from __future__ import annotations
@@ -145,20 +152,23 @@ def find_stacks(model: nn.Module, exclude: frozenset[str] = frozenset()) -> list
     exact = {id(c[0][1]): _score(c, sizes, _signature) for c in candidates}
     alike = {id(c[0][1]): _score(c, sizes, _structure) for c in candidates}
     layers = {id(c[0][1]): not all(_is_block(m) for _, m in c) for c in candidates}
-    scored = sorted(
-        # A stack needs evidence of repetition: blocks with the same parameters nearby (alike: same names
-        # and ranks; exact: same shapes too).
-        (c for c in candidates if alike[id(c[0][1])] > 0),
-        # Stacks of blocks before stacks of single layers (a RegNet layer beats the convs inside it); then
-        # stacks with exact repeats, most shape-shared parameters first (a transformer block beats its
-        # LayerNorms, Swin's blocks beat its stages); then those whose blocks only differ in shape (CNN
-        # stages of one block each), most alike parameters first. On a tie the inner stack wins: the outer
-        # one only wraps it (a Sequential holding one block).
-        key=lambda c: (
-            layers[id(c[0][1])], exact[id(c[0][1])] == 0, -exact[id(c[0][1])], -alike[id(c[0][1])],
-            -c[0][0].count("."), order[id(c[0][1])],
-        ),
-    )
+    def rank(c: list[tuple[str, nn.Module]]) -> tuple[Any, ...]:
+        # First-match-wins order of the candidates, most convincing first:
+        # 1. stacks of >= 3 blocks (a shorter one can never replace a block);
+        # 2. stacks of blocks before stacks of single layers (a RegNet layer beats the convs inside it);
+        # 3. stacks with exact repeats, most shape-shared parameters first (a transformer block beats its
+        #    LayerNorms, Swin's blocks beat its stages);
+        # 4. then stacks whose blocks only differ in shape (CNN stages of one block each), the longest first
+        #    (finer blocks beat the stages that hold them), then the most alike parameters;
+        # 5. on a tie the inner stack: the outer one only wraps it (a Sequential holding one block).
+        k = id(c[0][1])
+        tier_b = exact[k] == 0
+        return (len(c) < 3, layers[k], tier_b, -len(c) if tier_b else -exact[k], -alike[k], -c[0][0].count("."),
+                order[k])
+
+    # A stack needs evidence of repetition: blocks with the same parameters nearby (alike: same names and
+    # ranks; exact: same shapes too).
+    scored = sorted((c for c in candidates if alike[id(c[0][1])] > 0), key=rank)
     taken: set[str] = set()  # accepted block paths
     taken_prefixes: set[str] = set()  # every ancestor path of an accepted block
     chosen: list[list[tuple[str, nn.Module]]] = []

@@ -1,0 +1,162 @@
+"""Compatibility matrix: every timm family and 20 HF vision models through convert / train / merge.
+
+Default run: a fast subset (timm's own ``test_*`` models, a few real families that cover the known pitfalls,
+four HF models). ``pytest -m compat tests/test_compat.py``: the full matrix, one representative per timm
+architecture family (derived from timm's registry) and all 20 HF models; it regenerates
+``docs/compatibility.md``.
+
+Per model (see :func:`zoo.check`): convert with ``every=2``; forward and backward in train mode; every
+replaced block's ``a`` and ``b`` get gradients; eval forward; merge equals converted. A model that cannot be
+converted must raise a typed ``ReplaceWrapError`` with a reason, never crash.
+"""
+
+from __future__ import annotations
+
+import gc
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+import zoo
+import zoo_hf
+
+timm = pytest.importorskip("timm")
+pytest.importorskip("transformers")
+
+DOCS = Path(__file__).resolve().parents[1] / "docs" / "compatibility.md"
+
+# The fast subset: real families chosen to cover the pitfalls that discovery and fusion must handle.
+FAST_FAMILIES = {
+    "vision_transformer:vit": "plain ViT stack",
+    "swin_transformer:swin": "shifted windows alternate; widths change between stages",
+    "convnext:convnext": "stages of blocks with a downsample per stage",
+    "efficientnet:efficientnet": "inverted residuals: width, kernel and expansion change at stage starts",
+    "resnet:resnet": "resnet10t: one block per stage, chained across stages by shape adaptation",
+    "regnet:regnetx": "blocks are plain attributes (s1.b1, s1.b2, ...)",
+    "xception:legacy": "blocks are plain attributes of the model itself",
+    "densenet:densenet": "dense layers: input width grows by the growth rate each layer",
+    "repvit:repvit": "period-2 alternation (SE / no SE)",
+    "gcvit:gcvit": "period-2 alternation (global / local attention)",
+    "byobnet:repvgg": "parallel 3x3 / 1x1 branches: the graph refutes them as a stack",
+    "levit:levit": "attention with downsampling stages",
+    "coat:coat": "a submodule shared by sibling blocks",
+    "mobilevit:mobilevit": "hybrid: inverted residuals and transformer layers",
+    "maxxvit:coatnet": "hybrid conv + attention stages",
+    "hiera:hiera": "does not trace: structural route",
+}
+FAST_HF = ["ViT", "Swin", "RegNet", "Hiera"]
+
+# Families left out of the full matrix, with the reason (timm-style). See zoo.TIMM_EXCLUDE.
+EXCLUDE = zoo.TIMM_EXCLUDE
+
+_FAMILIES = zoo.timm_families()
+_ROWS: dict[str, zoo.Row] = {}
+_START = time.perf_counter()
+
+
+@pytest.fixture(autouse=True)
+def _free_memory():
+    yield
+    gc.collect()  # large models one after another: give their memory back before the next
+
+
+def _record(row: zoo.Row) -> zoo.Row:
+    _ROWS[row.family or row.model] = row
+    return row
+
+
+def _run_timm(family: str) -> zoo.Row:
+    name = zoo.representative(_FAMILIES[family])
+    try:
+        row = zoo.check_timm(name, family)
+    except Exception as exc:  # recorded, then re-raised: a crash fails the matrix
+        _record(zoo.Row(model=name, family=family, status="crash", reason=f"{type(exc).__name__}: {exc}"))
+        raise
+    return _record(row)
+
+
+def _run_hf(name: str) -> zoo.Row:
+    try:
+        row = zoo.check_hf(name)
+    except Exception as exc:
+        _record(zoo.Row(model=name, family=f"hf:{name}", status="crash", reason=f"{type(exc).__name__}: {exc}"))
+        raise
+    return _record(row)
+
+
+# --- default run: the fast subset ------------------------------------------------------------------------
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("name", zoo.timm_test_models())
+def test_timm_test_model(name):
+    row = zoo.check_timm(name)
+    assert row.status == "ok" and row.replaced >= 1, row.reason
+    assert row.ratio < 1.0 and row.merge_err <= zoo.MERGE_RTOL
+
+
+@pytest.mark.timeout(180)
+@pytest.mark.parametrize("family", sorted(FAST_FAMILIES))
+def test_timm_family_fast(family):
+    row = _run_timm(family)
+    assert row.status == "ok" and row.replaced >= 1, row.reason
+    assert row.ratio < 1.0
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("name", FAST_HF)
+def test_hf_fast(name):
+    row = _run_hf(name)
+    assert row.status == "ok" and row.replaced >= 1, row.reason
+
+
+def test_fast_subset_names_exist():
+    assert set(FAST_FAMILIES) <= set(_FAMILIES), sorted(set(FAST_FAMILIES) - set(_FAMILIES))
+    assert set(FAST_HF) <= set(zoo_hf.BUILDERS)
+    assert len(zoo_hf.BUILDERS) == 20
+
+
+def test_exclusions_name_real_families_and_say_why():
+    for family, why in EXCLUDE.items():
+        assert family in _FAMILIES and len(why) > 10, family
+
+
+# --- the full matrix (-m compat) --------------------------------------------------------------------------
+
+
+@pytest.mark.compat
+@pytest.mark.timeout(600)
+@pytest.mark.parametrize("family", sorted(_FAMILIES))
+def test_timm_family(family):
+    if family in EXCLUDE:
+        pytest.skip(EXCLUDE[family])
+    row = _run_timm(family)
+    # converted, or a typed error that says why (recorded in the table); anything else raised above
+    assert row.status in ("ok", "not converted")
+    if row.status == "not converted":
+        assert row.reason.startswith(("NothingToReplaceError", "PolicyError", "AnalysisError")), row.reason
+
+
+@pytest.mark.compat
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("name", sorted(zoo_hf.BUILDERS))
+def test_hf_model(name):
+    row = _run_hf(name)
+    assert row.status == "ok" and row.replaced >= 1, row.reason
+
+
+@pytest.mark.compat
+def test_zz_write_compatibility_page():
+    """Runs last (file order): writes docs/compatibility.md when the whole matrix ran in this session."""
+    expected = {f for f in _FAMILIES if f not in EXCLUDE} | {f"hf:{n}" for n in zoo_hf.BUILDERS}
+    missing = expected - set(_ROWS)
+    if missing:
+        pytest.skip(f"partial matrix ({len(missing)} models not run in this session): page not written")
+    rows = [_ROWS[k] for k in sorted(expected)]
+    zoo.write_matrix(rows, DOCS, time.perf_counter() - _START, "pytest -m compat tests/test_compat.py")
+    timm_rows = [r for r in rows if not r.family.startswith("hf:")]
+    rate = sum(r.converted for r in timm_rows) / len(timm_rows)
+    assert rate >= 0.95, f"timm pass rate {rate:.1%} is below the 95% goal"
+    assert all(r.converted for r in rows if r.family.startswith("hf:"))
