@@ -4,7 +4,8 @@ Pure analysis: nothing here changes the model or knows about policies.
 
 1. **Runs.** Under every module, consecutive children of the same kind (class; for plain
    ``Sequential``/``ModuleList``/``ModuleDict`` the class plus the kinds of their children) that own
-   parameters form a run. Blocks registered as plain attributes (``s1.b1``, ``s1.b2``) are children too.
+   parameters form a run; in a generic container, parameter-free items between them (activations,
+   pooling) do not break it. Blocks registered as plain attributes (``s1.b1``, ``s1.b2``) are children too.
    Under a module of its own class, only *blocks* (two or more weight matrices or kernels) count: the
    ``qkv``/``proj`` or ``fc1``/``fc2`` layers of one block are not a stack. A lone block counts where it is
    an item (of a container, or a numbered attribute): CNN stages of one block each.
@@ -201,6 +202,8 @@ def _runs(model: nn.Module, sizes: dict[int, int]) -> Iterator[tuple[Hashable, s
             # ModuleList/ModuleDict have no forward: they hold blocks but are never blocks themselves
             # (a subclass with its own forward, like DenseNet's DenseBlock, can be a block).
             callable_block = type(child).forward is not nn.Module.forward
+            if item_parent and not sizes[id(child)]:
+                continue  # activations, pooling, dropout between the items of a Sequential: the run goes on (VGG)
             member = sizes[id(child)] and callable_block and (item_parent or _is_block(child))
             kind = _kind(child) if member else None
             if kind is not None and kind == run_kind:

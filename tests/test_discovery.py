@@ -169,3 +169,17 @@ def test_period_two_alternation_is_one_stack():
     rep = replace_wrap.plan(model, every=2)
     b = rep.replaced[0]
     assert b.path == "1" and {k for k, _ in b.kept_tensors} == {"se.weight", "se.bias"}
+
+
+def test_parameter_free_items_do_not_break_a_run():
+    """VGG: convolutions separated by activations and pooling in one Sequential are one stack."""
+    widths = (3, 8, 8, 16, 16)
+    layers: list[nn.Module] = []
+    for a, b in zip(widths, widths[1:]):
+        layers += [nn.Conv2d(a, b, 3, padding=1), nn.ReLU()] + ([nn.MaxPool2d(2)] if b != a else [])
+    model = nn.Sequential(*layers)
+    (stack,) = analyse(model).stacks
+    assert list(stack.paths) == [str(i) for i, m in enumerate(model) if isinstance(m, nn.Conv2d)]
+    replace_wrap.convert(model, every=2)
+    assert len(replace_wrap.report(model).replaced) == 1
+    assert model(torch.randn(1, 3, 8, 8)).shape == (1, 16, 2, 2)
