@@ -27,17 +27,17 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-__all__ = ["ShapeAdapter", "adapt", "adapt_pair", "offsets"]
+__all__ = ["ShapeAdapter", "adapt", "adapt_pair", "offset"]
 
 
-def offsets(source: int, target: int, centre: bool) -> int:
+def offset(source: int, target: int, centre: bool) -> int:
     """Where source entry 0 lands in the target along one dimension (negative: the source is cropped).
 
     ``start`` alignment always gives 0. ``centre`` alignment lines up the middles, rounding the offset down:
-    ``offsets(5, 3, True) == -1`` (crop one entry on the left), ``offsets(3, 5, True) == 1``.
+    ``offset(5, 3, True) == -1`` (crop one entry on the left), ``offset(3, 5, True) == 1``.
 
     Example:
-        >>> offsets(3, 5, centre=True), offsets(5, 3, centre=True), offsets(5, 3, centre=False)
+        >>> offset(3, 5, centre=True), offset(5, 3, centre=True), offset(5, 3, centre=False)
         (1, -1, 0)
     """
     if not centre:
@@ -76,7 +76,7 @@ def adapt(t: torch.Tensor, shape: Sequence[int], centre: Sequence[int] = ()) -> 
         return t
     centred = {d % len(target) for d in centre} if target else set()
     # per dimension: left offset of the source in the target (negative = crop), and the right remainder
-    lefts = [offsets(s, m, d in centred) for d, (s, m) in enumerate(zip(t.shape, target))]
+    lefts = [offset(s, m, d in centred) for d, (s, m) in enumerate(zip(t.shape, target))]
     rights = [(m - s) - left for s, m, left in zip(t.shape, target, lefts)]
     if all(left <= 0 and right <= 0 for left, right in zip(lefts, rights)):
         out = t  # crop only: a view, nothing allocated
@@ -112,6 +112,12 @@ class ShapeAdapter:
     source: tuple[int, ...] | None
     target: tuple[int, ...]
     centre: tuple[int, ...] = ()
+
+    def __post_init__(self) -> None:
+        n = len(self.target)
+        object.__setattr__(self, "centre", tuple(sorted({d % n for d in self.centre})) if n else ())
+        if self.source is not None and len(self.source) != n:
+            raise ValueError(f"source {self.source} and target {self.target} differ in rank")
 
     @property
     def absent(self) -> bool:

@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from conftest import reference_adapt
-from replace_wrap.adapt import ShapeAdapter, adapt, adapt_pair, offsets
+from replace_wrap.adapt import ShapeAdapter, adapt, adapt_pair, offset
 
 dims = st.integers(min_value=1, max_value=4)
 sizes = st.integers(min_value=1, max_value=6)
@@ -29,7 +29,7 @@ def shape_pairs(draw):
 def elementwise_reference(t: torch.Tensor, shape, centre) -> torch.Tensor:
     """Entry by entry: target[i] = source[i - offset] where that index exists, else 0."""
     out = torch.zeros(shape, dtype=t.dtype)
-    offs = [offsets(s, m, d in centre) for d, (s, m) in enumerate(zip(t.shape, shape))]
+    offs = [offset(s, m, d in centre) for d, (s, m) in enumerate(zip(t.shape, shape))]
     for idx in itertools.product(*(range(m) for m in shape)):
         src = tuple(i - o for i, o in zip(idx, offs))
         if all(0 <= j < s for j, s in zip(src, t.shape)):
@@ -123,6 +123,9 @@ def test_adapter_describe_and_call():
     ad = ShapeAdapter((8, 4, 5, 5), (4, 8, 3, 3), centre=(2, 3))
     assert ad.describe() == "slice dim 0 8->4, zero-pad dim 1 4->8, crop dims 2,3 5->3 centred"
     assert ad(torch.randn(8, 4, 5, 5)).shape == (4, 8, 3, 3)
+    assert ShapeAdapter((5, 5), (3, 3), centre=(-1,)).centre == (1,)
+    with pytest.raises(ValueError, match="differ in rank"):
+        ShapeAdapter((5,), (3, 3))
     absent = ShapeAdapter(None, (4,))
     assert absent.absent and absent.describe() == "absent: zeros"
     with pytest.raises(ValueError, match="absent side"):
