@@ -329,9 +329,13 @@ def write_matrix(rows: list[Row], path: Path, seconds: float, command: str) -> N
             status = "ok" if r.converted else f"{r.status}: {r.reason}"
             status = status.replace("|", "/").replace("\n", " ")
             lines.append(
-                f"| {r.family} | `{r.model}` | {r.params / 1e6:.1f}M | {r.input} | {r.route} | "
+                f"| {r.family} | `{r.model}` | {_count(r.params)} | {r.input} | {r.route} | "
                 f"{','.join(map(str, r.stacks))} | {r.replaced} | {r.ratio:.2f} | {r.adapted} / {r.own} | "
                 f"{r.merge_err:.1e} | {status} |"
             )
         lines.append("")
     path.write_text("\n".join(lines))
+
+
+def _count(n: int) -> str:
+    return f"{n / 1e6:.1f}M" if n >= 1e6 else f"{n / 1e3:.0f}k"
