@@ -43,6 +43,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--out-dir", default="exported")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
+    missing = [m for m in ("onnx", "onnxscript") if importlib.util.find_spec(m) is None]
+    if args.onnx == "require" and missing:  # fail before any work, not after training
+        raise SystemExit(f"--onnx require: the ONNX exporter needs {' and '.join(missing)} "
+                         "(pip install onnx onnxscript)")
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)
 
@@ -94,14 +98,10 @@ def main(argv: list[str] | None = None) -> None:
     # --8<-- [end:export]
 
     # --8<-- [start:onnx]
-    missing = [m for m in ("onnx", "onnxscript") if importlib.util.find_spec(m) is None]
     if args.onnx == "off":
         print("ONNX: off")
     elif missing:
-        message = f"ONNX: skipped, the exporter needs {' and '.join(missing)} (pip install onnx onnxscript)"
-        if args.onnx == "require":
-            raise SystemExit(message)
-        print(message)
+        print(f"ONNX: skipped, the exporter needs {' and '.join(missing)} (pip install onnx onnxscript)")
     else:
         onnx_program = torch.onnx.export(model, (sample,), dynamo=True)
         onnx_program.save(str(out / "model.onnx"))

@@ -5,7 +5,7 @@ forward), so the optimizer simply receives fewer trainable parameters. Data: sci
 (offline), upsampled to ``--img-size`` and repeated to 3 channels.
 
     python examples/timm_train_loop.py                                   # vit_tiny at 32 px, patch 8
-    python examples/timm_train_loop.py --model resnet18 --epochs 3
+    python examples/timm_train_loop.py --model resnet34 --epochs 3
     python examples/timm_train_loop.py --model deit_small_patch16_224 --model-arg patch_size=8 --every 3
 """
 

@@ -47,15 +47,13 @@ def _accuracy_panel(ax: Any, e2e: dict[str, Any], rep: dict[str, Any], s: DemoSe
     for run, colour, label in ((e2e, _E2E, "end-to-end"), (rep, _REP, f"replaced (every={s.every})")):
         t, acc = zip(*run["curve"])
         pct = [100 * a for a in acc]
-        ax.plot(t, pct, "-o", color=colour, lw=2.2, ms=4, label=label)
-        ax.annotate(f"{pct[-1]:.1f}%", (t[-1], pct[-1]), xytext=(6, 0), textcoords="offset points",
-                    color=colour, fontweight="bold", va="center")
+        ax.plot(t, pct, "-o", color=colour, lw=2.2, ms=4, label=f"{label}: {pct[-1]:.1f}%")
+        ax.plot(t[-1], pct[-1], "o", color=colour, ms=9, mec="white", mew=1.5)  # where each run ends
     ax.set_title("Test accuracy over training time", loc="left", fontweight="bold")
     ax.set_xlabel("training time (s, optimizer steps only)")
     ax.set_ylabel("test accuracy (%)")
     ax.set_ylim(0, 100)
-    ax.margins(x=0.12)
-    ax.legend(loc="lower right", frameon=True)
+    ax.legend(loc="lower right", frameon=True, title="final test accuracy")
 
 
 def _scalars_panel(ax: Any, rep: dict[str, Any], s: DemoSettings) -> None:
@@ -91,9 +89,10 @@ def _ratio_panel(ax: Any, e2e: dict[str, Any], rep: dict[str, Any]) -> None:
     y = range(len(rows))[::-1]
     ax.barh(list(y), values, color=_REP, height=0.55)
     ax.axvline(1.0, color=_E2E, lw=2.2)
-    ax.text(1.0, len(rows) - 0.45, " end-to-end = 1", color=_E2E, fontsize=9, va="bottom")
+    ax.text(0.98, len(rows) - 0.45, "end-to-end = 1", color=_E2E, fontsize=9, va="bottom", ha="right")
     for yi, v in zip(y, values):
-        ax.text(v + 0.02, yi, f"{v:.2f}x", va="center", fontweight="bold")
+        ax.text(max(v, 1.0) + 0.03 if abs(v - 1.0) < 0.1 else v + 0.03, yi, f"{v:.2f}x", va="center",
+                fontweight="bold")
     ax.set_yticks(list(y), labels)
     ax.set_xlim(0, max(1.25, max(v for v in values if v == v) + 0.25))
     ax.set_ylim(-0.6, len(rows) - 0.1)
