@@ -30,12 +30,14 @@ MEAN, STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
 
 def cifar10(data_dir: str, fake: bool, download: bool, limit: int | None):
     """(train, test) datasets: the real CIFAR-10, or FakeData of the same shapes."""
-    train_tf = transforms.Compose([
-        transforms.RandomCrop(32, padding=4),
-        transforms.RandomHorizontalFlip(),
-        transforms.ToTensor(),
-        transforms.Normalize(MEAN, STD),
-    ])
+    train_tf = transforms.Compose(
+        [
+            transforms.RandomCrop(32, padding=4),
+            transforms.RandomHorizontalFlip(),
+            transforms.ToTensor(),
+            transforms.Normalize(MEAN, STD),
+        ]
+    )
     test_tf = transforms.Compose([transforms.ToTensor(), transforms.Normalize(MEAN, STD)])
     if fake:
         n = limit or 1024
@@ -68,9 +70,13 @@ def evaluate(model: torch.nn.Module, loader: DataLoader) -> float:
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--data-dir", default="./data")
-    p.add_argument("--fake-data", action="store_true", help="torchvision FakeData instead of CIFAR-10 (offline)")
+    p.add_argument(
+        "--fake-data", action="store_true", help="torchvision FakeData instead of CIFAR-10 (offline)"
+    )
     p.add_argument("--no-download", action="store_true", help="fail instead of downloading CIFAR-10")
-    p.add_argument("--model", default="vit_tiny_patch16_224", help="a timm model name (built without weights)")
+    p.add_argument(
+        "--model", default="vit_tiny_patch16_224", help="a timm model name (built without weights)"
+    )
     p.add_argument("--patch-size", type=int, default=4, help="patch size for ViT-family models")
     p.add_argument("--every", type=int, default=2)
     p.add_argument("--no-convert", action="store_true", help="train end-to-end (the baseline)")
@@ -86,13 +92,22 @@ def main(argv: list[str] | None = None) -> None:
 
     torch.manual_seed(args.seed)
     train, test = cifar10(args.data_dir, args.fake_data, not args.no_download, args.limit)
-    train_loader = DataLoader(train, args.batch_size, shuffle=True, num_workers=args.workers, drop_last=True,
-                              persistent_workers=args.workers > 0, generator=torch.Generator().manual_seed(args.seed))
+    train_loader = DataLoader(
+        train,
+        args.batch_size,
+        shuffle=True,
+        num_workers=args.workers,
+        drop_last=True,
+        persistent_workers=args.workers > 0,
+        generator=torch.Generator().manual_seed(args.seed),
+    )
     test_loader = DataLoader(test, 2 * args.batch_size, num_workers=args.workers)
     if not len(train_loader):
         raise SystemExit(f"--batch-size {args.batch_size} is larger than the {len(train)} training images")
     try:  # ViT-family models take the input and patch size; convolutional ones refuse them
-        model = timm.create_model(args.model, pretrained=False, num_classes=10, img_size=32, patch_size=args.patch_size)
+        model = timm.create_model(
+            args.model, pretrained=False, num_classes=10, img_size=32, patch_size=args.patch_size
+        )
     except TypeError:
         model = timm.create_model(args.model, pretrained=False, num_classes=10)
 
@@ -104,10 +119,13 @@ def main(argv: list[str] | None = None) -> None:
     print(f"{args.model}: {sum(p.numel() for p in trainable):,} of {total_params:,} parameters trainable")
 
     # No weight decay on 1-d tensors: biases, norms and the replaced blocks' scalars a, b.
-    optimizer = torch.optim.AdamW([
-        {"params": [p for p in trainable if p.ndim >= 2], "weight_decay": args.weight_decay},
-        {"params": [p for p in trainable if p.ndim < 2], "weight_decay": 0.0},
-    ], lr=args.lr)
+    optimizer = torch.optim.AdamW(
+        [
+            {"params": [p for p in trainable if p.ndim >= 2], "weight_decay": args.weight_decay},
+            {"params": [p for p in trainable if p.ndim < 2], "weight_decay": 0.0},
+        ],
+        lr=args.lr,
+    )
     steps = args.epochs * len(train_loader)
     warmup = max(1, steps // 20)
     schedule = torch.optim.lr_scheduler.LambdaLR(  # linear warm-up, then cosine decay
@@ -125,14 +143,18 @@ def main(argv: list[str] | None = None) -> None:
             seen += len(y)
             loss_sum += loss.item() * len(y)
         elapsed = time.perf_counter() - start
-        print(f"epoch {epoch + 1}/{args.epochs}: loss {loss_sum / seen:.3f}, test accuracy "
-              f"{evaluate(model, test_loader):.3f}, {seen / elapsed:.0f} images/s")
+        print(
+            f"epoch {epoch + 1}/{args.epochs}: loss {loss_sum / seen:.3f}, test accuracy "
+            f"{evaluate(model, test_loader):.3f}, {seen / elapsed:.0f} images/s"
+        )
 
     if not args.no_convert:
         print(replace_wrap.report(model).summary())
         replace_wrap.merge(model)  # a plain timm model again: save it, load it anywhere without replace_wrap
-        print(f"merged: test accuracy {evaluate(model, test_loader):.3f}, "
-              f"{sum(p.numel() for p in model.parameters()):,} parameters")
+        print(
+            f"merged: test accuracy {evaluate(model, test_loader):.3f}, "
+            f"{sum(p.numel() for p in model.parameters()):,} parameters"
+        )
     if args.save:
         Path(args.save).parent.mkdir(parents=True, exist_ok=True)
         torch.save(model.state_dict(), args.save)

@@ -33,6 +33,8 @@ class MiddleBlocks(Policy):
 
     def __repr__(self):
         return f"MiddleBlocks(margin={self.margin})"
+
+
 # --8<-- [end:subclass]
 
 
@@ -62,6 +64,8 @@ class TrainableBudget(Policy):
 
     def __repr__(self):
         return f"TrainableBudget({self.fraction})"
+
+
 # --8<-- [end:budget]
 
 
@@ -72,6 +76,8 @@ def late_blocks(module: torch.nn.Module, path: str) -> bool:
     A timm ViT's block paths look like ``blocks.3``; see ``replace_wrap.plan(model)`` for your model's.
     """
     return int(path.rsplit(".", 1)[-1]) >= 4
+
+
 # --8<-- [end:callable]
 
 
@@ -81,11 +87,15 @@ def replaced(report: replace_wrap.ConversionReport) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--model", default="vit_small_patch16_224", help="a timm model name (built without weights)")
+    p.add_argument(
+        "--model", default="vit_small_patch16_224", help="a timm model name (built without weights)"
+    )
     p.add_argument("--img-size", type=int, default=32)
     p.add_argument("--budget", type=float, default=0.75, help="TrainableBudget: fraction left trainable")
     args = p.parse_args(argv)
-    model = timm.create_model(args.model, pretrained=False, num_classes=10, img_size=args.img_size, patch_size=8)
+    model = timm.create_model(
+        args.model, pretrained=False, num_classes=10, img_size=args.img_size, patch_size=8
+    )
 
     # --8<-- [start:plans]
     policies = {

@@ -26,7 +26,9 @@ import replace_wrap
 def digits(img_size: int, n: int) -> tuple[torch.Tensor, torch.Tensor]:
     d = load_digits()
     x = torch.tensor(d.images[:n], dtype=torch.float32).unsqueeze(1) / 8.0 - 1.0  # (n, 1, 8, 8)
-    x = F.interpolate(x, size=(img_size, img_size), mode="bilinear", align_corners=False).expand(-1, 3, -1, -1)
+    x = F.interpolate(x, size=(img_size, img_size), mode="bilinear", align_corners=False).expand(
+        -1, 3, -1, -1
+    )
     return x.contiguous(), torch.tensor(d.target[:n])
 
 
@@ -38,21 +40,27 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--every", type=int, default=2)
     p.add_argument("--steps", type=int, default=10, help="training steps before merging")
     p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--onnx", choices=("auto", "off", "require"), default="auto",
-                   help="ONNX export: when available (auto), never, or fail without the exporter")
+    p.add_argument(
+        "--onnx",
+        choices=("auto", "off", "require"),
+        default="auto",
+        help="ONNX export: when available (auto), never, or fail without the exporter",
+    )
     p.add_argument("--out-dir", default="exported")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
     missing = [m for m in ("onnx", "onnxscript") if importlib.util.find_spec(m) is None]
     if args.onnx == "require" and missing:  # fail before any work, not after training
-        raise SystemExit(f"--onnx require: the ONNX exporter needs {' and '.join(missing)} "
-                         "(pip install onnx onnxscript)")
+        raise SystemExit(
+            f"--onnx require: the ONNX exporter needs {' and '.join(missing)} (pip install onnx onnxscript)"
+        )
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)
 
     def create() -> torch.nn.Module:
-        return timm.create_model(args.model, pretrained=False, num_classes=10, img_size=args.img_size,
-                                 patch_size=args.patch_size)
+        return timm.create_model(
+            args.model, pretrained=False, num_classes=10, img_size=args.img_size, patch_size=args.patch_size
+        )
 
     torch.manual_seed(args.seed)
     model = create()
@@ -85,7 +93,9 @@ def main(argv: list[str] | None = None) -> None:
     fresh = create().eval()  # a new model from timm alone: no replace_wrap involved
     fresh.load_state_dict(torch.load(out / "merged.pt"))
     with torch.no_grad():
-        print(f"reloaded into a fresh {args.model}: max |diff| = {(fresh(sample) - merged).abs().max().item():.1e}")
+        print(
+            f"reloaded into a fresh {args.model}: max |diff| = {(fresh(sample) - merged).abs().max().item():.1e}"
+        )
     # --8<-- [end:merge]
 
     # --8<-- [start:export]
@@ -93,8 +103,10 @@ def main(argv: list[str] | None = None) -> None:
     torch.export.save(program, out / "model.pt2")
     with torch.no_grad():
         exported = torch.export.load(out / "model.pt2").module()(sample)
-    print(f"torch.export: wrote {out / 'model.pt2'}; max |exported - merged| = "
-          f"{(exported - merged).abs().max().item():.1e}")
+    print(
+        f"torch.export: wrote {out / 'model.pt2'}; max |exported - merged| = "
+        f"{(exported - merged).abs().max().item():.1e}"
+    )
     # --8<-- [end:export]
 
     # --8<-- [start:onnx]
@@ -111,7 +123,9 @@ def main(argv: list[str] | None = None) -> None:
 
             session = onnxruntime.InferenceSession(str(out / "model.onnx"))
             (ort_out,) = session.run(None, {session.get_inputs()[0].name: sample.numpy()})
-            print(f"ONNX Runtime: max |onnx - merged| = {abs(torch.from_numpy(ort_out) - merged).max().item():.1e}")
+            print(
+                f"ONNX Runtime: max |onnx - merged| = {abs(torch.from_numpy(ort_out) - merged).max().item():.1e}"
+            )
     # --8<-- [end:onnx]
 
 

@@ -28,7 +28,9 @@ def digits(img_size: int, limit: int | None) -> tuple[torch.Tensor, ...]:
     """(x_train, y_train, x_test, y_test): digits as (n, 3, img_size, img_size) in [-1, 1]."""
     d = load_digits()
     x = torch.tensor(d.images, dtype=torch.float32).unsqueeze(1) / 8.0 - 1.0  # (n, 1, 8, 8)
-    x = F.interpolate(x, size=(img_size, img_size), mode="bilinear", align_corners=False).expand(-1, 3, -1, -1)
+    x = F.interpolate(x, size=(img_size, img_size), mode="bilinear", align_corners=False).expand(
+        -1, 3, -1, -1
+    )
     y = torch.tensor(d.target)
     tr, te = train_test_split(list(range(len(y))), test_size=0.25, stratify=d.target, random_state=0)
     tr, te = tr[:limit], te[:limit]
@@ -51,9 +53,16 @@ def accuracy(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--model", default="vit_tiny_patch16_224", help="a timm model name (built without weights)")
-    p.add_argument("--model-arg", action="append", default=[], metavar="KEY=VALUE",
-                   help="extra timm.create_model argument, e.g. patch_size=8 (repeatable)")
+    p.add_argument(
+        "--model", default="vit_tiny_patch16_224", help="a timm model name (built without weights)"
+    )
+    p.add_argument(
+        "--model-arg",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="extra timm.create_model argument, e.g. patch_size=8 (repeatable)",
+    )
     p.add_argument("--img-size", type=int, default=32)
     p.add_argument("--every", type=int, default=2, help="replace every k-th block of each stack")
     p.add_argument("--epochs", type=int, default=5)
@@ -92,8 +101,10 @@ def main(argv: list[str] | None = None) -> None:
             loss.backward()
             optimizer.step()
             losses.append(loss.item())
-        print(f"epoch {epoch + 1}: loss {sum(losses) / len(losses):.3f}, "
-              f"test accuracy {accuracy(model, x_test, y_test):.3f} ({time.perf_counter() - start:.1f} s)")
+        print(
+            f"epoch {epoch + 1}: loss {sum(losses) / len(losses):.3f}, "
+            f"test accuracy {accuracy(model, x_test, y_test):.3f} ({time.perf_counter() - start:.1f} s)"
+        )
     # --8<-- [end:loop]
 
     # --8<-- [start:merge]
@@ -103,13 +114,17 @@ def main(argv: list[str] | None = None) -> None:
         converted_logits = model(x_test)
         replace_wrap.merge(model)  # a plain timm model of the original architecture again
         merged_logits = model(x_test)
-    print(f"merged: {sum(p.numel() for p in model.parameters()):,} parameters, all trainable; "
-          f"max |merged - converted| = {(merged_logits - converted_logits).abs().max().item():.1e}; "
-          f"test accuracy {accuracy(model, x_test, y_test):.3f} (converted {converted_acc:.3f})")
+    print(
+        f"merged: {sum(p.numel() for p in model.parameters()):,} parameters, all trainable; "
+        f"max |merged - converted| = {(merged_logits - converted_logits).abs().max().item():.1e}; "
+        f"test accuracy {accuracy(model, x_test, y_test):.3f} (converted {converted_acc:.3f})"
+    )
     # --8<-- [end:merge]
     if args.save:
         torch.save(model.state_dict(), args.save)
-        print(f"saved the merged state_dict to {args.save}: load it into timm.create_model({args.model!r}, ...)")
+        print(
+            f"saved the merged state_dict to {args.save}: load it into timm.create_model({args.model!r}, ...)"
+        )
 
 
 if __name__ == "__main__":

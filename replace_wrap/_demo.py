@@ -70,7 +70,15 @@ class DemoSettings:
     @classmethod
     def quick(cls, **overrides: Any) -> DemoSettings:
         """A tiny run (seconds) that exercises every part of the demo; used by the tests."""
-        base = dict(epochs=2, depth=5, dim=32, heads=2, batch_size=32, train_limit=256, test_limit=128)
+        base = {
+            "epochs": 2,
+            "depth": 5,
+            "dim": 32,
+            "heads": 2,
+            "batch_size": 32,
+            "train_limit": 256,
+            "test_limit": 128,
+        }
         return cls(**(base | overrides))
 
     def __post_init__(self) -> None:
@@ -122,8 +130,16 @@ def build_model(s: DemoSettings) -> nn.Module:
             "(or run it through `bash .ci/venv python -m replace_wrap demo`)"
         ) from exc
     return VisionTransformer(
-        img_size=s.img_size, patch_size=s.patch_size, in_chans=3, num_classes=10, embed_dim=s.dim,
-        depth=s.depth, num_heads=s.heads, mlp_ratio=s.mlp_ratio, class_token=False, global_pool="avg",
+        img_size=s.img_size,
+        patch_size=s.patch_size,
+        in_chans=3,
+        num_classes=10,
+        embed_dim=s.dim,
+        depth=s.depth,
+        num_heads=s.heads,
+        mlp_ratio=s.mlp_ratio,
+        class_token=False,
+        global_pool="avg",
     )
 
 
@@ -194,12 +210,19 @@ def _train(mode: str, s: DemoSettings, progress: bool) -> dict[str, Any]:
             if replaced:
                 for path, ab in _scalars(model).items():
                     scalars[path].append(ab)
-            bar.set_postfix({"epoch": f"{epoch + 1}/{s.epochs}", "loss": f"{losses[-1]:.3f}",
-                             "test acc": f"{curve[-1][1]:.3f}"}, refresh=False)
+            bar.set_postfix(
+                {
+                    "epoch": f"{epoch + 1}/{s.epochs}",
+                    "loss": f"{losses[-1]:.3f}",
+                    "test acc": f"{curve[-1][1]:.3f}",
+                },
+                refresh=False,
+            )
             bar.update(1)
         curve.append([train_time, _accuracy(model, x_test, y_test)])
-    bar.set_postfix({"epoch": f"{s.epochs}/{s.epochs}", "loss": f"{losses[-1]:.3f}",
-                     "test acc": f"{curve[-1][1]:.3f}"})
+    bar.set_postfix(
+        {"epoch": f"{s.epochs}/{s.epochs}", "loss": f"{losses[-1]:.3f}", "test acc": f"{curve[-1][1]:.3f}"}
+    )
     bar.close()
     out = {
         "mode": mode,
@@ -291,8 +314,10 @@ def run_demo(
     s = DemoSettings.quick(**options) if quick else DemoSettings(**options)
     started = time.perf_counter()
     model = build_model(s)
-    print(f"replace_wrap demo: a ViT of {s.depth} blocks (width {s.dim}) on scikit-learn digits "
-          f"({s.img_size}x{s.img_size}, 3 channels), {s.epochs} epochs, seed {s.seed}, {s.threads} thread(s)")
+    print(
+        f"replace_wrap demo: a ViT of {s.depth} blocks (width {s.dim}) on scikit-learn digits "
+        f"({s.img_size}x{s.img_size}, 3 channels), {s.epochs} epochs, seed {s.seed}, {s.threads} thread(s)"
+    )
     api.convert(model, every=s.every)  # a throwaway copy: any error shows here, before training starts
     print(f"\nWhat convert(model, every={s.every}) replaces (replace_wrap.report):")
     print(api.report(model))
@@ -318,17 +343,30 @@ def run_demo(
 def _run_in_subprocess(mode: str, s: DemoSettings, progress: bool) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="replace_wrap_demo_") as tmp:
         out = Path(tmp) / "result.json"
-        cmd = [sys.executable, "-m", "replace_wrap._demo", "--mode", mode,
-               "--settings", json.dumps(dataclasses.asdict(s)), "--out", str(out)]
+        cmd = [
+            sys.executable,
+            "-m",
+            "replace_wrap._demo",
+            "--mode",
+            mode,
+            "--settings",
+            json.dumps(dataclasses.asdict(s)),
+            "--out",
+            str(out),
+        ]
         if not progress:
             cmd.append("--no-progress")
         env = dict(os.environ)
         # The child imports this very package, wherever it was imported from here (a checkout or site-packages).
         pkg_root = str(Path(__file__).resolve().parent.parent)
         env["PYTHONPATH"] = os.pathsep.join([pkg_root, *filter(None, [env.get("PYTHONPATH")])])
-        proc = subprocess.run(cmd, env=env)  # stdout/stderr inherited: the progress bar shows live
+        proc = subprocess.run(
+            cmd, env=env, check=False
+        )  # stdout/stderr inherited: the progress bar shows live
         if proc.returncode != 0 or not out.exists():
-            raise RuntimeError(f"the {mode} run failed (exit code {proc.returncode}); its error is printed above")
+            raise RuntimeError(
+                f"the {mode} run failed (exit code {proc.returncode}); its error is printed above"
+            )
         return json.loads(out.read_text())
 
 
@@ -337,27 +375,60 @@ def format_table(results: dict[str, dict[str, Any]], s: DemoSettings) -> str:
     e2e, rep = results["end-to-end"], results["replaced"]
     mib = 2.0**20
     rows = [
-        ("test accuracy", f"{100 * e2e['accuracy']:.1f}%", f"{100 * rep['accuracy']:.1f}%",
-         _ratio(rep["accuracy"], e2e["accuracy"]) + f" ({100 * (rep['accuracy'] - e2e['accuracy']):+.1f} pt)"),
-        ("trainable parameters", f"{e2e['trainable']:,}", f"{rep['trainable']:,}",
-         _ratio(rep["trainable"], e2e["trainable"])),
-        ("training time (wall)", f"{e2e['train_time_s']:.1f} s", f"{rep['train_time_s']:.1f} s",
-         _ratio(rep["train_time_s"], e2e["train_time_s"])),
-        ("training time (CPU)", f"{e2e['train_cpu_s']:.1f} s", f"{rep['train_cpu_s']:.1f} s",
-         _ratio(rep["train_cpu_s"], e2e["train_cpu_s"])),
-        ("weights + grads + AdamW state", f"{e2e['state_bytes'] / mib:.2f} MiB",
-         f"{rep['state_bytes'] / mib:.2f} MiB", _ratio(rep["state_bytes"], e2e["state_bytes"])),
-        ("peak RSS (process)", f"{e2e['peak_rss_bytes'] / mib:.0f} MiB", f"{rep['peak_rss_bytes'] / mib:.0f} MiB",
-         _ratio(rep["peak_rss_bytes"], e2e["peak_rss_bytes"])),
-        ("peak RSS above baseline", f"{_above(e2e) / mib:.1f} MiB", f"{_above(rep) / mib:.1f} MiB",
-         _ratio(_above(rep), _above(e2e))),
+        (
+            "test accuracy",
+            f"{100 * e2e['accuracy']:.1f}%",
+            f"{100 * rep['accuracy']:.1f}%",
+            _ratio(rep["accuracy"], e2e["accuracy"])
+            + f" ({100 * (rep['accuracy'] - e2e['accuracy']):+.1f} pt)",
+        ),
+        (
+            "trainable parameters",
+            f"{e2e['trainable']:,}",
+            f"{rep['trainable']:,}",
+            _ratio(rep["trainable"], e2e["trainable"]),
+        ),
+        (
+            "training time (wall)",
+            f"{e2e['train_time_s']:.1f} s",
+            f"{rep['train_time_s']:.1f} s",
+            _ratio(rep["train_time_s"], e2e["train_time_s"]),
+        ),
+        (
+            "training time (CPU)",
+            f"{e2e['train_cpu_s']:.1f} s",
+            f"{rep['train_cpu_s']:.1f} s",
+            _ratio(rep["train_cpu_s"], e2e["train_cpu_s"]),
+        ),
+        (
+            "weights + grads + AdamW state",
+            f"{e2e['state_bytes'] / mib:.2f} MiB",
+            f"{rep['state_bytes'] / mib:.2f} MiB",
+            _ratio(rep["state_bytes"], e2e["state_bytes"]),
+        ),
+        (
+            "peak RSS (process)",
+            f"{e2e['peak_rss_bytes'] / mib:.0f} MiB",
+            f"{rep['peak_rss_bytes'] / mib:.0f} MiB",
+            _ratio(rep["peak_rss_bytes"], e2e["peak_rss_bytes"]),
+        ),
+        (
+            "peak RSS above baseline",
+            f"{_above(e2e) / mib:.1f} MiB",
+            f"{_above(rep) / mib:.1f} MiB",
+            _ratio(_above(rep), _above(e2e)),
+        ),
     ]
     header = ("", "end-to-end", f"every={s.every}", "ratio")
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(4)]
-    lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
-             for r in [header, *rows]]
+    lines = [
+        "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
+        for r in [header, *rows]
+    ]
     lines.insert(1, "-" * len(lines[0]))
-    lines.append(f"same budget: {s.epochs} epochs = {e2e['steps']} steps of {s.batch_size} images, seed {s.seed}")
+    lines.append(
+        f"same budget: {s.epochs} epochs = {e2e['steps']} steps of {s.batch_size} images, seed {s.seed}"
+    )
     lines.append(f"replaced: {rep['report']}")
     for path, traj in rep["scalars"].items():
         a, b = traj[-1]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 from typing import TYPE_CHECKING, Any
 
@@ -33,11 +34,21 @@ def plot_demo(results: dict[str, dict[str, Any]], s: DemoSettings, path: str | o
             f"convert(model, every={s.every}) on a ViT of {s.depth} blocks: {n_rep} replaced, "
             f"{rep['trainable'] / e2e['trainable']:.2f}x the trainable parameters, "
             f"test accuracy {100 * rep['accuracy']:.1f}% (end-to-end {100 * e2e['accuracy']:.1f}%)",
-            fontsize=14, fontweight="bold", x=0.01, ha="left",
+            fontsize=14,
+            fontweight="bold",
+            x=0.01,
+            ha="left",
         )
-        fig.text(0.01, 0.905, f"scikit-learn digits, same seed ({s.seed}), data order and budget: {s.epochs} "
-                 f"epochs = {e2e['steps']} steps of {s.batch_size} images; each run in a fresh process on "
-                 f"{s.threads} thread(s)", fontsize=10.5, color="#555555", ha="left")
+        fig.text(
+            0.01,
+            0.905,
+            f"scikit-learn digits, same seed ({s.seed}), data order and budget: {s.epochs} "
+            f"epochs = {e2e['steps']} steps of {s.batch_size} images; each run in a fresh process on "
+            f"{s.threads} thread(s)",
+            fontsize=10.5,
+            color="#555555",
+            ha="left",
+        )
         fig.tight_layout(rect=(0, 0, 1, 0.9))
         fig.savefig(path, dpi=110)
         plt.close(fig)
@@ -91,10 +102,15 @@ def _ratio_panel(ax: Any, e2e: dict[str, Any], rep: dict[str, Any]) -> None:
     ax.axvline(1.0, color=_E2E, lw=2.2)
     ax.text(0.98, len(rows) - 0.45, "end-to-end = 1", color=_E2E, fontsize=9, va="bottom", ha="right")
     for yi, v in zip(y, values):
-        ax.text(max(v, 1.0) + 0.03 if abs(v - 1.0) < 0.1 else v + 0.03, yi, f"{v:.2f}x", va="center",
-                fontweight="bold")
+        ax.text(
+            max(v, 1.0) + 0.03 if abs(v - 1.0) < 0.1 else v + 0.03,
+            yi,
+            f"{v:.2f}x",
+            va="center",
+            fontweight="bold",
+        )
     ax.set_yticks(list(y), labels)
-    ax.set_xlim(0, max(1.25, max(v for v in values if v == v) + 0.25))
+    ax.set_xlim(0, max(1.25, max(v for v in values if not math.isnan(v)) + 0.25))
     ax.set_ylim(-0.6, len(rows) - 0.1)
     ax.set_title("Replaced / end-to-end", loc="left", fontweight="bold")
     ax.set_xlabel("ratio (lower is cheaper; accuracy: higher is better)")

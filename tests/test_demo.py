@@ -20,6 +20,8 @@ pytest.importorskip("timm")
 pytest.importorskip("sklearn")
 
 ROOT = Path(__file__).resolve().parent.parent
+# Subprocesses import this checkout first, and whatever else the test process can import.
+PYTHONPATH = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
 
 
 @pytest.fixture(scope="module")
@@ -29,7 +31,12 @@ def quick_demo(tmp_path_factory):
     png, js = out / "demo.png", out / "demo.json"
     proc = subprocess.run(
         [sys.executable, "-m", "replace_wrap", "demo", "--quick", "--plot", str(png), "--json", str(js)],
-        cwd=ROOT, capture_output=True, text=True, timeout=300, env=dict(os.environ, PYTHONPATH=str(ROOT)),
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+        env=dict(os.environ, PYTHONPATH=PYTHONPATH),
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     return proc, png, json.loads(js.read_text())
@@ -38,13 +45,23 @@ def quick_demo(tmp_path_factory):
 def test_demo_prints_the_comparison_table(quick_demo):
     proc, _, data = quick_demo
     out = proc.stdout
-    for row in ("test accuracy", "trainable parameters", "training time (wall)", "training time (CPU)",
-                "weights + grads + AdamW state", "peak RSS (process)", "peak RSS above baseline"):
+    for row in (
+        "test accuracy",
+        "trainable parameters",
+        "training time (wall)",
+        "training time (CPU)",
+        "weights + grads + AdamW state",
+        "peak RSS (process)",
+        "peak RSS above baseline",
+    ):
         assert re.search(rf"^{re.escape(row)}\s+\S", out, re.MULTILINE), row
     e2e, rep = data["runs"]["end-to-end"], data["runs"]["replaced"]
     ratio = rep["trainable"] / e2e["trainable"]
-    assert re.search(rf"^trainable parameters\s+{e2e['trainable']:,}\s+{rep['trainable']:,}\s+{ratio:.2f}x",
-                     out, re.MULTILINE)
+    assert re.search(
+        rf"^trainable parameters\s+{e2e['trainable']:,}\s+{rep['trainable']:,}\s+{ratio:.2f}x",
+        out,
+        re.MULTILINE,
+    )
     assert "What convert(model, every=2) replaces" in out  # the plan is shown before training
     assert "end-to-end" in proc.stderr and "step" in proc.stderr  # the tqdm progress bars
 
@@ -65,6 +82,7 @@ def test_demo_runs_share_budget_and_differ_only_by_conversion(quick_demo):
         assert run["train_time_s"] > 0 and run["peak_rss_bytes"] >= run["base_rss_bytes"] > 0
     for traj in rep["scalars"].values():
         assert len(traj) == rep["steps"] + 1 and traj[0] == [0.5, 0.5] and traj[-1] != [0.5, 0.5]
+
     # Per trainable fp32 tensor: itself, its gradient, AdamW's two moments (4 x 4 bytes per value) and
     # AdamW's step counter (a 4-byte scalar tensor). The replaced blocks' tensors are none of these.
     def expected(model):
@@ -88,7 +106,9 @@ def test_demo_is_deterministic_for_a_seed():
     threads = torch.get_num_threads()
     first = train_run("replaced", s, progress=False)
     second = train_run("replaced", s, progress=False)
-    other = train_run("replaced", DemoSettings.quick(epochs=1, train_limit=96, test_limit=32, seed=1), progress=False)
+    other = train_run(
+        "replaced", DemoSettings.quick(epochs=1, train_limit=96, test_limit=32, seed=1), progress=False
+    )
     assert torch.get_num_threads() == threads  # the caller's settings are restored
     for key in ("losses", "scalars", "accuracy", "trainable"):
         assert first[key] == second[key], key
@@ -129,10 +149,26 @@ def test_version_flag(capsys):
 
 def test_format_table_ratios():
     s = DemoSettings.quick()
-    run = {"accuracy": 0.9, "trainable": 1000, "train_time_s": 10.0, "train_cpu_s": 8.0, "state_bytes": 16000,
-           "peak_rss_bytes": 2**30, "base_rss_bytes": 2**29, "steps": 16, "scalars": {}, "report": ""}
-    rep = run | {"accuracy": 0.81, "trainable": 600, "train_time_s": 11.0, "state_bytes": 9600,
-                 "scalars": {"blocks.1": [[0.5, 0.5], [0.25, 0.75]]}, "report": "1 of 5 blocks replaced"}
+    run = {
+        "accuracy": 0.9,
+        "trainable": 1000,
+        "train_time_s": 10.0,
+        "train_cpu_s": 8.0,
+        "state_bytes": 16000,
+        "peak_rss_bytes": 2**30,
+        "base_rss_bytes": 2**29,
+        "steps": 16,
+        "scalars": {},
+        "report": "",
+    }
+    rep = run | {
+        "accuracy": 0.81,
+        "trainable": 600,
+        "train_time_s": 11.0,
+        "state_bytes": 9600,
+        "scalars": {"blocks.1": [[0.5, 0.5], [0.25, 0.75]]},
+        "report": "1 of 5 blocks replaced",
+    }
     table = format_table({"end-to-end": run, "replaced": rep}, s)
     assert re.search(r"test accuracy\s+90\.0%\s+81\.0%\s+0\.90x \(-9\.0 pt\)", table)
     assert re.search(r"trainable parameters\s+1,000\s+600\s+0\.60x", table)

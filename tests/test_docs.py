@@ -47,7 +47,11 @@ def test_docs_build_strictly_and_render_every_public_name(tmp_path):
     site = tmp_path / "site"
     proc = subprocess.run(
         [sys.executable, "-m", "mkdocs", "build", "--strict", "-f", str(CONFIG), "-d", str(site)],
-        cwd=tmp_path, capture_output=True, text=True, timeout=300,  # any cwd: paths are relative to the config
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,  # any cwd: paths are relative to the config
+        check=False,
         env={**os.environ, "NO_MKDOCS_2_WARNING": "1"},
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
@@ -88,7 +92,10 @@ def test_snippets_point_at_existing_sections():
             assert (ROOT / path).exists(), f"{page.name}: {path} does not exist"
             if section:
                 text = (ROOT / path).read_text()
-                assert f"--8<-- [start:{section}]" in text and f"--8<-- [end:{section}]" in text, (page.name, target)
+                assert f"--8<-- [start:{section}]" in text and f"--8<-- [end:{section}]" in text, (
+                    page.name,
+                    target,
+                )
 
 
 def test_readme_starts_with_the_demo_and_the_test_command():

@@ -7,6 +7,7 @@ CI machine is shared). Nothing is downloaded: cifar10.py runs with --fake-data.
 from __future__ import annotations
 
 import importlib.util
+import itertools
 import os
 import re
 import subprocess
@@ -20,13 +21,22 @@ pytest.importorskip("timm")
 pytest.importorskip("sklearn")
 
 ROOT = Path(__file__).resolve().parent.parent
+# Subprocesses import this checkout first, and whatever else the test process can import.
+PYTHONPATH = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
 EXAMPLES = ROOT / "examples"
 
 
 def run_example(name: str, *args: str, ok: bool = True) -> subprocess.CompletedProcess:
-    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
-    proc = subprocess.run([sys.executable, str(EXAMPLES / name), *args], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=300)
+    env = dict(os.environ, PYTHONPATH=PYTHONPATH, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+    proc = subprocess.run(
+        [sys.executable, str(EXAMPLES / name), *args],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
     if ok:
         assert proc.returncode == 0, f"{name} failed:\n{proc.stdout}\n{proc.stderr}"
     return proc
@@ -40,8 +50,19 @@ def number(pattern: str, text: str) -> float:
 
 @pytest.mark.parametrize("model", ["vit_tiny_patch16_224", "resnet34"])
 def test_timm_train_loop(model, tmp_path):
-    out = run_example("timm_train_loop.py", "--model", model, "--limit", "48", "--epochs", "1",
-                      "--batch-size", "16", "--save", str(tmp_path / "merged.pt")).stdout
+    out = run_example(
+        "timm_train_loop.py",
+        "--model",
+        model,
+        "--limit",
+        "48",
+        "--epochs",
+        "1",
+        "--batch-size",
+        "16",
+        "--save",
+        str(tmp_path / "merged.pt"),
+    ).stdout
     before = number(r"trainable parameters: ([\d,]+) ->", out)
     after = number(r"trainable parameters: [\d,]+ -> ([\d,]+)", out)
     assert after < before
@@ -58,8 +79,22 @@ def test_timm_train_loop(model, tmp_path):
 
 def test_cifar10_fake_data_runs_offline(tmp_path):
     data_dir = tmp_path / "data"
-    out = run_example("cifar10.py", "--fake-data", "--data-dir", str(data_dir), "--limit", "48", "--epochs", "1",
-                      "--batch-size", "16", "--workers", "1", "--save", str(tmp_path / "c.pt")).stdout
+    out = run_example(
+        "cifar10.py",
+        "--fake-data",
+        "--data-dir",
+        str(data_dir),
+        "--limit",
+        "48",
+        "--epochs",
+        "1",
+        "--batch-size",
+        "16",
+        "--workers",
+        "1",
+        "--save",
+        str(tmp_path / "c.pt"),
+    ).stdout
     assert not data_dir.exists()  # nothing was downloaded
     assert "replaced" in out and re.search(r"epoch 1/1: loss \d+\.\d+, test accuracy \d\.\d+", out)
     trainable = number(r"([\d,]+) of [\d,]+ parameters trainable", out)
@@ -87,7 +122,7 @@ def test_custom_policy():
     assert picks["MiddleBlocks() | Indices([1])"] == ["blocks.1", "blocks.3", "blocks.5", "blocks.7"]
     budget = picks["TrainableBudget(0.7)"]
     indices = sorted(int(p.split(".")[1]) for p in budget)
-    assert all(j - i >= 2 for i, j in zip(indices, indices[1:])) and 0 not in indices and 11 not in indices
+    assert all(j - i >= 2 for i, j in itertools.pairwise(indices)) and 0 not in indices and 11 not in indices
     share = number(r"TrainableBudget\(0\.7\)\s+-> .+?  \((\S+)% trainable\)", out)
     assert share <= 70.0
     assert re.search(r"^refused: .*'blocks\.0' \(first\)", out, re.MULTILINE)
@@ -95,7 +130,9 @@ def test_custom_policy():
 
 
 def test_merge_and_export(tmp_path):
-    out = run_example("merge_and_export.py", "--steps", "2", "--batch-size", "8", "--out-dir", str(tmp_path)).stdout
+    out = run_example(
+        "merge_and_export.py", "--steps", "2", "--batch-size", "8", "--out-dir", str(tmp_path)
+    ).stdout
     assert number(r"max \|merged - converted\| = (\S+)", out) <= 1e-5
     assert number(r"reloaded into a fresh \S+: max \|diff\| = (\S+)", out) == 0.0
     assert number(r"max \|exported - merged\| = (\S+)", out) <= 1e-5
@@ -107,8 +144,20 @@ def test_merge_and_export(tmp_path):
         assert "ONNX: skipped, the exporter needs" in out and not (tmp_path / "model.onnx").exists()
 
 
-@pytest.mark.skipif(all(importlib.util.find_spec(m) for m in ("onnx", "onnxscript")), reason="ONNX is installed")
+@pytest.mark.skipif(
+    all(importlib.util.find_spec(m) for m in ("onnx", "onnxscript")), reason="ONNX is installed"
+)
 def test_merge_and_export_require_onnx_fails_clearly(tmp_path):
-    proc = run_example("merge_and_export.py", "--steps", "1", "--batch-size", "4", "--onnx", "require",
-                       "--out-dir", str(tmp_path), ok=False)
+    proc = run_example(
+        "merge_and_export.py",
+        "--steps",
+        "1",
+        "--batch-size",
+        "4",
+        "--onnx",
+        "require",
+        "--out-dir",
+        str(tmp_path),
+        ok=False,
+    )
     assert proc.returncode != 0 and "pip install onnx onnxscript" in proc.stderr
