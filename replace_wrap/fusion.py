@@ -114,9 +114,12 @@ def fit_coefficients(
         b = 1.0 - a
     else:
         a, b = _solve_2x2(pp, pn, nn_, pt, nt)
-    # ||t - a p - b n||^2 expanded; clamped since cancellation can leave a tiny negative number
-    residual = tt - 2 * (a * pt + b * nt) + a * a * pp + 2 * a * b * pn + b * b * nn_
-    residual = max(residual, 0.0)
+    # Computed directly rather than expanded from the sums above: the expansion cancels catastrophically
+    # for near-exact mixes, and the relative residual (a square root) would magnify that.
+    residual = 0.0
+    for t, p, n in zip(ts, ps, ns):
+        t, p, n = (x.detach().reshape(-1).double() for x in (t, p, n))
+        residual += float((t - a * p - b * n).square().sum())
     return Fit(float(a), float(b), float(residual), float(tt))
 
 
