@@ -123,7 +123,7 @@ def test_never_adjacent_even_when_neighbours_fit_best():
     assert set(idx) & {3, 4}
 
 
-@pytest.fixture
+@pytest.fixture(autouse=True)
 def one_thread():
     # Tiny models train much faster on one thread, and far more predictably when the cores are shared.
     before = torch.get_num_threads()
