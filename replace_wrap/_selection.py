@@ -93,14 +93,32 @@ def adjacency(cands: Sequence[Candidate]) -> list[bool]:
 
 
 def block_fits(match: BlockMatch, n_sets: int, affine: bool) -> list[Fit]:
-    """Least-squares ``(a, b)`` of a block's own tensors against its neighbours': one joint fit, or one per tensor."""
+    """Least-squares ``(a, b)`` of a block's tensors against its neighbours': one joint fit, or one per tensor."""
     own = [t.leaf._parameters[t.name] for t in match.fused]
     prev = [getattr(t.prev_leaf, t.name) for t in match.fused]
     nxt = [getattr(t.next_leaf, t.name) for t in match.fused]
+    # A neighbour tensor of another shape (adapted by the synthesis, not by this fit) explains nothing here:
+    # it is left out of a joint fit, and a per-tensor fit reads it as unexplained (relative residual 1).
+    same = [o.shape == p.shape == n.shape for o, p, n in zip(own, prev, nxt)]
     with torch.no_grad():
         if n_sets == 1:
-            return [fit_coefficients(own, prev, nxt, affine=affine)]
-        return [fit_coefficients(o, p, n, affine=affine) for o, p, n in zip(own, prev, nxt)]
+            if not any(same):
+                return [_unexplained(own)]
+            pick = [k for k, ok in enumerate(same) if ok]
+            fit = fit_coefficients(
+                [own[k] for k in pick], [prev[k] for k in pick], [nxt[k] for k in pick], affine=affine
+            )
+            rest = _unexplained([o for o, ok in zip(own, same) if not ok])
+            return [Fit(fit.a, fit.b, fit.residual + rest.residual, fit.norm + rest.norm)]
+        return [
+            fit_coefficients(o, p, n, affine=affine) if ok else _unexplained([o])
+            for o, p, n, ok in zip(own, prev, nxt, same)
+        ]
+
+
+def _unexplained(tensors: Sequence[torch.Tensor]) -> Fit:
+    norm = sum(float(t.detach().double().square().sum()) for t in tensors) if tensors else 0.0
+    return Fit(0.5, 0.5, norm, norm)
 
 
 def relative_residual(fits: Sequence[Fit]) -> float:

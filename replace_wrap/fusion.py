@@ -98,9 +98,11 @@ def fit_coefficients(
     pp = pn = nn_ = pt = nt = tt = 0.0
     for t, p, n in zip(ts, ps, ns):
         if not (t.shape == p.shape == n.shape):
-            raise ValueError(f"shapes differ: target {tuple(t.shape)}, prev {tuple(p.shape)}, next {tuple(n.shape)}")
+            raise ValueError(
+                f"shapes differ: target {tuple(t.shape)}, prev {tuple(p.shape)}, next {tuple(n.shape)}"
+            )
         # shape: any S -> flat (numel,), float64 for the sums of squares of large tensors
-        t, p, n = (x.detach().reshape(-1).double() for x in (t, p, n))
+        t, p, n = (_flat64(x) for x in (t, p, n))
         pp += float(p @ p)
         pn += float(p @ n)
         nn_ += float(n @ n)
@@ -118,7 +120,7 @@ def fit_coefficients(
     # for near-exact mixes, and the relative residual (a square root) would magnify that.
     residual = 0.0
     for t, p, n in zip(ts, ps, ns):
-        t, p, n = (x.detach().reshape(-1).double() for x in (t, p, n))
+        t, p, n = (_flat64(x) for x in (t, p, n))
         residual += float((t - a * p - b * n).square().sum())
     return Fit(float(a), float(b), float(residual), float(tt))
 
@@ -142,6 +144,13 @@ def _solve_2x2(pp: float, pn: float, nn_: float, pt: float, nt: float) -> tuple[
     v1, v2 = math.sqrt(pp), math.copysign(math.sqrt(nn_), pn) if pn != 0 else math.sqrt(nn_)
     proj = (v1 * pt + v2 * nt) / (lam * lam)
     return v1 * proj, v2 * proj
+
+
+def _flat64(x: torch.Tensor) -> torch.Tensor:
+    x = x.detach().reshape(-1)
+    if x.device.type == "mps":  # no float64 there
+        x = x.cpu()
+    return x.double()
 
 
 def _as_list(x: torch.Tensor | Sequence[torch.Tensor]) -> list[torch.Tensor]:

@@ -82,12 +82,16 @@ class IntegrationRule:
         """Map the site's parameters to ``(a, b)``, each of shape ``(n,)``: the mix the rule stands for."""
         raise NotImplementedError
 
-    def synthesize(self, site: ReplacementSite, index: int, prev: torch.Tensor, next: torch.Tensor) -> torch.Tensor:
+    def synthesize(
+        self, site: ReplacementSite, index: int, prev: torch.Tensor, next: torch.Tensor
+    ) -> torch.Tensor:
         """The synthesized tensor for scalar set ``index`` from the neighbours' tensors."""
         a, b = self.coefficients(site)
         return mix(a[index], b[index], prev, next)
 
-    def synthesize_tensor(self, site: ReplacementSite, k: int, prev: torch.Tensor, next: torch.Tensor) -> torch.Tensor:
+    def synthesize_tensor(
+        self, site: ReplacementSite, k: int, prev: torch.Tensor, next: torch.Tensor
+    ) -> torch.Tensor:
         """The ``k``-th synthesized tensor of the site (``site.tensor_names[k]``).
 
         What the hooks call. The default delegates to :meth:`synthesize` with the tensor's scalar set;
@@ -285,7 +289,9 @@ class EMARule(IntegrationRule):
         # the mix the shadow converges to while the neighbours stand still
         return site.scale * site.a, site.scale * site.b
 
-    def synthesize_tensor(self, site: ReplacementSite, k: int, prev: torch.Tensor, next: torch.Tensor) -> torch.Tensor:
+    def synthesize_tensor(
+        self, site: ReplacementSite, k: int, prev: torch.Tensor, next: torch.Tensor
+    ) -> torch.Tensor:
         i = site.index_of(k)
         shadow = site.get_buffer(f"shadow_{k}")
         target = mix(site.a[i], site.b[i], prev, next)

@@ -63,7 +63,7 @@ class Similarity(Policy):
         >>> net = torch.nn.Sequential(*[torch.nn.Linear(8, 8) for _ in range(5)])
         >>> with torch.no_grad():  # block 2 is exactly 0.3 * block 1 + 0.7 * block 3
         ...     for name in ("weight", "bias"):
-        ...         getattr(net[2], name).copy_(0.3 * getattr(net[1], name) + 0.7 * getattr(net[3], name))
+        ...         _ = getattr(net[2], name).copy_(0.3 * getattr(net[1], name) + 0.7 * getattr(net[3], name))
         >>> rep = replace_wrap.plan(net, policy=replace_wrap.Similarity(count=1))
         >>> [b.index for b in rep.replaced], [round(v, 4) for v in rep.replaced[0].scalars["a"]]
         ([2], [0.3])
@@ -77,7 +77,8 @@ class Similarity(Policy):
         threshold: float | None = None,
         trainable: float | None = None,
     ):
-        given = [name for name, v in (("every", every), ("count", count), ("trainable", trainable)) if v is not None]
+        options = (("every", every), ("count", count), ("trainable", trainable))
+        given = [name for name, v in options if v is not None]
         if len(given) > 1:
             raise PolicyError(
                 f"Similarity takes one of every=, count= or trainable=, got {' and '.join(given)}; "
@@ -134,7 +135,9 @@ class Similarity(Policy):
 
     # -- inspection -------------------------------------------------------------------------------------
 
-    def scores(self, model: nn.Module, config: ReplaceConfig | None = None, **analyse_options: Any) -> dict[str, float]:
+    def scores(
+        self, model: nn.Module, config: ReplaceConfig | None = None, **analyse_options: Any
+    ) -> dict[str, float]:
         """Relative fit residual of every replaceable block, by path (lower: better explained by neighbours).
 
         Args:

@@ -240,6 +240,29 @@ def test_rule_that_cannot_start_from_the_scalars(monkeypatch):
         replace_wrap.plan(model, policy=_Fixed((0.2, 0.8)))
 
 
+def test_fit_ignores_neighbour_tensors_of_another_shape():
+    """A synthesis that adapts shapes (CNN stage boundaries) leaves those tensors out of the fit."""
+    from replace_wrap._selection import block_fits, relative_residual
+    from replace_wrap.matching import BlockMatch, TensorMatch
+
+    own, prev, nxt = nn.Linear(4, 4), nn.Linear(4, 4), nn.Linear(4, 4)
+    with torch.no_grad():
+        own.weight.copy_(0.3 * prev.weight + 0.6 * nxt.weight)
+    wide_prev, wide_next, small = nn.Linear(4, 8), nn.Linear(4, 8), nn.Linear(4, 4)
+    match = BlockMatch(fused=[
+        TensorMatch("", "weight", (4, 4), own, prev, nxt),
+        TensorMatch("", "bias", (4,), small, wide_prev, wide_next),  # neighbours' bias has 8 entries
+    ])
+    (joint,) = block_fits(match, 1, affine=False)
+    assert (joint.a, joint.b) == (pytest.approx(0.3, abs=1e-6), pytest.approx(0.6, abs=1e-6))
+    with torch.no_grad():
+        norm = float(own.weight.double().square().sum() + small.bias.double().square().sum())
+    assert joint.norm == pytest.approx(norm)
+    per_tensor = block_fits(match, 2, affine=False)
+    assert per_tensor[0].relative == pytest.approx(0.0, abs=1e-6) and per_tensor[1].relative == pytest.approx(1.0)
+    assert 0.0 < relative_residual(per_tensor) < 1.0
+
+
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
