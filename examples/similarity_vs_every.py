@@ -78,7 +78,7 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> dict[str, fl
 
 def run(
     seed: int = 0, depth: int = 6, width: int = 64, epochs: int = 40, finetune_epochs: int = 3,
-    limit: int | None = None,
+    limit: int | None = None, scalars: str = "block",
 ) -> dict:
     """Pretrain, convert with both policies, fine-tune; return every number."""
     torch.set_num_threads(1)  # determinism, and tiny models run fastest on one thread
@@ -87,16 +87,18 @@ def run(
     pretrained = make_vit(depth, width, seed)
     train(pretrained, xtr, ytr, epochs, lr=2e-3, seed=seed)
     out: dict = {
-        "config": {"seed": seed, "depth": depth, "width": width, "epochs": epochs,
+        "config": {"seed": seed, "depth": depth, "width": width, "epochs": epochs, "scalars": scalars,
                    "finetune_epochs": finetune_epochs, "train": len(xtr), "test": len(xte)},
         "pretrained": evaluate(pretrained, xte, yte) | {"seconds": time.perf_counter() - t0},
     }
     for name, policy in (("Every(2)", replace_wrap.Every(2)), ("Similarity(every=2)", replace_wrap.Similarity(every=2))):
-        model = replace_wrap.convert(copy.deepcopy(pretrained), policy=policy)
+        model = replace_wrap.convert(copy.deepcopy(pretrained), policy=policy, scalars=scalars)
         rep = replace_wrap.report(model)
         row = {
             "replaced": [b.path for b in rep.replaced],
-            "scalars": {b.path: [round(b.scalars["a"][0], 4), round(b.scalars["b"][0], 4)] for b in rep.replaced},
+            "scalars": {  # the first set of each block
+                b.path: [round(b.scalars["a"][0], 4), round(b.scalars["b"][0], 4)] for b in rep.replaced
+            },
             "trainable": rep.trainable_after,
             "trainable_before": rep.trainable_before,
             "after_convert": evaluate(model, xte, yte),
@@ -135,13 +137,14 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--width", type=int, default=64)
     ap.add_argument("--epochs", type=int, default=40, help="pretraining epochs")
     ap.add_argument("--finetune-epochs", type=int, default=3)
+    ap.add_argument("--scalars", choices=("block", "tensor"), default="block", help="ReplaceConfig.scalars")
     ap.add_argument("--small", action="store_true", help="a few seconds: 200 images, 2+1 epochs, width 32")
     ap.add_argument("--json", help="also write the numbers to this file")
     args = ap.parse_args(argv)
     if args.small:
-        result = run(args.seed, depth=5, width=32, epochs=2, finetune_epochs=1, limit=200)
+        result = run(args.seed, depth=5, width=32, epochs=2, finetune_epochs=1, limit=200, scalars=args.scalars)
     else:
-        result = run(args.seed, args.depth, args.width, args.epochs, args.finetune_epochs)
+        result = run(args.seed, args.depth, args.width, args.epochs, args.finetune_epochs, scalars=args.scalars)
     print(table(result))
     print(f"\n(total {result['seconds']:.0f} s)")
     if args.json:

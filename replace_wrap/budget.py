@@ -121,7 +121,7 @@ def solve_budget(
             f"{who}: a trainable fraction of {target:g} is unreachable for {type(model).__name__}; the best "
             f"reachable is {shown:.4f}, {how}: the first and last block of each stack, a real neighbour "
             f"between replaced blocks and the parameters outside the stacks stay trainable. Use "
-            f"Budget(trainable={shown:.4f}) or higher.",
+            f"trainable={shown:.4f} or higher.",
             best_fraction=best_fraction,
         )
     picked = min_cost_cover([c.net for c in cands], costs, adjacent, need)

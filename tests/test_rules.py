@@ -245,6 +245,23 @@ def test_ema_variant_by_subclass(registry):
         replace_wrap.ReplaceConfig(rule="test_ema_bad")
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_ema_and_similarity_on_cuda():
+    model = ResidualMLP(depth=6).cuda()
+    x = ResidualMLP.example(8).cuda()
+    replace_wrap.convert(model, policy=replace_wrap.Similarity(every=2), rule="ema")
+    site = model.blocks[1].replacement
+    assert site.shadow_0.device.type == "cuda" and site.a.device.type == "cuda"
+    _train(model, x)
+    model.eval()
+    with torch.no_grad():
+        y = model(x).clone()
+    replace_wrap.merge(model)
+    with torch.no_grad():
+        assert (model(x) - y).abs().max().item() <= 1e-5
+
+
 # --- the registry ----------------------------------------------------------------------------------
 
 

@@ -106,6 +106,8 @@ def test_every_threshold_and_trainable():
     # trainable: a parameter budget met by the most redundant blocks, scalars from their fit
     budget = replace_wrap.plan(model, policy=Similarity(trainable=0.85))
     assert budget.trainable_ratio <= 0.85
+    with pytest.raises(replace_wrap.BudgetError, match=r"^Similarity\(trainable=0\.2\): a trainable fraction of 0\.2 is"):
+        replace_wrap.plan(model, policy=Similarity(trainable=0.2))
     assert [b.path for b in budget.replaced] == ["blocks.4", "blocks.6"]
     assert budget.replaced[1].scalars["a"] == [pytest.approx(0.8, abs=1e-5)]
     scores = Similarity().scores(model)
