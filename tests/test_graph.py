@@ -215,3 +215,31 @@ def test_timm_stacks_are_the_blocks():
     assert [(s.name, len(s)) for s in find_stacks(vit)] == [("blocks.*", 12)]
     resnet = timm.create_model("resnet18", pretrained=False)
     assert [(s.name, len(s)) for s in find_stacks(resnet)] == [("layer*.*", 8)]
+
+
+class SideEffects(nn.Module):
+    """A forward that counts calls, caches its input and registers a buffer on first use."""
+
+    def __init__(self):
+        super().__init__()
+        self.blocks = nn.ModuleList(nn.Linear(4, 4) for _ in range(5))
+        self.calls = 0
+
+    def forward(self, x):
+        self.calls += 1
+        self.cache = x
+        if "seen" not in self._buffers:
+            self.register_buffer("seen", torch.ones(1))
+        for b in self.blocks:
+            x = b(x)
+        return x
+
+
+@pytest.mark.parametrize("example", [None, torch.randn(2, 4)])
+def test_forward_side_effects_during_analysis_are_undone(example):
+    model = SideEffects()
+    before = state_snapshot(model)
+    rep = replace_wrap.plan(model, example_inputs=example)
+    assert rep.route == "fx"  # fx traces it; the side effects happened on proxies and are rolled back
+    assert_same_state(before, state_snapshot(model))
+    assert model.calls == 0 and not hasattr(model, "cache")
