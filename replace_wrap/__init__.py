@@ -14,10 +14,12 @@ Example:
 from __future__ import annotations
 
 from .api import convert, merge, plan, report, revert
+from .budget import Budget
 from .config import ReplaceConfig
 from .errors import (
     AlreadyConvertedError,
     AnalysisError,
+    BudgetError,
     ConfigError,
     MergeError,
     NotConvertedError,
@@ -33,6 +35,7 @@ from .hooks import ReplacementSite
 from .policy import AllOf, AnyOf, Every, Filter, Indices, Pattern, Policy
 from .report import BlockReport, ConversionReport
 from .rules import IntegrationRule, list_rules, register_rule
+from .similarity import Similarity
 from .tracing import register_leaf_module
 
 __version__ = "0.1.0.dev0"
@@ -43,6 +46,8 @@ __all__ = [
     "AnalysisError",
     "AnyOf",
     "BlockReport",
+    "Budget",
+    "BudgetError",
     "ConfigError",
     "ConversionReport",
     "Every",
@@ -59,6 +64,7 @@ __all__ = [
     "ReplaceConfig",
     "ReplaceWrapError",
     "ReplacementSite",
+    "Similarity",
     "Stack",
     "StateDictError",
     "TracingError",
