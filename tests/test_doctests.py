@@ -11,8 +11,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import replace_wrap
-
 ROOT = Path(__file__).resolve().parent.parent
 # Subprocesses import this checkout first, and whatever else the test process can import.
 PYTHONPATH = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
@@ -45,11 +43,3 @@ def test_docstring_examples_run():
     passed = int(re.search(r"(\d+) passed", proc.stdout).group(1))
     assert passed >= 10, proc.stdout  # the examples were collected, not silently skipped
 
-
-def test_every_public_callable_has_a_docstring():
-    undocumented = [
-        name
-        for name in replace_wrap.__all__
-        if callable(getattr(replace_wrap, name)) and not (getattr(replace_wrap, name).__doc__ or "").strip()
-    ]
-    assert undocumented == []
