@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from .api import convert, merge, plan, report, revert
 from .config import ReplaceConfig
+from .distributed import fsdp_units, shard
 from .errors import (
     AlreadyConvertedError,
     AnalysisError,
@@ -30,7 +31,8 @@ from .errors import (
 )
 from .graph import Stack
 from .hooks import ReplacementSite
-from .policy import AllOf, AnyOf, Every, Filter, Indices, Pattern, Policy
+from .persistence import ConversionRecord, RecordedBlock, from_pretrained, load, load_state_dict, save
+from .policy import AllOf, AnyOf, Every, Filter, Indices, Paths, Pattern, Policy
 from .report import BlockReport, ConversionReport
 from .rules import IntegrationRule, list_rules, register_rule
 from .tracing import register_leaf_module
@@ -44,6 +46,7 @@ __all__ = [
     "AnyOf",
     "BlockReport",
     "ConfigError",
+    "ConversionRecord",
     "ConversionReport",
     "Every",
     "Filter",
@@ -52,9 +55,11 @@ __all__ = [
     "MergeError",
     "NotConvertedError",
     "NothingToReplaceError",
+    "Paths",
     "Pattern",
     "Policy",
     "PolicyError",
+    "RecordedBlock",
     "RegistryError",
     "ReplaceConfig",
     "ReplaceWrapError",
@@ -64,11 +69,17 @@ __all__ = [
     "TracingError",
     "__version__",
     "convert",
+    "from_pretrained",
+    "fsdp_units",
     "list_rules",
+    "load",
+    "load_state_dict",
     "merge",
     "plan",
     "register_leaf_module",
     "register_rule",
     "report",
     "revert",
+    "save",
+    "shard",
 ]
