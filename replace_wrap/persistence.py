@@ -16,14 +16,16 @@ Where the record lives (first match wins when reading):
    ``push_to_hub``) carries it without a change to the training script; :func:`from_pretrained` reads it.
    :func:`replace_wrap.merge` removes it, so a merged model saves as a plain checkpoint.
 
-The guard: ``convert`` registers a ``load_state_dict`` pre-hook on the converted model. A strict load of a
-state dict that was saved from an unconverted, merged or differently converted model raises
-:class:`~replace_wrap.StateDictError` before any tensor is copied. :func:`load_state_dict` gives the same
-clear error for the other direction (a converted state dict into a model not yet converted).
+The guard: ``convert`` registers a ``load_state_dict`` pre-hook on the converted model. Loading a state dict
+that holds tensors for its replaced blocks (saved from an unconverted, merged or differently converted
+model) raises :class:`~replace_wrap.StateDictError` before any tensor is copied, naming the blocks and the
+fix. :func:`load_state_dict` gives the same clear error for the other direction (a converted state dict into a
+model not yet converted) and, with ``strict=False``, loads past the guard on purpose.
 """
 
 from __future__ import annotations
 
+import contextvars
 import dataclasses
 import json
 from collections.abc import Mapping
@@ -367,15 +369,17 @@ def read_record(directory: str | Path) -> ConversionRecord:
 def load_state_dict(model: nn.Module, state_dict: Mapping[str, Any], strict: bool = True) -> Any:
     """``model.load_state_dict(state_dict, strict)`` that explains converted/unconverted mismatches.
 
-    A converted model explains them itself (``convert`` registers a guard); this function adds the other
-    direction: a state dict saved from a converted model, loaded into a model that is not converted yet.
+    A converted model refuses, by itself, a state dict that holds tensors for its replaced blocks (``convert``
+    registers a guard). This function adds the other direction, a state dict saved from a converted model
+    loaded into a model that is not converted yet, and with ``strict=False`` it is the deliberate way past
+    the guard: the replaced blocks' tensors are then dropped and listed as unexpected keys.
 
     Returns:
         What ``nn.Module.load_state_dict`` returns (missing and unexpected keys).
 
     Raises:
-        StateDictError: If ``state_dict`` comes from a converted model and ``model`` is not converted (the
-            message names the replaced blocks to convert first), or the reverse.
+        StateDictError: With ``strict=True``, if ``state_dict`` comes from a converted model and ``model`` is
+            not converted (the message names the blocks to convert first), or the reverse.
 
     Example:
         >>> import torch, replace_wrap
@@ -387,7 +391,13 @@ def load_state_dict(model: nn.Module, state_dict: Mapping[str, Any], strict: boo
         ...
         replace_wrap.errors.StateDictError: this state dict was saved from a converted model ...
     """
-    if strict and not _converted(model):
+    if not strict:
+        token = _GUARD_OFF.set(True)
+        try:
+            return model.load_state_dict(state_dict, strict=False)
+        finally:
+            _GUARD_OFF.reset(token)
+    if not _converted(model):
         theirs = _replaced_in(state_dict, model, "")
         if theirs:
             raise StateDictError(
@@ -397,7 +407,7 @@ def load_state_dict(model: nn.Module, state_dict: Mapping[str, Any], strict: boo
                 "load. replace_wrap.save/load and save_pretrained/replace_wrap.from_pretrained record the "
                 "conversion and do both."
             )
-    return model.load_state_dict(state_dict, strict=strict)
+    return model.load_state_dict(state_dict, strict=True)
 
 
 def attach(model: nn.Module, rep: ConversionReport) -> Callable[[], None]:
@@ -435,36 +445,43 @@ def _guard(
     missing_keys: list[str], unexpected_keys: list[str], error_msgs: list[str],
 ) -> None:
     # The converted module's pre-hooks run before it or any child copies a tensor, so refusing here leaves
-    # the model untouched. strict=False is the user accepting mismatches: torch then reports them as usual.
-    if strict:
+    # the model untouched. torch passes strict=True to every pre-hook whatever the caller asked, so the guard
+    # cannot tell strict=False apart: it refuses only the unmistakable case (tensors for blocks that have
+    # none), and load_state_dict(..., strict=False) below is the deliberate way to drop them.
+    if not _GUARD_OFF.get():
         problem = _mismatch(module, state_dict, prefix)
         if problem:
             raise StateDictError(problem)
 
 
+_GUARD_OFF: contextvars.ContextVar[bool] = contextvars.ContextVar("replace_wrap_guard_off", default=False)
+
+
 def _mismatch(model: nn.Module, state: Mapping[str, Any], prefix: str) -> str | None:
+    """Why ``state`` cannot be loaded into the converted ``model``: it holds tensors of replaced blocks."""
     sites = _sites(model)
     own = [k for p, s in sites.items() for rel in s.tensor_names if (k := f"{prefix}{p}.{rel}") in state]
-    lacking = [
-        p for p, s in sites.items() if any(f"{prefix}{p}.{SITE_ATTR}.{n}" not in state for n, _ in s.named_parameters())
-    ]
-    if not own and not lacking:
+    if not own:
         return None
     name, ours = type(model).__name__, sorted(sites)
+    blocks = sorted({p for p, s in sites.items() if any(f"{prefix}{p}.{rel}" in state for rel in s.tensor_names)})
     theirs = _replaced_in(state, model, prefix)
+    hatch = (
+        " To load the other tensors and drop those on purpose: replace_wrap.load_state_dict(model, state_dict, "
+        "strict=False)."
+    )
     if not theirs:
-        what = f"its own tensors for the replaced blocks (e.g. {own[0]!r}) and " if own else ""
         return (
-            f"this state dict does not fit the converted {name}: it has {what}no scalars for the replaced blocks "
-            f"{lacking}, so it was saved from an unconverted or merged model. Load it before converting "
-            "(model.load_state_dict(state_dict), then replace_wrap.convert(model, ...)), merge this model first "
-            "(replace_wrap.merge(model)), or pass strict=False."
+            f"this state dict does not fit the converted {name}: it holds tensors for the replaced blocks {blocks} "
+            f"(e.g. {own[0]!r}), which synthesize theirs, and no scalars, so it was saved from an unconverted or "
+            "merged model. Load it before converting (model.load_state_dict(state_dict), then "
+            "replace_wrap.convert(model, ...)), or merge this model first (replace_wrap.merge(model))." + hatch
         )
     return (
         f"this state dict was saved from a model converted differently: it replaced blocks {theirs}, this "
         f"{name} replaced {ours}. Load it into a fresh model converted the same way (replace_wrap.convert(model, "
         f"policy=replace_wrap.Paths({theirs}), <the original options>)), or save and load with replace_wrap.save "
-        "and replace_wrap.load, which record the conversion."
+        "and replace_wrap.load, which record the conversion." + hatch
     )
 
 
