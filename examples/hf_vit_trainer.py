@@ -5,7 +5,7 @@ The only replace_wrap lines are ``convert`` before training and ``from_pretraine
 ``trainer.save_model()`` writes the conversion into ``config.json``, so the checkpoint reloads exactly.
 
     python examples/hf_vit_trainer.py --output-dir /tmp/vit-digits            # about a minute on 2 cores
-    python examples/hf_vit_trainer.py --steps 40 --output-dir /tmp/vit-small  # the quick run the tests use
+    python examples/hf_vit_trainer.py --steps 40 --depth 3 --width 32 --output-dir /tmp/vit-small  # quick run (tests)
 """
 
 from __future__ import annotations
@@ -48,10 +48,10 @@ def digits(image_size: int, n_eval: int = 300) -> tuple[Digits, Digits]:
     return Digits(x[n_eval:], y[n_eval:]), Digits(x[:n_eval], y[:n_eval])
 
 
-def build_model(image_size: int, depth: int, width: int) -> ViTForImageClassification:
+def build_model(image_size: int, depth: int, width: int, patch_size: int = 8) -> ViTForImageClassification:
     cfg = ViTConfig(
         hidden_size=width, num_hidden_layers=depth, num_attention_heads=4, intermediate_size=2 * width,
-        image_size=image_size, patch_size=4, num_labels=10, hidden_dropout_prob=0.0,
+        image_size=image_size, patch_size=patch_size, num_labels=10, hidden_dropout_prob=0.0,
         attention_probs_dropout_prob=0.0,
     )
     return ViTForImageClassification(cfg)
@@ -69,6 +69,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--image-size", type=int, default=16)
     p.add_argument("--depth", type=int, default=6)
     p.add_argument("--width", type=int, default=64)
+    p.add_argument("--patch-size", type=int, default=8)
     p.add_argument("--every", type=int, default=2)
     p.add_argument("--steps", type=int, default=300)
     p.add_argument("--batch-size", type=int, default=64)
@@ -78,14 +79,14 @@ def main(argv: list[str] | None = None) -> dict:
     out = Path(args.output_dir)
 
     train, held_out = digits(args.image_size)
-    model = build_model(args.image_size, args.depth, args.width)
+    model = build_model(args.image_size, args.depth, args.width, args.patch_size)
     replace_wrap.convert(model, every=args.every)  # the one line before training
     print(replace_wrap.report(model).summary())
 
     # --- an unchanged Trainer -------------------------------------------------------------------------
     training_args = TrainingArguments(
         output_dir=str(out / "trainer"), max_steps=args.steps, per_device_train_batch_size=args.batch_size,
-        per_device_eval_batch_size=256, learning_rate=args.lr, warmup_steps=0, logging_steps=10,
+        per_device_eval_batch_size=256, learning_rate=args.lr, lr_scheduler_type="constant", logging_steps=10,
         save_strategy="no", report_to="none", use_cpu=True, dataloader_num_workers=0, disable_tqdm=True, seed=0,
     )
     trainer = Trainer(model=model, args=training_args, train_dataset=train, eval_dataset=held_out)
