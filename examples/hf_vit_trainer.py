@@ -5,7 +5,7 @@ The only replace_wrap lines are ``convert`` before training and ``from_pretraine
 ``trainer.save_model()`` writes the conversion into ``config.json``, so the checkpoint reloads exactly.
 
     python examples/hf_vit_trainer.py --output-dir /tmp/vit-digits            # about a minute on 2 cores
-    python examples/hf_vit_trainer.py --steps 40 --depth 3 --width 32 --output-dir /tmp/vit-small  # quick run (tests)
+    python examples/hf_vit_trainer.py --steps 40 --depth 3 --width 32 --output-dir /tmp/vit-small  # quick (tests)
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Rebinding optimizers created before ``convert`` (``convert(model, optimizers=opt)``), as Composer's surgery does.
+"""Rebinding optimizers created before ``convert``: ``convert(model, optimizers=opt)``, as Composer's surgery does.
 
 An optimizer built before the conversion still holds the tensors that ``convert`` removes (they no longer get
 gradients, so it keeps their state for nothing) and not the new scalars (so they never learn), without any
@@ -26,9 +26,8 @@ def as_optimizers(optimizers: Any) -> list[Any]:
     items = list(optimizers) if isinstance(optimizers, (list, tuple)) else [optimizers]
     for i, opt in enumerate(items):
         groups = getattr(opt, "param_groups", None)
-        if not isinstance(groups, list) or not all(isinstance(g, dict) and "params" in g for g in groups) or not hasattr(
-            opt, "state"
-        ):
+        well_formed = isinstance(groups, list) and all(isinstance(g, dict) and "params" in g for g in groups)
+        if not well_formed or not hasattr(opt, "state"):
             raise ConfigError(
                 f"optimizers[{i}] is a {type(opt).__name__}, not a torch.optim.Optimizer (param_groups and state "
                 "expected); pass the optimizer(s) that train the model, or create them after convert"
@@ -42,13 +41,17 @@ def check_holds(optimizers: Sequence[Any], removed: Sequence[nn.Parameter]) -> N
     for i, opt in enumerate(optimizers):
         if not any(id(p) in ids for g in opt.param_groups for p in g["params"]):
             raise ConfigError(
-                f"optimizers[{i}] ({type(opt).__name__}) holds none of the tensors that convert removes, so it does "
-                "not train the replaced blocks: pass the optimizer that trains this model, or create the optimizer "
-                "after convert"
+                f"optimizers[{i}] ({type(opt).__name__}) holds none of the tensors that convert removes, so it "
+                "does not train the replaced blocks: pass the optimizer that trains this model, or create the "
+                "optimizer after convert"
             )
 
 
-def rebind(optimizers: Sequence[Any], blocks: Sequence[tuple[list[nn.Parameter], list[tuple[str, nn.Parameter]]]]) -> None:
+Removed = list[nn.Parameter]
+Added = list[tuple[str, nn.Parameter]]
+
+
+def rebind(optimizers: Sequence[Any], blocks: Sequence[tuple[Removed, Added]]) -> None:
     """Move each optimizer from the removed tensors to the scalars, in place.
 
     Args:

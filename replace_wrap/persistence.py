@@ -136,7 +136,9 @@ class ConversionRecord:
             ConfigError: If ``data`` is no replace_wrap record, or one of a newer format version.
         """
         if not isinstance(data, Mapping) or data.get("format") != FORMAT:
-            raise ConfigError(f"not a replace_wrap conversion record (expected 'format': {FORMAT!r}): {data!r:.200}")
+            raise ConfigError(
+                f"not a replace_wrap conversion record (expected 'format': {FORMAT!r}): {data!r:.200}"
+            )
         version = data.get("format_version")
         if version != FORMAT_VERSION:
             raise ConfigError(
@@ -282,9 +284,9 @@ def load(model: M, directory: str | Path, *, strict: bool = True, example_inputs
         mine = ConversionRecord.of(model)
         if not mine.same_conversion(record):
             raise StateDictError(
-                f"{type(model).__name__} is already converted, differently from the checkpoint in {d} (it replaced "
-                f"{[b.path for b in mine.blocks]}, the checkpoint {[b.path for b in record.blocks]}); pass a "
-                "freshly built, unconverted model"
+                f"{type(model).__name__} is already converted, differently from the checkpoint in {d} (it "
+                f"replaced {[b.path for b in mine.blocks]}, the checkpoint {[b.path for b in record.blocks]}); "
+                "pass a freshly built, unconverted model"
             )
     else:
         record.apply(model, example_inputs)
@@ -472,9 +474,9 @@ def _mismatch(model: nn.Module, state: Mapping[str, Any], prefix: str) -> str | 
     )
     if not theirs:
         return (
-            f"this state dict does not fit the converted {name}: it holds tensors for the replaced blocks {blocks} "
-            f"(e.g. {own[0]!r}), which synthesize theirs, and no scalars, so it was saved from an unconverted or "
-            "merged model. Load it before converting (model.load_state_dict(state_dict), then "
+            f"this state dict does not fit the converted {name}: it holds tensors for the replaced blocks "
+            f"{blocks} (e.g. {own[0]!r}), which synthesize theirs, and no scalars, so it was saved from an "
+            "unconverted or merged model. Load it before converting (model.load_state_dict(state_dict), then "
             "replace_wrap.convert(model, ...)), or merge this model first (replace_wrap.merge(model))." + hatch
         )
     return (
@@ -520,7 +522,8 @@ def _unshared(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     for k, t in state.items():
         t = t.detach()
         key = (t.device, t.untyped_storage().data_ptr()) if t.numel() else None
-        out[k] = t.contiguous() if key is None or key not in seen else t.clone(memory_format=torch.contiguous_format)
+        shared = key is not None and key in seen
+        out[k] = t.clone(memory_format=torch.contiguous_format) if shared else t.contiguous()
         if key is not None:
             seen.add(key)
     return out
@@ -533,7 +536,9 @@ def _read_weights(d: Path) -> dict[str, torch.Tensor]:
         return load_file(str(d / SAFE_WEIGHTS_FILE))
     if (d / TORCH_WEIGHTS_FILE).is_file():
         return torch.load(d / TORCH_WEIGHTS_FILE, map_location="cpu", weights_only=True)
-    raise StateDictError(f"{d} holds no weights ({SAFE_WEIGHTS_FILE} or {TORCH_WEIGHTS_FILE}); was it written by replace_wrap.save?")
+    raise StateDictError(
+        f"{d} holds no weights ({SAFE_WEIGHTS_FILE} or {TORCH_WEIGHTS_FILE}); was it written by replace_wrap.save?"
+    )
 
 
 def _config_record(d: Path) -> dict[str, Any] | None:
@@ -563,8 +568,11 @@ def _converting_subclass(cls: type[M], record: ConversionRecord, example_inputs:
     def __init__(self: nn.Module, *args: Any, **kwargs: Any) -> None:
         cls.__init__(self, *args, **kwargs)
         if _converted(self):
-            raise AlreadyConvertedError(f"{cls.__name__}.__init__ already converted the model; cannot apply a record")
+            raise AlreadyConvertedError(
+                f"{cls.__name__}.__init__ already converted the model; cannot apply the saved conversion on top"
+            )
         record.apply(self, example_inputs)
 
-    return type(cls.__name__, (cls,), {"__init__": __init__, "__module__": cls.__module__, "__qualname__": cls.__qualname__})
+    namespace = {"__init__": __init__, "__module__": cls.__module__, "__qualname__": cls.__qualname__}
+    return type(cls.__name__, (cls,), namespace)
 

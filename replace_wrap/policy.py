@@ -27,7 +27,8 @@ if TYPE_CHECKING:
     from .graph import Stack
 
 __all__ = [
-    "AllOf", "AnyOf", "Every", "Filter", "Indices", "Paths", "Pattern", "Policy", "as_policy", "validate_selection",
+    "AllOf", "AnyOf", "Every", "Filter", "Indices", "Paths", "Pattern", "Policy", "as_policy",
+    "validate_selection",
 ]
 
 FilterFn = Callable[[nn.Module, str], bool]

@@ -21,7 +21,9 @@ def _hf_vit():
 
 def _timm_vit():
     timm = pytest.importorskip("timm")
-    return timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=16, patch_size=8, depth=3, num_classes=3)
+    return timm.create_model(
+        "vit_tiny_patch16_224", pretrained=False, img_size=16, patch_size=8, depth=3, num_classes=3
+    )
 
 
 def _logits(y):

@@ -110,7 +110,8 @@ def test_unconverted_state_dict_into_converted_model_is_refused_before_copying()
 def test_differently_converted_state_dict_is_refused():
     state = _converted(ResidualMLP, every=None, policy=replace_wrap.Indices([2])).state_dict()
     model = _converted(ResidualMLP)
-    with pytest.raises(replace_wrap.StateDictError, match=r"converted differently: it replaced blocks \['blocks.2'\]"):
+    expected = r"converted differently: it replaced blocks \['blocks.2'\]"
+    with pytest.raises(replace_wrap.StateDictError, match=expected):
         model.load_state_dict(state)
 
 
@@ -224,7 +225,8 @@ def test_paths_policy_selects_exactly_or_fails():
     model = ResidualMLP(depth=6)
     rep = replace_wrap.plan(model, policy=replace_wrap.Paths(["blocks.2", "blocks.4"]))
     assert [b.path for b in rep.replaced] == ["blocks.2", "blocks.4"]
-    assert [b.path for b in replace_wrap.plan(model, policy=replace_wrap.Paths("blocks.3")).replaced] == ["blocks.3"]
+    one = replace_wrap.plan(model, policy=replace_wrap.Paths("blocks.3"))  # a lone string is one path
+    assert [b.path for b in one.replaced] == ["blocks.3"]
     with pytest.raises(replace_wrap.PolicyError, match=r"\['blocks.9'\] is no block of any stack of ResidualMLP"):
         replace_wrap.plan(model, policy=replace_wrap.Paths(["blocks.1", "blocks.9"]))
     with pytest.raises(replace_wrap.PolicyError, match="adjacent"):
