@@ -229,36 +229,37 @@ class Filter(Policy):
         return f"Filter({getattr(self.fn, '__name__', self.fn)!r})"
 
 
-class AllOf(Policy):
+class _Combination(Policy):
+    """Combine the selections of several policies stack by stack with a set operation."""
+
+    _op: Callable[..., set[int]]
+    _symbol: str
+
+    def __init__(self, *policies: PolicyLike):
+        if not policies:
+            raise PolicyError(f"{type(self).__name__} needs at least one policy")
+        self.policies = [as_policy(p) for p in policies]
+
+    def select_all(self, stacks: Sequence[Stack], model: nn.Module) -> list[set[int]]:
+        picks = [p.select_all(stacks, model) for p in self.policies]
+        return [type(self)._op(*col) for col in zip(*picks)]
+
+    def __repr__(self) -> str:
+        return f" {self._symbol} ".join(map(repr, self.policies))
+
+
+class AllOf(_Combination):
     """Select the blocks that every one of the policies selects (``p & q``)."""
 
-    def __init__(self, *policies: PolicyLike):
-        if not policies:
-            raise PolicyError("AllOf needs at least one policy")
-        self.policies = [as_policy(p) for p in policies]
-
-    def select_all(self, stacks: Sequence[Stack], model: nn.Module) -> list[set[int]]:
-        picks = [p.select_all(stacks, model) for p in self.policies]
-        return [set.intersection(*col) for col in zip(*picks)]
-
-    def __repr__(self) -> str:
-        return " & ".join(map(repr, self.policies))
+    _op = set.intersection
+    _symbol = "&"
 
 
-class AnyOf(Policy):
+class AnyOf(_Combination):
     """Select the blocks that any of the policies selects (``p | q``); the union is validated."""
 
-    def __init__(self, *policies: PolicyLike):
-        if not policies:
-            raise PolicyError("AnyOf needs at least one policy")
-        self.policies = [as_policy(p) for p in policies]
-
-    def select_all(self, stacks: Sequence[Stack], model: nn.Module) -> list[set[int]]:
-        picks = [p.select_all(stacks, model) for p in self.policies]
-        return [set.union(*col) for col in zip(*picks)]
-
-    def __repr__(self) -> str:
-        return " | ".join(map(repr, self.policies))
+    _op = set.union
+    _symbol = "|"
 
 
 def as_policy(obj: object) -> Policy:
