@@ -334,9 +334,10 @@ def from_pretrained(cls: type[M], directory: str | Path, *, example_inputs: Any 
         )
     record = read_record(d)
     want_info = kwargs.pop("output_loading_info", False)
-    out = _converting_subclass(cls, record, example_inputs).from_pretrained(d, output_loading_info=True, **kwargs)
-    model, info = out
-    model.__class__ = cls  # the subclass only hooked construction; the model is a plain cls again
+    sub = _converting_subclass(cls, record, example_inputs)
+    model, info = sub.from_pretrained(d, output_loading_info=True, **kwargs)
+    if type(model) is sub:
+        model.__class__ = cls  # the subclass only hooked construction; the model is a plain cls again
     missing = [k for k in info.get("missing_keys", ()) if f".{SITE_ATTR}." in f".{k}"]
     if missing:
         raise StateDictError(
