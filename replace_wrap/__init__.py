@@ -14,11 +14,13 @@ Example:
 from __future__ import annotations
 
 from .api import convert, merge, plan, report, revert
+from .budget import Budget
 from .config import ReplaceConfig
 from .distributed import fsdp_units, shard
 from .errors import (
     AlreadyConvertedError,
     AnalysisError,
+    BudgetError,
     ConfigError,
     MergeError,
     NotConvertedError,
@@ -35,6 +37,7 @@ from .persistence import ConversionRecord, RecordedBlock, from_pretrained, load,
 from .policy import AllOf, AnyOf, Every, Filter, Indices, Paths, Pattern, Policy
 from .report import BlockReport, ConversionReport
 from .rules import IntegrationRule, list_rules, register_rule
+from .similarity import Similarity
 from .tracing import register_leaf_module
 
 __version__ = "0.1.0.dev0"
@@ -45,6 +48,8 @@ __all__ = [
     "AnalysisError",
     "AnyOf",
     "BlockReport",
+    "Budget",
+    "BudgetError",
     "ConfigError",
     "ConversionRecord",
     "ConversionReport",
@@ -64,6 +69,7 @@ __all__ = [
     "ReplaceConfig",
     "ReplaceWrapError",
     "ReplacementSite",
+    "Similarity",
     "Stack",
     "StateDictError",
     "TracingError",

@@ -6,7 +6,11 @@ A policy is any object with ``select(stack) -> Iterable[int]`` (indices into the
 
 Policies apply **per stack**: a model with several stacks (an encoder and a decoder, the stages of a CNN
 chained into one stack, a vision and a text tower) has each stack offered to the policy in turn. A policy that
-needs the whole model at once (a parameter budget) overrides :meth:`Policy.select_all`.
+needs the whole model at once (a parameter budget) overrides :meth:`Policy.select_all`. A policy that knows
+better starting scalars than the config's ``init`` (fitted to pretrained weights) overrides
+:meth:`Policy.initial_scalars`. While :func:`replace_wrap.convert` or :func:`replace_wrap.plan` consults a
+policy, :func:`current_config` returns the call's :class:`~replace_wrap.ReplaceConfig` (rule, scalars), so a
+policy can account exactly for what the conversion will do.
 
 Whatever a policy returns is validated: the first and last block of a stack, two adjacent blocks, or an index
 outside the stack raise :class:`~replace_wrap.PolicyError` naming them. :class:`Every` never selects such
@@ -16,20 +20,60 @@ blocks, so it never raises.
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Sequence
-from typing import TYPE_CHECKING, Callable, Union
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from contextvars import ContextVar
+from typing import TYPE_CHECKING, Callable, Optional, Tuple, Union
 
+import torch
 from torch import nn
 
+from .config import ReplaceConfig
 from .errors import PolicyError
 
 if TYPE_CHECKING:
     from .graph import Stack
+    from .matching import BlockMatch
 
 __all__ = [
-    "AllOf", "AnyOf", "Every", "Filter", "Indices", "Paths", "Pattern", "Policy", "as_policy",
+    "AllOf",
+    "AnyOf",
+    "Every",
+    "Filter",
+    "Indices",
+    "Paths",
+    "Pattern",
+    "Policy",
+    "as_policy",
+    "current_config",
     "validate_selection",
 ]
+
+Scalars = Optional[Tuple[torch.Tensor, torch.Tensor]]
+
+_CONFIG: ContextVar[ReplaceConfig | None] = ContextVar("replace_wrap_config", default=None)
+
+
+def current_config() -> ReplaceConfig:
+    """The :class:`~replace_wrap.ReplaceConfig` of the ``convert``/``plan`` call consulting the policy.
+
+    Outside such a call, the default config.
+
+    Example:
+        >>> current_config().rule
+        'linear'
+    """
+    return _CONFIG.get() or ReplaceConfig()
+
+
+@contextmanager
+def using_config(config: ReplaceConfig) -> Iterator[None]:
+    """Make ``config`` what :func:`current_config` returns inside the ``with`` block (used by the API)."""
+    token = _CONFIG.set(config)
+    try:
+        yield
+    finally:
+        _CONFIG.reset(token)
 
 FilterFn = Callable[[nn.Module, str], bool]
 PolicyLike = Union["Policy", FilterFn]
@@ -45,6 +89,26 @@ class Policy:
     def select_all(self, stacks: Sequence[Stack], model: nn.Module) -> list[set[int]]:
         """Indices to replace for every stack of ``model``; by default :meth:`select` per stack."""
         return [{_index(i, s) for i in self.select(s)} for s in stacks]
+
+    def initial_scalars(self, stack: Stack, index: int, match: BlockMatch, n_sets: int) -> Scalars:
+        """Initial ``(a, b)`` for a selected block, or ``None`` for the config's ``init`` (the default).
+
+        Called for every block that will be replaced, after selection. The returned coefficients go through
+        the rule (:meth:`~replace_wrap.IntegrationRule.params_from_coefficients`), so they mean the same mix
+        for every rule, as far as the rule can express it.
+
+        Args:
+            stack: The block's stack.
+            index: The block's index in ``stack``.
+            match: What will be synthesized: ``match.fused[k]`` is the ``k``-th tensor, with its leaf and the
+                neighbours' leaves.
+            n_sets: Number of scalar sets of the block: 1 (``scalars="block"``) or ``len(match.fused)``
+                (``scalars="tensor"``, in ``match.fused`` order).
+
+        Returns:
+            ``None``, or ``(a, b)``: tensors (or numbers) of shape ``(n_sets,)`` or broadcastable to it.
+        """
+        return None
 
     def __and__(self, other: PolicyLike) -> AllOf:
         return AllOf(self, other)
@@ -244,6 +308,15 @@ class _Combination(Policy):
         picks = [p.select_all(stacks, model) for p in self.policies]
         return [type(self)._op(*col) for col in zip(*picks)]
 
+    def initial_scalars(self, stack: Stack, index: int, match: BlockMatch, n_sets: int) -> Scalars:
+        # The first policy (in the order written) with an opinion decides: Similarity() & Pattern(...)
+        # keeps Similarity's fitted scalars.
+        for p in self.policies:
+            found = p.initial_scalars(stack, index, match, n_sets)
+            if found is not None:
+                return found
+        return None
+
     def __repr__(self) -> str:
         return f" {self._symbol} ".join(map(repr, self.policies))
 
@@ -309,6 +382,10 @@ class _Duck(Policy):
 
     def select(self, stack: Stack) -> Iterable[int]:
         return self.obj.select(stack)  # type: ignore[attr-defined]
+
+    def initial_scalars(self, stack: Stack, index: int, match: BlockMatch, n_sets: int) -> Scalars:
+        fn = getattr(self.obj, "initial_scalars", None)
+        return fn(stack, index, match, n_sets) if callable(fn) else None
 
     def __repr__(self) -> str:
         return repr(self.obj)
