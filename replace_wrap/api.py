@@ -256,11 +256,14 @@ def _plan(model: nn.Module, pol: Policy, cfg: ReplaceConfig, example_inputs: Any
             n_sets = len(m.fused) if cfg.scalars == "tensor" else 1
             with using_config(cfg):
                 coeffs = _policy_scalars(pol, stack, i, m, n_sets, path)
-            init = _initial_params(rule, n_sets, cfg.init, coeffs, path)
+            # The preview reads a few scalars as floats: build them on the CPU, whatever default device is
+            # active (a meta-device init context, as in Hugging Face's from_pretrained, cannot be read).
+            with torch.device("cpu"):
+                init = _initial_params(rule, n_sets, cfg.init, coeffs, path)
+                entry.scalars = _preview_scalars(rule, init, n_sets, cfg.init, coeffs)
             entry.status = "replaced"
             entry.fused = tuple(t.rel for t in m.fused)
             entry.params_saved = m.params_saved
-            entry.scalars = _preview_scalars(rule, init, n_sets, cfg.init, coeffs)
             entry.reason = f"{len(m.fused)} tensors synthesized" + (
                 f"; {len(m.kept)} kept as its own ({m.kept[0][0]}: {m.kept[0][1]})" if m.kept else ""
             )
