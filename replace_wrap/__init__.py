@@ -16,6 +16,7 @@ from __future__ import annotations
 from .api import convert, merge, plan, report, revert
 from .budget import Budget
 from .config import ReplaceConfig
+from .distributed import fsdp_units, shard
 from .errors import (
     AlreadyConvertedError,
     AnalysisError,
@@ -32,7 +33,8 @@ from .errors import (
 )
 from .graph import Stack
 from .hooks import ReplacementSite
-from .policy import AllOf, AnyOf, Every, Filter, Indices, Pattern, Policy
+from .persistence import ConversionRecord, RecordedBlock, from_pretrained, load, load_state_dict, save
+from .policy import AllOf, AnyOf, Every, Filter, Indices, Paths, Pattern, Policy
 from .report import BlockReport, ConversionReport
 from .rules import IntegrationRule, list_rules, register_rule
 from .similarity import Similarity
@@ -49,6 +51,7 @@ __all__ = [
     "Budget",
     "BudgetError",
     "ConfigError",
+    "ConversionRecord",
     "ConversionReport",
     "Every",
     "Filter",
@@ -57,9 +60,11 @@ __all__ = [
     "MergeError",
     "NotConvertedError",
     "NothingToReplaceError",
+    "Paths",
     "Pattern",
     "Policy",
     "PolicyError",
+    "RecordedBlock",
     "RegistryError",
     "ReplaceConfig",
     "ReplaceWrapError",
@@ -70,11 +75,17 @@ __all__ = [
     "TracingError",
     "__version__",
     "convert",
+    "from_pretrained",
+    "fsdp_units",
     "list_rules",
+    "load",
+    "load_state_dict",
     "merge",
     "plan",
     "register_leaf_module",
     "register_rule",
     "report",
     "revert",
+    "save",
+    "shard",
 ]

@@ -10,7 +10,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from . import hooks
+from . import _optim, hooks
 from .config import ReplaceConfig
 from .errors import (
     AlreadyConvertedError,
@@ -40,6 +40,7 @@ def convert(
     config: ReplaceConfig | None = None,
     example_inputs: Any = None,
     trace: bool = True,
+    optimizers: Any = None,
     **options: Any,
 ) -> nn.Module:
     """Replace blocks of ``model``'s stacks in place and return the same object.
@@ -57,16 +58,21 @@ def convert(
         config: A :class:`~replace_wrap.ReplaceConfig`; keyword ``options`` override its fields.
         example_inputs: Inputs for the ``torch.export`` analysis route, used when torch.fx cannot trace.
         trace: ``False`` skips graph capture and analyses the module tree only.
+        optimizers: An optimizer (or a list of them) created before ``convert``: it is rebound in place, so it
+            drops the removed tensors (and their state) and trains each block's scalars in the parameter group
+            that held the block's tensors. Without it, an optimizer created before ``convert`` silently keeps
+            the removed tensors and never trains the scalars: create optimizers after ``convert``.
         **options: Fields of :class:`~replace_wrap.ReplaceConfig` (``rule=``, ``scalars=``, ...).
 
     Returns:
-        ``model`` itself. :func:`report` tells what was replaced.
+        ``model`` itself. :func:`report` tells what was replaced. A converted Hugging Face model also records
+        the conversion in ``model.config`` (saved by ``save_pretrained``; see :mod:`replace_wrap.persistence`).
 
     Raises:
         AlreadyConvertedError: If ``model`` is already converted.
         NothingToReplaceError: If no block can be replaced (the message says why).
         PolicyError: If the policy selects a first/last block, adjacent blocks or a missing index.
-        ConfigError: For invalid options.
+        ConfigError: For invalid options, or an optimizer that holds none of the removed tensors.
 
     Example:
         >>> import torch, replace_wrap
@@ -77,11 +83,21 @@ def convert(
     """
     cfg = _resolve_config(config, options)
     pol = _resolve_policy(every, policy)
+    opts = _optim.as_optimizers(optimizers)
     _check_not_converted(model)
     planned = _plan(model, pol, cfg, example_inputs, trace)
     if not planned.targets:
         raise NothingToReplaceError(_nothing_message(model, planned.report), planned.report)
+    removed = [[f.leaf._parameters[f.name] for f in t.match.fused] for t in planned.targets]
+    _optim.check_holds(opts, [p for ps in removed for p in ps])
     _apply(model, planned, cfg)
+    if opts:
+        sites = {id(block): (path, site) for path, block, site in _sites(model)}
+        added = []
+        for t in planned.targets:
+            path, site = sites[id(t.block)]
+            added.append([(f"{path}.{SITE_ATTR}.{n}", p) for n, p in site.named_parameters()])
+        _optim.rebind(opts, list(zip(removed, added)))
     return model
 
 
@@ -157,7 +173,7 @@ def merge(model: nn.Module) -> nn.Module:
             planned.append((block, site, tensors))
     for block, site, tensors in planned:
         _restore_block(block, site, tensors)
-    model.__dict__.pop(_REPORT_ATTR, None)
+    _forget(model)
     return model
 
 
@@ -181,7 +197,7 @@ def revert(model: nn.Module) -> nn.Module:
             for k, (leaf, name) in enumerate(_targets(block, site))
         ]
         _restore_block(block, site, tensors)
-    model.__dict__.pop(_REPORT_ATTR, None)
+    _forget(model)
     return model
 
 
@@ -240,11 +256,14 @@ def _plan(model: nn.Module, pol: Policy, cfg: ReplaceConfig, example_inputs: Any
             n_sets = len(m.fused) if cfg.scalars == "tensor" else 1
             with using_config(cfg):
                 coeffs = _policy_scalars(pol, stack, i, m, n_sets, path)
-            init = _initial_params(rule, n_sets, cfg.init, coeffs, path)
+            # The preview reads a few scalars as floats: build them on the CPU, whatever default device is
+            # active (a meta-device init context, as in Hugging Face's from_pretrained, cannot be read).
+            with torch.device("cpu"):
+                init = _initial_params(rule, n_sets, cfg.init, coeffs, path)
+                entry.scalars = _preview_scalars(rule, init, n_sets, cfg.init, coeffs)
             entry.status = "replaced"
             entry.fused = tuple(t.rel for t in m.fused)
             entry.params_saved = m.params_saved
-            entry.scalars = _preview_scalars(rule, init, n_sets, cfg.init, coeffs)
             entry.reason = f"{len(m.fused)} tensors synthesized" + (
                 f"; {len(m.kept)} kept as its own ({m.kept[0][0]}: {m.kept[0][1]})" if m.kept else ""
             )
@@ -353,6 +372,9 @@ def _apply(model: nn.Module, planned: _Plan, cfg: ReplaceConfig) -> None:
                 hooks.install(leaf, sources)
                 undo.append(lambda leaf=leaf, saved=saved: hooks.uninstall(leaf, saved))
             _check_synthesis(t, site, cfg.rule)
+        from . import persistence  # late: persistence builds on this module
+
+        undo.append(persistence.attach(model, planned.report))
         planned.report.applied = True
         object.__setattr__(model, _REPORT_ATTR, planned.report)
     except BaseException:
@@ -391,6 +413,14 @@ def _restore_block(block: nn.Module, site: ReplacementSite, tensors: list[tuple[
 
 
 # --- helpers ---------------------------------------------------------------------------------------------
+
+
+def _forget(model: nn.Module) -> None:
+    """Drop the report, the state-dict guard and the config record: the model is plain again."""
+    from . import persistence  # late: persistence builds on this module
+
+    persistence.detach(model)
+    model.__dict__.pop(_REPORT_ATTR, None)
 
 
 def _resolve_config(config: ReplaceConfig | None, options: dict[str, Any]) -> ReplaceConfig:

@@ -41,6 +41,7 @@ __all__ = [
     "Every",
     "Filter",
     "Indices",
+    "Paths",
     "Pattern",
     "Policy",
     "as_policy",
@@ -228,6 +229,53 @@ class Pattern(Policy):
 
     def __repr__(self) -> str:
         return f"Pattern(include={self.include!r}, exclude={self.exclude!r})"
+
+
+class Paths(Policy):
+    """Replace exactly the blocks at the given module paths; a path that is no block of any stack is an error.
+
+    Unlike :class:`Pattern`, which may match nothing, every path must name a block, so re-applying a saved
+    conversion (:func:`replace_wrap.load`) selects exactly the saved blocks or fails loudly.
+
+    Args:
+        paths: Module paths of blocks, e.g. ``["blocks.1", "blocks.3"]``.
+
+    Example:
+        >>> import torch, replace_wrap
+        >>> net = torch.nn.Sequential(*[torch.nn.Linear(8, 8) for _ in range(6)])
+        >>> rep = replace_wrap.plan(net, policy=Paths(["2", "4"]))
+        >>> [b.path for b in rep.replaced]
+        ['2', '4']
+    """
+
+    def __init__(self, paths: Iterable[str]):
+        if isinstance(paths, str):  # a lone string would be iterated character by character
+            paths = [paths]
+        paths = list(paths)
+        bad = [p for p in paths if not isinstance(p, str)]
+        if bad or not paths:
+            raise PolicyError(f"Paths takes a non-empty list of module paths (str), got {bad or paths!r}")
+        self.paths = paths
+
+    def select_all(self, stacks: Sequence[Stack], model: nn.Module) -> list[set[int]]:
+        wanted = set(self.paths)
+        picks = [{i for i, p in enumerate(s.paths) if p in wanted} for s in stacks]
+        found = {s.paths[i] for s, pick in zip(stacks, picks) for i in pick}
+        missing = [p for p in self.paths if p not in found]
+        if missing:
+            shown = ", ".join(f"{s.name!r} ({len(s)} blocks)" for s in stacks[:4]) or "none"
+            raise PolicyError(
+                f"Paths: {missing} {'is no block' if len(missing) == 1 else 'are no blocks'} of any stack of "
+                f"{type(model).__name__} (stacks found: {shown}); check the paths with replace_wrap.plan(model), "
+                "or pass the same example_inputs= as the original conversion if it used them"
+            )
+        return picks
+
+    def select(self, stack: Stack) -> list[int]:
+        return [i for i, p in enumerate(stack.paths) if p in set(self.paths)]
+
+    def __repr__(self) -> str:
+        return f"Paths({self.paths!r})"
 
 
 class Filter(Policy):
