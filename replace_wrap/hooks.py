@@ -2,7 +2,7 @@
 
 A replaced tensor is removed from its module's ``_parameters`` (so it is no parameter of the model: no memory,
 no optimizer state, no gradient) and the module's class is swapped for a cached subclass in which that name is
-a property. Reading ``module.weight`` then returns ``site.synthesize(i, prev.weight, next.weight)``, computed
+a property. Reading ``module.weight`` then returns ``site.synthesize(k, prev.weight, next.weight)``, computed
 afresh on every access from the neighbour modules' *current* tensors, so it follows ``.to()``,
 ``load_state_dict`` and optimizer steps, and nothing synthesized outlives the backward pass.
 
@@ -14,6 +14,7 @@ name-based checks in user code still see the original type.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -39,12 +40,16 @@ class ReplacementSite(nn.Module):
     Args:
         rule: Name of the integration rule.
         n_sets: Number of scalar sets: 1 (``scalars="block"``) or the number of synthesized tensors.
-        init: Initial ``(a, b)``.
+        init: Initial ``(a, b)`` of every set (the config's ``init``).
         tensor_names: Paths of the synthesized tensors inside the block, in scalar-set order.
         detach: Detach the neighbours' tensors inside the synthesis (``neighbour_grad="detached"``).
         prev_path: Path of the previous block (for reports).
         next_path: Path of the next block (for reports).
         originals: Frozen copies of the replaced tensors (``keep_original=True``), kept as buffers.
+        coefficients: Per-set initial ``(a, b)``, each of shape ``(n_sets,)``, overriding ``init`` (a policy's
+            :meth:`~replace_wrap.Policy.initial_scalars`); mapped to the rule's parameters by
+            :meth:`~replace_wrap.IntegrationRule.params_from_coefficients`.
+        own: The block's own tensors at conversion, for rules that start their state from them.
     """
 
     def __init__(
@@ -57,11 +62,17 @@ class ReplacementSite(nn.Module):
         prev_path: str,
         next_path: str,
         originals: list[torch.Tensor] | None = None,
+        coefficients: tuple[torch.Tensor, torch.Tensor] | None = None,
+        own: Sequence[torch.Tensor] = (),
     ):
         super().__init__()
         self.rule = rule
         self._rule = get_rule(rule)
-        for name, value in self._rule.init_params(n_sets, init).items():
+        if coefficients is None:
+            params = self._rule.init_params(n_sets, init)
+        else:
+            params = self._rule.params_from_coefficients(*coefficients)
+        for name, value in params.items():
             self.register_parameter(name, nn.Parameter(value.detach().to(torch.float32)))
         self.n_sets = n_sets
         self.tensor_names = tuple(tensor_names)
@@ -70,6 +81,8 @@ class ReplacementSite(nn.Module):
         self.has_originals = originals is not None
         for i, t in enumerate(originals or []):
             self.register_buffer(f"original_{i}", t.detach().clone())
+        for name, value in self._rule.init_buffers(self, list(own)).items():
+            self.register_buffer(name, value)
 
     def forward(self, x: Any, *args: Any, **kwargs: Any) -> Any:
         """Identity: a block that is an ``nn.Sequential`` calls every child, the site included."""
@@ -83,10 +96,11 @@ class ReplacementSite(nn.Module):
         """The current ``(a, b)``, each of shape ``(n_sets,)``."""
         return self._rule.coefficients(self)
 
-    def synthesize(self, index: int, prev: torch.Tensor, next: torch.Tensor) -> torch.Tensor:
+    def synthesize(self, k: int, prev: torch.Tensor, next: torch.Tensor) -> torch.Tensor:
+        """The ``k``-th synthesized tensor (``tensor_names[k]``) from the neighbours' current tensors."""
         if self.detach:
             prev, next = prev.detach(), next.detach()
-        return self._rule.synthesize(self, index, prev, next)
+        return self._rule.synthesize_tensor(self, k, prev, next)
 
     def _apply(self, fn: Any, recurse: bool = True) -> ReplacementSite:
         # The scalars stay fp32 when the model is cast (model.half(), .to(torch.bfloat16)): a bf16 scalar
@@ -114,17 +128,17 @@ def base_class(module: nn.Module) -> type:
     return type(module).__dict__.get("_rw_base", type(module)) if is_swapped(module) else type(module)
 
 
-# (site, scalar-set index, prev leaf, next leaf, prev adapter, next adapter) of one synthesized tensor
+# (site, tensor position k, prev leaf, next leaf, prev adapter, next adapter) of one synthesized tensor
 Source = tuple[ReplacementSite, int, nn.Module | None, nn.Module | None, ShapeAdapter | None, ShapeAdapter | None]
 
 
 def install(leaf: nn.Module, sources: dict[str, Source]) -> None:
     """Remove ``leaf``'s parameters named in ``sources`` and synthesize them on access.
 
-    ``sources[name] = (site, index, prev_leaf, next_leaf, prev_adapter, next_adapter)``: ``leaf.<name>``
-    becomes ``site.synthesize(index, prev_leaf.<name>, next_leaf.<name>)``, each side first mapped by its
-    adapter when it has one (another shape; an absent side, whose leaf is ``None``, gives zeros).
-    Undo with :func:`uninstall`.
+    ``sources[name] = (site, k, prev_leaf, next_leaf, prev_adapter, next_adapter)``: ``leaf.<name>`` becomes
+    ``site.synthesize(k, prev_leaf.<name>, next_leaf.<name>)``, ``k`` being the tensor's position in
+    ``site.tensor_names``, each side first mapped by its adapter when it has one (another shape; an absent
+    side, whose leaf is ``None``, gives zeros). Undo with :func:`uninstall`.
     """
     if is_swapped(leaf):
         raise RuntimeError(f"{type(leaf).__name__} already has synthesized tensors")  # internal invariant
@@ -169,12 +183,12 @@ def _swapped_class(base: type, names: tuple[str, ...]) -> type:
 
 def _synthesized(name: str) -> Any:
     def fget(self: nn.Module) -> torch.Tensor:
-        site, index, prev, nxt, prev_adapter, next_adapter = self._rw_sources[name]
+        site, k, prev, nxt, prev_adapter, next_adapter = self._rw_sources[name]
         if prev_adapter is None and next_adapter is None:  # same shapes: no adapter call, nothing allocated
-            return site.synthesize(index, getattr(prev, name), getattr(nxt, name))
+            return site.synthesize(k, getattr(prev, name), getattr(nxt, name))
         p = None if prev is None else getattr(prev, name)
         n = None if nxt is None else getattr(nxt, name)
-        return site.synthesize(index, *adapt_pair(p, n, prev_adapter, next_adapter))
+        return site.synthesize(k, *adapt_pair(p, n, prev_adapter, next_adapter))
 
     fget.__name__ = name
     return fget

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from .adapt import ShapeAdapter
+from .adapt import ShapeAdapter, adapt_pair
 
 __all__ = ["BlockMatch", "Ownership", "TensorMatch", "match_block"]
 
@@ -56,6 +56,14 @@ class TensorMatch:
         """Whether either side goes through an adapter (another shape, or absent)."""
         return self.prev_adapter is not None or self.next_adapter is not None
 
+    def sources(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The neighbours' current tensors mapped to this tensor's shape: what the synthesis mixes."""
+        prev = None if self.prev_leaf is None else getattr(self.prev_leaf, self.name)
+        nxt = None if self.next_leaf is None else getattr(self.next_leaf, self.name)
+        if not self.adapted:
+            return prev, nxt  # type: ignore[return-value]  # both present when nothing is adapted
+        return adapt_pair(prev, nxt, self.prev_adapter, self.next_adapter)
+
     def describe(self) -> str:
         """How each side is mapped, e.g. ``"prev: as is; next: slice dim 0 128->64"``."""
         sides = (("prev", self.prev_adapter), ("next", self.next_adapter))
@@ -69,6 +77,11 @@ class BlockMatch:
     fused: list[TensorMatch] = field(default_factory=list)
     kept: list[tuple[str, str]] = field(default_factory=list)  # (tensor path inside the block, reason)
     problem: str | None = None
+
+    @property
+    def params_saved(self) -> int:
+        """Trainable parameters that replacing the block removes (the fused tensors with ``requires_grad``)."""
+        return sum(t.numel for t in self.fused if t.leaf._parameters[t.name].requires_grad)
 
 
 class Ownership:
