@@ -69,12 +69,12 @@ def test_nothing_to_replace_short_stack():
 
 
 def test_nothing_to_replace_all_skipped_names_the_reason():
-    # widths 4, 4, 8, 8: the block at index 1 has a neighbour of another shape
+    # widths 4, 4, 8, 8: the block at index 1 has a neighbour of another shape, and shapes must match exactly
     model = torch.nn.Sequential(
         torch.nn.Linear(4, 4), torch.nn.Linear(4, 4), torch.nn.Linear(4, 8), torch.nn.Linear(8, 8)
     )
     with pytest.raises(replace_wrap.NothingToReplaceError) as info:
-        replace_wrap.convert(model, every=2)
+        replace_wrap.convert(model, every=2, adapt_shapes=False)
     msg = str(info.value)
     assert "every selected block had to be skipped: 1: tensor 'weight' of shape (4, 4) has shape (8, 4) in the next block '2'" in msg
     assert "replace_wrap.plan(model)" in msg

@@ -155,8 +155,13 @@ def test_period_two_alternation():
     assert rep.stacks == [("blocks.*", 7)]
     # the gate-less blocks 1, 3, 5 take their tensors from gated neighbours, which have them too
     assert [b.path for b in rep.replaced] == ["blocks.1", "blocks.3", "blocks.5"]
-    rep = replace_wrap.plan(Alternating(), policy=replace_wrap.Indices([2]))
+    rep = replace_wrap.plan(Alternating(), policy=replace_wrap.Indices([2]), adapt_shapes=False)
     assert rep.skipped[0].reason == "tensor 'gate.weight' of shape (4, 4) has no counterpart in the previous block 'blocks.1'"
+    # with shape adaptation (the default) the gated block 2 is replaced; its gate, which neither gate-less
+    # neighbour has, stays its own parameter
+    (b,) = replace_wrap.plan(Alternating(), policy=replace_wrap.Indices([2])).replaced
+    assert b.fused == ("fc.weight", "fc.bias")
+    assert [k for k, _ in b.kept_tensors] == ["gate.weight", "gate.bias"]
 
 
 class Nested(nn.Module):
