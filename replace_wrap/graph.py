@@ -99,8 +99,8 @@ def analyse(model: nn.Module, example_inputs: Any = None, trace: bool = True) ->
                 return Analysis("structural", stacks, notes)
             step_notes: list[str] = []
             ordered = [(s, _segments(s, graph, step_notes)) for s in stacks]
-            # A candidate that the graph cuts into pieces too short to replace in (parallel branches, such
-            # as RepVGG's 3x3 and 1x1 convs) was the wrong guess: try the next candidate in its place.
+            # A candidate that the graph cuts into pieces too short to replace in (parallel branches that
+            # look like a stack, such as two branch blocks per unit) was the wrong guess: try the next one.
             wrong = {s.paths[0] for s, segs in ordered if len(s) >= 3 and max(map(len, segs)) < 3}
             if not wrong or attempt == _MAX_REFUTATIONS:
                 break
@@ -153,6 +153,7 @@ def find_stacks(model: nn.Module, exclude: frozenset[str] = frozenset()) -> list
     exact = {id(c[0][1]): _score(c, sizes, _signature) for c in candidates}
     alike = {id(c[0][1]): _score(c, sizes, _structure) for c in candidates}
     layers = {id(c[0][1]): not all(_is_block(m) for _, m in c) for c in candidates}
+
     def rank(c: list[tuple[str, nn.Module]]) -> tuple[Any, ...]:
         # First-match-wins order of the candidates, most convincing first:
         # 1. stacks of >= 3 blocks (a shorter one can never replace a block);
