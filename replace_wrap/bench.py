@@ -1,0 +1,507 @@
+"""``replace-wrap bench``: what does replacing blocks save on *my* model?
+
+Runs the model end-to-end, with the blocks that the policy would replace frozen (``requires_grad=False``,
+the floor a replaced block is measured against), and replaced (generic autograd, the fast path, the sampled
+estimator, the memory-lean mode), each in a fresh process, interleaved over several rounds so that drift in
+the machine's load hits every variant alike. Prints a table of trainable parameters, step time (median, min,
+max over all timed steps of all rounds), peak memory (CPU: the child process's RSS high-water mark; CUDA:
+``torch.cuda.max_memory_allocated``) and the ratios against end-to-end and against freezing.
+
+Models: ``timm:NAME`` (or a bare timm name), ``hf:MODEL_TYPE`` (a transformers config for that model type,
+built with ``AutoModelForImageClassification.from_config``; ``--set key=value`` sets config fields) or
+``package.module:factory`` (called with the ``--set`` values as keyword arguments). Nothing is downloaded.
+
+Example:
+    replace-wrap bench vit_small_patch16_224 --size 96 --batch 16 --every 2 --rounds 3
+    replace-wrap bench hf:vit --set hidden_size=768 --set num_hidden_layers=12 --set num_attention_heads=12 \\
+        --set intermediate_size=3072 --size 64 --batch 16 --json
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from typing import Any
+
+from .errors import ReplaceWrapError
+
+__all__ = ["VARIANTS", "BenchError", "add_parser", "format_table", "run_bench"]
+
+# name -> how the child prepares the model. "convert" entries are ReplaceConfig options; SAMPLE is replaced
+# by --sample. Order is the default order of the table.
+SAMPLE = "<sample>"
+VARIANTS: dict[str, dict[str, Any]] = {
+    "end-to-end": {"kind": "plain"},
+    "freeze": {"kind": "freeze"},
+    "replace-generic": {"kind": "convert", "options": {"fast_path": False}},
+    "replace": {"kind": "convert", "options": {}},
+    "replace-sampled": {"kind": "convert", "options": {"ab_grad_sample": SAMPLE}},
+    "replace-lean": {"kind": "convert", "options": {"ab_grad_sample": SAMPLE, "recompute": True}},
+    "infer-original": {"kind": "infer"},
+    "infer-merged": {"kind": "infer-merged"},
+}
+DEFAULT_VARIANTS = ("end-to-end", "freeze", "replace-generic", "replace", "replace-sampled", "replace-lean")
+
+
+class BenchError(ReplaceWrapError):
+    """A benchmark could not run: a bad model spec or argument, or a child process failed."""
+
+
+# --- command line ------------------------------------------------------------------------------------------
+
+
+def add_parser(sub: Any) -> argparse.ArgumentParser:
+    """Add the ``bench`` subcommand to an ``argparse`` subparsers object."""
+    p = sub.add_parser(
+        "bench",
+        help="measure step time and peak memory: end-to-end vs frozen blocks vs replaced blocks",
+        description=__doc__.split("\n\n")[1],
+    )
+    p.add_argument("model", help="timm:NAME (or a bare timm name), hf:MODEL_TYPE, or package.module:factory")
+    p.add_argument("--size", type=int, default=96, help="input image size (default 96)")
+    p.add_argument("--batch", type=int, default=16, help="batch size (default 16)")
+    p.add_argument("--input-shape", default=None,
+                   help="per-item input shape, comma separated (default 3,SIZE,SIZE); e.g. 8 for a vector model")
+    p.add_argument("--num-classes", type=int, default=10, help="classes of the head and the random targets")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="model option (timm kwarg, HF config field, factory kwarg); VALUE is read as JSON if it can be")
+    pol = p.add_mutually_exclusive_group()
+    pol.add_argument("--every", type=int, default=None, help="replace every k-th block (default 2)")
+    pol.add_argument("--pattern", default=None, help="replace the blocks whose path matches this regex")
+    p.add_argument("--sample", type=float, default=1 / 16, help="ab_grad_sample of the sampled variants (1/16)")
+    p.add_argument("--variants", default=",".join(DEFAULT_VARIANTS),
+                   help=f"comma-separated, from {', '.join(VARIANTS)} (default: {','.join(DEFAULT_VARIANTS)})")
+    p.add_argument("--steps", type=int, default=10, help="timed steps per process (default 10)")
+    p.add_argument("--warmup", type=int, default=2, help="untimed steps first (default 2)")
+    p.add_argument("--rounds", type=int, default=3, help="fresh processes per variant, interleaved (default 3)")
+    p.add_argument("--device", default="cpu", help="cpu or cuda[:i] (default cpu)")
+    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads in each child")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                   help="autocast dtype for the forward (float32: no autocast)")
+    p.add_argument("--json", action="store_true", help="print the results as JSON instead of a table")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+    p.add_argument("--timeout", type=float, default=1800, help="seconds allowed per child process")
+    return p
+
+
+def main_bench(args: argparse.Namespace) -> int:
+    """Run the ``bench`` subcommand; returns the exit status."""
+    try:
+        result = run_bench(
+            args.model, size=args.size, batch=args.batch, input_shape=_parse_shape(args.input_shape),
+            num_classes=args.num_classes, sets=_parse_sets(args.set), every=args.every, pattern=args.pattern,
+            sample=args.sample, variants=[v.strip() for v in args.variants.split(",") if v.strip()],
+            steps=args.steps, warmup=args.warmup, rounds=args.rounds, device=args.device, threads=args.threads,
+            dtype=args.dtype, progress=not args.no_progress, timeout=args.timeout,
+        )
+    except BenchError as exc:
+        print(f"replace-wrap bench: error: {exc}", file=sys.stderr)
+        return 2
+    print(json.dumps(result, indent=2) if args.json else format_table(result))
+    return 0
+
+
+def _parse_sets(items: list[str]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.isidentifier():
+            raise BenchError(f"--set expects KEY=VALUE with KEY an identifier, got {item!r}")
+        try:
+            out[key] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key] = value
+    return out
+
+
+def _parse_shape(text: str | None) -> list[int] | None:
+    if text is None:
+        return None
+    try:
+        shape = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise BenchError(f"--input-shape expects comma-separated integers, got {text!r}") from None
+    if not shape or min(shape) < 1:
+        raise BenchError(f"--input-shape expects positive integers, got {text!r}")
+    return shape
+
+
+# --- the parent: schedule children, aggregate ----------------------------------------------------------------
+
+
+def run_bench(
+    model: str,
+    *,
+    size: int = 96,
+    batch: int = 16,
+    input_shape: list[int] | None = None,
+    num_classes: int = 10,
+    sets: dict[str, Any] | None = None,
+    every: int | None = None,
+    pattern: str | None = None,
+    sample: float = 1 / 16,
+    variants: list[str] | tuple[str, ...] = DEFAULT_VARIANTS,
+    steps: int = 10,
+    warmup: int = 2,
+    rounds: int = 3,
+    device: str = "cpu",
+    threads: int | None = None,
+    dtype: str = "float32",
+    progress: bool = True,
+    timeout: float = 1800,
+) -> dict[str, Any]:
+    """Run every variant ``rounds`` times, each in a fresh process, interleaved; return the aggregate.
+
+    Returns:
+        A JSON-ready dict: ``spec`` (the arguments), ``variants`` (one entry per variant with
+        ``trainable``, ``step_ms`` {median, min, max}, ``peak_mib``, ``delta_mib``, ``convert_s`` and the
+        ratios ``vs_end_to_end`` / ``vs_freeze``), ``runs`` (every child's raw result) and ``loadavg``
+        (1-minute load averages sampled before each child).
+
+    Raises:
+        BenchError: For an unknown variant or invalid numbers, or when a child fails (with its stderr).
+    """
+    unknown = [v for v in variants if v not in VARIANTS]
+    if unknown or not variants:
+        raise BenchError(f"unknown variant(s) {unknown}; choose from {', '.join(VARIANTS)}")
+    for name, value, low in (("steps", steps, 1), ("rounds", rounds, 1), ("batch", batch, 1), ("size", size, 1),
+                             ("warmup", warmup, 0)):
+        if not isinstance(value, int) or value < low:
+            raise BenchError(f"--{name} must be an integer >= {low}, got {value!r}")
+    if not 0 < sample <= 1:
+        raise BenchError(f"--sample must be a fraction in (0, 1], got {sample!r}")
+    spec = {
+        "model": model, "size": size, "batch": batch, "input_shape": input_shape or [3, size, size],
+        "num_classes": num_classes, "sets": sets or {}, "every": every, "pattern": pattern, "sample": sample,
+        "steps": steps, "warmup": warmup, "device": device, "threads": threads, "dtype": dtype,
+    }
+    runs: dict[str, list[dict[str, Any]]] = {v: [] for v in variants}
+    loads: list[float] = []
+    total, done = rounds * len(variants), 0
+    for r in range(rounds):
+        order = list(variants[r % len(variants):]) + list(variants[: r % len(variants)])  # rotate per round
+        for name in order:
+            _progress(progress, done, total, f"round {r + 1}/{rounds}: {name}")
+            loads.append(_loadavg())
+            runs[name].append(_spawn(dict(spec, variant=name), timeout))
+            done += 1
+    _progress(progress, done, total, "done", end=True)
+    return {"spec": spec, "variants": _aggregate(runs), "runs": runs, "loadavg": loads,
+            "environment": _environment(device)}
+
+
+def _spawn(spec: dict[str, Any], timeout: float) -> dict[str, Any]:
+    cmd = [sys.executable, "-m", "replace_wrap.bench", "--child"]
+    try:
+        proc = subprocess.run(cmd, input=json.dumps(spec), capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        raise BenchError(f"variant {spec['variant']!r} took longer than {timeout:.0f} s; raise --timeout or "
+                         "lower --steps") from None
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+    if proc.returncode != 0 or not lines:
+        tail = "\n".join(proc.stderr.strip().splitlines()[-15:])
+        raise BenchError(f"variant {spec['variant']!r} failed (exit {proc.returncode}):\n{tail}")
+    return json.loads(lines[-1][len("RESULT "):])
+
+
+def _aggregate(runs: dict[str, list[dict[str, Any]]]) -> list[dict[str, Any]]:
+    rows = []
+    for name, results in runs.items():
+        times = [t for res in results for t in res["step_ms"]]
+        rows.append({
+            "variant": name,
+            "trainable": results[0]["trainable"],
+            "step_ms": {"median": statistics.median(times), "min": min(times), "max": max(times)},
+            "round_medians_ms": [statistics.median(res["step_ms"]) for res in results],
+            "peak_mib": statistics.median(res["peak_mib"] for res in results),
+            "delta_mib": statistics.median(res["delta_mib"] for res in results),
+            "convert_s": results[0].get("convert_s"),
+            "memory": results[0]["memory"],
+        })
+    by_name = {row["variant"]: row for row in rows}
+    for row in rows:
+        for ref, key in (("end-to-end", "vs_end_to_end"), ("freeze", "vs_freeze")):
+            base = by_name.get(ref)
+            row[key] = None if base is None else {
+                "step": row["step_ms"]["median"] / base["step_ms"]["median"],
+                "peak": row["peak_mib"] / base["peak_mib"],
+                "delta": row["delta_mib"] / base["delta_mib"] if base["delta_mib"] > 0 else None,
+            }
+    return rows
+
+
+def format_table(result: dict[str, Any]) -> str:
+    """Render :func:`run_bench`'s result as a Markdown table with a header line and a load-average footer."""
+    spec, rows = result["spec"], result["variants"]
+    policy = f"pattern {spec['pattern']!r}" if spec["pattern"] else f"every={spec['every'] or 2}"
+    mem = rows[0]["memory"]
+    head = (f"{spec['model']} · input {spec['batch']}x{'x'.join(map(str, spec['input_shape']))} · {policy} · "
+            f"{spec['steps']} steps x {len(result['runs'][rows[0]['variant']])} rounds · {spec['device']} · "
+            f"memory: {mem}")
+    lines = [head, "",
+             "| variant | trainable | step ms median (min-max) | x e2e | x freeze | peak MiB | x e2e | x freeze "
+             "| train delta MiB | x freeze |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for row in rows:
+        e2e, frz = row["vs_end_to_end"] or {}, row["vs_freeze"] or {}
+        st = row["step_ms"]
+        lines.append(
+            f"| {row['variant']} | {_count(row['trainable'])} | {st['median']:.1f} ({st['min']:.1f}-{st['max']:.1f}) "
+            f"| {_ratio(e2e.get('step'))} | {_ratio(frz.get('step'))} | {row['peak_mib']:.0f} "
+            f"| {_ratio(e2e.get('peak'))} | {_ratio(frz.get('peak'))} | {row['delta_mib']:.0f} "
+            f"| {_ratio(frz.get('delta'))} |"
+        )
+    loads = result["loadavg"]
+    if loads:
+        lines += ["", f"1-min load average before each process: min {min(loads):.2f}, median "
+                      f"{statistics.median(loads):.2f}, max {max(loads):.2f}"]
+    converts = [row["convert_s"] for row in rows if row.get("convert_s") is not None]
+    if converts:
+        lines.append(f"convert: {max(converts):.2f} s")
+    return "\n".join(lines)
+
+
+def _count(n: int) -> str:
+    return f"{n / 1e6:.2f} M" if n >= 1e6 else f"{n / 1e3:.1f} k" if n >= 1e3 else str(n)
+
+
+def _ratio(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}"
+
+
+def _loadavg() -> float:
+    try:
+        return os.getloadavg()[0]
+    except OSError:  # not on every platform
+        return float("nan")
+
+
+def _environment(device: str) -> dict[str, Any]:
+    import platform
+
+    import torch
+
+    env = {"torch": torch.__version__, "python": platform.python_version(), "cpus": os.cpu_count(),
+           "machine": platform.machine()}
+    if device.startswith("cuda") and torch.cuda.is_available():
+        env["gpu"] = torch.cuda.get_device_name(torch.device(device))
+    return env
+
+
+def _progress(enabled: bool, done: int, total: int, what: str, end: bool = False) -> None:
+    if not enabled:
+        return
+    width = 24
+    filled = int(width * done / max(total, 1))
+    sys.stderr.write(f"\r[{'#' * filled}{'.' * (width - filled)}] {done}/{total} {what:<40}")
+    if end:
+        sys.stderr.write("\n")
+    sys.stderr.flush()
+
+
+# --- the child: one variant, one process ------------------------------------------------------------------
+
+
+def _child(spec: dict[str, Any]) -> dict[str, Any]:
+    import torch
+
+    import replace_wrap
+
+    if spec["threads"]:
+        torch.set_num_threads(spec["threads"])
+    torch.manual_seed(0)
+    device = torch.device(spec["device"])
+    model = build_model(spec["model"], spec["size"], spec["num_classes"], spec["sets"]).to(device)
+    x = torch.randn(spec["batch"], *spec["input_shape"], device=device)
+    variant = VARIANTS[spec["variant"]]
+    policy = _policy(spec)
+    convert_s = None
+    if variant["kind"] == "freeze":
+        rep = replace_wrap.plan(model, policy=policy)
+        for block in rep.replaced:
+            for rel in block.fused:
+                model.get_parameter(f"{block.path}.{rel}").requires_grad_(False)
+    elif variant["kind"] in ("convert", "infer-merged"):
+        options = {k: (spec["sample"] if v == SAMPLE else v) for k, v in variant.get("options", {}).items()}
+        t0 = time.perf_counter()
+        replace_wrap.convert(model, policy=policy, **options)
+        convert_s = time.perf_counter() - t0
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    if variant["kind"] == "infer-merged":
+        _train_steps(model, x, spec, 1, opt)  # the scalars move off their init, then materialize
+        replace_wrap.merge(model)
+    cuda = device.type == "cuda"
+    infer = variant["kind"] in ("infer", "infer-merged")
+    if infer:
+        _infer_steps(model, x, spec, spec["warmup"])
+    else:  # warm-up first: optimizer state, lazily loaded kernels and allocator pools are not step memory
+        _train_steps(model, x, spec, spec["warmup"], opt)
+    if cuda:
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        before = torch.cuda.memory_allocated(device) / 2**20
+    else:
+        memory = "RSS high-water mark" if _reset_peak_rss() else "RSS high-water mark (whole process)"
+        before = _rss_mib()
+    if infer:
+        times = _infer_steps(model, x, spec, spec["steps"])
+    else:
+        times = _train_steps(model, x, spec, spec["steps"], opt)
+    if cuda:
+        peak, memory = torch.cuda.max_memory_allocated(device) / 2**20, "torch.cuda.max_memory_allocated"
+    else:
+        peak = _peak_rss_mib()
+    return {"variant": spec["variant"], "trainable": trainable, "step_ms": times, "peak_mib": peak,
+            "delta_mib": peak - before, "convert_s": convert_s, "memory": memory}
+
+
+def build_model(name: str, size: int, num_classes: int, sets: dict[str, Any]) -> Any:
+    """Build the model named by a bench model spec (see the module docstring); never downloads weights."""
+    kind, sep, rest = name.partition(":")
+    if not sep:
+        kind, rest = "timm", name
+    if kind == "timm":
+        import timm
+
+        try:
+            return timm.create_model(rest, pretrained=False, num_classes=num_classes, img_size=size, **sets)
+        except TypeError as exc:  # CNNs take no img_size
+            if "img_size" not in str(exc):
+                raise
+            return timm.create_model(rest, pretrained=False, num_classes=num_classes, **sets)
+    if kind == "hf":
+        from transformers import AutoConfig, AutoModelForImageClassification
+
+        cfg = AutoConfig.for_model(rest, **sets)
+        if "image_size" not in sets and hasattr(cfg, "image_size"):
+            cfg.image_size = size
+        if "num_labels" not in sets:
+            cfg.num_labels = num_classes
+        return AutoModelForImageClassification.from_config(cfg)
+    try:
+        obj: Any = importlib.import_module(kind)
+        for attr in rest.split("."):
+            obj = getattr(obj, attr)
+    except (ImportError, AttributeError) as exc:
+        raise BenchError(f"cannot load {name!r} ({exc}); use timm:NAME, hf:MODEL_TYPE or package.module:factory") \
+            from None
+    return obj(**sets)
+
+
+def _policy(spec: dict[str, Any]) -> Any:
+    import replace_wrap
+
+    if spec["pattern"]:
+        return replace_wrap.Pattern(include=spec["pattern"])
+    return replace_wrap.Every(spec["every"] or 2)
+
+
+def _loss(out: Any) -> Any:
+    import torch
+    import torch.nn.functional as F
+
+    y = out if hasattr(out, "dim") else getattr(out, "logits", None)
+    if y is None:
+        y = out[0]
+    y = y.float()
+    if y.dim() < 2:
+        return y.square().mean()
+    logits = y.reshape(-1, y.shape[-1])
+    target = torch.arange(logits.shape[0], device=logits.device) * 7919 % logits.shape[-1]  # fixed, spread
+    return F.cross_entropy(logits, target)
+
+
+def _autocast(spec: dict[str, Any], device: Any) -> Any:
+    import contextlib
+
+    import torch
+
+    if spec["dtype"] == "float32":
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=getattr(torch, spec["dtype"]))
+
+
+def _train_steps(model: Any, x: Any, spec: dict[str, Any], n: int, opt: Any) -> list[float]:
+    import torch
+
+    model.train()
+    times = []
+    for _ in range(n):
+        t0 = time.perf_counter()
+        with _autocast(spec, x.device):
+            loss = _loss(model(x))
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if x.device.type == "cuda":
+            torch.cuda.synchronize(x.device)
+        times.append((time.perf_counter() - t0) * 1e3)
+    return times
+
+
+def _infer_steps(model: Any, x: Any, spec: dict[str, Any], n: int) -> list[float]:
+    import torch
+
+    model.eval()
+    times = []
+    with torch.no_grad(), _autocast(spec, x.device):
+        for _ in range(n):
+            t0 = time.perf_counter()
+            model(x)
+            if x.device.type == "cuda":
+                torch.cuda.synchronize(x.device)
+            times.append((time.perf_counter() - t0) * 1e3)
+    return times
+
+
+def _rss_mib() -> float:
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+    except OSError:
+        return float("nan")
+
+
+def _reset_peak_rss() -> bool:
+    # Linux resets the RSS high-water mark (VmHWM) on writing 5 to clear_refs; elsewhere the peak stays the
+    # whole process's (model construction included), and the table says so.
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def _peak_rss_mib() -> float:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 2**10
+    except OSError:
+        pass
+    import resource
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 2**20 if sys.platform == "darwin" else peak / 2**10  # bytes on macOS, KiB elsewhere
+
+
+def _child_main() -> int:
+    spec = json.loads(sys.stdin.read())
+    result = _child(spec)
+    sys.stdout.write("RESULT " + json.dumps(result) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    if "--child" in sys.argv[1:]:
+        sys.exit(_child_main())
+    sys.exit("run the benchmark with `replace-wrap bench` (or `python -m replace_wrap bench`)")

@@ -1,0 +1,319 @@
+"""Linear and convolution layers whose weight is a learned mix of two tensors, with a lean backward.
+
+A replaced layer computes ``y = layer(x, W)`` with ``W = a * W_prev + b * W_next``. Through ordinary autograd
+its backward pays a full weight-gradient product ``dW = dy^T x`` (and keeps ``x`` alive for it) only to reduce
+``dW`` to two scalars, ``dL/da = <dW, W_prev>`` and ``dL/db = <dW, W_next>``. The functions here compute the
+input gradient as a frozen layer would, plus ``dL/da`` and ``dL/db``:
+
+- exactly (``sample=None``), from all rows; no weight-sized gradient outlives the backward of the layer;
+- or estimated (``sample=f``) from a uniformly drawn fraction ``f`` of the rows (tokens for a linear layer,
+  batch items for a convolution), rescaled by ``N / m`` so the estimate is unbiased. Only the sampled rows
+  of ``x`` are kept for the backward.
+
+With few rows the scalar gradients are taken without forming ``dW`` at all:
+``dL/da = sum(dy_s * (x_s @ W_prev^T))`` costs two thin products; with many rows one ``dW = dy^T x`` plus two
+dot products is cheaper. When the neighbours receive gradient too (``neighbour_grad="coupled"``), ``dW`` is
+needed anyway: it is formed from all rows and the scalar gradients are exact whatever ``sample`` says.
+
+The synthesized ``W`` is kept from the forward for the input gradient: it takes the place, in memory, of the
+replaced block's own tensor that no longer exists, and spares a second synthesis in the backward.
+
+Under autocast the layer computes in the autocast dtype, as ``F.linear`` / ``F.conv2d`` would.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
+
+from .fusion import mix
+
+__all__ = ["check_sample", "mixed_conv", "mixed_linear", "sample_rows"]
+
+# Up to this many rows the scalar gradients are two thin products (2 * rows * in * out multiply-adds, reading
+# each neighbour weight once); above it one dW = dy^T x (rows * in * out) plus two weight-sized dot products
+# is cheaper. The crossover is about (matmul flop/s) / (memory bytes/s) * 8; measured near 40-100 on CPUs and
+# higher on GPUs, so 64 is a middle that is never far off.
+ROW_PRODUCT_MAX = 64
+
+
+def check_sample(sample: object) -> float | None:
+    """Validate a sampling fraction: ``None`` (exact) or a number in ``(0, 1]``; ``1`` means exact."""
+    if sample is None:
+        return None
+    if isinstance(sample, bool) or not isinstance(sample, (int, float)) or not (0.0 < float(sample) <= 1.0):
+        raise ValueError(f"sample must be None (exact) or a fraction in (0, 1], got {sample!r}")
+    return None if float(sample) == 1.0 else float(sample)
+
+
+def sample_rows(n: int, sample: float | None, device: torch.device) -> tuple[torch.Tensor | None, float]:
+    """Indices of ``m = ceil(n * sample)`` distinct rows drawn uniformly, and the rescale ``n / m``.
+
+    Drawn without replacement from the default generator of ``device`` (so ``torch.manual_seed`` makes it
+    reproducible and checkpointing replays it). Each row is in the sample with probability ``m / n``, so
+    ``n / m * sum(sampled terms)`` is an unbiased estimate of the sum over all rows. ``None`` when every row
+    is used.
+    """
+    if sample is None:
+        return None, 1.0
+    m = max(1, math.ceil(n * sample))
+    if m >= n:
+        return None, 1.0
+    return torch.randperm(n, device=device)[:m], n / m
+
+
+def _autocast_dtype(x: torch.Tensor) -> torch.dtype | None:
+    kind = x.device.type
+    if x.is_floating_point() and torch.is_autocast_enabled(kind):
+        return torch.get_autocast_dtype(kind)
+    return None
+
+
+def _needs_graph(*tensors: torch.Tensor | None) -> bool:
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
+def _ab_from_dw(dw: torch.Tensor, prev: torch.Tensor, next: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    # <dW, W_prev> as one fused reduction: no product tensor of the weight's size is allocated.
+    dw, prev, next = dw.reshape(-1), prev.reshape(-1), next.reshape(-1)
+    if dw.dtype != prev.dtype:  # autocast: dW in the compute dtype, neighbours in the weights' dtype
+        dw = dw.to(prev.dtype)
+    return torch.dot(dw, prev), torch.dot(dw, next)
+
+
+def _scalar_grad(g: torch.Tensor | None, like: torch.Tensor, scale: float) -> torch.Tensor | None:
+    if g is None:
+        return None
+    return (g.float() * scale).to(like.dtype).reshape(like.shape)
+
+
+class _MixedLinear(torch.autograd.Function):
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any,
+        x: torch.Tensor,
+        a: torch.Tensor,
+        b: torch.Tensor,
+        prev: torch.Tensor,
+        next: torch.Tensor,
+        bias: torch.Tensor | None,
+        sample: float | None,
+        dtype: torch.dtype | None,
+    ) -> torch.Tensor:
+        need_x, need_a, need_b, need_p, need_n = ctx.needs_input_grad[:5]
+        w = mix(a, b, prev, next)
+        if dtype is not None:  # autocast: compute like F.linear under autocast would
+            x, w = x.to(dtype), w.to(dtype)
+            bias = None if bias is None else bias.to(dtype)
+        with torch.autocast(x.device.type, enabled=False):
+            y = F.linear(x, w, bias)
+        # shape: x (..., in) -> rows (N, in)
+        x2 = x.reshape(-1, x.shape[-1])
+        rows, scale, keep = None, 1.0, None
+        if need_p or need_n:  # coupled: the neighbours need the full dW, so the scalars get it exactly too
+            keep = x2
+        elif need_a or need_b:
+            rows, scale = sample_rows(x2.shape[0], sample, x.device)
+            keep = x2 if rows is None else x2.index_select(0, rows)
+        # Everything through save_for_backward, so checkpointing (recompute=True) can drop and replay it.
+        ctx.save_for_backward(w if need_x else None, keep, rows, a, b, prev, next)
+        ctx.scale = scale
+        return y
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, dy: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        w, keep, rows, a, b, prev, next = ctx.saved_tensors
+        need_x, need_a, need_b, need_p, need_n, need_bias = ctx.needs_input_grad[:6]
+        gx = ga = gb = gp = gn = gbias = None
+        dy2 = dy.reshape(-1, dy.shape[-1])  # shape: (N, out)
+        if need_x:
+            gx = dy.to(w.dtype) @ w  # shape: (..., out) @ (out, in) -> (..., in)
+        if need_bias:
+            gbias = dy2.sum(0)
+        if keep is not None:
+            d = dy2 if rows is None else dy2.index_select(0, rows)
+            if need_p or need_n or d.shape[0] > ROW_PRODUCT_MAX:
+                dw = d.to(keep.dtype).t() @ keep  # shape: (out, N) @ (N, in) -> (out, in)
+                ga, gb = _ab_from_dw(dw, prev, next)
+                if need_p or need_n:
+                    dw = dw.to(prev.dtype)
+                    gp = dw * a.to(dw.dtype) if need_p else None
+                    gn = dw * b.to(dw.dtype) if need_n else None
+            else:  # few rows: sum(d * (x_s @ W^T)), two thin products, no (out, in) tensor
+                xs, d = keep.to(prev.dtype), d.to(prev.dtype)
+                ga = torch.dot((xs @ prev.t()).reshape(-1), d.reshape(-1))  # shape: (m, out) . (m, out)
+                gb = torch.dot((xs @ next.t()).reshape(-1), d.reshape(-1))
+        return (
+            gx,
+            _scalar_grad(ga, a, ctx.scale) if need_a else None,
+            _scalar_grad(gb, b, ctx.scale) if need_b else None,
+            gp,
+            gn,
+            gbias,
+            None,
+            None,
+        )
+
+
+def mixed_linear(
+    x: torch.Tensor,
+    a: torch.Tensor,
+    b: torch.Tensor,
+    prev: torch.Tensor,
+    next: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    *,
+    sample: float | None = None,
+) -> torch.Tensor:
+    """``F.linear(x, a * prev + b * next, bias)`` with the lean backward described in the module docstring.
+
+    Args:
+        x: Input of shape ``(..., in)``.
+        a: Coefficient of ``prev``, a 0-d tensor (fp32 whatever the weights' dtype).
+        b: Coefficient of ``next``, a 0-d tensor.
+        prev: Weight of shape ``(out, in)``; detach it to send it no gradient.
+        next: Weight of the same shape.
+        bias: Optional bias of shape ``(out,)`` (any autograd history is kept).
+        sample: ``None`` for exact ``dL/da, dL/db``; a fraction in ``(0, 1]`` of the rows of ``x`` (all
+            leading dimensions flattened) to estimate them from.
+
+    Returns:
+        The output, as ``F.linear`` would give it.
+
+    Example:
+        >>> x = torch.randn(4, 3)
+        >>> a, b = torch.tensor(0.5, requires_grad=True), torch.tensor(0.5, requires_grad=True)
+        >>> wp, wn = torch.randn(2, 3), torch.randn(2, 3)
+        >>> y = mixed_linear(x, a, b, wp, wn)
+        >>> torch.allclose(y, x @ (0.5 * wp + 0.5 * wn).T)
+        True
+        >>> y.sum().backward(); a.grad.shape
+        torch.Size([])
+    """
+    sample = check_sample(sample)
+    if not _needs_graph(x, a, b, prev, next):  # inference or no-grad: nothing to save
+        return F.linear(x, mix(a, b, prev, next), bias)
+    return _MixedLinear.apply(x, a, b, prev, next, bias, sample, _autocast_dtype(x))
+
+
+class _MixedConv(torch.autograd.Function):
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any,
+        x: torch.Tensor,
+        a: torch.Tensor,
+        b: torch.Tensor,
+        prev: torch.Tensor,
+        next: torch.Tensor,
+        bias: torch.Tensor | None,
+        sample: float | None,
+        dtype: torch.dtype | None,
+        geometry: tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...], int],
+    ) -> torch.Tensor:
+        need_x, need_a, need_b, need_p, need_n = ctx.needs_input_grad[:5]
+        stride, padding, dilation, groups = geometry
+        w = mix(a, b, prev, next)
+        if dtype is not None:
+            x, w = x.to(dtype), w.to(dtype)
+            bias = None if bias is None else bias.to(dtype)
+        with torch.autocast(x.device.type, enabled=False):
+            y = torch.convolution(x, w, bias, stride, padding, dilation, False, [0] * len(stride), groups)
+        rows, scale, keep = None, 1.0, None
+        if need_p or need_n:
+            keep = x
+        elif need_a or need_b:  # sample whole batch items: the weight gradient sums over them
+            rows, scale = sample_rows(x.shape[0], sample, x.device)
+            keep = x if rows is None else x.index_select(0, rows)
+        ctx.save_for_backward(w if need_x else None, keep, rows, a, b, prev, next)
+        ctx.scale, ctx.geometry, ctx.x_shape = scale, geometry, x.shape
+        return y
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, dy: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        w, keep, rows, a, b, prev, next = ctx.saved_tensors
+        need_x, need_a, need_b, need_p, need_n, need_bias = ctx.needs_input_grad[:6]
+        stride, padding, dilation, groups = ctx.geometry
+        args = (None, list(stride), list(padding), list(dilation), False, [0] * len(stride), groups)
+        gx = ga = gb = gp = gn = gbias = None
+        if need_x:  # the input gradient needs only the input's shape, as torch.nn.grad.conv2d_input does
+            dy = dy.to(w.dtype)
+            shape_only = dy.new_empty(1).expand(ctx.x_shape)
+            gx = torch.ops.aten.convolution_backward(dy, shape_only, w, *args, (True, False, False))[0]
+        if need_bias:
+            gbias = dy.sum([d for d in range(dy.dim()) if d != 1])
+        if keep is not None:
+            d = (dy if rows is None else dy.index_select(0, rows)).to(keep.dtype)
+            # the weight argument only lends its shape to the weight gradient
+            dw = torch.ops.aten.convolution_backward(d, keep, prev.to(keep.dtype), *args, (False, True, False))[1]
+            ga, gb = _ab_from_dw(dw, prev, next)
+            if need_p or need_n:
+                dw = dw.to(prev.dtype)
+                gp = dw * a.to(dw.dtype) if need_p else None
+                gn = dw * b.to(dw.dtype) if need_n else None
+        return (
+            gx,
+            _scalar_grad(ga, a, ctx.scale) if need_a else None,
+            _scalar_grad(gb, b, ctx.scale) if need_b else None,
+            gp,
+            gn,
+            gbias,
+            None,
+            None,
+            None,
+        )
+
+
+def mixed_conv(
+    x: torch.Tensor,
+    a: torch.Tensor,
+    b: torch.Tensor,
+    prev: torch.Tensor,
+    next: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    *,
+    stride: tuple[int, ...],
+    padding: tuple[int, ...],
+    dilation: tuple[int, ...],
+    groups: int = 1,
+    sample: float | None = None,
+) -> torch.Tensor:
+    """A batched N-d convolution with weight ``a * prev + b * next`` and the lean backward.
+
+    Args:
+        x: Batched input ``(batch, channels, *spatial)``.
+        a: Coefficient of ``prev``, a 0-d tensor.
+        b: Coefficient of ``next``, a 0-d tensor.
+        prev: Weight ``(out, in / groups, *kernel)``; detach it to send it no gradient.
+        next: Weight of the same shape.
+        bias: Optional bias ``(out,)``.
+        stride: Per spatial dimension.
+        padding: Zero padding per spatial dimension (integers; ``"same"`` is resolved by the caller).
+        dilation: Per spatial dimension.
+        groups: Convolution groups.
+        sample: ``None`` for exact ``dL/da, dL/db``; a fraction in ``(0, 1]`` of the batch items.
+
+    Example:
+        >>> x = torch.randn(2, 3, 5, 5)
+        >>> a = b = torch.tensor(0.5, requires_grad=True)
+        >>> wp, wn = torch.randn(4, 3, 3, 3), torch.randn(4, 3, 3, 3)
+        >>> y = mixed_conv(x, a, b, wp, wn, stride=(1, 1), padding=(1, 1), dilation=(1, 1))
+        >>> torch.allclose(y, F.conv2d(x, 0.5 * wp + 0.5 * wn, padding=1), atol=1e-5)
+        True
+    """
+    sample = check_sample(sample)
+    geometry = (tuple(stride), tuple(padding), tuple(dilation), int(groups))
+    if not _needs_graph(x, a, b, prev, next):
+        return _plain_conv(x, mix(a, b, prev, next), bias, geometry)
+    return _MixedConv.apply(x, a, b, prev, next, bias, sample, _autocast_dtype(x), geometry)
+
+
+def _plain_conv(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, geometry: Any) -> torch.Tensor:
+    stride, padding, dilation, groups = geometry
+    conv = (F.conv1d, F.conv2d, F.conv3d)[len(stride) - 1]  # the F functions honour autocast
+    return conv(x, w, bias, stride, padding, dilation, groups)
