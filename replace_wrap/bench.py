@@ -214,10 +214,12 @@ def _aggregate(runs: dict[str, list[dict[str, Any]]]) -> list[dict[str, Any]]:
     rows = []
     for name, results in runs.items():
         times = [t for res in results for t in res["step_ms"]]
+        cpu = [t for res in results for t in res["cpu_ms"]]
         rows.append({
             "variant": name,
             "trainable": results[0]["trainable"],
             "step_ms": {"median": statistics.median(times), "min": min(times), "max": max(times)},
+            "cpu_ms": {"median": statistics.median(cpu), "min": min(cpu), "max": max(cpu)},
             "round_medians_ms": [statistics.median(res["step_ms"]) for res in results],
             "peak_mib": statistics.median(res["peak_mib"] for res in results),
             "delta_mib": statistics.median(res["delta_mib"] for res in results),
@@ -230,6 +232,7 @@ def _aggregate(runs: dict[str, list[dict[str, Any]]]) -> list[dict[str, Any]]:
             base = by_name.get(ref)
             row[key] = None if base is None else {
                 "step": row["step_ms"]["median"] / base["step_ms"]["median"],
+                "cpu": row["cpu_ms"]["median"] / base["cpu_ms"]["median"],
                 "peak": row["peak_mib"] / base["peak_mib"],
                 "delta": row["delta_mib"] / base["delta_mib"] if base["delta_mib"] > 0 else None,
             }
@@ -245,17 +248,17 @@ def format_table(result: dict[str, Any]) -> str:
             f"{spec['steps']} steps x {len(result['runs'][rows[0]['variant']])} rounds · {spec['device']} · "
             f"memory: {mem}")
     lines = [head, "",
-             "| variant | trainable | step ms median (min-max) | x e2e | x freeze | peak MiB | x e2e | x freeze "
-             "| train delta MiB | x freeze |",
+             "| variant | trainable | step ms median (min-max) | x e2e | x freeze | CPU ms/step | x freeze "
+             "| peak MiB | x e2e | x freeze |",
              "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for row in rows:
         e2e, frz = row["vs_end_to_end"] or {}, row["vs_freeze"] or {}
         st = row["step_ms"]
         lines.append(
             f"| {row['variant']} | {_count(row['trainable'])} | {st['median']:.1f} ({st['min']:.1f}-{st['max']:.1f}) "
-            f"| {_ratio(e2e.get('step'))} | {_ratio(frz.get('step'))} | {row['peak_mib']:.0f} "
-            f"| {_ratio(e2e.get('peak'))} | {_ratio(frz.get('peak'))} | {row['delta_mib']:.0f} "
-            f"| {_ratio(frz.get('delta'))} |"
+            f"| {_ratio(e2e.get('step'))} | {_ratio(frz.get('step'))} | {row['cpu_ms']['median']:.1f} "
+            f"| {_ratio(frz.get('cpu'))} | {row['peak_mib']:.0f} "
+            f"| {_ratio(e2e.get('peak'))} | {_ratio(frz.get('peak'))} |"
         )
     loads = result["loadavg"]
     if loads:
@@ -317,7 +320,9 @@ def _child(spec: dict[str, Any]) -> dict[str, Any]:
         torch.set_num_threads(spec["threads"])
     torch.manual_seed(0)
     device = torch.device(spec["device"])
-    model = build_model(spec["model"], spec["size"], spec["num_classes"], spec["sets"]).to(device)
+    make = model_factory(spec["model"])
+    rss_libs = _rss_mib()  # libraries loaded, nothing built: the CPU memory figures start here
+    model = make(spec["size"], spec["num_classes"], spec["sets"]).to(device)
     x = torch.randn(spec["batch"], *spec["input_shape"], device=device)
     variant = VARIANTS[spec["variant"]]
     policy = _policy(spec)
@@ -348,7 +353,8 @@ def _child(spec: dict[str, Any]) -> dict[str, Any]:
         torch.cuda.reset_peak_memory_stats(device)
         before = torch.cuda.memory_allocated(device) / 2**20
     else:
-        memory = "RSS high-water mark" if _reset_peak_rss() else "RSS high-water mark (whole process)"
+        memory = ("RSS high-water mark over the timed steps" if _reset_peak_rss() else "RSS high-water mark")
+        memory += " minus RSS with the libraries loaded"
         before = _rss_mib()
     if infer:
         times = _infer_steps(model, x, spec, spec["steps"])
@@ -356,35 +362,49 @@ def _child(spec: dict[str, Any]) -> dict[str, Any]:
         times = _train_steps(model, x, spec, spec["steps"], opt)
     if cuda:
         peak, memory = torch.cuda.max_memory_allocated(device) / 2**20, "torch.cuda.max_memory_allocated"
+        step_peak = peak - before
     else:
-        peak = _peak_rss_mib()
-    return {"variant": spec["variant"], "trainable": trainable, "step_ms": times, "peak_mib": peak,
-            "delta_mib": peak - before, "convert_s": convert_s, "memory": memory}
+        rss_peak = _peak_rss_mib()
+        peak, step_peak = rss_peak - rss_libs, rss_peak - before
+    return {"variant": spec["variant"], "trainable": trainable, "step_ms": [t[0] for t in times],
+            "cpu_ms": [t[1] for t in times], "peak_mib": peak, "delta_mib": step_peak, "convert_s": convert_s,
+            "memory": memory}
 
 
 def build_model(name: str, size: int, num_classes: int, sets: dict[str, Any]) -> Any:
     """Build the model named by a bench model spec (see the module docstring); never downloads weights."""
+    return model_factory(name)(size, num_classes, sets)
+
+
+def model_factory(name: str) -> Any:
+    """``make(size, num_classes, sets) -> model`` for a bench model spec; imports what it needs now."""
     kind, sep, rest = name.partition(":")
     if not sep:
         kind, rest = "timm", name
     if kind == "timm":
         import timm
 
-        try:
-            return timm.create_model(rest, pretrained=False, num_classes=num_classes, img_size=size, **sets)
-        except TypeError as exc:  # CNNs take no img_size
-            if "img_size" not in str(exc):
-                raise
-            return timm.create_model(rest, pretrained=False, num_classes=num_classes, **sets)
+        def make_timm(size: int, num_classes: int, sets: dict[str, Any]) -> Any:
+            try:
+                return timm.create_model(rest, pretrained=False, num_classes=num_classes, img_size=size, **sets)
+            except TypeError as exc:  # CNNs take no img_size
+                if "img_size" not in str(exc):
+                    raise
+                return timm.create_model(rest, pretrained=False, num_classes=num_classes, **sets)
+
+        return make_timm
     if kind == "hf":
         from transformers import AutoConfig, AutoModelForImageClassification
 
-        cfg = AutoConfig.for_model(rest, **sets)
-        if "image_size" not in sets and hasattr(cfg, "image_size"):
-            cfg.image_size = size
-        if "num_labels" not in sets:
-            cfg.num_labels = num_classes
-        return AutoModelForImageClassification.from_config(cfg)
+        def make_hf(size: int, num_classes: int, sets: dict[str, Any]) -> Any:
+            cfg = AutoConfig.for_model(rest, **sets)
+            if "image_size" not in sets and hasattr(cfg, "image_size"):
+                cfg.image_size = size
+            if "num_labels" not in sets:
+                cfg.num_labels = num_classes
+            return AutoModelForImageClassification.from_config(cfg)
+
+        return make_hf
     try:
         obj: Any = importlib.import_module(kind)
         for attr in rest.split("."):
@@ -392,7 +412,7 @@ def build_model(name: str, size: int, num_classes: int, sets: dict[str, Any]) ->
     except (ImportError, AttributeError) as exc:
         raise BenchError(f"cannot load {name!r} ({exc}); use timm:NAME, hf:MODEL_TYPE or package.module:factory") \
             from None
-    return obj(**sets)
+    return lambda size, num_classes, sets: obj(**sets)
 
 
 def _policy(spec: dict[str, Any]) -> Any:
@@ -428,13 +448,13 @@ def _autocast(spec: dict[str, Any], device: Any) -> Any:
     return torch.autocast(device.type, dtype=getattr(torch, spec["dtype"]))
 
 
-def _train_steps(model: Any, x: Any, spec: dict[str, Any], n: int, opt: Any) -> list[float]:
+def _train_steps(model: Any, x: Any, spec: dict[str, Any], n: int, opt: Any) -> list[tuple[float, float]]:
     import torch
 
     model.train()
     times = []
     for _ in range(n):
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         with _autocast(spec, x.device):
             loss = _loss(model(x))
         loss.backward()
@@ -442,22 +462,22 @@ def _train_steps(model: Any, x: Any, spec: dict[str, Any], n: int, opt: Any) -> 
         opt.zero_grad(set_to_none=True)
         if x.device.type == "cuda":
             torch.cuda.synchronize(x.device)
-        times.append((time.perf_counter() - t0) * 1e3)
+        times.append(((time.perf_counter() - t0) * 1e3, (time.process_time() - c0) * 1e3))
     return times
 
 
-def _infer_steps(model: Any, x: Any, spec: dict[str, Any], n: int) -> list[float]:
+def _infer_steps(model: Any, x: Any, spec: dict[str, Any], n: int) -> list[tuple[float, float]]:
     import torch
 
     model.eval()
     times = []
     with torch.no_grad(), _autocast(spec, x.device):
         for _ in range(n):
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             model(x)
             if x.device.type == "cuda":
                 torch.cuda.synchronize(x.device)
-            times.append((time.perf_counter() - t0) * 1e3)
+            times.append(((time.perf_counter() - t0) * 1e3, (time.process_time() - c0) * 1e3))
     return times
 
 

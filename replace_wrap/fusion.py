@@ -31,5 +31,7 @@ def mix(a: torch.Tensor, b: torch.Tensor, prev: torch.Tensor, next: torch.Tensor
         tensor([0.5000, 0.5000])
     """
     # shape: prev, next: S ; a, b: () -> S
+    # Two passes over the weights (a * prev, then next * b accumulated in place) instead of three; the
+    # in-place step is autograd-safe: mul saves its inputs, not its output.
     dtype = prev.dtype
-    return a.to(dtype) * prev + b.to(dtype) * next
+    return (prev * a.to(dtype)).addcmul_(next, b.to(dtype))

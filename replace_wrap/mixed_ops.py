@@ -8,7 +8,7 @@ input gradient as a frozen layer would, plus ``dL/da`` and ``dL/db``:
 - exactly (``sample=None``), from all rows; no weight-sized gradient outlives the backward of the layer;
 - or estimated (``sample=f``) from a uniformly drawn fraction ``f`` of the rows (tokens for a linear layer,
   batch items for a convolution), rescaled by ``N / m`` so the estimate is unbiased. Only the sampled rows
-  of ``x`` are kept for the backward.
+  of ``x`` (and, for a linear layer, of ``x @ W^T``, which gives one of the two sums for free) are kept.
 
 With few rows the scalar gradients are taken without forming ``dW`` at all:
 ``dL/da = sum(dy_s * (x_s @ W_prev^T))`` costs two thin products; with many rows one ``dW = dy^T x`` plus two
@@ -91,6 +91,35 @@ def _scalar_grad(g: torch.Tensor | None, like: torch.Tensor, scale: float) -> to
     return (g.float() * scale).to(like.dtype).reshape(like.shape)
 
 
+def _ab_from_one_product(
+    d: torch.Tensor, xs: torch.Tensor, xw: torch.Tensor, a: torch.Tensor, b: torch.Tensor,
+    prev: torch.Tensor, next: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sampled-row sums ``g_a = <d, xs @ prev^T>`` and ``g_b = <d, xs @ next^T>`` for the price of one product.
+
+    The forward already gives ``xw = xs @ W^T`` with ``W = a * prev + b * next``, so
+    ``g_s = <d, xw> = a * g_a + b * g_b`` is free. One product with ``W_c = -b * prev + a * next`` gives
+    ``g_c = -b * g_a + a * g_b``; the 2x2 system is a rotation scaled by ``a^2 + b^2`` (condition number 1),
+    so solving it loses no precision. Both sums are linear in the sampled rows, so the estimate stays
+    unbiased. In the one degenerate point ``a = b = 0`` (``W = 0``, ``g_s`` carries nothing) the product is
+    taken with ``prev``: ``g_a`` is exact there and ``g_b`` reads 0 for that step.
+    """
+    dt = prev.dtype
+    xs, d, xw = xs.to(dt), d.to(dt), xw.to(dt)
+    a, b = a.to(dt), b.to(dt)
+    det = a * a + b * b
+    degenerate = det == 0
+    c1 = torch.where(degenerate, torch.ones_like(b), -b)
+    w_c = mix(c1, a, prev, next)
+    # shape: (m, in) @ (in, out) -> (m, out), reduced against d (m, out)
+    g_c = torch.dot((xs @ w_c.t()).reshape(-1), d.reshape(-1))
+    g_s = torch.dot(xw.reshape(-1), d.reshape(-1))
+    safe = torch.where(degenerate, torch.ones_like(det), det)
+    g_a = torch.where(degenerate, g_c, (a * g_s - b * g_c) / safe)
+    g_b = torch.where(degenerate, torch.zeros_like(g_c), (b * g_s + a * g_c) / safe)
+    return g_a, g_b
+
+
 class _MixedLinear(torch.autograd.Function):
     @staticmethod
     def forward(  # type: ignore[override]
@@ -113,21 +142,25 @@ class _MixedLinear(torch.autograd.Function):
             y = F.linear(x, w, bias)
         # shape: x (..., in) -> rows (N, in)
         x2 = x.reshape(-1, x.shape[-1])
-        rows, scale, keep = None, 1.0, None
+        rows, scale, keep, xw = None, 1.0, None, None
         if need_p or need_n:  # coupled: the neighbours need the full dW, so the scalars get it exactly too
             keep = x2
         elif need_a or need_b:
             rows, scale = sample_rows(x2.shape[0], sample, x.device)
             keep = x2 if rows is None else x2.index_select(0, rows)
+            if rows is not None:  # the sampled rows of x @ W^T, which the forward has computed already
+                xw = y.reshape(-1, y.shape[-1]).index_select(0, rows)
+                if bias is not None:
+                    xw.sub_(bias)
         # Everything through save_for_backward, so checkpointing (recompute=True) can drop and replay it.
-        ctx.save_for_backward(w if need_x else None, keep, rows, a, b, prev, next)
+        ctx.save_for_backward(w if need_x else None, keep, rows, xw, a, b, prev, next)
         ctx.scale = scale
         return y
 
     @staticmethod
     @once_differentiable
     def backward(ctx: Any, dy: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        w, keep, rows, a, b, prev, next = ctx.saved_tensors
+        w, keep, rows, xw, a, b, prev, next = ctx.saved_tensors
         need_x, need_a, need_b, need_p, need_n, need_bias = ctx.needs_input_grad[:6]
         gx = ga = gb = gp = gn = gbias = None
         dy2 = dy.reshape(-1, dy.shape[-1])  # shape: (N, out)
@@ -137,7 +170,9 @@ class _MixedLinear(torch.autograd.Function):
             gbias = dy2.sum(0)
         if keep is not None:
             d = dy2 if rows is None else dy2.index_select(0, rows)
-            if need_p or need_n or d.shape[0] > ROW_PRODUCT_MAX:
+            if xw is not None:  # sampled
+                ga, gb = _ab_from_one_product(d, keep, xw, a, b, prev, next)
+            elif need_p or need_n or d.shape[0] > ROW_PRODUCT_MAX:
                 dw = d.to(keep.dtype).t() @ keep  # shape: (out, N) @ (N, in) -> (out, in)
                 ga, gb = _ab_from_dw(dw, prev, next)
                 if need_p or need_n:

@@ -12,10 +12,20 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from replace_wrap import mixed_ops
+from replace_wrap.fusion import mix
 from replace_wrap.mixed_ops import check_sample, mixed_conv, mixed_linear, sample_rows
 
 # The two ways of taking dL/da: thin row products (few rows) and one dW = dy^T x (many rows).
 BRANCHES = {"row-products": 10**9, "weight-gradient": 0}
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    # tiny tensors: a second thread only adds synchronisation, which costs a lot on a loaded machine
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
 
 
 @pytest.fixture(params=sorted(BRANCHES))
@@ -73,9 +83,9 @@ def _plain_grads(y_fn, inputs, dy):
 def test_linear_matches_plain_autograd_fp32(coupled, branch):
     x, a, b, prev, nxt, bias = _linear_inputs(coupled, dtype=torch.float32, shape=(4, 9, 16), out=24)
     dy = torch.randn(4, 9, 24)
-    ref_y, ref = _plain_grads(lambda x, a, b, p, n, bias: F.linear(x, a * p + b * n, bias), (x, a, b, prev, nxt, bias), dy)
+    ref_y, ref = _plain_grads(lambda x, a, b, p, n, bias: F.linear(x, mix(a, b, p, n), bias), (x, a, b, prev, nxt, bias), dy)
     y, got = _plain_grads(mixed_linear, (x, a, b, prev, nxt, bias), dy)
-    torch.testing.assert_close(y, ref_y, rtol=0, atol=0)  # same weight, same F.linear
+    torch.testing.assert_close(y, ref_y, rtol=0, atol=0)  # same synthesized weight, same F.linear
     for r, g in zip(ref, got):
         torch.testing.assert_close(g, r, rtol=1e-5, atol=1e-4)
 
@@ -83,7 +93,7 @@ def test_linear_matches_plain_autograd_fp32(coupled, branch):
 def test_linear_under_cpu_autocast_matches_plain_autocast():
     x, a, b, prev, nxt, bias = _linear_inputs(False, dtype=torch.float32, shape=(3, 7, 16), out=8)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        ref_y = F.linear(x, a * prev + b * nxt, bias)
+        ref_y = F.linear(x, mix(a, b, prev, nxt), bias)
         y = mixed_linear(x, a, b, prev, nxt, bias)
     assert y.dtype == ref_y.dtype == torch.bfloat16
     torch.testing.assert_close(y, ref_y)
@@ -122,25 +132,32 @@ def _assert_unbiased(draws: torch.Tensor, exact: torch.Tensor) -> None:
 
 
 @pytest.mark.parametrize("fraction", [1 / 4, 1 / 16])
-def test_sampled_linear_is_unbiased(fraction, branch):
+@pytest.mark.parametrize("ab", [(0.6, 0.3), (-0.2, 1.1)])
+def test_sampled_linear_is_unbiased(fraction, ab):
     g = torch.Generator().manual_seed(3)
     x = torch.randn(8, 20, 12, generator=g, dtype=torch.float64)  # 160 rows
     prev, nxt = torch.randn(6, 12, generator=g, dtype=torch.float64), torch.randn(6, 12, generator=g, dtype=torch.float64)
+    bias = 3 * torch.randn(6, generator=g, dtype=torch.float64)  # the estimator must take it out of x @ W^T
     # dy correlated with x @ W^T: every row adds to dL/da with the same sign, so the exact gradients are large
     # against the row-to-row noise and a 10% bias is detectable with a few hundred draws
     dy = x @ (prev + nxt).T + 0.1 * torch.randn(8, 20, 6, generator=g, dtype=torch.float64)
 
-    def grads(sample):
-        a = torch.tensor(0.6, dtype=torch.float64, requires_grad=True)
-        b = torch.tensor(0.3, dtype=torch.float64, requires_grad=True)
+    def grads(sample, ab=ab):
+        a = torch.tensor(ab[0], dtype=torch.float64, requires_grad=True)
+        b = torch.tensor(ab[1], dtype=torch.float64, requires_grad=True)
         xx = x.clone().requires_grad_()
-        ga, gb, gx = torch.autograd.grad(mixed_linear(xx, a, b, prev, nxt, sample=sample), [a, b, xx], dy)
-        return ga, gb, gx
+        y = mixed_linear(xx, a, b, prev, nxt, bias, sample=sample)
+        return torch.autograd.grad(y, [a, b, xx], dy)
 
     ga, gb, gx = grads(None)
     draws = _estimates(lambda: grads(fraction)[:2], 300)
     _assert_unbiased(draws, torch.stack([ga, gb]))
     torch.testing.assert_close(grads(fraction)[2], gx, rtol=0, atol=0)  # the input gradient is never sampled
+    # the degenerate point a = b = 0 (W = 0): dL/da is still estimated without bias, dL/db reads 0
+    ga0 = grads(None, (0.0, 0.0))[0]
+    draws0 = _estimates(lambda: grads(fraction, (0.0, 0.0))[:2], 300)
+    assert (draws0[:, 1] == 0).all()
+    _assert_unbiased(draws0[:, :1], ga0[None])
 
 
 def test_sampled_conv_is_unbiased():
