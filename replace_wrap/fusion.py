@@ -18,8 +18,8 @@ def mix(a: torch.Tensor, b: torch.Tensor, prev: torch.Tensor, next: torch.Tensor
     fp32 scalars through the cast).
 
     Args:
-        a: Coefficient of ``prev``, a 0-d tensor.
-        b: Coefficient of ``next``, a 0-d tensor.
+        a: Coefficient of ``prev``, a 0-d tensor (or of shape ``(1,)`` when ``prev`` has dimensions).
+        b: Coefficient of ``next``, of the shape of ``a``.
         prev: The tensor of the previous block.
         next: The same tensor of the next block, of the same shape.
 

@@ -128,42 +128,57 @@ def list_leaf_handlers() -> list[str]:
 
 
 class MixSource(NamedTuple):
-    """Where a synthesized tensor comes from, ready for :mod:`replace_wrap.mixed_ops`."""
+    """Where a synthesized weight comes from, ready for :mod:`replace_wrap.mixed_ops`."""
 
     a: torch.Tensor
     b: torch.Tensor
     prev: torch.Tensor
     next: torch.Tensor
     sample: float | None
+    bias: torch.Tensor | None  # the leaf's bias when it is not mixed with the weight's scalars (else None)
+    bias_mix: tuple[torch.Tensor, torch.Tensor] | None  # (prev, next) bias mixed with the weight's (a, b)
 
 
-def mix_source(leaf: nn.Module, name: str) -> MixSource | None:
-    """``(a, b, prev, next, sample)`` of ``leaf.<name>``, or ``None`` when the fast path must not be used.
+def mix_source(leaf: nn.Module, name: str = "weight", bias: str | None = "bias") -> MixSource | None:
+    """How ``leaf.<name>`` (and its bias) are synthesized, or ``None`` when the fast path must not be used.
 
     ``None`` when the site has ``fast_path=False``, when its rule is not a linear mix of the neighbours, or
-    when ``name`` is not synthesized. ``prev`` and ``next`` are detached unless the site is coupled.
+    when ``name`` is not synthesized. ``prev`` and ``next`` are detached unless the site is coupled. A bias
+    synthesized with the same scalars as the weight (``scalars="block"``) comes back as ``bias_mix`` so the
+    layer can mix it itself; any other bias (the leaf's own, or one with its own scalars) as ``bias``.
     """
-    src = leaf.__dict__.get("_rw_sources", {}).get(name)
+    sources = leaf.__dict__.get("_rw_sources", {})
+    src = sources.get(name)
     if src is None:
         return None
     site, index, prev_leaf, next_leaf = src
     if not getattr(site, "fast_path", False) or not getattr(site, "linear_mix", False):
         return None
     a, b = site.coefficients()
+    if a.numel() > 1:  # one set of shape (1,) broadcasts as it is (weights have dimensions): no select op
+        a, b = a[index], b[index]
     prev, nxt = getattr(prev_leaf, name), getattr(next_leaf, name)
     if site.detach:
         prev, nxt = prev.detach(), nxt.detach()
-    return MixSource(a[index], b[index], prev, nxt, site.ab_grad_sample)
+    own_bias, bias_mix = None, None
+    if bias is not None:
+        bsrc = sources.get(bias)
+        if bsrc is not None and bsrc[0] is site and bsrc[1] == index:
+            bp, bn = getattr(prev_leaf, bias), getattr(next_leaf, bias)
+            bias_mix = (bp.detach(), bn.detach()) if site.detach else (bp, bn)
+        else:
+            own_bias = getattr(leaf, bias)
+    return MixSource(a, b, prev, nxt, site.ab_grad_sample, own_bias, bias_mix)
 
 
 @register_leaf_handler(nn.Linear, name="linear")
 def _linear_forward(leaf: nn.Linear, input: torch.Tensor) -> Any:
     if not torch.is_grad_enabled():
         return NotImplemented
-    src = mix_source(leaf, "weight")
+    src = mix_source(leaf)
     if src is None:
         return NotImplemented
-    return mixed_linear(input, src.a, src.b, src.prev, src.next, leaf.bias, sample=src.sample)
+    return mixed_linear(input, src.a, src.b, src.prev, src.next, src.bias, bias_mix=src.bias_mix, sample=src.sample)
 
 
 @register_leaf_handler(nn.Conv1d, nn.Conv2d, nn.Conv3d, name="conv")
@@ -176,10 +191,10 @@ def _conv_forward(leaf: nn.modules.conv._ConvNd, input: torch.Tensor) -> Any:
         or leaf.padding_mode != "zeros"
     ):
         return NotImplemented
-    src = mix_source(leaf, "weight")
+    src = mix_source(leaf)
     if src is None:
         return NotImplemented
     return mixed_conv(
-        input, src.a, src.b, src.prev, src.next, leaf.bias, stride=leaf.stride, padding=leaf.padding,
-        dilation=leaf.dilation, groups=leaf.groups, sample=src.sample,
+        input, src.a, src.b, src.prev, src.next, src.bias, bias_mix=src.bias_mix, stride=leaf.stride,
+        padding=leaf.padding, dilation=leaf.dilation, groups=leaf.groups, sample=src.sample,
     )

@@ -85,12 +85,6 @@ def _ab_from_dw(dw: torch.Tensor, prev: torch.Tensor, next: torch.Tensor) -> tup
     return torch.dot(dw, prev), torch.dot(dw, next)
 
 
-def _scalar_grad(g: torch.Tensor | None, like: torch.Tensor, scale: float) -> torch.Tensor | None:
-    if g is None:
-        return None
-    return (g.float() * scale).to(like.dtype).reshape(like.shape)
-
-
 def _ab_from_one_product(
     d: torch.Tensor, xs: torch.Tensor, xw: torch.Tensor, a: torch.Tensor, b: torch.Tensor,
     prev: torch.Tensor, next: torch.Tensor,
@@ -120,6 +114,31 @@ def _ab_from_one_product(
     return g_a, g_b
 
 
+def _scalar_grads(
+    ctx: Any, ga: torch.Tensor | None, gb: torch.Tensor | None, db: torch.Tensor | None,
+    bias_prev: torch.Tensor | None, bias_next: torch.Tensor | None, a: torch.Tensor, b: torch.Tensor,
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """dL/da, dL/db in the scalars' dtype and shape: rescaled weight part plus the (always exact) bias part."""
+    need_a, need_b = ctx.needs_input_grad[1], ctx.needs_input_grad[2]
+    out = []
+    for need, g, bias_src, like in ((need_a, ga, bias_prev, a), (need_b, gb, bias_next, b)):
+        if not need:
+            out.append(None)
+            continue
+        total = torch.zeros((), dtype=torch.float32, device=like.device) if g is None else g.float() * ctx.scale
+        if db is not None and bias_src is not None:
+            total = total + torch.dot(db.to(bias_src.dtype), bias_src).float()
+        out.append(total.to(like.dtype).reshape(like.shape))
+    return out[0], out[1]
+
+
+def _mix_bias(
+    a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None, bias_prev: torch.Tensor | None,
+    bias_next: torch.Tensor | None,
+) -> torch.Tensor | None:
+    return mix(a, b, bias_prev, bias_next) if bias_prev is not None else bias
+
+
 class _MixedLinear(torch.autograd.Function):
     @staticmethod
     def forward(  # type: ignore[override]
@@ -130,11 +149,14 @@ class _MixedLinear(torch.autograd.Function):
         prev: torch.Tensor,
         next: torch.Tensor,
         bias: torch.Tensor | None,
+        bias_prev: torch.Tensor | None,
+        bias_next: torch.Tensor | None,
         sample: float | None,
         dtype: torch.dtype | None,
     ) -> torch.Tensor:
         need_x, need_a, need_b, need_p, need_n = ctx.needs_input_grad[:5]
         w = mix(a, b, prev, next)
+        bias = _mix_bias(a, b, bias, bias_prev, bias_next)
         if dtype is not None:  # autocast: compute like F.linear under autocast would
             x, w = x.to(dtype), w.to(dtype)
             bias = None if bias is None else bias.to(dtype)
@@ -153,21 +175,21 @@ class _MixedLinear(torch.autograd.Function):
                 if bias is not None:
                     xw.sub_(bias)
         # Everything through save_for_backward, so checkpointing (recompute=True) can drop and replay it.
-        ctx.save_for_backward(w if need_x else None, keep, rows, xw, a, b, prev, next)
+        ctx.save_for_backward(w if need_x else None, keep, rows, xw, a, b, prev, next, bias_prev, bias_next)
         ctx.scale = scale
         return y
 
     @staticmethod
     @once_differentiable
     def backward(ctx: Any, dy: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        w, keep, rows, xw, a, b, prev, next = ctx.saved_tensors
-        need_x, need_a, need_b, need_p, need_n, need_bias = ctx.needs_input_grad[:6]
-        gx = ga = gb = gp = gn = gbias = None
+        w, keep, rows, xw, a, b, prev, next, bias_prev, bias_next = ctx.saved_tensors
+        need_x, need_a, need_b, need_p, need_n, need_bias, need_bp, need_bn = ctx.needs_input_grad[:8]
+        gx = ga = gb = gp = gn = db = None
         dy2 = dy.reshape(-1, dy.shape[-1])  # shape: (N, out)
         if need_x:
             gx = dy.to(w.dtype) @ w  # shape: (..., out) @ (out, in) -> (..., in)
-        if need_bias:
-            gbias = dy2.sum(0)
+        if need_bias or need_bp or need_bn or (bias_prev is not None and (need_a or need_b)):
+            db = dy2.sum(0)  # the synthesized bias's gradient, over all rows (cheap, always exact)
         if keep is not None:
             d = dy2 if rows is None else dy2.index_select(0, rows)
             if xw is not None:  # sampled
@@ -183,16 +205,10 @@ class _MixedLinear(torch.autograd.Function):
                 xs, d = keep.to(prev.dtype), d.to(prev.dtype)
                 ga = torch.dot((xs @ prev.t()).reshape(-1), d.reshape(-1))  # shape: (m, out) . (m, out)
                 gb = torch.dot((xs @ next.t()).reshape(-1), d.reshape(-1))
-        return (
-            gx,
-            _scalar_grad(ga, a, ctx.scale) if need_a else None,
-            _scalar_grad(gb, b, ctx.scale) if need_b else None,
-            gp,
-            gn,
-            gbias,
-            None,
-            None,
-        )
+        ga, gb = _scalar_grads(ctx, ga, gb, db, bias_prev, bias_next, a, b)
+        gbp = (db.to(bias_prev.dtype) * a.to(bias_prev.dtype)) if need_bp else None
+        gbn = (db.to(bias_next.dtype) * b.to(bias_next.dtype)) if need_bn else None
+        return gx, ga, gb, gp, gn, db if need_bias else None, gbp, gbn, None, None
 
 
 def mixed_linear(
@@ -203,19 +219,22 @@ def mixed_linear(
     next: torch.Tensor,
     bias: torch.Tensor | None = None,
     *,
+    bias_mix: tuple[torch.Tensor, torch.Tensor] | None = None,
     sample: float | None = None,
 ) -> torch.Tensor:
     """``F.linear(x, a * prev + b * next, bias)`` with the lean backward described in the module docstring.
 
     Args:
         x: Input of shape ``(..., in)``.
-        a: Coefficient of ``prev``, a 0-d tensor (fp32 whatever the weights' dtype).
-        b: Coefficient of ``next``, a 0-d tensor.
+        a: Coefficient of ``prev``: a 0-d tensor or of shape ``(1,)`` (fp32 whatever the weights' dtype).
+        b: Coefficient of ``next``, of the shape of ``a``.
         prev: Weight of shape ``(out, in)``; detach it to send it no gradient.
         next: Weight of the same shape.
         bias: Optional bias of shape ``(out,)`` (any autograd history is kept).
+        bias_mix: Instead of ``bias``: ``(bias_prev, bias_next)``, mixed with the same ``a, b`` inside the
+            layer (saves the small autograd graph of mixing it outside).
         sample: ``None`` for exact ``dL/da, dL/db``; a fraction in ``(0, 1]`` of the rows of ``x`` (all
-            leading dimensions flattened) to estimate them from.
+            leading dimensions flattened) to estimate the weight's part from. The bias's part is exact.
 
     Returns:
         The output, as ``F.linear`` would give it.
@@ -231,9 +250,12 @@ def mixed_linear(
         torch.Size([])
     """
     sample = check_sample(sample)
-    if not _needs_graph(x, a, b, prev, next):  # inference or no-grad: nothing to save
-        return F.linear(x, mix(a, b, prev, next), bias)
-    return _MixedLinear.apply(x, a, b, prev, next, bias, sample, _autocast_dtype(x))
+    bp, bn = bias_mix if bias_mix is not None else (None, None)
+    if bias_mix is not None and bias is not None:
+        raise ValueError("pass either bias or bias_mix, not both")
+    if not _needs_graph(x, a, b, prev, next, bp, bn):  # inference or no-grad: nothing to save
+        return F.linear(x, mix(a, b, prev, next), _mix_bias(a, b, bias, bp, bn))
+    return _MixedLinear.apply(x, a, b, prev, next, bias, bp, bn, sample, _autocast_dtype(x))
 
 
 class _MixedConv(torch.autograd.Function):
@@ -246,6 +268,8 @@ class _MixedConv(torch.autograd.Function):
         prev: torch.Tensor,
         next: torch.Tensor,
         bias: torch.Tensor | None,
+        bias_prev: torch.Tensor | None,
+        bias_next: torch.Tensor | None,
         sample: float | None,
         dtype: torch.dtype | None,
         geometry: tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...], int],
@@ -253,6 +277,7 @@ class _MixedConv(torch.autograd.Function):
         need_x, need_a, need_b, need_p, need_n = ctx.needs_input_grad[:5]
         stride, padding, dilation, groups = geometry
         w = mix(a, b, prev, next)
+        bias = _mix_bias(a, b, bias, bias_prev, bias_next)
         if dtype is not None:
             x, w = x.to(dtype), w.to(dtype)
             bias = None if bias is None else bias.to(dtype)
@@ -264,24 +289,23 @@ class _MixedConv(torch.autograd.Function):
         elif need_a or need_b:  # sample whole batch items: the weight gradient sums over them
             rows, scale = sample_rows(x.shape[0], sample, x.device)
             keep = x if rows is None else x.index_select(0, rows)
-        ctx.save_for_backward(w if need_x else None, keep, rows, a, b, prev, next)
+        ctx.save_for_backward(w if need_x else None, keep, rows, a, b, prev, next, bias_prev, bias_next)
         ctx.scale, ctx.geometry, ctx.x_shape = scale, geometry, x.shape
         return y
 
     @staticmethod
     @once_differentiable
     def backward(ctx: Any, dy: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        w, keep, rows, a, b, prev, next = ctx.saved_tensors
-        need_x, need_a, need_b, need_p, need_n, need_bias = ctx.needs_input_grad[:6]
+        w, keep, rows, a, b, prev, next, bias_prev, bias_next = ctx.saved_tensors
+        need_x, need_a, need_b, need_p, need_n, need_bias, need_bp, need_bn = ctx.needs_input_grad[:8]
         stride, padding, dilation, groups = ctx.geometry
         args = (None, list(stride), list(padding), list(dilation), False, [0] * len(stride), groups)
-        gx = ga = gb = gp = gn = gbias = None
+        gx = ga = gb = gp = gn = db = None
         if need_x:  # the input gradient needs only the input's shape, as torch.nn.grad.conv2d_input does
-            dy = dy.to(w.dtype)
             shape_only = dy.new_empty(1).expand(ctx.x_shape)
-            gx = torch.ops.aten.convolution_backward(dy, shape_only, w, *args, (True, False, False))[0]
-        if need_bias:
-            gbias = dy.sum([d for d in range(dy.dim()) if d != 1])
+            gx = torch.ops.aten.convolution_backward(dy.to(w.dtype), shape_only, w, *args, (True, False, False))[0]
+        if need_bias or need_bp or need_bn or (bias_prev is not None and (need_a or need_b)):
+            db = dy.sum([d for d in range(dy.dim()) if d != 1])
         if keep is not None:
             d = (dy if rows is None else dy.index_select(0, rows)).to(keep.dtype)
             # the weight argument only lends its shape to the weight gradient
@@ -291,17 +315,10 @@ class _MixedConv(torch.autograd.Function):
                 dw = dw.to(prev.dtype)
                 gp = dw * a.to(dw.dtype) if need_p else None
                 gn = dw * b.to(dw.dtype) if need_n else None
-        return (
-            gx,
-            _scalar_grad(ga, a, ctx.scale) if need_a else None,
-            _scalar_grad(gb, b, ctx.scale) if need_b else None,
-            gp,
-            gn,
-            gbias,
-            None,
-            None,
-            None,
-        )
+        ga, gb = _scalar_grads(ctx, ga, gb, db, bias_prev, bias_next, a, b)
+        gbp = (db.to(bias_prev.dtype) * a.to(bias_prev.dtype)) if need_bp else None
+        gbn = (db.to(bias_next.dtype) * b.to(bias_next.dtype)) if need_bn else None
+        return gx, ga, gb, gp, gn, db if need_bias else None, gbp, gbn, None, None, None
 
 
 def mixed_conv(
@@ -316,14 +333,15 @@ def mixed_conv(
     padding: tuple[int, ...],
     dilation: tuple[int, ...],
     groups: int = 1,
+    bias_mix: tuple[torch.Tensor, torch.Tensor] | None = None,
     sample: float | None = None,
 ) -> torch.Tensor:
     """A batched N-d convolution with weight ``a * prev + b * next`` and the lean backward.
 
     Args:
         x: Batched input ``(batch, channels, *spatial)``.
-        a: Coefficient of ``prev``, a 0-d tensor.
-        b: Coefficient of ``next``, a 0-d tensor.
+        a: Coefficient of ``prev``: a 0-d tensor or of shape ``(1,)``.
+        b: Coefficient of ``next``, of the shape of ``a``.
         prev: Weight ``(out, in / groups, *kernel)``; detach it to send it no gradient.
         next: Weight of the same shape.
         bias: Optional bias ``(out,)``.
@@ -331,6 +349,7 @@ def mixed_conv(
         padding: Zero padding per spatial dimension (integers; ``"same"`` is resolved by the caller).
         dilation: Per spatial dimension.
         groups: Convolution groups.
+        bias_mix: Instead of ``bias``: ``(bias_prev, bias_next)``, mixed with the same ``a, b``.
         sample: ``None`` for exact ``dL/da, dL/db``; a fraction in ``(0, 1]`` of the batch items.
 
     Example:
@@ -342,10 +361,13 @@ def mixed_conv(
         True
     """
     sample = check_sample(sample)
+    if bias_mix is not None and bias is not None:
+        raise ValueError("pass either bias or bias_mix, not both")
+    bp, bn = bias_mix if bias_mix is not None else (None, None)
     geometry = (tuple(stride), tuple(padding), tuple(dilation), int(groups))
-    if not _needs_graph(x, a, b, prev, next):
-        return _plain_conv(x, mix(a, b, prev, next), bias, geometry)
-    return _MixedConv.apply(x, a, b, prev, next, bias, sample, _autocast_dtype(x), geometry)
+    if not _needs_graph(x, a, b, prev, next, bp, bn):
+        return _plain_conv(x, mix(a, b, prev, next), _mix_bias(a, b, bias, bp, bn), geometry)
+    return _MixedConv.apply(x, a, b, prev, next, bias, bp, bn, sample, _autocast_dtype(x), geometry)
 
 
 def _plain_conv(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, geometry: Any) -> torch.Tensor:

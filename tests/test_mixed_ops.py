@@ -51,6 +51,18 @@ def test_linear_gradcheck(coupled, branch):
     assert torch.autograd.gradcheck(lambda *t: mixed_linear(*t), inputs, eps=1e-6, atol=1e-8)
 
 
+@pytest.mark.parametrize("coupled", [False, True], ids=["detached", "coupled"])
+def test_linear_gradcheck_with_mixed_bias(coupled, branch):
+    x, a, b, prev, nxt, _ = _linear_inputs(coupled)
+    bp = torch.randn(5, dtype=torch.float64, requires_grad=coupled)
+    bn = torch.randn(5, dtype=torch.float64, requires_grad=coupled)
+
+    def fn(x, a, b, prev, nxt, bp, bn):
+        return mixed_linear(x, a, b, prev, nxt, bias_mix=(bp, bn))
+
+    assert torch.autograd.gradcheck(fn, (x, a, b, prev, nxt, bp, bn), eps=1e-6, atol=1e-8)
+
+
 @pytest.mark.parametrize(
     "dims, stride, padding, dilation, groups",
     [(1, (2,), (1,), (1,), 1), (2, (1, 2), (1, 0), (2, 1), 2), (2, (1, 1), (0, 0), (1, 1), 1)],
@@ -66,11 +78,18 @@ def test_conv_gradcheck(dims, stride, padding, dilation, groups, coupled):
     prev = torch.randn(wshape, generator=g, dtype=torch.float64, requires_grad=coupled)
     nxt = torch.randn(wshape, generator=g, dtype=torch.float64, requires_grad=coupled)
     bias = torch.randn(cout, generator=g, dtype=torch.float64, requires_grad=True)
+    bp = torch.randn(cout, generator=g, dtype=torch.float64, requires_grad=coupled)
+    bn = torch.randn(cout, generator=g, dtype=torch.float64, requires_grad=coupled)
 
     def fn(x, a, b, prev, nxt, bias):
         return mixed_conv(x, a, b, prev, nxt, bias, stride=stride, padding=padding, dilation=dilation, groups=groups)
 
+    def fn_mixed_bias(x, a, b, prev, nxt, bp, bn):
+        return mixed_conv(x, a, b, prev, nxt, stride=stride, padding=padding, dilation=dilation, groups=groups,
+                          bias_mix=(bp, bn))
+
     assert torch.autograd.gradcheck(fn, (x, a, b, prev, nxt, bias), eps=1e-6, atol=1e-8)
+    assert torch.autograd.gradcheck(fn_mixed_bias, (x, a, b, prev, nxt, bp, bn), eps=1e-6, atol=1e-8)
 
 
 def _plain_grads(y_fn, inputs, dy):
@@ -132,8 +151,8 @@ def _assert_unbiased(draws: torch.Tensor, exact: torch.Tensor) -> None:
 
 
 @pytest.mark.parametrize("fraction", [1 / 4, 1 / 16])
-@pytest.mark.parametrize("ab", [(0.6, 0.3), (-0.2, 1.1)])
-def test_sampled_linear_is_unbiased(fraction, ab):
+@pytest.mark.parametrize("ab, mixed_bias", [((0.6, 0.3), False), ((-0.2, 1.1), True)])
+def test_sampled_linear_is_unbiased(fraction, ab, mixed_bias):
     g = torch.Generator().manual_seed(3)
     x = torch.randn(8, 20, 12, generator=g, dtype=torch.float64)  # 160 rows
     prev, nxt = torch.randn(6, 12, generator=g, dtype=torch.float64), torch.randn(6, 12, generator=g, dtype=torch.float64)
@@ -146,17 +165,22 @@ def test_sampled_linear_is_unbiased(fraction, ab):
         a = torch.tensor(ab[0], dtype=torch.float64, requires_grad=True)
         b = torch.tensor(ab[1], dtype=torch.float64, requires_grad=True)
         xx = x.clone().requires_grad_()
-        y = mixed_linear(xx, a, b, prev, nxt, bias, sample=sample)
+        if mixed_bias:  # the bias is mixed with the same scalars inside the layer: its part stays exact
+            y = mixed_linear(xx, a, b, prev, nxt, bias_mix=(bias, -bias), sample=sample)
+        else:
+            y = mixed_linear(xx, a, b, prev, nxt, bias, sample=sample)
         return torch.autograd.grad(y, [a, b, xx], dy)
 
     ga, gb, gx = grads(None)
     draws = _estimates(lambda: grads(fraction)[:2], 300)
     _assert_unbiased(draws, torch.stack([ga, gb]))
     torch.testing.assert_close(grads(fraction)[2], gx, rtol=0, atol=0)  # the input gradient is never sampled
-    # the degenerate point a = b = 0 (W = 0): dL/da is still estimated without bias, dL/db reads 0
+    # the degenerate point a = b = 0 (W = 0): dL/da is still estimated without bias, the weight's part of
+    # dL/db reads 0 (what is left is the exact part of a mixed bias)
     ga0 = grads(None, (0.0, 0.0))[0]
     draws0 = _estimates(lambda: grads(fraction, (0.0, 0.0))[:2], 300)
-    assert (draws0[:, 1] == 0).all()
+    bias_part = torch.dot(dy.reshape(-1, 6).sum(0), -bias) if mixed_bias else torch.tensor(0.0, dtype=torch.float64)
+    torch.testing.assert_close(draws0[:, 1], bias_part.expand(300))
     _assert_unbiased(draws0[:, :1], ga0[None])
 
 
