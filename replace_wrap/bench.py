@@ -3,9 +3,17 @@
 Runs the model end-to-end, with the blocks that the policy would replace frozen (``requires_grad=False``,
 the floor a replaced block is measured against), and replaced (generic autograd, the fast path, the sampled
 estimator, the memory-lean mode), each in a fresh process, interleaved over several rounds so that drift in
-the machine's load hits every variant alike. Prints a table of trainable parameters, step time (median, min,
-max over all timed steps of all rounds), peak memory (CPU: the child process's RSS high-water mark; CUDA:
-``torch.cuda.max_memory_allocated``) and the ratios against end-to-end and against freezing.
+the machine's load hits every variant alike. Prints a table with, per variant:
+
+- trainable parameters;
+- step time: median, min and max over all timed steps of all rounds (wall clock), and the median process
+  CPU time per step (all threads; with ``--threads 1`` it hardly depends on what else runs on the machine);
+- peak memory: on CPU the child's RSS high-water mark over the timed steps (reset after the warm-up steps)
+  minus its RSS once the libraries were imported, so model, optimizer state and step memory count and the
+  several hundred MiB of mapped libraries do not; on CUDA ``torch.cuda.max_memory_allocated``;
+- params+saved: the parameters plus what autograd keeps from one forward for the backward, counted by
+  storage (deterministic, allocator-independent);
+- and the ratios of step time and memory against end-to-end and against freezing.
 
 Models: ``timm:NAME`` (or a bare timm name), ``hf:MODEL_TYPE`` (a transformers config for that model type,
 built with ``AutoModelForImageClassification.from_config``; ``--set key=value`` sets config fields) or
@@ -223,18 +231,26 @@ def _aggregate(runs: dict[str, list[dict[str, Any]]]) -> list[dict[str, Any]]:
             "round_medians_ms": [statistics.median(res["step_ms"]) for res in results],
             "peak_mib": statistics.median(res["peak_mib"] for res in results),
             "delta_mib": statistics.median(res["delta_mib"] for res in results),
+            "saved_mib": results[0].get("saved_mib"),
             "convert_s": results[0].get("convert_s"),
             "memory": results[0]["memory"],
         })
     by_name = {row["variant"]: row for row in rows}
     for row in rows:
-        for ref, key in (("end-to-end", "vs_end_to_end"), ("freeze", "vs_freeze")):
+        infer = VARIANTS[row["variant"]]["kind"].startswith("infer")
+        # inference rows compare with the original model's inference, training rows with the baselines
+        refs = (("infer-original", "vs_original"),) if infer else (
+            ("end-to-end", "vs_end_to_end"), ("freeze", "vs_freeze"))
+        for key in ("vs_original", "vs_end_to_end", "vs_freeze"):
+            row[key] = None
+        for ref, key in refs:
             base = by_name.get(ref)
             row[key] = None if base is None else {
                 "step": row["step_ms"]["median"] / base["step_ms"]["median"],
                 "cpu": row["cpu_ms"]["median"] / base["cpu_ms"]["median"],
                 "peak": row["peak_mib"] / base["peak_mib"],
                 "delta": row["delta_mib"] / base["delta_mib"] if base["delta_mib"] > 0 else None,
+                "saved": row["saved_mib"] / base["saved_mib"] if row["saved_mib"] and base["saved_mib"] else None,
             }
     return rows
 
@@ -249,8 +265,8 @@ def format_table(result: dict[str, Any]) -> str:
             f"memory: {mem}")
     lines = [head, "",
              "| variant | trainable | step ms median (min-max) | x e2e | x freeze | CPU ms/step | x freeze "
-             "| peak MiB | x e2e | x freeze |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "| peak MiB | x e2e | x freeze | params+saved MiB | x freeze |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for row in rows:
         e2e, frz = row["vs_end_to_end"] or {}, row["vs_freeze"] or {}
         st = row["step_ms"]
@@ -258,12 +274,17 @@ def format_table(result: dict[str, Any]) -> str:
             f"| {row['variant']} | {_count(row['trainable'])} | {st['median']:.1f} ({st['min']:.1f}-{st['max']:.1f}) "
             f"| {_ratio(e2e.get('step'))} | {_ratio(frz.get('step'))} | {row['cpu_ms']['median']:.1f} "
             f"| {_ratio(frz.get('cpu'))} | {row['peak_mib']:.0f} "
-            f"| {_ratio(e2e.get('peak'))} | {_ratio(frz.get('peak'))} |"
+            f"| {_ratio(e2e.get('peak'))} | {_ratio(frz.get('peak'))} "
+            f"| {'-' if row['saved_mib'] is None else format(row['saved_mib'], '.1f')} | {_ratio(frz.get('saved'))} |"
         )
     loads = result["loadavg"]
     if loads:
         lines += ["", f"1-min load average before each process: min {min(loads):.2f}, median "
                       f"{statistics.median(loads):.2f}, max {max(loads):.2f}"]
+    merged, original = (next((r for r in rows if r["variant"] == v), None) for v in ("infer-merged", "infer-original"))
+    if merged and original:
+        lines.append(f"inference (no_grad forward): merged model {merged['step_ms']['median']:.1f} ms vs original "
+                     f"{original['step_ms']['median']:.1f} ms (x {merged['vs_original']['step']:.3f})")
     converts = [row["convert_s"] for row in rows if row.get("convert_s") is not None]
     if converts:
         lines.append(f"convert: {max(converts):.2f} s")
@@ -342,6 +363,7 @@ def _child(spec: dict[str, Any]) -> dict[str, Any]:
     if variant["kind"] == "infer-merged":
         _train_steps(model, x, spec, 1, opt)  # the scalars move off their init, then materialize
         replace_wrap.merge(model)
+        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     cuda = device.type == "cuda"
     infer = variant["kind"] in ("infer", "infer-merged")
     if infer:
@@ -360,6 +382,7 @@ def _child(spec: dict[str, Any]) -> dict[str, Any]:
         times = _infer_steps(model, x, spec, spec["steps"])
     else:
         times = _train_steps(model, x, spec, spec["steps"], opt)
+    saved = None if infer else _saved_mib(model, x, spec)
     if cuda:
         peak, memory = torch.cuda.max_memory_allocated(device) / 2**20, "torch.cuda.max_memory_allocated"
         step_peak = peak - before
@@ -367,8 +390,8 @@ def _child(spec: dict[str, Any]) -> dict[str, Any]:
         rss_peak = _peak_rss_mib()
         peak, step_peak = rss_peak - rss_libs, rss_peak - before
     return {"variant": spec["variant"], "trainable": trainable, "step_ms": [t[0] for t in times],
-            "cpu_ms": [t[1] for t in times], "peak_mib": peak, "delta_mib": step_peak, "convert_s": convert_s,
-            "memory": memory}
+            "cpu_ms": [t[1] for t in times], "peak_mib": peak, "delta_mib": step_peak, "saved_mib": saved,
+            "convert_s": convert_s, "memory": memory}
 
 
 def build_model(name: str, size: int, num_classes: int, sets: dict[str, Any]) -> Any:
@@ -479,6 +502,30 @@ def _infer_steps(model: Any, x: Any, spec: dict[str, Any], n: int) -> list[tuple
                 torch.cuda.synchronize(x.device)
             times.append(((time.perf_counter() - t0) * 1e3, (time.process_time() - c0) * 1e3))
     return times
+
+
+def _saved_mib(model: Any, x: Any, spec: dict[str, Any]) -> float:
+    """MiB of the parameters plus the tensors autograd keeps from one forward for the backward.
+
+    Deterministic, unlike a high-water mark: each storage counts once, whatever the allocator does. The
+    parameters are in so that a replaced block's synthesized weights, kept for its backward, weigh against
+    the frozen block's own. Inside checkpointed blocks (``recompute=True``) only what the checkpoint keeps
+    outside is seen. Runs after the timed steps, so the peak figures do not include it.
+    """
+    import torch
+
+    seen = {p.untyped_storage().data_ptr(): p.untyped_storage().nbytes() for p in model.parameters()}
+
+    def pack(t: Any) -> Any:
+        storage = t.untyped_storage()
+        seen[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    model.train()
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), _autocast(spec, x.device):
+        loss = _loss(model(x))
+    del loss
+    return sum(seen.values()) / 2**20
 
 
 def _rss_mib() -> float:

@@ -22,9 +22,10 @@ def toys_importable(monkeypatch):
 
 
 def test_bench_json_end_to_end(toys_importable, capsys):
-    variants = "end-to-end,freeze,replace-sampled,infer-merged"
+    variants = "end-to-end,freeze,replace-sampled,infer-original,infer-merged"
     code = main(["bench", "toys:ResidualMLP", "--input-shape", "8", "--batch", "64", "--steps", "2", "--warmup",
-                 "1", "--rounds", "1", "--variants", variants, "--set", "depth=6", "--sample", "0.25", "--json"])
+                 "1", "--rounds", "1", "--variants", variants, "--set", "depth=6", "--sample", "0.25", "--threads", "1",
+                 "--json"])
     out = capsys.readouterr()
     assert code == 0, out.err
     result = json.loads(out.out)
@@ -35,18 +36,24 @@ def test_bench_json_end_to_end(toys_importable, capsys):
     # except for the 2 scalars per replaced block.
     e2e = rows["end-to-end"]["trainable"]
     assert rows["freeze"]["trainable"] == e2e - 2 * 1104
-    assert rows["replace-sampled"]["trainable"] == rows["infer-merged"]["trainable"] == e2e - 2 * 1104 + 4
+    assert rows["replace-sampled"]["trainable"] == e2e - 2 * 1104 + 4
+    assert rows["infer-merged"]["trainable"] == rows["infer-original"]["trainable"] == e2e  # merged: plain again
     for row in rows.values():
         assert len(result["runs"][row["variant"]][0]["step_ms"]) == 2
         assert row["step_ms"]["min"] <= row["step_ms"]["median"] <= row["step_ms"]["max"]
         assert row["peak_mib"] > 0
+        if row["variant"].startswith("infer"):  # inference compares with the original model's inference
+            assert row["vs_freeze"] is None and row["vs_original"]["step"] > 0
+            continue
         assert row["vs_freeze"]["step"] == pytest.approx(row["step_ms"]["median"] / rows["freeze"]["step_ms"]["median"])
+        assert row["saved_mib"] > 0
     assert rows["replace-sampled"]["convert_s"] is not None and rows["freeze"]["convert_s"] is None
     assert rows["freeze"]["vs_freeze"]["step"] == 1.0 and rows["end-to-end"]["vs_end_to_end"]["peak"] == 1.0
     assert len(result["loadavg"]) == len(variants.split(","))
     assert "[" in out.err  # the progress bar
     table = format_table(result)
     assert "| replace-sampled |" in table and "load average" in table and "x freeze" in table
+    assert "inference (no_grad forward): merged model" in table
 
 
 def test_bench_reports_child_failure(toys_importable):
