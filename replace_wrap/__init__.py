@@ -14,10 +14,13 @@ Example:
 from __future__ import annotations
 
 from .api import convert, merge, plan, report, revert
+from .budget import Budget
 from .config import ReplaceConfig
+from .distributed import fsdp_units, shard
 from .errors import (
     AlreadyConvertedError,
     AnalysisError,
+    BudgetError,
     ConfigError,
     MergeError,
     NotConvertedError,
@@ -30,9 +33,11 @@ from .errors import (
 )
 from .graph import Stack
 from .hooks import ReplacementSite
-from .policy import AllOf, AnyOf, Every, Filter, Indices, Pattern, Policy
+from .persistence import ConversionRecord, RecordedBlock, from_pretrained, load, load_state_dict, save
+from .policy import AllOf, AnyOf, Every, Filter, Indices, Paths, Pattern, Policy
 from .report import BlockReport, ConversionReport
 from .rules import IntegrationRule, list_rules, register_rule
+from .similarity import Similarity
 from .tracing import register_leaf_module
 
 __version__ = "0.1.0.dev0"
@@ -43,7 +48,10 @@ __all__ = [
     "AnalysisError",
     "AnyOf",
     "BlockReport",
+    "Budget",
+    "BudgetError",
     "ConfigError",
+    "ConversionRecord",
     "ConversionReport",
     "Every",
     "Filter",
@@ -52,23 +60,32 @@ __all__ = [
     "MergeError",
     "NotConvertedError",
     "NothingToReplaceError",
+    "Paths",
     "Pattern",
     "Policy",
     "PolicyError",
+    "RecordedBlock",
     "RegistryError",
     "ReplaceConfig",
     "ReplaceWrapError",
     "ReplacementSite",
+    "Similarity",
     "Stack",
     "StateDictError",
     "TracingError",
     "__version__",
     "convert",
+    "from_pretrained",
+    "fsdp_units",
     "list_rules",
+    "load",
+    "load_state_dict",
     "merge",
     "plan",
     "register_leaf_module",
     "register_rule",
     "report",
     "revert",
+    "save",
+    "shard",
 ]

@@ -10,7 +10,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from . import hooks
+from . import _optim, hooks
 from .config import ReplaceConfig
 from .errors import (
     AlreadyConvertedError,
@@ -23,9 +23,9 @@ from .errors import (
 from .graph import analyse
 from .hooks import SITE_ATTR, ReplacementSite
 from .matching import BlockMatch, Ownership, match_block
-from .policy import Every, Policy, PolicyLike, as_policy, validate_selection
+from .policy import Every, Policy, PolicyLike, as_policy, using_config, validate_selection
 from .report import BlockReport, ConversionReport
-from .rules import get_rule
+from .rules import IntegrationRule, get_rule
 
 __all__ = ["convert", "merge", "plan", "report", "revert"]
 
@@ -40,6 +40,7 @@ def convert(
     config: ReplaceConfig | None = None,
     example_inputs: Any = None,
     trace: bool = True,
+    optimizers: Any = None,
     **options: Any,
 ) -> nn.Module:
     """Replace blocks of ``model``'s stacks in place and return the same object.
@@ -57,16 +58,21 @@ def convert(
         config: A :class:`~replace_wrap.ReplaceConfig`; keyword ``options`` override its fields.
         example_inputs: Inputs for the ``torch.export`` analysis route, used when torch.fx cannot trace.
         trace: ``False`` skips graph capture and analyses the module tree only.
+        optimizers: An optimizer (or a list of them) created before ``convert``: it is rebound in place, so it
+            drops the removed tensors (and their state) and trains each block's scalars in the parameter group
+            that held the block's tensors. Without it, an optimizer created before ``convert`` silently keeps
+            the removed tensors and never trains the scalars: create optimizers after ``convert``.
         **options: Fields of :class:`~replace_wrap.ReplaceConfig` (``rule=``, ``scalars=``, ...).
 
     Returns:
-        ``model`` itself. :func:`report` tells what was replaced.
+        ``model`` itself. :func:`report` tells what was replaced. A converted Hugging Face model also records
+        the conversion in ``model.config`` (saved by ``save_pretrained``; see :mod:`replace_wrap.persistence`).
 
     Raises:
         AlreadyConvertedError: If ``model`` is already converted.
         NothingToReplaceError: If no block can be replaced (the message says why).
         PolicyError: If the policy selects a first/last block, adjacent blocks or a missing index.
-        ConfigError: For invalid options.
+        ConfigError: For invalid options, or an optimizer that holds none of the removed tensors.
 
     Example:
         >>> import torch, replace_wrap
@@ -77,11 +83,21 @@ def convert(
     """
     cfg = _resolve_config(config, options)
     pol = _resolve_policy(every, policy)
+    opts = _optim.as_optimizers(optimizers)
     _check_not_converted(model)
     planned = _plan(model, pol, cfg, example_inputs, trace)
     if not planned.targets:
         raise NothingToReplaceError(_nothing_message(model, planned.report), planned.report)
+    removed = [[f.leaf._parameters[f.name] for f in t.match.fused] for t in planned.targets]
+    _optim.check_holds(opts, [p for ps in removed for p in ps])
     _apply(model, planned, cfg)
+    if opts:
+        sites = {id(block): (path, site) for path, block, site in _sites(model)}
+        added = []
+        for t in planned.targets:
+            path, site = sites[id(t.block)]
+            added.append([(f"{path}.{SITE_ATTR}.{n}", p) for n, p in site.named_parameters()])
+        _optim.rebind(opts, list(zip(removed, added)))
     return model
 
 
@@ -157,7 +173,7 @@ def merge(model: nn.Module) -> nn.Module:
             planned.append((block, site, tensors))
     for block, site, tensors in planned:
         _restore_block(block, site, tensors)
-    model.__dict__.pop(_REPORT_ATTR, None)
+    _forget(model)
     return model
 
 
@@ -181,7 +197,7 @@ def revert(model: nn.Module) -> nn.Module:
             for k, (leaf, name) in enumerate(_targets(block, site))
         ]
         _restore_block(block, site, tensors)
-    model.__dict__.pop(_REPORT_ATTR, None)
+    _forget(model)
     return model
 
 
@@ -195,6 +211,7 @@ class _Target:
     prev_path: str
     next_path: str
     match: BlockMatch
+    init: tuple[torch.Tensor, torch.Tensor] | None = None  # per-set (a, b) from the policy, else config init
 
 
 @dataclass
@@ -206,7 +223,8 @@ class _Plan:
 def _plan(model: nn.Module, pol: Policy, cfg: ReplaceConfig, example_inputs: Any, trace: bool) -> _Plan:
     analysis = analyse(model, example_inputs=example_inputs, trace=trace)
     stacks = analysis.stacks
-    selections = pol.select_all(stacks, model)
+    with using_config(cfg):
+        selections = pol.select_all(stacks, model)
     if len(selections) != len(stacks):
         raise PolicyError(f"{pol!r}.select_all returned {len(selections)} selections for {len(stacks)} stacks")
     owners = Ownership(model)
@@ -236,17 +254,22 @@ def _plan(model: nn.Module, pol: Policy, cfg: ReplaceConfig, example_inputs: Any
                 entry.reason = m.problem
                 continue
             n_sets = len(m.fused) if cfg.scalars == "tensor" else 1
-            init = rule.init_params(n_sets, cfg.init)
+            with using_config(cfg):
+                coeffs = _policy_scalars(pol, stack, i, m, n_sets, path)
+            # The preview reads a few scalars as floats: build them on the CPU, whatever default device is
+            # active (a meta-device init context, as in Hugging Face's from_pretrained, cannot be read).
+            with torch.device("cpu"):
+                init = _initial_params(rule, n_sets, cfg.init, coeffs, path)
+                entry.scalars = _preview_scalars(rule, init, n_sets, cfg.init, coeffs)
             entry.status = "replaced"
             entry.fused = tuple(t.rel for t in m.fused)
-            entry.params_saved = sum(t.numel for t in m.fused if t.leaf._parameters[t.name].requires_grad)
-            entry.scalars = {"a": [cfg.init[0]] * n_sets, "b": [cfg.init[1]] * n_sets}
+            entry.params_saved = m.params_saved
             entry.reason = f"{len(m.fused)} tensors synthesized" + (
                 f"; {len(m.kept)} kept as its own ({m.kept[0][0]}: {m.kept[0][1]})" if m.kept else ""
             )
             saved_total += entry.params_saved
             scalars_total += sum(t.numel() for t in init.values())
-            targets.append(_Target(path, block, prev_path, next_path, m))
+            targets.append(_Target(path, block, prev_path, next_path, m, coeffs))
     before = sum(p.numel() for p in model.parameters() if p.requires_grad)
     rep = ConversionReport(
         route=analysis.route,
@@ -259,6 +282,61 @@ def _plan(model: nn.Module, pol: Policy, cfg: ReplaceConfig, example_inputs: Any
         notes=list(analysis.notes),
     )
     return _Plan(rep, targets)
+
+
+def _policy_scalars(
+    pol: Policy, stack: Any, index: int, m: BlockMatch, n_sets: int, path: str
+) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The policy's initial (a, b) for a block, checked and shaped ``(n_sets,)`` each; None for the config's."""
+    found = pol.initial_scalars(stack, index, m, n_sets)
+    if found is None:
+        return None
+    what = f"{pol!r}.initial_scalars for block {path!r}"
+    if not isinstance(found, (tuple, list)) or len(found) != 2:
+        raise PolicyError(f"{what} must return None or a pair (a, b), got {found!r}")
+    out = []
+    for name, v in zip("ab", found):
+        try:
+            t = torch.as_tensor(v, dtype=torch.float32).detach().cpu().reshape(-1)
+            t = t.expand(n_sets).clone() if t.numel() == 1 else t
+        except (TypeError, ValueError, RuntimeError) as exc:
+            raise PolicyError(f"{what} returned {name}={v!r}, not numbers: {exc}") from None
+        if t.shape != (n_sets,):
+            raise PolicyError(
+                f"{what} returned {name} with {t.numel()} values; the block has {n_sets} scalar set(s) "
+                f"(scalars={'tensor' if n_sets > 1 else 'block'}): return one value or {n_sets}"
+            )
+        if not torch.isfinite(t).all():
+            raise PolicyError(f"{what} returned a non-finite {name}: {t.tolist()}")
+        out.append(t)
+    return out[0], out[1]
+
+
+def _initial_params(
+    rule: IntegrationRule, n_sets: int, init: tuple[float, float], coeffs: Any, path: str
+) -> dict[str, torch.Tensor]:
+    if coeffs is None:
+        return rule.init_params(n_sets, init)
+    try:
+        return rule.params_from_coefficients(*coeffs)
+    except ConfigError as exc:
+        raise ConfigError(
+            f"rule {rule.name!r} cannot start block {path!r} from the policy's scalars: {exc}. Use a rule "
+            "that can express them, or a policy without initial scalars."
+        ) from None
+
+
+def _preview_scalars(
+    rule: IntegrationRule, params: dict[str, torch.Tensor], n_sets: int, init: tuple[float, float], coeffs: Any
+) -> dict[str, list[float]]:
+    """The (a, b) the site will start with, as the report shows them (through the rule, e.g. clamped)."""
+    from types import SimpleNamespace
+
+    try:
+        a, b = rule.coefficients(SimpleNamespace(**params, n_sets=n_sets))  # type: ignore[arg-type]
+    except AttributeError:  # a rule whose coefficients read state the preview does not have
+        a, b = coeffs if coeffs is not None else (torch.full((n_sets,), init[0]), torch.full((n_sets,), init[1]))
+    return {"a": [float(v) for v in a.detach().flatten()], "b": [float(v) for v in b.detach().flatten()]}
 
 
 # --- rewriting -------------------------------------------------------------------------------------------
@@ -280,6 +358,8 @@ def _apply(model: nn.Module, planned: _Plan, cfg: ReplaceConfig) -> None:
                 prev_path=t.prev_path,
                 next_path=t.next_path,
                 originals=[f.leaf._parameters[f.name] for f in fused] if cfg.keep_original else None,
+                coefficients=t.init,
+                own=[f.leaf._parameters[f.name] for f in fused],
                 fast_path=cfg.fast_path,
                 ab_grad_sample=None if cfg.ab_grad_sample == 1.0 else cfg.ab_grad_sample,
             ).to(first.device)
@@ -288,9 +368,7 @@ def _apply(model: nn.Module, planned: _Plan, cfg: ReplaceConfig) -> None:
             undo.append(lambda b=t.block: b._modules.pop(SITE_ATTR))
             by_leaf: dict[int, tuple[nn.Module, dict[str, Any]]] = {}
             for k, f in enumerate(fused):
-                by_leaf.setdefault(id(f.leaf), (f.leaf, {}))[1][f.name] = (
-                    site, site.index_of(k), f.prev_leaf, f.next_leaf
-                )
+                by_leaf.setdefault(id(f.leaf), (f.leaf, {}))[1][f.name] = (site, k, f.prev_leaf, f.next_leaf)
             for leaf, sources in by_leaf.values():
                 saved = {name: leaf._parameters[name] for name in sources}
                 hooks.install(leaf, sources)
@@ -298,6 +376,10 @@ def _apply(model: nn.Module, planned: _Plan, cfg: ReplaceConfig) -> None:
             if cfg.recompute:
                 hooks.set_recompute(t.block, True)
                 undo.append(lambda b=t.block: hooks.set_recompute(b, False))
+            _check_synthesis(t, site, cfg.rule)
+        from . import persistence  # late: persistence builds on this module
+
+        undo.append(persistence.attach(model, planned.report))
         planned.report.applied = True
         object.__setattr__(model, _REPORT_ATTR, planned.report)
     except BaseException:
@@ -305,6 +387,24 @@ def _apply(model: nn.Module, planned: _Plan, cfg: ReplaceConfig) -> None:
             step()
         planned.report.applied = False
         raise
+
+
+def _check_synthesis(t: _Target, site: ReplacementSite, rule: str) -> None:
+    """A rule must synthesize each tensor in the shape and dtype it replaces: checked once, at conversion."""
+    with torch.no_grad():
+        for k, (f, (leaf, name)) in enumerate(zip(t.match.fused, _targets(t.block, site))):
+            value = getattr(leaf, name)
+            ref = getattr(f.prev_leaf, f.name)
+            if not isinstance(value, torch.Tensor) or value.shape != ref.shape or value.dtype != ref.dtype:
+                got = (
+                    f"shape {tuple(value.shape)}, dtype {value.dtype}" if isinstance(value, torch.Tensor)
+                    else type(value).__name__
+                )
+                raise ConfigError(
+                    f"rule {rule!r} synthesized {got} for tensor {f.rel!r} of block {t.path!r}, which needs "
+                    f"shape {tuple(ref.shape)}, dtype {ref.dtype}; fix the rule's synthesize(). The model was "
+                    "left unchanged."
+                )
 
 
 def _restore_block(block: nn.Module, site: ReplacementSite, tensors: list[tuple[nn.Module, str, torch.Tensor]]) -> None:
@@ -319,6 +419,14 @@ def _restore_block(block: nn.Module, site: ReplacementSite, tensors: list[tuple[
 
 
 # --- helpers ---------------------------------------------------------------------------------------------
+
+
+def _forget(model: nn.Module) -> None:
+    """Drop the report, the state-dict guard and the config record: the model is plain again."""
+    from . import persistence  # late: persistence builds on this module
+
+    persistence.detach(model)
+    model.__dict__.pop(_REPORT_ATTR, None)
 
 
 def _resolve_config(config: ReplaceConfig | None, options: dict[str, Any]) -> ReplaceConfig:

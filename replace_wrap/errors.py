@@ -10,6 +10,7 @@ from __future__ import annotations
 __all__ = [
     "AlreadyConvertedError",
     "AnalysisError",
+    "BudgetError",
     "ConfigError",
     "MergeError",
     "NotConvertedError",
@@ -32,6 +33,14 @@ class ConfigError(ReplaceWrapError, ValueError):
 
 class PolicyError(ReplaceWrapError, ValueError):
     """A policy selected blocks that cannot be replaced (first/last of a stack, adjacent, out of range)."""
+
+
+class BudgetError(PolicyError):
+    """A parameter budget cannot be met; ``best_fraction`` is the lowest trainable fraction reachable."""
+
+    def __init__(self, message: str, best_fraction: float = 1.0):
+        super().__init__(message)
+        self.best_fraction = best_fraction
 
 
 class RegistryError(ReplaceWrapError, ValueError):

@@ -2,7 +2,7 @@
 
 A replaced tensor is removed from its module's ``_parameters`` (so it is no parameter of the model: no memory,
 no optimizer state, no gradient) and the module's class is swapped for a cached subclass in which that name is
-a property. Reading ``module.weight`` then returns ``site.synthesize(i, prev.weight, next.weight)``, computed
+a property. Reading ``module.weight`` then returns ``site.synthesize(k, prev.weight, next.weight)``, computed
 afresh on every access from the neighbour modules' *current* tensors, so it follows ``.to()``,
 ``load_state_dict`` and optimizer steps, and nothing synthesized outlives the backward pass.
 
@@ -20,6 +20,7 @@ every tensor keeps its property, so reading ``leaf.weight`` still works. And a r
 from __future__ import annotations
 
 import functools
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -45,12 +46,16 @@ class ReplacementSite(nn.Module):
     Args:
         rule: Name of the integration rule.
         n_sets: Number of scalar sets: 1 (``scalars="block"``) or the number of synthesized tensors.
-        init: Initial ``(a, b)``.
+        init: Initial ``(a, b)`` of every set (the config's ``init``).
         tensor_names: Paths of the synthesized tensors inside the block, in scalar-set order.
         detach: Detach the neighbours' tensors inside the synthesis (``neighbour_grad="detached"``).
         prev_path: Path of the previous block (for reports).
         next_path: Path of the next block (for reports).
         originals: Frozen copies of the replaced tensors (``keep_original=True``), kept as buffers.
+        coefficients: Per-set initial ``(a, b)``, each of shape ``(n_sets,)``, overriding ``init`` (a policy's
+            :meth:`~replace_wrap.Policy.initial_scalars`); mapped to the rule's parameters by
+            :meth:`~replace_wrap.IntegrationRule.params_from_coefficients`.
+        own: The block's own tensors at conversion, for rules that start their state from them.
     """
 
     def __init__(
@@ -63,25 +68,37 @@ class ReplacementSite(nn.Module):
         prev_path: str,
         next_path: str,
         originals: list[torch.Tensor] | None = None,
+        coefficients: tuple[torch.Tensor, torch.Tensor] | None = None,
+        own: Sequence[torch.Tensor] = (),
         fast_path: bool = True,
         ab_grad_sample: float | None = None,
     ):
         super().__init__()
         self.rule = rule
         self._rule = get_rule(rule)
-        for name, value in self._rule.init_params(n_sets, init).items():
+        if coefficients is None:
+            params = self._rule.init_params(n_sets, init)
+        else:
+            params = self._rule.params_from_coefficients(*coefficients)
+        for name, value in params.items():
             self.register_parameter(name, nn.Parameter(value.detach().to(torch.float32)))
         self.n_sets = n_sets
         self.tensor_names = tuple(tensor_names)
         self.detach = detach
         self.fast_path = fast_path
         self.ab_grad_sample = ab_grad_sample
-        # Leaf handlers compute with (a, b) directly; a rule with its own synthesize() keeps the generic path.
-        self.linear_mix = type(self._rule).synthesize is IntegrationRule.synthesize
+        # Leaf handlers compute with (a, b) directly; a rule with its own synthesis (a non-linear map, or
+        # per-tensor state like 'ema') keeps the generic path.
+        self.linear_mix = (
+            type(self._rule).synthesize is IntegrationRule.synthesize
+            and type(self._rule).synthesize_tensor is IntegrationRule.synthesize_tensor
+        )
         self.prev_path, self.next_path = prev_path, next_path
         self.has_originals = originals is not None
         for i, t in enumerate(originals or []):
             self.register_buffer(f"original_{i}", t.detach().clone())
+        for name, value in self._rule.init_buffers(self, list(own)).items():
+            self.register_buffer(name, value)
 
     def index_of(self, k: int) -> int:
         """Scalar set used by the ``k``-th synthesized tensor."""
@@ -91,10 +108,11 @@ class ReplacementSite(nn.Module):
         """The current ``(a, b)``, each of shape ``(n_sets,)``."""
         return self._rule.coefficients(self)
 
-    def synthesize(self, index: int, prev: torch.Tensor, next: torch.Tensor) -> torch.Tensor:
+    def synthesize(self, k: int, prev: torch.Tensor, next: torch.Tensor) -> torch.Tensor:
+        """The ``k``-th synthesized tensor (``tensor_names[k]``) from the neighbours' current tensors."""
         if self.detach:
             prev, next = prev.detach(), next.detach()
-        return self._rule.synthesize(self, index, prev, next)
+        return self._rule.synthesize_tensor(self, k, prev, next)
 
     def _apply(self, fn: Any, recurse: bool = True) -> ReplacementSite:
         # The scalars stay fp32 when the model is cast (model.half(), .to(torch.bfloat16)): a bf16 scalar
@@ -125,8 +143,9 @@ def base_class(module: nn.Module) -> type:
 def install(leaf: nn.Module, sources: dict[str, tuple[ReplacementSite, int, nn.Module, nn.Module]]) -> None:
     """Remove ``leaf``'s parameters named in ``sources`` and synthesize them on access.
 
-    ``sources[name] = (site, index, prev_leaf, next_leaf)``: ``leaf.<name>`` becomes
-    ``site.synthesize(index, prev_leaf.<name>, next_leaf.<name>)``. Undo with :func:`uninstall`.
+    ``sources[name] = (site, k, prev_leaf, next_leaf)``: ``leaf.<name>`` becomes
+    ``site.synthesize(k, prev_leaf.<name>, next_leaf.<name>)``, ``k`` being the tensor's position in
+    ``site.tensor_names``. Undo with :func:`uninstall`.
     """
     if is_swapped(leaf):
         raise RuntimeError(f"{type(leaf).__name__} already has synthesized tensors")  # internal invariant
@@ -195,8 +214,8 @@ def _swapped_class(base: type, names: tuple[str, ...], recompute: bool = False) 
 
 def _synthesized(name: str) -> Any:
     def fget(self: nn.Module) -> torch.Tensor:
-        site, index, prev, nxt = self._rw_sources[name]
-        return site.synthesize(index, getattr(prev, name), getattr(nxt, name))
+        site, k, prev, nxt = self._rw_sources[name]
+        return site.synthesize(k, getattr(prev, name), getattr(nxt, name))
 
     fget.__name__ = name
     return fget

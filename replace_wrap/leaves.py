@@ -151,9 +151,10 @@ def mix_source(leaf: nn.Module, name: str = "weight", bias: str | None = "bias")
     src = sources.get(name)
     if src is None:
         return None
-    site, index, prev_leaf, next_leaf = src
+    site, k, prev_leaf, next_leaf = src
     if not getattr(site, "fast_path", False) or not getattr(site, "linear_mix", False):
         return None
+    index = site.index_of(k)  # the scalar set of the k-th synthesized tensor
     a, b = site.coefficients()
     if a.numel() > 1:  # one set of shape (1,) broadcasts as it is (weights have dimensions): no select op
         a, b = a[index], b[index]
@@ -163,7 +164,7 @@ def mix_source(leaf: nn.Module, name: str = "weight", bias: str | None = "bias")
     own_bias, bias_mix = None, None
     if bias is not None:
         bsrc = sources.get(bias)
-        if bsrc is not None and bsrc[0] is site and bsrc[1] == index:
+        if bsrc is not None and bsrc[0] is site and site.index_of(bsrc[1]) == index:
             bp, bn = getattr(prev_leaf, bias), getattr(next_leaf, bias)
             bias_mix = (bp.detach(), bn.detach()) if site.detach else (bp, bn)
         else:

@@ -45,6 +45,11 @@ class BlockMatch:
     kept: list[tuple[str, str]] = field(default_factory=list)  # (tensor path inside the block, reason)
     problem: str | None = None
 
+    @property
+    def params_saved(self) -> int:
+        """Trainable parameters that replacing the block removes (the fused tensors with ``requires_grad``)."""
+        return sum(t.numel for t in self.fused if t.leaf._parameters[t.name].requires_grad)
+
 
 class Ownership:
     """Every path under which each module and parameter of a model is reachable (shared ones have several)."""

@@ -6,7 +6,11 @@ A policy is any object with ``select(stack) -> Iterable[int]`` (indices into the
 
 Policies apply **per stack**: a model with several stacks (an encoder and a decoder, the stages of a CNN
 chained into one stack, a vision and a text tower) has each stack offered to the policy in turn. A policy that
-needs the whole model at once (a parameter budget) overrides :meth:`Policy.select_all`.
+needs the whole model at once (a parameter budget) overrides :meth:`Policy.select_all`. A policy that knows
+better starting scalars than the config's ``init`` (fitted to pretrained weights) overrides
+:meth:`Policy.initial_scalars`. While :func:`replace_wrap.convert` or :func:`replace_wrap.plan` consults a
+policy, :func:`current_config` returns the call's :class:`~replace_wrap.ReplaceConfig` (rule, scalars), so a
+policy can account exactly for what the conversion will do.
 
 Whatever a policy returns is validated: the first and last block of a stack, two adjacent blocks, or an index
 outside the stack raise :class:`~replace_wrap.PolicyError` naming them. :class:`Every` never selects such
@@ -16,17 +20,60 @@ blocks, so it never raises.
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Sequence
-from typing import TYPE_CHECKING, Callable, Union
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from contextvars import ContextVar
+from typing import TYPE_CHECKING, Callable, Optional, Tuple, Union
 
+import torch
 from torch import nn
 
+from .config import ReplaceConfig
 from .errors import PolicyError
 
 if TYPE_CHECKING:
     from .graph import Stack
+    from .matching import BlockMatch
 
-__all__ = ["AllOf", "AnyOf", "Every", "Filter", "Indices", "Pattern", "Policy", "as_policy", "validate_selection"]
+__all__ = [
+    "AllOf",
+    "AnyOf",
+    "Every",
+    "Filter",
+    "Indices",
+    "Paths",
+    "Pattern",
+    "Policy",
+    "as_policy",
+    "current_config",
+    "validate_selection",
+]
+
+Scalars = Optional[Tuple[torch.Tensor, torch.Tensor]]
+
+_CONFIG: ContextVar[ReplaceConfig | None] = ContextVar("replace_wrap_config", default=None)
+
+
+def current_config() -> ReplaceConfig:
+    """The :class:`~replace_wrap.ReplaceConfig` of the ``convert``/``plan`` call consulting the policy.
+
+    Outside such a call, the default config.
+
+    Example:
+        >>> current_config().rule
+        'linear'
+    """
+    return _CONFIG.get() or ReplaceConfig()
+
+
+@contextmanager
+def using_config(config: ReplaceConfig) -> Iterator[None]:
+    """Make ``config`` what :func:`current_config` returns inside the ``with`` block (used by the API)."""
+    token = _CONFIG.set(config)
+    try:
+        yield
+    finally:
+        _CONFIG.reset(token)
 
 FilterFn = Callable[[nn.Module, str], bool]
 PolicyLike = Union["Policy", FilterFn]
@@ -42,6 +89,26 @@ class Policy:
     def select_all(self, stacks: Sequence[Stack], model: nn.Module) -> list[set[int]]:
         """Indices to replace for every stack of ``model``; by default :meth:`select` per stack."""
         return [{_index(i, s) for i in self.select(s)} for s in stacks]
+
+    def initial_scalars(self, stack: Stack, index: int, match: BlockMatch, n_sets: int) -> Scalars:
+        """Initial ``(a, b)`` for a selected block, or ``None`` for the config's ``init`` (the default).
+
+        Called for every block that will be replaced, after selection. The returned coefficients go through
+        the rule (:meth:`~replace_wrap.IntegrationRule.params_from_coefficients`), so they mean the same mix
+        for every rule, as far as the rule can express it.
+
+        Args:
+            stack: The block's stack.
+            index: The block's index in ``stack``.
+            match: What will be synthesized: ``match.fused[k]`` is the ``k``-th tensor, with its leaf and the
+                neighbours' leaves.
+            n_sets: Number of scalar sets of the block: 1 (``scalars="block"``) or ``len(match.fused)``
+                (``scalars="tensor"``, in ``match.fused`` order).
+
+        Returns:
+            ``None``, or ``(a, b)``: tensors (or numbers) of shape ``(n_sets,)`` or broadcastable to it.
+        """
+        return None
 
     def __and__(self, other: PolicyLike) -> AllOf:
         return AllOf(self, other)
@@ -164,6 +231,53 @@ class Pattern(Policy):
         return f"Pattern(include={self.include!r}, exclude={self.exclude!r})"
 
 
+class Paths(Policy):
+    """Replace exactly the blocks at the given module paths; a path that is no block of any stack is an error.
+
+    Unlike :class:`Pattern`, which may match nothing, every path must name a block, so re-applying a saved
+    conversion (:func:`replace_wrap.load`) selects exactly the saved blocks or fails loudly.
+
+    Args:
+        paths: Module paths of blocks, e.g. ``["blocks.1", "blocks.3"]``.
+
+    Example:
+        >>> import torch, replace_wrap
+        >>> net = torch.nn.Sequential(*[torch.nn.Linear(8, 8) for _ in range(6)])
+        >>> rep = replace_wrap.plan(net, policy=Paths(["2", "4"]))
+        >>> [b.path for b in rep.replaced]
+        ['2', '4']
+    """
+
+    def __init__(self, paths: Iterable[str]):
+        if isinstance(paths, str):  # a lone string would be iterated character by character
+            paths = [paths]
+        paths = list(paths)
+        bad = [p for p in paths if not isinstance(p, str)]
+        if bad or not paths:
+            raise PolicyError(f"Paths takes a non-empty list of module paths (str), got {bad or paths!r}")
+        self.paths = paths
+
+    def select_all(self, stacks: Sequence[Stack], model: nn.Module) -> list[set[int]]:
+        wanted = set(self.paths)
+        picks = [{i for i, p in enumerate(s.paths) if p in wanted} for s in stacks]
+        found = {s.paths[i] for s, pick in zip(stacks, picks) for i in pick}
+        missing = [p for p in self.paths if p not in found]
+        if missing:
+            shown = ", ".join(f"{s.name!r} ({len(s)} blocks)" for s in stacks[:4]) or "none"
+            raise PolicyError(
+                f"Paths: {missing} {'is no block' if len(missing) == 1 else 'are no blocks'} of any stack of "
+                f"{type(model).__name__} (stacks found: {shown}); check the paths with replace_wrap.plan(model), "
+                "or pass the same example_inputs= as the original conversion if it used them"
+            )
+        return picks
+
+    def select(self, stack: Stack) -> list[int]:
+        return [i for i, p in enumerate(stack.paths) if p in set(self.paths)]
+
+    def __repr__(self) -> str:
+        return f"Paths({self.paths!r})"
+
+
 class Filter(Policy):
     """Wrap a plain ``fn(module, path) -> bool`` (torchao's ``filter_fn`` convention) as a policy."""
 
@@ -179,36 +293,46 @@ class Filter(Policy):
         return f"Filter({getattr(self.fn, '__name__', self.fn)!r})"
 
 
-class AllOf(Policy):
+class _Combination(Policy):
+    """Combine the selections of several policies stack by stack with a set operation."""
+
+    _op: Callable[..., set[int]]
+    _symbol: str
+
+    def __init__(self, *policies: PolicyLike):
+        if not policies:
+            raise PolicyError(f"{type(self).__name__} needs at least one policy")
+        self.policies = [as_policy(p) for p in policies]
+
+    def select_all(self, stacks: Sequence[Stack], model: nn.Module) -> list[set[int]]:
+        picks = [p.select_all(stacks, model) for p in self.policies]
+        return [type(self)._op(*col) for col in zip(*picks)]
+
+    def initial_scalars(self, stack: Stack, index: int, match: BlockMatch, n_sets: int) -> Scalars:
+        # The first policy (in the order written) with an opinion decides: Similarity() & Pattern(...)
+        # keeps Similarity's fitted scalars.
+        for p in self.policies:
+            found = p.initial_scalars(stack, index, match, n_sets)
+            if found is not None:
+                return found
+        return None
+
+    def __repr__(self) -> str:
+        return f" {self._symbol} ".join(map(repr, self.policies))
+
+
+class AllOf(_Combination):
     """Select the blocks that every one of the policies selects (``p & q``)."""
 
-    def __init__(self, *policies: PolicyLike):
-        if not policies:
-            raise PolicyError("AllOf needs at least one policy")
-        self.policies = [as_policy(p) for p in policies]
-
-    def select_all(self, stacks: Sequence[Stack], model: nn.Module) -> list[set[int]]:
-        picks = [p.select_all(stacks, model) for p in self.policies]
-        return [set.intersection(*col) for col in zip(*picks)]
-
-    def __repr__(self) -> str:
-        return " & ".join(map(repr, self.policies))
+    _op = set.intersection
+    _symbol = "&"
 
 
-class AnyOf(Policy):
+class AnyOf(_Combination):
     """Select the blocks that any of the policies selects (``p | q``); the union is validated."""
 
-    def __init__(self, *policies: PolicyLike):
-        if not policies:
-            raise PolicyError("AnyOf needs at least one policy")
-        self.policies = [as_policy(p) for p in policies]
-
-    def select_all(self, stacks: Sequence[Stack], model: nn.Module) -> list[set[int]]:
-        picks = [p.select_all(stacks, model) for p in self.policies]
-        return [set.union(*col) for col in zip(*picks)]
-
-    def __repr__(self) -> str:
-        return " | ".join(map(repr, self.policies))
+    _op = set.union
+    _symbol = "|"
 
 
 def as_policy(obj: object) -> Policy:
@@ -258,6 +382,10 @@ class _Duck(Policy):
 
     def select(self, stack: Stack) -> Iterable[int]:
         return self.obj.select(stack)  # type: ignore[attr-defined]
+
+    def initial_scalars(self, stack: Stack, index: int, match: BlockMatch, n_sets: int) -> Scalars:
+        fn = getattr(self.obj, "initial_scalars", None)
+        return fn(stack, index, match, n_sets) if callable(fn) else None
 
     def __repr__(self) -> str:
         return repr(self.obj)

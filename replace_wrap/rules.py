@@ -1,15 +1,20 @@
 """Integration rules: how a replaced block's scalars turn neighbour tensors into its own.
 
-A rule owns the learnable parameters of a replacement site (their names, shapes and initial values) and maps
-them to the synthesized tensor. Rules are registered by name with :func:`register_rule` and chosen with
-``ReplaceConfig(rule=...)``. Every rule must define a merge: :meth:`IntegrationRule.synthesize` under
-``torch.no_grad()`` is what :func:`replace_wrap.merge` materializes, so a rule whose forward depends on state
-other than its parameters must keep that state in buffers of the site.
+A rule owns the learnable parameters of a replacement site (their names, shapes and initial values), any
+state it keeps (buffers of the site), and the map to the synthesized tensor. Rules are registered by name with
+:func:`register_rule` and chosen with ``ReplaceConfig(rule=...)``; ``linear`` (the paper), ``convex`` and
+``ema`` are built in.
+
+Every rule defines its merge: :func:`replace_wrap.merge` materializes what :meth:`IntegrationRule.synthesize_tensor`
+returns under ``torch.no_grad()``, so a rule whose forward depends on state other than its parameters keeps that
+state in buffers of the site (they are saved in ``state_dict``) and must not change it while gradients are off.
 """
 
 from __future__ import annotations
 
+import inspect
 import math
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Callable, TypeVar
 
 import torch
@@ -20,7 +25,7 @@ from .fusion import mix
 if TYPE_CHECKING:
     from .hooks import ReplacementSite
 
-__all__ = ["ConvexRule", "IntegrationRule", "LinearRule", "get_rule", "list_rules", "register_rule"]
+__all__ = ["ConvexRule", "EMARule", "IntegrationRule", "LinearRule", "get_rule", "list_rules", "register_rule"]
 
 _RULES: dict[str, type[IntegrationRule]] = {}
 
@@ -30,13 +35,19 @@ R = TypeVar("R", bound="type[IntegrationRule]")
 class IntegrationRule:
     """Base class of integration rules.
 
-    Subclasses define :meth:`init_params` and :meth:`coefficients`; :meth:`synthesize` mixes with those
-    coefficients and may be overridden by rules that are not a linear mix. The parameters returned by
-    :meth:`init_params` become fp32 parameters of the :class:`~replace_wrap.hooks.ReplacementSite`, which is
-    what the other methods receive.
+    A rule must define :meth:`init_params` and :meth:`coefficients`; everything else has a default. The
+    parameters returned by :meth:`init_params` become fp32 parameters of the
+    :class:`~replace_wrap.hooks.ReplacementSite`, the buffers returned by :meth:`init_buffers` its state;
+    the other methods receive that site.
+
+    Attributes:
+        name: The registered name (set by :func:`register_rule`).
+        affine: ``True`` if the rule can only express ``a + b = 1`` (fits of ``a, b``, e.g. by
+            :class:`~replace_wrap.Similarity`, are then constrained to it).
     """
 
     name: str = ""
+    affine: bool = False
 
     def check_init(self, init: tuple[float, float]) -> None:
         """Raise :class:`~replace_wrap.ConfigError` if this rule cannot start from ``init = (a, b)``."""
@@ -45,17 +56,51 @@ class IntegrationRule:
         """The site's learnable fp32 parameters for ``n`` scalar sets, each of shape ``(n,)``."""
         raise NotImplementedError
 
+    def params_from_coefficients(self, a: torch.Tensor, b: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Parameters whose :meth:`coefficients` are ``(a, b)`` (shape ``(n,)`` each), as near as the rule allows.
+
+        Used when a policy supplies per-block initial scalars (:meth:`replace_wrap.Policy.initial_scalars`).
+        The default builds each set with :meth:`init_params` from its own ``(a[i], b[i])`` after
+        :meth:`check_init`; override it for a rule that can represent more than it accepts as ``init``.
+        """
+        parts = []
+        for ai, bi in zip(a.tolist(), b.tolist()):
+            self.check_init((ai, bi))
+            parts.append(self.init_params(1, (ai, bi)))
+        return {k: torch.cat([p[k].reshape(-1) for p in parts]) for k in parts[0]}
+
+    def init_buffers(self, site: ReplacementSite, own: Sequence[torch.Tensor]) -> dict[str, torch.Tensor]:
+        """State of a stateful rule, registered as buffers of ``site`` (saved in ``state_dict``).
+
+        Args:
+            site: The site, with its parameters already registered.
+            own: The replaced block's own tensors at conversion, in ``site.tensor_names`` order.
+        """
+        return {}
+
     def coefficients(self, site: ReplacementSite) -> tuple[torch.Tensor, torch.Tensor]:
-        """Map the site's parameters to ``(a, b)``, each of shape ``(n,)``."""
+        """Map the site's parameters to ``(a, b)``, each of shape ``(n,)``: the mix the rule stands for."""
         raise NotImplementedError
 
-    def synthesize(self, site: ReplacementSite, index: int, prev: torch.Tensor, next: torch.Tensor) -> torch.Tensor:
+    def synthesize(
+        self, site: ReplacementSite, index: int, prev: torch.Tensor, next: torch.Tensor
+    ) -> torch.Tensor:
         """The synthesized tensor for scalar set ``index`` from the neighbours' tensors."""
         a, b = self.coefficients(site)
         if a.numel() > 1 or prev.dim() == 0:
             a, b = a[index], b[index]
         # else one set of shape (1,) broadcasts as it is: no select (and select backward) per tensor and step
         return mix(a, b, prev, next)
+
+    def synthesize_tensor(
+        self, site: ReplacementSite, k: int, prev: torch.Tensor, next: torch.Tensor
+    ) -> torch.Tensor:
+        """The ``k``-th synthesized tensor of the site (``site.tensor_names[k]``).
+
+        What the hooks call. The default delegates to :meth:`synthesize` with the tensor's scalar set;
+        a rule with per-tensor state (:class:`EMARule`) overrides this instead.
+        """
+        return self.synthesize(site, site.index_of(k), prev, next)
 
 
 def register_rule(name: str) -> Callable[[R], R]:
@@ -82,15 +127,54 @@ def register_rule(name: str) -> Callable[[R], R]:
                 f"an integration rule named {name!r} is already registered ({_RULES[name].__qualname__}); "
                 "choose another name"
             )
-        if cls.init_params is IntegrationRule.init_params:
-            raise RegistryError(f"rule {cls.__qualname__} must define init_params()")
-        if cls.coefficients is IntegrationRule.coefficients and cls.synthesize is IntegrationRule.synthesize:
-            raise RegistryError(f"rule {cls.__qualname__} must define coefficients() or synthesize()")
+        _validate_rule_class(name, cls)
         cls.name = name
         _RULES[name] = cls
         return cls
 
     return decorator
+
+
+# method -> parameter names after self; a rule overriding one must keep this signature
+_SIGNATURES = {
+    "check_init": ("init",),
+    "init_params": ("n", "init"),
+    "params_from_coefficients": ("a", "b"),
+    "init_buffers": ("site", "own"),
+    "coefficients": ("site",),
+    "synthesize": ("site", "index", "prev", "next"),
+    "synthesize_tensor": ("site", "k", "prev", "next"),
+}
+
+
+def _validate_rule_class(name: str, cls: type[IntegrationRule]) -> None:
+    where = f"@register_rule({name!r}) on {cls.__qualname__}"
+    for required in ("init_params", "coefficients"):
+        if getattr(cls, required) is getattr(IntegrationRule, required):
+            raise RegistryError(
+                f"{where}: the rule must define {required}() (see replace_wrap.IntegrationRule; "
+                "coefficients() returns the (a, b) the rule stands for, shown in reports)"
+            )
+    for method, expected in _SIGNATURES.items():
+        fn = getattr(cls, method)
+        if not callable(fn):
+            raise RegistryError(f"{where}: {method} must be a method, got {fn!r}")
+        try:
+            params = list(inspect.signature(fn).parameters.values())[1:]
+        except (TypeError, ValueError):  # builtins without a signature: nothing to check
+            continue
+        if any(p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD) for p in params):
+            continue
+        positional = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+        required = [p for p in positional if p.default is p.empty]
+        if len(required) > len(expected) or len(positional) < len(expected):
+            got = ", ".join(p.name for p in params)
+            raise RegistryError(
+                f"{where}: {method}(self, {got}) has the wrong signature; it is called as "
+                f"{method}(self, {', '.join(expected)})"
+            )
+    if not isinstance(cls.affine, bool):
+        raise RegistryError(f"{where}: the class attribute affine must be True or False, got {cls.affine!r}")
 
 
 def get_rule(name: str) -> IntegrationRule:
@@ -124,6 +208,8 @@ class LinearRule(IntegrationRule):
 class ConvexRule(IntegrationRule):
     """A convex mix: ``a = sigmoid(alpha)``, ``b = 1 - a``; one learnable scalar per set."""
 
+    affine = True
+
     def check_init(self, init: tuple[float, float]) -> None:
         a, b = init
         if not (0.0 < a < 1.0) or not math.isclose(a + b, 1.0, abs_tol=1e-6):
@@ -135,6 +221,99 @@ class ConvexRule(IntegrationRule):
         alpha = math.log(init[0] / (1.0 - init[0]))  # logit, so that sigmoid(alpha) == a
         return {"alpha": torch.full((n,), alpha)}
 
+    def params_from_coefficients(self, a: torch.Tensor, b: torch.Tensor) -> dict[str, torch.Tensor]:
+        # Nearest point on a + b = 1 (Euclidean), then into the open interval sigmoid can reach.
+        a = ((1.0 + a.double() - b.double()) / 2).clamp(_CONVEX_EPS, 1.0 - _CONVEX_EPS)
+        return {"alpha": torch.logit(a).float()}
+
     def coefficients(self, site: ReplacementSite) -> tuple[torch.Tensor, torch.Tensor]:
         a = torch.sigmoid(site.alpha)
         return a, 1.0 - a
+
+
+_CONVEX_EPS = 1e-4
+
+
+@register_rule("ema")
+class EMARule(IntegrationRule):
+    """A momentum shadow of the neighbour mix, times a learnable scale (MLAAN/MAN-style).
+
+    Each synthesized tensor ``k`` reads ``W_k = scale * shadow_k``, where the buffer ``shadow_k`` starts as the
+    block's own tensor at conversion (so the converted model first computes exactly what the original did)
+    and then follows ``target_k = a * W_prev + b * W_next``::
+
+        shadow_k <- momentum * shadow_k + (1 - momentum) * target_k
+
+    **When it updates.** Once per change of the neighbours: on an access in training mode with gradients
+    enabled, when the neighbour tensors have changed in place since the last update (every ``torch.optim``
+    optimizer step does; their version counters tell). So gradient accumulation, repeated accesses and
+    gradient-checkpointing recomputation within one step all see the same shadow, and eval mode or
+    ``torch.no_grad()`` never changes it. The first training access after conversion (or after a copy or
+    ``.to()``) only records the neighbours. An optimizer that writes through ``param.data`` bypasses the
+    version counters and leaves the shadow still.
+
+    **Gradients.** ``scale`` learns directly. The value is ``scale * shadow``, and the derivative of the next
+    shadow, ``(1 - momentum) * d target``, is added as a zero-valued term, so ``a`` and ``b`` (and, with
+    ``neighbour_grad="coupled"``, the neighbours) get the gradient of where the shadow is heading.
+
+    **Merge.** ``scale * shadow`` at the time of the merge (no further update).
+
+    **Cost.** The shadows are buffers the size of the replaced tensors: trainable parameters and optimizer
+    state shrink as with ``linear``, memory does not. Three learnable scalars per set (``a``, ``b``,
+    ``scale``). Another momentum is a subclass::
+
+        @replace_wrap.register_rule("ema_fast")
+        class FastEMA(replace_wrap.rules.EMARule):
+            momentum = 0.9
+    """
+
+    momentum: float = 0.99
+
+    def check_init(self, init: tuple[float, float]) -> None:
+        m = self.momentum
+        if isinstance(m, bool) or not isinstance(m, (int, float)) or not 0.0 <= m < 1.0:
+            raise ConfigError(
+                f"rule {self.name!r}: momentum must be a number in [0, 1), got {m!r}; set it as a class "
+                "attribute of an EMARule subclass"
+            )
+
+    def init_params(self, n: int, init: tuple[float, float]) -> dict[str, torch.Tensor]:
+        return {"a": torch.full((n,), init[0]), "b": torch.full((n,), init[1]), "scale": torch.ones(n)}
+
+    def init_buffers(self, site: ReplacementSite, own: Sequence[torch.Tensor]) -> dict[str, torch.Tensor]:
+        if len(own) != len(site.tensor_names):
+            raise ConfigError(
+                f"rule {self.name!r} starts its shadows from the block's own tensors: got {len(own)} tensors "
+                f"for {len(site.tensor_names)} synthesized ones"
+            )
+        return {f"shadow_{k}": t.detach().clone() for k, t in enumerate(own)}
+
+    def coefficients(self, site: ReplacementSite) -> tuple[torch.Tensor, torch.Tensor]:
+        # the mix the shadow converges to while the neighbours stand still
+        return site.scale * site.a, site.scale * site.b
+
+    def synthesize_tensor(
+        self, site: ReplacementSite, k: int, prev: torch.Tensor, next: torch.Tensor
+    ) -> torch.Tensor:
+        i = site.index_of(k)
+        shadow = site.get_buffer(f"shadow_{k}")
+        target = mix(site.a[i], site.b[i], prev, next)
+        if site.training and torch.is_grad_enabled() and _neighbours_changed(site, k, prev, next):
+            with torch.no_grad():
+                shadow.lerp_(target.detach().to(shadow.dtype), 1.0 - self.momentum)
+        dtype = prev.dtype
+        ahead = (1.0 - self.momentum) * (target - target.detach())  # zero value, gradient of the next shadow
+        return site.scale[i].to(dtype) * (shadow.to(dtype) + ahead)
+
+
+def _neighbours_changed(site: ReplacementSite, k: int, prev: torch.Tensor, next: torch.Tensor) -> bool:
+    """Whether ``prev``/``next`` changed in place since the last call for tensor ``k`` (records them)."""
+    # Detached views share the version counter and storage of the parameter they come from. A new storage
+    # (deepcopy, .to(), load into fresh tensors) is a new baseline rather than a step.
+    key = tuple((t.untyped_storage().data_ptr(), t._version) for t in (prev, next))
+    seen = site.__dict__.setdefault("_rw_seen", {})
+    last = seen.get(k)
+    seen[k] = key
+    if last is None or any(old[0] != new[0] for old, new in zip(last, key)):
+        return False
+    return last != key

@@ -56,13 +56,30 @@ class BlockGraph:
 
 @contextlib.contextmanager
 def preserved_state(model: nn.Module) -> Iterator[None]:
-    """Restore every module's train/eval flag on exit, whatever the analysis did."""
-    modes = [(m, m.training) for m in model.modules()]
+    """Put every module back as it was on exit, whatever the analysis ran.
+
+    Tracing calls ``forward`` with proxies or fake tensors, and a forward may have side effects: flip
+    ``training``, count calls in an attribute, cache a tensor, register a buffer. Each module's attribute
+    dict and its parameter/buffer/submodule/hook tables are snapshotted (shallowly: tensors themselves are
+    never written by tracing) and restored if anything in them changed.
+    """
+    tables = ("_parameters", "_buffers", "_modules", "_forward_hooks", "_forward_pre_hooks", "_backward_hooks")
+    snapshot = []
+    for m in model.modules():
+        attrs = dict(m.__dict__)
+        snapshot.append((m, attrs, {t: dict(attrs[t]) for t in tables if isinstance(attrs.get(t), dict)}))
     try:
         yield
     finally:
-        for m, training in modes:
-            m.training = training
+        for m, attrs, inner in snapshot:
+            if m.__dict__.keys() != attrs.keys() or any(m.__dict__[k] is not v for k, v in attrs.items()):
+                m.__dict__.clear()
+                m.__dict__.update(attrs)
+            for name, table in inner.items():
+                current = attrs[name]
+                if current.keys() != table.keys() or any(current[k] is not v for k, v in table.items()):
+                    current.clear()
+                    current.update(table)
 
 
 class _LeafTracer(fx.Tracer):

@@ -44,8 +44,8 @@ def state_snapshot(model: torch.nn.Module) -> dict:
 
 def assert_same_state(before: dict, after: dict) -> None:
     assert before["keys"] == after["keys"]
-    for k, v in before["state"].items():
-        assert torch.equal(v, after["state"][k]), k
+    for k, v in before["state"].items():  # bitwise, NaN included
+        torch.testing.assert_close(after["state"][k], v, rtol=0, atol=0, equal_nan=True, msg=k)
     for key in ("param_ids", "modes", "classes", "hooks", "dict_keys"):
         assert before[key] == after[key], key
 

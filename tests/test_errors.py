@@ -1,0 +1,122 @@
+"""Error paths of convert / merge / revert / report, with their message text, and atomicity."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import replace_wrap
+from replace_wrap import hooks
+from conftest import assert_same_state, state_snapshot
+from toys import ConvNet, ResidualMLP
+
+
+def sites(model):
+    return [m for m in model.modules() if isinstance(m, replace_wrap.ReplacementSite)]
+
+
+def test_converting_twice_raises():
+    model = replace_wrap.convert(ResidualMLP())
+    with pytest.raises(replace_wrap.AlreadyConvertedError, match=r"ResidualMLP is already converted \(replaced block at 'blocks.1'\)"):
+        replace_wrap.convert(model)
+    with pytest.raises(replace_wrap.AlreadyConvertedError):
+        replace_wrap.plan(model)
+    # a converted submodule inside a bigger model is noticed too
+    outer = torch.nn.Sequential(model)
+    with pytest.raises(replace_wrap.AlreadyConvertedError, match="already converted"):
+        replace_wrap.convert(outer)
+
+
+def test_operations_on_unconverted_models():
+    model = ResidualMLP()
+    with pytest.raises(replace_wrap.NotConvertedError, match=r"cannot merge ResidualMLP: it has no replaced blocks"):
+        replace_wrap.merge(model)
+    with pytest.raises(replace_wrap.NotConvertedError, match=r"cannot revert ResidualMLP"):
+        replace_wrap.revert(model)
+    with pytest.raises(replace_wrap.NotConvertedError, match=r"replace_wrap.plan\(model\) to preview"):
+        replace_wrap.report(model)
+
+
+def test_revert_needs_keep_original():
+    model = replace_wrap.convert(ResidualMLP())
+    with pytest.raises(replace_wrap.MergeError, match=r"cannot revert block 'blocks.1': it was converted without keep_original=True"):
+        replace_wrap.revert(model)
+    assert len(sites(model)) == 2
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_merge_refuses_non_finite_and_leaves_model_unchanged(value):
+    model = replace_wrap.convert(ResidualMLP(depth=6))
+    with torch.no_grad():
+        model.blocks[3].replacement.a.fill_(value)
+    before = state_snapshot(model)
+    with pytest.raises(replace_wrap.MergeError, match=r"synthesized tensor '.*' of block 'blocks.3' is not finite"):
+        replace_wrap.merge(model)
+    assert_same_state(before, state_snapshot(model))
+    assert len(sites(model)) == 2  # block 1 (finite) was not merged either: merge is all or nothing
+
+
+def test_nothing_to_replace_no_stack():
+    with pytest.raises(replace_wrap.NothingToReplaceError, match="no stack of repeated blocks was found") as info:
+        replace_wrap.convert(torch.nn.Linear(3, 3))
+    assert info.value.report.blocks == []
+
+
+def test_nothing_to_replace_short_stack():
+    model = ResidualMLP(depth=2)
+    with pytest.raises(replace_wrap.NothingToReplaceError, match=r"every stack is shorter than 3 blocks \('blocks.\*' \(2 blocks\)\)"):
+        replace_wrap.convert(model)
+
+
+def test_nothing_to_replace_all_skipped_names_the_reason():
+    # widths 4, 4, 8, 8: the block at index 1 has a neighbour of another shape
+    model = torch.nn.Sequential(
+        torch.nn.Linear(4, 4), torch.nn.Linear(4, 4), torch.nn.Linear(4, 8), torch.nn.Linear(8, 8)
+    )
+    with pytest.raises(replace_wrap.NothingToReplaceError) as info:
+        replace_wrap.convert(model, every=2)
+    msg = str(info.value)
+    assert "every selected block had to be skipped: 1: tensor 'weight' of shape (4, 4) has shape (8, 4) in the next block '2'" in msg
+    assert "replace_wrap.plan(model)" in msg
+    assert [b.status for b in info.value.report.blocks] == ["kept", "skipped", "kept", "kept"]
+
+
+def test_not_a_module():
+    with pytest.raises(replace_wrap.ConfigError, match="works on torch.nn.Module instances, got dict"):
+        replace_wrap.convert({})
+
+
+@pytest.mark.parametrize("fail_at", [1, 2, 5])
+def test_failure_half_way_leaves_model_exactly_as_it_was(monkeypatch, fail_at):
+    model = ConvNet(depth=7)
+    before = state_snapshot(model)
+    calls = {"n": 0}
+    real_install = hooks.install
+
+    def flaky_install(leaf, sources):
+        calls["n"] += 1
+        if calls["n"] == fail_at:
+            raise RuntimeError("injected failure")
+        real_install(leaf, sources)
+
+    monkeypatch.setattr(hooks, "install", flaky_install)
+    with pytest.raises(RuntimeError, match="injected failure"):
+        replace_wrap.convert(model, every=2)
+    assert_same_state(before, state_snapshot(model))
+    assert not sites(model) and "_replace_wrap_report" not in model.__dict__
+    monkeypatch.setattr(hooks, "install", real_install)
+    replace_wrap.convert(model, every=2)  # and it still converts afterwards
+    assert len(sites(model)) == 3
+
+
+def test_block_with_attribute_named_replacement_is_skipped():
+    model = ResidualMLP(depth=5)
+    model.blocks[1].replacement = "taken"
+    rep = replace_wrap.plan(model)
+    assert rep.blocks[1].status == "skipped"
+    assert rep.blocks[1].reason == "the block already has an attribute 'replacement'"
+
+
+def test_errors_share_a_base_class():
+    for name in replace_wrap.errors.__all__:
+        assert issubclass(getattr(replace_wrap, name), replace_wrap.ReplaceWrapError)

@@ -1,0 +1,163 @@
+"""Every example under examples/ that the docs include runs, on small data, and does what it says.
+
+Each runs as a subprocess, the way a user runs it, on one thread (the examples' models are small, and the
+CI machine is shared). Nothing is downloaded: cifar10.py runs with --fake-data.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import itertools
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("timm")
+pytest.importorskip("sklearn")
+
+ROOT = Path(__file__).resolve().parent.parent
+# Subprocesses import this checkout first, and whatever else the test process can import.
+PYTHONPATH = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
+EXAMPLES = ROOT / "examples"
+
+
+def run_example(name: str, *args: str, ok: bool = True) -> subprocess.CompletedProcess:
+    env = dict(os.environ, PYTHONPATH=PYTHONPATH, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+    proc = subprocess.run(
+        [sys.executable, str(EXAMPLES / name), *args],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    if ok:
+        assert proc.returncode == 0, f"{name} failed:\n{proc.stdout}\n{proc.stderr}"
+    return proc
+
+
+def number(pattern: str, text: str) -> float:
+    match = re.search(pattern, text)
+    assert match, f"{pattern!r} not in output:\n{text}"
+    return float(match.group(1).replace(",", ""))
+
+
+@pytest.mark.parametrize("model", ["vit_tiny_patch16_224", "resnet34"])
+def test_timm_train_loop(model, tmp_path):
+    out = run_example(
+        "timm_train_loop.py",
+        "--model",
+        model,
+        "--limit",
+        "48",
+        "--epochs",
+        "1",
+        "--batch-size",
+        "16",
+        "--save",
+        str(tmp_path / "merged.pt"),
+    ).stdout
+    before = number(r"trainable parameters: ([\d,]+) ->", out)
+    after = number(r"trainable parameters: [\d,]+ -> ([\d,]+)", out)
+    assert after < before
+    assert re.search(r"epoch 1: loss \d+\.\d+, test accuracy \d\.\d+", out)
+    assert number(r"max \|merged - converted\| = (\S+);", out) <= 1e-5
+    assert number(r"merged: ([\d,]+) parameters, all trainable", out) == before
+
+    import timm  # the merged state_dict is a plain timm state_dict
+
+    kwargs = {"img_size": 32, "patch_size": 8} if model.startswith("vit") else {}
+    fresh = timm.create_model(model, pretrained=False, num_classes=10, **kwargs)
+    fresh.load_state_dict(torch.load(tmp_path / "merged.pt"))  # strict: same keys and shapes
+
+
+def test_cifar10_fake_data_runs_offline(tmp_path):
+    data_dir = tmp_path / "data"
+    out = run_example(
+        "cifar10.py",
+        "--fake-data",
+        "--data-dir",
+        str(data_dir),
+        "--limit",
+        "48",
+        "--epochs",
+        "1",
+        "--batch-size",
+        "16",
+        "--workers",
+        "1",
+        "--save",
+        str(tmp_path / "c.pt"),
+    ).stdout
+    assert not data_dir.exists()  # nothing was downloaded
+    assert "replaced" in out and re.search(r"epoch 1/1: loss \d+\.\d+, test accuracy \d\.\d+", out)
+    trainable = number(r"([\d,]+) of [\d,]+ parameters trainable", out)
+    total = number(r"[\d,]+ of ([\d,]+) parameters trainable", out)
+    assert trainable < total
+    assert number(r"merged: test accuracy \S+, ([\d,]+) parameters", out) == total
+    assert (tmp_path / "c.pt").exists()
+
+
+def test_cifar10_without_data_says_what_to_do(tmp_path):
+    proc = run_example("cifar10.py", "--data-dir", str(tmp_path), "--no-download", ok=False)
+    assert proc.returncode != 0
+    assert "CIFAR-10 is not available" in proc.stderr and "--fake-data" in proc.stderr
+
+
+def test_custom_policy():
+    out = run_example("custom_policy.py", "--model", "vit_tiny_patch16_224", "--budget", "0.7").stdout
+    picks = dict(re.findall(r"^(.+?)\s+-> (.+?)  \(", out, re.MULTILINE))
+    picks = {k.strip(): v.split(", ") for k, v in picks.items()}
+    odd = [f"blocks.{i}" for i in (1, 3, 5, 7, 9)]  # a 12-block ViT
+    assert picks["every=2 (the default)"] == odd
+    assert picks["Every(3, offset=1)"] == ["blocks.3", "blocks.6", "blocks.9"]
+    assert picks["MiddleBlocks(margin=2)"] == ["blocks.3", "blocks.5", "blocks.7"]
+    assert picks["Every(2) & late_blocks"] == ["blocks.5", "blocks.7", "blocks.9"]
+    assert picks["MiddleBlocks() | Indices([1])"] == ["blocks.1", "blocks.3", "blocks.5", "blocks.7"]
+    budget = picks["TrainableBudget(0.7)"]
+    indices = sorted(int(p.split(".")[1]) for p in budget)
+    assert all(j - i >= 2 for i, j in itertools.pairwise(indices)) and 0 not in indices and 11 not in indices
+    share = number(r"TrainableBudget\(0\.7\)\s+-> .+?  \((\S+)% trainable\)", out)
+    assert share <= 70.0
+    assert re.search(r"^refused: .*'blocks\.0' \(first\)", out, re.MULTILINE)
+    assert "forward after convert: logits (2, 10)" in out
+
+
+def test_merge_and_export(tmp_path):
+    out = run_example(
+        "merge_and_export.py", "--steps", "2", "--batch-size", "8", "--out-dir", str(tmp_path)
+    ).stdout
+    assert number(r"max \|merged - converted\| = (\S+)", out) <= 1e-5
+    assert number(r"reloaded into a fresh \S+: max \|diff\| = (\S+)", out) == 0.0
+    assert number(r"max \|exported - merged\| = (\S+)", out) <= 1e-5
+    assert (tmp_path / "merged.pt").exists() and (tmp_path / "model.pt2").exists()
+    onnx_ready = all(importlib.util.find_spec(m) for m in ("onnx", "onnxscript"))
+    if onnx_ready:
+        assert "ONNX: wrote" in out and (tmp_path / "model.onnx").exists()
+    else:
+        assert "ONNX: skipped, the exporter needs" in out and not (tmp_path / "model.onnx").exists()
+
+
+@pytest.mark.skipif(
+    all(importlib.util.find_spec(m) for m in ("onnx", "onnxscript")), reason="ONNX is installed"
+)
+def test_merge_and_export_require_onnx_fails_clearly(tmp_path):
+    proc = run_example(
+        "merge_and_export.py",
+        "--steps",
+        "1",
+        "--batch-size",
+        "4",
+        "--onnx",
+        "require",
+        "--out-dir",
+        str(tmp_path),
+        ok=False,
+    )
+    assert proc.returncode != 0 and "pip install onnx onnxscript" in proc.stderr

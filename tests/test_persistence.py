@@ -1,0 +1,299 @@
+"""Saving and loading converted models: state dicts, the guard, save/load directories, HF save_pretrained."""
+
+from __future__ import annotations
+
+import copy
+import io
+import json
+import pickle
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import replace_wrap
+from conftest import assert_same_state, state_snapshot
+from replace_wrap.persistence import CONFIG_KEY, RECORD_FILE, ConversionRecord
+from toys import ConvNet, ResidualMLP, SharedSubmoduleNet
+
+
+def _perturbed(model: torch.nn.Module, seed: int = 1) -> torch.nn.Module:
+    """Move every parameter (scalars included) away from its initial value, so round trips prove something."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * 0.1)
+    return model
+
+
+def _converted(factory, seed: int = 0, **kw):
+    torch.manual_seed(seed)
+    return _perturbed(replace_wrap.convert(factory(), **({"every": 2} | kw)), seed + 1)
+
+
+def _assert_bit_identical(a: torch.nn.Module, b: torch.nn.Module) -> None:
+    sa, sb = a.state_dict(), b.state_dict()
+    assert list(sa) == list(sb)
+    for k in sa:
+        assert torch.equal(sa[k], sb[k]), k
+
+
+MODELS = {
+    "mlp": (ResidualMLP, ResidualMLP.example),
+    "conv_bn": (ConvNet, ConvNet.example),  # BatchNorm buffers of replaced blocks stay the block's own
+    "shared": (SharedSubmoduleNet, SharedSubmoduleNet.example),  # state_dict entries share memory
+}
+
+
+# --- state_dict --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_state_dict_loads_into_fresh_conversion_bit_identically(name):
+    factory, example = MODELS[name]
+    src = _converted(factory, seed=0)
+    dst = _converted(factory, seed=5)  # other weights, other scalars
+    dst.load_state_dict(src.state_dict())
+    _assert_bit_identical(src, dst)
+    src.eval(), dst.eval()
+    x = example()
+    with torch.no_grad():
+        assert torch.equal(src(x), dst(x))
+
+
+def test_torch_save_and_weights_only_load():
+    src = _converted(ResidualMLP, every=2, rule="convex", scalars="tensor")
+    buf = io.BytesIO()
+    torch.save(src.state_dict(), buf)
+    buf.seek(0)
+    state = torch.load(buf, weights_only=True)
+    dst = replace_wrap.convert(ResidualMLP(), every=2, rule="convex", scalars="tensor")
+    dst.load_state_dict(state)
+    _assert_bit_identical(src, dst)
+
+
+def test_converted_state_dict_into_unconverted_model_names_the_blocks_to_convert():
+    state = _converted(ResidualMLP).state_dict()
+    plain = ResidualMLP()
+    before = state_snapshot(plain)
+    with pytest.raises(replace_wrap.StateDictError) as err:
+        replace_wrap.load_state_dict(plain, state)
+    msg = str(err.value)
+    assert "saved from a converted model" in msg and "not converted" in msg
+    assert "replace_wrap.Paths(['blocks.1', 'blocks.3'])" in msg
+    assert_same_state(before, state_snapshot(plain))
+    # following the message works
+    replace_wrap.convert(plain, policy=replace_wrap.Paths(["blocks.1", "blocks.3"]))
+    replace_wrap.load_state_dict(plain, state)
+    assert torch.equal(plain.blocks[1].replacement.a, state["blocks.1.replacement.a"])
+
+
+def test_load_state_dict_function_is_plain_load_otherwise():
+    src, dst = ResidualMLP(), ResidualMLP()
+    result = replace_wrap.load_state_dict(dst, src.state_dict())
+    assert not result.missing_keys and not result.unexpected_keys
+    _assert_bit_identical(src, dst)
+
+
+def test_unconverted_state_dict_into_converted_model_is_refused_before_copying():
+    model = _converted(ResidualMLP)
+    before = state_snapshot(model)
+    with pytest.raises(replace_wrap.StateDictError) as err:
+        model.load_state_dict(ResidualMLP().state_dict())  # the plain torch call: convert's guard answers
+    msg = str(err.value)
+    assert "unconverted or merged model" in msg and "replaced blocks ['blocks.1', 'blocks.3']" in msg
+    assert "Load it before converting" in msg
+    assert_same_state(before, state_snapshot(model))  # nothing was copied
+
+
+def test_differently_converted_state_dict_is_refused():
+    state = _converted(ResidualMLP, every=None, policy=replace_wrap.Indices([2])).state_dict()
+    model = _converted(ResidualMLP)
+    expected = r"converted differently: it replaced blocks \['blocks.2'\]"
+    with pytest.raises(replace_wrap.StateDictError, match=expected):
+        model.load_state_dict(state)
+
+
+def test_guard_strict_false_and_prefixes():
+    model = _converted(ResidualMLP)
+    plain_state = ResidualMLP().state_dict()
+    # torch hands strict=True to every pre-hook, so a plain strict=False load is refused too ...
+    with pytest.raises(replace_wrap.StateDictError, match="strict=False"):
+        model.load_state_dict(plain_state, strict=False)
+    # ... and replace_wrap.load_state_dict(strict=False) drops the replaced blocks' tensors on purpose
+    result = replace_wrap.load_state_dict(model, plain_state, strict=False)
+    assert "blocks.1.replacement.a" in result.missing_keys and "blocks.1.fc1.weight" in result.unexpected_keys
+    assert torch.equal(model.blocks[0].fc1.weight, plain_state["blocks.0.fc1.weight"])
+    # a partial state dict that does not touch replaced blocks passes the guard
+    model.load_state_dict({"head.bias": torch.zeros(4)}, strict=False)
+    wrapper = torch.nn.ModuleDict({"module": _converted(ResidualMLP)})  # like DDP's "module." prefix
+    wrapper.load_state_dict({f"module.{k}": v for k, v in model.state_dict().items()})
+    with pytest.raises(replace_wrap.StateDictError):
+        wrapper.load_state_dict({f"module.{k}": v for k, v in plain_state.items()})
+
+
+def test_guard_survives_copies_and_leaves_with_merge():
+    model = _converted(ResidualMLP)
+    plain_state = ResidualMLP().state_dict()
+    for twin in (copy.deepcopy(model), pickle.loads(pickle.dumps(model))):
+        with pytest.raises(replace_wrap.StateDictError):
+            twin.load_state_dict(plain_state)
+    replace_wrap.merge(model)
+    assert not model._load_state_dict_pre_hooks
+    model.load_state_dict(plain_state)  # a merged model is a plain model
+
+
+# --- save / load directories ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("safe", [True, False])
+@pytest.mark.parametrize("name", ["mlp", "shared"])
+def test_save_load_round_trip(tmp_path, name, safe):
+    factory, example = MODELS[name]
+    options = {"rule": "convex", "scalars": "tensor", "neighbour_grad": "coupled"}
+    src = _converted(factory, **options)
+    replace_wrap.save(src, tmp_path, safe_serialization=safe)
+    assert (tmp_path / RECORD_FILE).is_file()
+    dst = replace_wrap.load(factory(), tmp_path)
+    _assert_bit_identical(src, dst)
+    assert replace_wrap.report(dst).config == replace_wrap.report(src).config
+    src.eval(), dst.eval()
+    x = example()
+    with torch.no_grad():
+        assert torch.equal(src(x), dst(x))
+
+
+def test_load_into_already_converted_model(tmp_path):
+    src = _converted(ResidualMLP)
+    replace_wrap.save(src, tmp_path)
+    same = replace_wrap.convert(ResidualMLP(), every=2)
+    _assert_bit_identical(src, replace_wrap.load(same, tmp_path))
+    other = replace_wrap.convert(ResidualMLP(), policy=replace_wrap.Indices([2]))
+    with pytest.raises(replace_wrap.StateDictError, match="already converted, differently"):
+        replace_wrap.load(other, tmp_path)
+
+
+def test_load_into_other_architecture_fails_cleanly(tmp_path):
+    replace_wrap.save(_converted(ResidualMLP), tmp_path)
+    shallow = ResidualMLP(depth=4)  # blocks.3 is its last block
+    before = state_snapshot(shallow)
+    with pytest.raises(replace_wrap.StateDictError, match="cannot re-apply the saved conversion to ResidualMLP"):
+        replace_wrap.load(shallow, tmp_path)
+    assert_same_state(before, state_snapshot(shallow))
+    with pytest.raises(replace_wrap.StateDictError, match="are no blocks of any stack of ConvNet"):
+        replace_wrap.load(ConvNet(), tmp_path)
+
+
+def test_save_and_read_errors(tmp_path):
+    with pytest.raises(replace_wrap.NotConvertedError):
+        replace_wrap.save(ResidualMLP(), tmp_path)
+    with pytest.raises(replace_wrap.StateDictError, match="holds no replace_wrap conversion record"):
+        replace_wrap.load(ResidualMLP(), tmp_path)
+    replace_wrap.save(_converted(ResidualMLP), tmp_path)
+    data = json.loads((tmp_path / RECORD_FILE).read_text())
+    data["format_version"] = 99
+    with pytest.raises(replace_wrap.ConfigError, match="format_version 99 is not supported.*upgrade replace_wrap"):
+        ConversionRecord.from_dict(data)
+    with pytest.raises(replace_wrap.ConfigError, match="not a replace_wrap conversion record"):
+        ConversionRecord.from_dict({"blocks": []})
+
+
+@settings(max_examples=12, deadline=None)
+@given(
+    depth=st.integers(3, 9),
+    every=st.integers(2, 4),
+    offset=st.integers(0, 2),
+    rule=st.sampled_from(["linear", "convex"]),
+    scalars=st.sampled_from(["block", "tensor"]),
+)
+def test_record_json_round_trip_reapplies_exactly(depth, every, offset, rule, scalars):
+    pol = replace_wrap.Every(every, offset=offset)
+    if not pol.indices(depth):
+        return
+    model = replace_wrap.convert(ResidualMLP(depth=depth, width=4), policy=pol, rule=rule, scalars=scalars)
+    record = ConversionRecord.of(model)
+    again = ConversionRecord.from_dict(json.loads(json.dumps(record.to_dict())))
+    assert again == record
+    twin = again.apply(ResidualMLP(depth=depth, width=4))
+    assert ConversionRecord.of(twin).same_conversion(record)
+    twin.load_state_dict(model.state_dict())
+    _assert_bit_identical(model, twin)
+
+
+def test_paths_policy_selects_exactly_or_fails():
+    model = ResidualMLP(depth=6)
+    rep = replace_wrap.plan(model, policy=replace_wrap.Paths(["blocks.2", "blocks.4"]))
+    assert [b.path for b in rep.replaced] == ["blocks.2", "blocks.4"]
+    one = replace_wrap.plan(model, policy=replace_wrap.Paths("blocks.3"))  # a lone string is one path
+    assert [b.path for b in one.replaced] == ["blocks.3"]
+    with pytest.raises(replace_wrap.PolicyError, match=r"\['blocks.9'\] is no block of any stack of ResidualMLP"):
+        replace_wrap.plan(model, policy=replace_wrap.Paths(["blocks.1", "blocks.9"]))
+    with pytest.raises(replace_wrap.PolicyError, match="adjacent"):
+        replace_wrap.plan(model, policy=replace_wrap.Paths(["blocks.1", "blocks.2"]))
+    with pytest.raises(replace_wrap.PolicyError, match="non-empty list of module paths"):
+        replace_wrap.Paths([])
+
+
+# --- Hugging Face save_pretrained / from_pretrained ----------------------------------------------------------
+
+
+def _hf_vit():
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.ViTConfig(
+        hidden_size=32, num_hidden_layers=5, num_attention_heads=4, intermediate_size=64,
+        image_size=16, patch_size=8, num_labels=3,
+    )
+    return transformers.ViTForImageClassification(cfg)
+
+
+def _logits(model, x):
+    model.eval()
+    with torch.no_grad():
+        return model(pixel_values=x).logits
+
+
+def test_hf_save_pretrained_round_trip(tmp_path):
+    from transformers import ViTForImageClassification
+
+    model = _converted(_hf_vit)
+    x = torch.randn(2, 3, 16, 16)
+    model.save_pretrained(tmp_path)
+    saved = json.loads((tmp_path / "config.json").read_text())[CONFIG_KEY]
+    assert [b["path"] for b in saved["blocks"]] == ["vit.layers.1", "vit.layers.3"]
+    twin = replace_wrap.from_pretrained(ViTForImageClassification, tmp_path)
+    assert type(twin) is ViTForImageClassification
+    _assert_bit_identical(model, twin)
+    assert torch.equal(_logits(twin, x), _logits(model, x))
+    # the measured pitfall: a plain from_pretrained re-initialises the replaced blocks and predicts differently
+    plain = ViTForImageClassification.from_pretrained(tmp_path)
+    assert not torch.allclose(_logits(plain, x), _logits(model, x))
+    with pytest.raises(replace_wrap.StateDictError, match="replace_wrap.from_pretrained"):
+        replace_wrap.load(_hf_vit(), tmp_path)
+
+
+def test_hf_from_pretrained_keeps_scalars_fp32_under_bf16(tmp_path):
+    from transformers import ViTForImageClassification
+
+    model = _converted(_hf_vit)
+    model.save_pretrained(tmp_path)
+    twin, info = replace_wrap.from_pretrained(
+        ViTForImageClassification, tmp_path, dtype=torch.bfloat16, output_loading_info=True
+    )
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+    site, ref = twin.vit.layers[1].replacement, model.vit.layers[1].replacement
+    assert site.a.dtype == torch.float32 and torch.equal(site.a, ref.a) and torch.equal(site.b, ref.b)
+    assert twin.vit.layers[0].attention.q_proj.weight.dtype == torch.bfloat16
+
+
+def test_hf_merged_model_saves_as_plain_checkpoint(tmp_path):
+    from transformers import ViTForImageClassification
+
+    model = replace_wrap.merge(_converted(_hf_vit))
+    assert not hasattr(model.config, CONFIG_KEY)
+    model.save_pretrained(tmp_path)
+    assert CONFIG_KEY not in json.loads((tmp_path / "config.json").read_text())
+    x = torch.randn(2, 3, 16, 16)
+    assert torch.equal(_logits(ViTForImageClassification.from_pretrained(tmp_path), x), _logits(model, x))
+    with pytest.raises(replace_wrap.StateDictError, match="holds no replace_wrap conversion record"):
+        replace_wrap.from_pretrained(ViTForImageClassification, tmp_path)

@@ -1,0 +1,202 @@
+"""Training integrations without a process group: AMP and dtype casts, gradient checkpointing, device moves."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+import replace_wrap
+from conftest import TOL, oracle_model
+from toys import ResidualMLP
+
+
+def _hf_vit(depth: int = 5):
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.ViTConfig(
+        hidden_size=32, num_hidden_layers=depth, num_attention_heads=4, intermediate_size=64, image_size=16,
+        patch_size=8, num_labels=3, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
+    )
+    return transformers.ViTForImageClassification(cfg)
+
+
+def _timm_vit():
+    timm = pytest.importorskip("timm")
+    return timm.create_model(
+        "vit_tiny_patch16_224", pretrained=False, img_size=16, patch_size=8, depth=5, num_classes=3
+    )
+
+
+def _logits(y):
+    return y.logits if hasattr(y, "logits") else y
+
+
+def _sites(model):
+    return [m for m in model.modules() if isinstance(m, replace_wrap.ReplacementSite)]
+
+
+def _set_scalars(model, a=0.3, b=0.9):
+    with torch.no_grad():
+        for s in _sites(model):
+            s.a.fill_(a), s.b.fill_(b)
+    return model
+
+
+# --- AMP and dtype casts -----------------------------------------------------------------------------------------
+
+
+def test_bf16_autocast_training():
+    model = replace_wrap.convert(_hf_vit(), every=2).train()
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    x, y = torch.randn(16, 3, 16, 16), torch.randint(0, 3, (16,))
+    losses = []
+    for _ in range(8):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = model(pixel_values=x, labels=y)
+        assert out.logits.dtype == torch.bfloat16  # autocast really ran the linears in bf16
+        opt.zero_grad()
+        out.loss.backward()
+        for s in _sites(model):
+            assert s.a.grad.dtype == torch.float32 and torch.isfinite(s.a.grad).all()
+        opt.step()
+        losses.append(out.loss.item())
+    assert losses[-1] < losses[0] - 0.1, losses
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+    assert all(not torch.equal(s.a.detach(), torch.tensor([0.5])) for s in _sites(model))
+
+
+@pytest.mark.parametrize(
+    ("cast", "dtype"),
+    [
+        (lambda m: m.to(torch.bfloat16), torch.bfloat16),
+        (lambda m: m.half(), torch.float16),
+        (lambda m: m.to(dtype=torch.float64), torch.float64),
+    ],
+    ids=["to_bf16", "half", "to_double"],
+)
+def test_scalars_stay_fp32_when_the_model_is_cast_and_merge_takes_the_model_dtype(cast, dtype):
+    model = _set_scalars(replace_wrap.convert(ResidualMLP(), every=2, keep_original=True))
+    cast(model)
+    for s in _sites(model):
+        assert s.a.dtype == s.b.dtype == torch.float32
+        assert s.a.item() == pytest.approx(0.3) and s.b.item() == pytest.approx(0.9)
+        assert s.original_0.dtype == dtype  # frozen originals follow the model
+    block, prev, nxt = model.blocks[1], model.blocks[0], model.blocks[2]
+    synthesized = block.fc1.weight
+    assert synthesized.dtype == dtype
+    want = torch.tensor(0.3).to(dtype) * prev.fc1.weight + torch.tensor(0.9).to(dtype) * nxt.fc1.weight
+    assert torch.equal(synthesized, want)
+    if dtype != torch.float16:  # CPU half matmul coverage varies; the synthesis above is what matters
+        model(ResidualMLP.example().to(dtype)).float().sum().backward()
+        assert model.blocks[1].replacement.a.grad.dtype == torch.float32
+    replace_wrap.merge(model)
+    assert model.blocks[1].fc1.weight.dtype == dtype
+    assert torch.equal(model.blocks[1].fc1.weight, want)
+    assert all(p.dtype == dtype for p in model.parameters())
+
+
+# --- gradient checkpointing ----------------------------------------------------------------------------------
+
+
+def _grads(model, x):
+    model.zero_grad()
+    _logits(model(x)).square().mean().backward()
+    return {n: p.grad.clone() for n, p in model.named_parameters()}
+
+
+def _count_forwards(block):
+    # a pre-hook: non-reentrant checkpointing stops the recomputation early, before post-hooks would run
+    calls = []
+    block.register_forward_pre_hook(lambda *_: calls.append(1))
+    return calls
+
+
+def _checkpointing_case(factory, enable, when, block_path):
+    torch.manual_seed(0)
+    reference = replace_wrap.convert(factory(), every=2).train()
+    model = factory().train()
+    if when == "before":
+        enable(model)
+    replace_wrap.convert(model, every=2)
+    if when == "after":
+        enable(model)
+    model.load_state_dict(_set_scalars(reference, 0.2, 0.7).state_dict())
+    calls = _count_forwards(model.get_submodule(block_path))
+    x = torch.randn(4, 3, 16, 16)
+    got, want = _grads(model, x), _grads(reference, x)
+    assert len(calls) == 2  # forward + recomputation in backward: checkpointing is really on
+    assert list(got) == list(want)
+    for n in want:
+        torch.testing.assert_close(got[n], want[n], atol=TOL["oracle"], rtol=1e-5, msg=n)
+    assert got["vit.layers.1.replacement.a" if "vit" in block_path else "blocks.1.replacement.a"].abs().sum() > 0
+
+
+@pytest.mark.parametrize("when", ["before", "after"])
+@pytest.mark.parametrize("reentrant", [False, True])
+def test_hf_gradient_checkpointing(when, reentrant):
+    def enable(m):
+        m.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
+
+    _checkpointing_case(_hf_vit, enable, when, "vit.layers.1")
+
+
+@pytest.mark.parametrize("when", ["before", "after"])
+def test_timm_grad_checkpointing(when):
+    _checkpointing_case(_timm_vit, lambda m: m.set_grad_checkpointing(True), when, "blocks.1")
+
+
+# --- devices and moves -------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("swap", [False, True], ids=["in_place", "swap_params"])
+def test_moves_after_convert_keep_the_synthesis_correct(swap):
+    original = ResidualMLP()
+    model = _set_scalars(replace_wrap.convert(copy.deepcopy(original), every=2))
+    previous = torch.__future__.get_swap_module_params_on_conversion()
+    torch.__future__.set_swap_module_params_on_conversion(swap)  # .to() then replaces parameter objects
+    try:
+        model.to(torch.float64)
+    finally:
+        torch.__future__.set_swap_module_params_on_conversion(previous)
+    with torch.no_grad():
+        model.blocks[0].fc1.weight.add_(1.0)  # the synthesis must read the neighbour's current tensor
+    oracle = oracle_model(original.to(torch.float64), model)
+    x = ResidualMLP.example().to(torch.float64)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), oracle(x), atol=1e-12, rtol=1e-12)
+
+
+def test_meta_init_then_materialize_and_load():
+    source = _set_scalars(replace_wrap.convert(ResidualMLP(), every=2))
+    with torch.device("meta"):
+        model = replace_wrap.convert(ResidualMLP(), every=2)
+    assert model.blocks[1].fc1.weight.device.type == "meta"
+    assert model(ResidualMLP.example().to("meta")).device.type == "meta"
+    model.to_empty(device="cpu")
+    model.load_state_dict(source.state_dict())
+    x = ResidualMLP.example()
+    with torch.no_grad():
+        assert torch.equal(model(x), source(x))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_move_keeps_synthesis_and_trains():
+    model = _set_scalars(replace_wrap.convert(_hf_vit(), every=2)).eval()
+    x = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        want = model(pixel_values=x).logits
+    model.cuda()
+    site = model.vit.layers[1].replacement
+    assert site.a.device.type == "cuda" and site.a.dtype == torch.float32
+    assert model.vit.layers[1].attention.q_proj.weight.device.type == "cuda"
+    with torch.no_grad():
+        torch.testing.assert_close(model(pixel_values=x.cuda()).logits.cpu(), want, atol=1e-4, rtol=1e-4)
+    model.train()
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        loss = model(pixel_values=x.cuda(), labels=torch.tensor([0, 1]).cuda()).loss
+    loss.backward()
+    assert torch.isfinite(site.a.grad).all()
+    replace_wrap.merge(model)
+    assert model.vit.layers[1].attention.q_proj.weight.device.type == "cuda"
