@@ -85,29 +85,56 @@ def _ab_from_dw(dw: torch.Tensor, prev: torch.Tensor, next: torch.Tensor) -> tup
     return torch.dot(dw, prev), torch.dot(dw, next)
 
 
+def _scalars_on_host(t: torch.Tensor) -> bool:
+    # Reading a CPU scalar costs nothing; on an accelerator it would wait for the device (a sync per layer).
+    return t.device.type == "cpu"
+
+
 def _ab_from_one_product(
     d: torch.Tensor, xs: torch.Tensor, xw: torch.Tensor, a: torch.Tensor, b: torch.Tensor,
-    prev: torch.Tensor, next: torch.Tensor,
+    prev: torch.Tensor, next: torch.Tensor, bias_prev: torch.Tensor | None, bias_next: torch.Tensor | None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Sampled-row sums ``g_a = <d, xs @ prev^T>`` and ``g_b = <d, xs @ next^T>`` for the price of one product.
+    """Sampled-row sums ``G_a = <d, xs @ prev^T + bias_prev>``, ``G_b = <d, xs @ next^T + bias_next>`` for the
+    price of one thin product (the bias terms only when the bias is mixed with the same ``a, b``).
 
-    The forward already gives ``xw = xs @ W^T`` with ``W = a * prev + b * next``, so
-    ``g_s = <d, xw> = a * g_a + b * g_b`` is free. One product with ``W_c = -b * prev + a * next`` gives
-    ``g_c = -b * g_a + a * g_b``; the 2x2 system is a rotation scaled by ``a^2 + b^2`` (condition number 1),
-    so solving it loses no precision. Both sums are linear in the sampled rows, so the estimate stays
-    unbiased. In the one degenerate point ``a = b = 0`` (``W = 0``, ``g_s`` carries nothing) the product is
-    taken with ``prev``: ``g_a`` is exact there and ``g_b`` reads 0 for that step.
+    The forward already gives ``xw = xs @ W^T (+ the mixed bias)``, so ``g_s = <d, xw> = a * G_a + b * G_b``
+    comes free and one product gives the other equation. Both sums are linear in the sampled rows, so the
+    estimate stays unbiased.
+
+    - Scalars on the CPU (readable for free): the product is taken with the neighbour of the *smaller*
+      coefficient, and the other sum solved from ``g_s`` by dividing by the larger one, which loses no
+      precision (the error stays below machine epsilon times the gradients' size). At ``a = b = 0`` (``W = 0``,
+      ``g_s`` carries nothing) both products are taken.
+    - Scalars on an accelerator (reading them would synchronize): one product with ``W_c = -b * prev + a * next``
+      gives ``g_c = -b * G_a + a * G_b``; the 2x2 system is a rotation scaled by ``a^2 + b^2`` (condition
+      number 1). At ``a = b = 0`` the product is taken with ``prev``: ``G_a`` is exact there and ``G_b``
+      reads 0 for that step.
     """
     dt = prev.dtype
     xs, d, xw = xs.to(dt), d.to(dt), xw.to(dt)
+    d1 = d.reshape(-1)
+    dsum = d.sum(0) if bias_prev is not None else None  # shape: (m, out) -> (out,)
+
+    def side(w: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        # shape: (m, in) @ (in, out) -> (m, out), reduced against d (m, out)
+        g = torch.dot((xs @ w.t()).reshape(-1), d1)
+        return g if dsum is None or bias is None else g + torch.dot(dsum, bias.to(dt))
+
+    g_s = torch.dot(xw.reshape(-1), d1)
+    if _scalars_on_host(a):
+        av, bv = float(a), float(b)
+        if av == 0.0 and bv == 0.0:
+            return side(prev, bias_prev), side(next, bias_next)
+        if abs(av) >= abs(bv):
+            g_b = side(next, bias_next)
+            return (g_s - bv * g_b) / av, g_b
+        g_a = side(prev, bias_prev)
+        return g_a, (g_s - av * g_a) / bv
     a, b = a.to(dt), b.to(dt)
     det = a * a + b * b
     degenerate = det == 0
     c1 = torch.where(degenerate, torch.ones_like(b), -b)
-    w_c = mix(c1, a, prev, next)
-    # shape: (m, in) @ (in, out) -> (m, out), reduced against d (m, out)
-    g_c = torch.dot((xs @ w_c.t()).reshape(-1), d.reshape(-1))
-    g_s = torch.dot(xw.reshape(-1), d.reshape(-1))
+    g_c = side(mix(c1, a, prev, next), None if bias_prev is None else mix(c1, a, bias_prev, bias_next))
     safe = torch.where(degenerate, torch.ones_like(det), det)
     g_a = torch.where(degenerate, g_c, (a * g_s - b * g_c) / safe)
     g_b = torch.where(degenerate, torch.zeros_like(g_c), (b * g_s + a * g_c) / safe)
@@ -118,7 +145,7 @@ def _scalar_grads(
     ctx: Any, ga: torch.Tensor | None, gb: torch.Tensor | None, db: torch.Tensor | None,
     bias_prev: torch.Tensor | None, bias_next: torch.Tensor | None, a: torch.Tensor, b: torch.Tensor,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-    """dL/da, dL/db in the scalars' dtype and shape: rescaled weight part plus the (always exact) bias part."""
+    """dL/da, dL/db in the scalars' dtype and shape: the rescaled sampled part plus the exact bias part."""
     need_a, need_b = ctx.needs_input_grad[1], ctx.needs_input_grad[2]
     out = []
     for need, g, bias_src, like in ((need_a, ga, bias_prev, a), (need_b, gb, bias_next, b)):
@@ -170,9 +197,9 @@ class _MixedLinear(torch.autograd.Function):
         elif need_a or need_b:
             rows, scale = sample_rows(x2.shape[0], sample, x.device)
             keep = x2 if rows is None else x2.index_select(0, rows)
-            if rows is not None:  # the sampled rows of x @ W^T, which the forward has computed already
+            if rows is not None:  # the sampled rows of x @ W^T (+ mixed bias): the forward computed them
                 xw = y.reshape(-1, y.shape[-1]).index_select(0, rows)
-                if bias is not None:
+                if bias is not None and bias_prev is None:  # an own bias is no part of the mix
                     xw.sub_(bias)
         # Everything through save_for_backward, so checkpointing (recompute=True) can drop and replay it.
         ctx.save_for_backward(w if need_x else None, keep, rows, xw, a, b, prev, next, bias_prev, bias_next)
@@ -188,12 +215,13 @@ class _MixedLinear(torch.autograd.Function):
         dy2 = dy.reshape(-1, dy.shape[-1])  # shape: (N, out)
         if need_x:
             gx = dy.to(w.dtype) @ w  # shape: (..., out) @ (out, in) -> (..., in)
-        if need_bias or need_bp or need_bn or (bias_prev is not None and (need_a or need_b)):
-            db = dy2.sum(0)  # the synthesized bias's gradient, over all rows (cheap, always exact)
+        sampled = xw is not None  # then the mixed bias's share of dL/da, dL/db is sampled with the rest
+        if need_bias or need_bp or need_bn or (bias_prev is not None and (need_a or need_b) and not sampled):
+            db = dy2.sum(0)  # the bias's gradient, over all rows
         if keep is not None:
             d = dy2 if rows is None else dy2.index_select(0, rows)
-            if xw is not None:  # sampled
-                ga, gb = _ab_from_one_product(d, keep, xw, a, b, prev, next)
+            if sampled:
+                ga, gb = _ab_from_one_product(d, keep, xw, a, b, prev, next, bias_prev, bias_next)
             elif need_p or need_n or d.shape[0] > ROW_PRODUCT_MAX:
                 dw = d.to(keep.dtype).t() @ keep  # shape: (out, N) @ (N, in) -> (out, in)
                 ga, gb = _ab_from_dw(dw, prev, next)
@@ -205,7 +233,7 @@ class _MixedLinear(torch.autograd.Function):
                 xs, d = keep.to(prev.dtype), d.to(prev.dtype)
                 ga = torch.dot((xs @ prev.t()).reshape(-1), d.reshape(-1))  # shape: (m, out) . (m, out)
                 gb = torch.dot((xs @ next.t()).reshape(-1), d.reshape(-1))
-        ga, gb = _scalar_grads(ctx, ga, gb, db, bias_prev, bias_next, a, b)
+        ga, gb = _scalar_grads(ctx, ga, gb, None if sampled else db, bias_prev, bias_next, a, b)
         gbp = (db.to(bias_prev.dtype) * a.to(bias_prev.dtype)) if need_bp else None
         gbn = (db.to(bias_next.dtype) * b.to(bias_next.dtype)) if need_bn else None
         return gx, ga, gb, gp, gn, db if need_bias else None, gbp, gbn, None, None
@@ -234,7 +262,7 @@ def mixed_linear(
         bias_mix: Instead of ``bias``: ``(bias_prev, bias_next)``, mixed with the same ``a, b`` inside the
             layer (saves the small autograd graph of mixing it outside).
         sample: ``None`` for exact ``dL/da, dL/db``; a fraction in ``(0, 1]`` of the rows of ``x`` (all
-            leading dimensions flattened) to estimate the weight's part from. The bias's part is exact.
+            leading dimensions flattened) to estimate them from (a ``bias_mix`` share included).
 
     Returns:
         The output, as ``F.linear`` would give it.

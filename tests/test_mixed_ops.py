@@ -150,9 +150,17 @@ def _assert_unbiased(draws: torch.Tensor, exact: torch.Tensor) -> None:
     assert ((mean - 0.9 * exact).abs() / se > 4).all(), "too few draws to detect a 10% bias"
 
 
+@pytest.fixture(params=["host-scalars", "device-scalars"])
+def scalar_reads(request, monkeypatch):
+    # the accelerator route (no host read of a, b) runs on CPU tensors too when told to
+    if request.param == "device-scalars":
+        monkeypatch.setattr(mixed_ops, "_scalars_on_host", lambda t: False)
+    return request.param
+
+
 @pytest.mark.parametrize("fraction", [1 / 4, 1 / 16])
 @pytest.mark.parametrize("ab, mixed_bias", [((0.6, 0.3), False), ((-0.2, 1.1), True)])
-def test_sampled_linear_is_unbiased(fraction, ab, mixed_bias):
+def test_sampled_linear_is_unbiased(fraction, ab, mixed_bias, scalar_reads):
     g = torch.Generator().manual_seed(3)
     x = torch.randn(8, 20, 12, generator=g, dtype=torch.float64)  # 160 rows
     prev, nxt = torch.randn(6, 12, generator=g, dtype=torch.float64), torch.randn(6, 12, generator=g, dtype=torch.float64)
@@ -165,8 +173,8 @@ def test_sampled_linear_is_unbiased(fraction, ab, mixed_bias):
         a = torch.tensor(ab[0], dtype=torch.float64, requires_grad=True)
         b = torch.tensor(ab[1], dtype=torch.float64, requires_grad=True)
         xx = x.clone().requires_grad_()
-        if mixed_bias:  # the bias is mixed with the same scalars inside the layer: its part stays exact
-            y = mixed_linear(xx, a, b, prev, nxt, bias_mix=(bias, -bias), sample=sample)
+        if mixed_bias:  # the bias is mixed with the same scalars inside the layer: its share is sampled too
+            y = mixed_linear(xx, a, b, prev, nxt, bias_mix=(0.1 * bias, -0.05 * bias), sample=sample)
         else:
             y = mixed_linear(xx, a, b, prev, nxt, bias, sample=sample)
         return torch.autograd.grad(y, [a, b, xx], dy)
@@ -175,13 +183,34 @@ def test_sampled_linear_is_unbiased(fraction, ab, mixed_bias):
     draws = _estimates(lambda: grads(fraction)[:2], 300)
     _assert_unbiased(draws, torch.stack([ga, gb]))
     torch.testing.assert_close(grads(fraction)[2], gx, rtol=0, atol=0)  # the input gradient is never sampled
-    # the degenerate point a = b = 0 (W = 0): dL/da is still estimated without bias, the weight's part of
-    # dL/db reads 0 (what is left is the exact part of a mixed bias)
-    ga0 = grads(None, (0.0, 0.0))[0]
+    # the degenerate point a = b = 0 (W = 0): dL/da is still estimated without bias; so is dL/db where the
+    # scalars can be read for free, while the accelerator route reads dL/db as 0 for that step
+    exact0 = torch.stack(list(grads(None, (0.0, 0.0))[:2]))
     draws0 = _estimates(lambda: grads(fraction, (0.0, 0.0))[:2], 300)
-    bias_part = torch.dot(dy.reshape(-1, 6).sum(0), -bias) if mixed_bias else torch.tensor(0.0, dtype=torch.float64)
-    torch.testing.assert_close(draws0[:, 1], bias_part.expand(300))
-    _assert_unbiased(draws0[:, :1], ga0[None])
+    if scalar_reads == "host-scalars":
+        _assert_unbiased(draws0, exact0)
+    else:
+        assert (draws0[:, 1] == 0).all()
+        _assert_unbiased(draws0[:, :1], exact0[:1])
+
+
+def test_sampled_mixed_bias_share_is_unbiased(scalar_reads):
+    """Zero weights: the whole scalar gradient is the mixed bias's share, estimated from the sampled rows."""
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(160, 4, generator=g, dtype=torch.float64)
+    zero = torch.zeros(3, 4, dtype=torch.float64)
+    bp, bn = torch.rand(3, generator=g, dtype=torch.float64), -torch.rand(3, generator=g, dtype=torch.float64)
+    dy = 1.0 + 0.3 * torch.randn(160, 3, generator=g, dtype=torch.float64)
+
+    def grads(sample):
+        a = torch.tensor(0.7, dtype=torch.float64, requires_grad=True)
+        b = torch.tensor(0.4, dtype=torch.float64, requires_grad=True)
+        y = mixed_linear(x, a, b, zero, zero, bias_mix=(bp, bn), sample=sample)
+        return torch.autograd.grad(y, [a, b], dy)
+
+    exact = torch.stack(list(grads(None)))
+    torch.testing.assert_close(exact, torch.stack([dy.sum(0) @ bp, dy.sum(0) @ bn]))
+    _assert_unbiased(_estimates(lambda: grads(1 / 8), 300), exact)
 
 
 def test_sampled_conv_is_unbiased():
