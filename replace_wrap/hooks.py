@@ -26,7 +26,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .leaves import handler_for
+from .leaves import CACHE_PREFIX, handler_for
 from .rules import IntegrationRule, get_rule
 
 __all__ = ["ReplacementSite", "base_class", "install", "is_swapped", "set_recompute", "uninstall"]
@@ -161,6 +161,8 @@ def uninstall(leaf: nn.Module, params: dict[str, nn.Parameter]) -> None:
     """Undo :func:`install`: restore the base class and register ``params`` in the original order."""
     order = leaf.__dict__["_rw_order"]
     del leaf.__dict__["_rw_sources"], leaf.__dict__["_rw_order"]
+    for key in [k for k in leaf.__dict__ if k.startswith(CACHE_PREFIX)]:
+        del leaf.__dict__[key]
     _reclass(leaf)
     current = dict(leaf._parameters)
     current.update(params)
@@ -248,7 +250,8 @@ def _reduce_ex(self: nn.Module, protocol: int) -> tuple[Any, ...]:
     # Generated classes cannot be found by name; pickle and deepcopy rebuild them from (base, names, recompute).
     key = (type(self)._rw_base, tuple(sorted(self.__dict__.get("_rw_sources", ()))),
            bool(self.__dict__.get("_rw_recompute", False)))
-    return _rebuild, key, self.__dict__
+    state = {k: v for k, v in self.__dict__.items() if not k.startswith(CACHE_PREFIX)}  # caches are rebuilt
+    return _rebuild, key, state
 
 
 def _rebuild(base: type, names: tuple[str, ...], recompute: bool = False) -> nn.Module:

@@ -33,9 +33,18 @@ import torch
 from torch import nn
 
 from .errors import RegistryError
-from .mixed_ops import mixed_conv, mixed_linear
+from .mixed_ops import mixed_conv, mixed_linear, reusable
 
-__all__ = ["LeafHandler", "MixSource", "handler_for", "list_leaf_handlers", "mix_source", "register_leaf_handler"]
+__all__ = [
+    "CACHE_PREFIX",
+    "LeafHandler",
+    "MixSource",
+    "handler_for",
+    "list_leaf_handlers",
+    "mix_source",
+    "register_leaf_handler",
+    "weight_buffer",
+]
 
 HandlerFn = Callable[..., Any]
 
@@ -172,6 +181,30 @@ def mix_source(leaf: nn.Module, name: str = "weight", bias: str | None = "bias")
     return MixSource(a, b, prev, nxt, site.ab_grad_sample, own_bias, bias_mix)
 
 
+CACHE_PREFIX = "_rw_cache_"  # leaf attributes with this prefix are caches: not pickled, dropped on uninstall
+_WEIGHT_CACHE = CACHE_PREFIX + "weight"
+
+
+def weight_buffer(leaf: nn.Module, like: torch.Tensor) -> torch.Tensor | None:
+    """A buffer of the leaf to synthesize its weight into, or ``None`` for a fresh tensor.
+
+    Only on the CPU: there a fresh weight-sized tensor per layer and step comes from the operating system
+    and is faulted in page by page (measured at a few percent of a ViT step), while accelerator allocators
+    cache blocks anyway. The buffer lives between steps, taking the memory a frozen layer's own weight
+    takes; it is handed out again only when no graph holds it (:func:`replace_wrap.mixed_ops.reusable`),
+    so two forwards before a backward each get their own weight. Not under ``torch.compile`` (a traced
+    graph allocates its own).
+    """
+    if like.device.type != "cpu" or torch.compiler.is_compiling():
+        return None
+    buf = leaf.__dict__.get(_WEIGHT_CACHE)
+    if buf is not None and (buf.shape, buf.dtype, buf.device) == (like.shape, like.dtype, like.device):
+        return buf if reusable(buf) else None
+    buf = torch.empty(like.shape, dtype=like.dtype, device=like.device)
+    leaf.__dict__[_WEIGHT_CACHE] = buf
+    return buf
+
+
 @register_leaf_handler(nn.Linear, name="linear")
 def _linear_forward(leaf: nn.Linear, input: torch.Tensor) -> Any:
     if not torch.is_grad_enabled():
@@ -179,7 +212,8 @@ def _linear_forward(leaf: nn.Linear, input: torch.Tensor) -> Any:
     src = mix_source(leaf)
     if src is None:
         return NotImplemented
-    return mixed_linear(input, src.a, src.b, src.prev, src.next, src.bias, bias_mix=src.bias_mix, sample=src.sample)
+    return mixed_linear(input, src.a, src.b, src.prev, src.next, src.bias, bias_mix=src.bias_mix,
+                        sample=src.sample, out=weight_buffer(leaf, src.prev))
 
 
 @register_leaf_handler(nn.Conv1d, nn.Conv2d, nn.Conv3d, name="conv")
@@ -198,4 +232,5 @@ def _conv_forward(leaf: nn.modules.conv._ConvNd, input: torch.Tensor) -> Any:
     return mixed_conv(
         input, src.a, src.b, src.prev, src.next, src.bias, bias_mix=src.bias_mix, stride=leaf.stride,
         padding=leaf.padding, dilation=leaf.dilation, groups=leaf.groups, sample=src.sample,
+        out=weight_buffer(leaf, src.prev),
     )

@@ -32,7 +32,7 @@ from torch.autograd.function import once_differentiable
 
 from .fusion import mix
 
-__all__ = ["check_sample", "mixed_conv", "mixed_linear", "sample_rows"]
+__all__ = ["check_sample", "mixed_conv", "mixed_linear", "reusable", "sample_rows"]
 
 # Up to this many rows the scalar gradients are two thin products (2 * rows * in * out multiply-adds, reading
 # each neighbour weight once); above it one dW = dy^T x (rows * in * out) plus two weight-sized dot products
@@ -159,6 +159,27 @@ def _scalar_grads(
     return out[0], out[1]
 
 
+def _mix_weight(
+    a: torch.Tensor, b: torch.Tensor, prev: torch.Tensor, next: torch.Tensor, out: torch.Tensor | None
+) -> torch.Tensor:
+    if out is None:
+        return mix(a, b, prev, next)
+    # the same two passes as fusion.mix, into the caller's buffer: bitwise the same weight
+    torch.mul(prev, a.to(prev.dtype), out=out)
+    return out.addcmul_(next, b.to(prev.dtype))
+
+
+def reusable(buffer: torch.Tensor | None) -> bool:
+    """Whether ``buffer`` (held by exactly one Python reference, the caller's) is referenced by no live graph.
+
+    A tensor saved for the backward is held by the graph until the backward has run (or the graph is
+    dropped); ``Tensor._use_count`` counts those holders. Where that private counter does not exist the
+    answer is ``False``, and callers allocate afresh.
+    """
+    count = getattr(buffer, "_use_count", None)
+    return buffer is not None and count is not None and count() == 1
+
+
 def _mix_bias(
     a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None, bias_prev: torch.Tensor | None,
     bias_next: torch.Tensor | None,
@@ -180,9 +201,10 @@ class _MixedLinear(torch.autograd.Function):
         bias_next: torch.Tensor | None,
         sample: float | None,
         dtype: torch.dtype | None,
+        out: torch.Tensor | None,
     ) -> torch.Tensor:
         need_x, need_a, need_b, need_p, need_n = ctx.needs_input_grad[:5]
-        w = mix(a, b, prev, next)
+        w = _mix_weight(a, b, prev, next, out)
         bias = _mix_bias(a, b, bias, bias_prev, bias_next)
         if dtype is not None:  # autocast: compute like F.linear under autocast would
             x, w = x.to(dtype), w.to(dtype)
@@ -236,7 +258,7 @@ class _MixedLinear(torch.autograd.Function):
         ga, gb = _scalar_grads(ctx, ga, gb, None if sampled else db, bias_prev, bias_next, a, b)
         gbp = (db.to(bias_prev.dtype) * a.to(bias_prev.dtype)) if need_bp else None
         gbn = (db.to(bias_next.dtype) * b.to(bias_next.dtype)) if need_bn else None
-        return gx, ga, gb, gp, gn, db if need_bias else None, gbp, gbn, None, None
+        return gx, ga, gb, gp, gn, db if need_bias else None, gbp, gbn, None, None, None
 
 
 def mixed_linear(
@@ -249,6 +271,7 @@ def mixed_linear(
     *,
     bias_mix: tuple[torch.Tensor, torch.Tensor] | None = None,
     sample: float | None = None,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``F.linear(x, a * prev + b * next, bias)`` with the lean backward described in the module docstring.
 
@@ -263,6 +286,9 @@ def mixed_linear(
             layer (saves the small autograd graph of mixing it outside).
         sample: ``None`` for exact ``dL/da, dL/db``; a fraction in ``(0, 1]`` of the rows of ``x`` (all
             leading dimensions flattened) to estimate them from (a ``bias_mix`` share included).
+        out: A tensor like ``prev`` to synthesize the weight into instead of a fresh one. It is kept for the
+            backward: the caller must not hand it out again while a graph that saved it is alive (see
+            :func:`reusable`).
 
     Returns:
         The output, as ``F.linear`` would give it.
@@ -283,7 +309,7 @@ def mixed_linear(
         raise ValueError("pass either bias or bias_mix, not both")
     if not _needs_graph(x, a, b, prev, next, bp, bn):  # inference or no-grad: nothing to save
         return F.linear(x, mix(a, b, prev, next), _mix_bias(a, b, bias, bp, bn))
-    return _MixedLinear.apply(x, a, b, prev, next, bias, bp, bn, sample, _autocast_dtype(x))
+    return _MixedLinear.apply(x, a, b, prev, next, bias, bp, bn, sample, _autocast_dtype(x), out)
 
 
 class _MixedConv(torch.autograd.Function):
@@ -301,10 +327,11 @@ class _MixedConv(torch.autograd.Function):
         sample: float | None,
         dtype: torch.dtype | None,
         geometry: tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...], int],
+        out: torch.Tensor | None,
     ) -> torch.Tensor:
         need_x, need_a, need_b, need_p, need_n = ctx.needs_input_grad[:5]
         stride, padding, dilation, groups = geometry
-        w = mix(a, b, prev, next)
+        w = _mix_weight(a, b, prev, next, out)
         bias = _mix_bias(a, b, bias, bias_prev, bias_next)
         if dtype is not None:
             x, w = x.to(dtype), w.to(dtype)
@@ -346,7 +373,7 @@ class _MixedConv(torch.autograd.Function):
         ga, gb = _scalar_grads(ctx, ga, gb, db, bias_prev, bias_next, a, b)
         gbp = (db.to(bias_prev.dtype) * a.to(bias_prev.dtype)) if need_bp else None
         gbn = (db.to(bias_next.dtype) * b.to(bias_next.dtype)) if need_bn else None
-        return gx, ga, gb, gp, gn, db if need_bias else None, gbp, gbn, None, None, None
+        return gx, ga, gb, gp, gn, db if need_bias else None, gbp, gbn, None, None, None, None
 
 
 def mixed_conv(
@@ -363,6 +390,7 @@ def mixed_conv(
     groups: int = 1,
     bias_mix: tuple[torch.Tensor, torch.Tensor] | None = None,
     sample: float | None = None,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """A batched N-d convolution with weight ``a * prev + b * next`` and the lean backward.
 
@@ -379,6 +407,7 @@ def mixed_conv(
         groups: Convolution groups.
         bias_mix: Instead of ``bias``: ``(bias_prev, bias_next)``, mixed with the same ``a, b``.
         sample: ``None`` for exact ``dL/da, dL/db``; a fraction in ``(0, 1]`` of the batch items.
+        out: A tensor like ``prev`` to synthesize the weight into (as in :func:`mixed_linear`).
 
     Example:
         >>> x = torch.randn(2, 3, 5, 5)
@@ -395,7 +424,7 @@ def mixed_conv(
     geometry = (tuple(stride), tuple(padding), tuple(dilation), int(groups))
     if not _needs_graph(x, a, b, prev, next, bp, bn):
         return _plain_conv(x, mix(a, b, prev, next), _mix_bias(a, b, bias, bp, bn), geometry)
-    return _MixedConv.apply(x, a, b, prev, next, bias, bp, bn, sample, _autocast_dtype(x), geometry)
+    return _MixedConv.apply(x, a, b, prev, next, bias, bp, bn, sample, _autocast_dtype(x), geometry, out)
 
 
 def _plain_conv(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, geometry: Any) -> torch.Tensor:

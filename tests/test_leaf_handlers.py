@@ -175,6 +175,39 @@ def test_user_handler_and_declining():
         leaves._HANDLERS[:] = [h for h in leaves._HANDLERS if h.name != "test_gate"]
 
 
+# --- the reusable weight buffer ------------------------------------------------------------------------------
+
+
+def test_weight_buffer_is_reused_across_steps_and_never_while_a_graph_holds_it():
+    model = replace_wrap.convert(ResidualMLP(), every=2, ab_grad_sample=0.5)
+    ref = replace_wrap.convert(ResidualMLP(), every=2, fast_path=False)
+    ref.load_state_dict(model.state_dict())
+    leaf = model.blocks[1].fc1
+    x1, x2 = ResidualMLP.example(), ResidualMLP.example()
+    model(x1).square().mean().backward()
+    buf = leaf.__dict__[leaves.CACHE_PREFIX + "weight"]
+    ptr = buf.data_ptr()
+    model.zero_grad()
+    model(x2).square().mean().backward()  # the previous graph is gone: the same buffer serves again
+    assert leaf.__dict__[leaves.CACHE_PREFIX + "weight"].data_ptr() == ptr
+    # two forwards before their backwards: the second must not overwrite the weight the first one saved
+    for m in (model, ref):
+        m.zero_grad()
+        l1 = m(x1).square().mean()
+        # the neighbour's weight changes between the two forwards (a new tensor: the first graph keeps the
+        # old one), so the second forward synthesizes another weight for block 1
+        m.blocks[0].fc1.weight = nn.Parameter(m.blocks[0].fc1.weight.detach() + 0.1)
+        l2 = m(x2).square().mean()
+        (l1 + l2).backward()
+    for (n, p), q in zip(model.named_parameters(), ref.parameters()):
+        if ".replacement." not in n and p.grad is not None:  # the scalars' gradients are sampled in `model`
+            torch.testing.assert_close(p.grad, q.grad, rtol=1e-5, atol=1e-6, msg=n)
+    # caches are neither pickled nor kept by merge
+    assert not any(k.startswith(leaves.CACHE_PREFIX) for k in copy.deepcopy(leaf).__dict__)
+    replace_wrap.merge(model)
+    assert not any(k.startswith(leaves.CACHE_PREFIX) for k in leaf.__dict__)
+
+
 # --- recompute ---------------------------------------------------------------------------------------------
 
 
