@@ -152,7 +152,10 @@ def _scalar_grads(
         if not need:
             out.append(None)
             continue
-        total = torch.zeros((), dtype=torch.float32, device=like.device) if g is None else g.float() * ctx.scale
+        if g is None:
+            total = torch.zeros((), dtype=torch.float32, device=like.device)
+        else:
+            total = g.float() if ctx.scale == 1.0 else g.float() * ctx.scale
         if db is not None and bias_src is not None:
             total = total + torch.dot(db.to(bias_src.dtype), bias_src).float()
         out.append(total.to(like.dtype).reshape(like.shape))
@@ -206,11 +209,13 @@ class _MixedLinear(torch.autograd.Function):
         need_x, need_a, need_b, need_p, need_n = ctx.needs_input_grad[:5]
         w = _mix_weight(a, b, prev, next, out)
         bias = _mix_bias(a, b, bias, bias_prev, bias_next)
-        if dtype is not None:  # autocast: compute like F.linear under autocast would
+        if dtype is None:
+            y = F.linear(x, w, bias)
+        else:  # autocast: compute like F.linear under autocast would
             x, w = x.to(dtype), w.to(dtype)
             bias = None if bias is None else bias.to(dtype)
-        with torch.autocast(x.device.type, enabled=False):
-            y = F.linear(x, w, bias)
+            with torch.autocast(x.device.type, enabled=False):
+                y = F.linear(x, w, bias)
         # shape: x (..., in) -> rows (N, in)
         x2 = x.reshape(-1, x.shape[-1])
         rows, scale, keep, xw = None, 1.0, None, None
@@ -336,8 +341,7 @@ class _MixedConv(torch.autograd.Function):
         if dtype is not None:
             x, w = x.to(dtype), w.to(dtype)
             bias = None if bias is None else bias.to(dtype)
-        with torch.autocast(x.device.type, enabled=False):
-            y = torch.convolution(x, w, bias, stride, padding, dilation, False, [0] * len(stride), groups)
+        y = torch.convolution(x, w, bias, stride, padding, dilation, False, [0] * len(stride), groups)
         rows, scale, keep = None, 1.0, None
         if need_p or need_n:
             keep = x
