@@ -13,7 +13,9 @@ the machine's load hits every variant alike. Prints a table with, per variant:
   several hundred MiB of mapped libraries do not; on CUDA ``torch.cuda.max_memory_allocated``;
 - params+saved: the parameters plus what autograd keeps from one forward for the backward, counted by
   storage (deterministic, allocator-independent);
-- and the ratios of step time and memory against end-to-end and against freezing.
+- and the ratios of step time and memory against end-to-end and against freezing;
+- with ``--paired``, one more process that holds every training variant and times them a step of each in
+  turn: the variants then share every moment of the machine's load, so those ratios hold on a busy machine.
 
 Models: ``timm:NAME`` (or a bare timm name), ``hf:MODEL_TYPE`` (a transformers config for that model type,
 built with ``AutoModelForImageClassification.from_config``; ``--set key=value`` sets config fields) or
@@ -28,37 +30,18 @@ Example:
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
 import os
 import statistics
 import subprocess
 import sys
-import time
 from typing import Any
 
-from .errors import ReplaceWrapError
+from ._bench_child import VARIANTS, BenchError, build_model
 
-__all__ = ["VARIANTS", "BenchError", "add_parser", "format_table", "run_bench"]
+__all__ = ["DEFAULT_VARIANTS", "VARIANTS", "BenchError", "add_parser", "build_model", "format_table", "run_bench"]
 
-# name -> how the child prepares the model. "convert" entries are ReplaceConfig options; SAMPLE is replaced
-# by --sample. Order is the default order of the table.
-SAMPLE = "<sample>"
-VARIANTS: dict[str, dict[str, Any]] = {
-    "end-to-end": {"kind": "plain"},
-    "freeze": {"kind": "freeze"},
-    "replace-generic": {"kind": "convert", "options": {"fast_path": False}},
-    "replace": {"kind": "convert", "options": {}},
-    "replace-sampled": {"kind": "convert", "options": {"ab_grad_sample": SAMPLE}},
-    "replace-lean": {"kind": "convert", "options": {"ab_grad_sample": SAMPLE, "recompute": True}},
-    "infer-original": {"kind": "infer"},
-    "infer-merged": {"kind": "infer-merged"},
-}
 DEFAULT_VARIANTS = ("end-to-end", "freeze", "replace-generic", "replace", "replace-sampled", "replace-lean")
-
-
-class BenchError(ReplaceWrapError):
-    """A benchmark could not run: a bad model spec or argument, or a child process failed."""
 
 
 # --- command line ------------------------------------------------------------------------------------------
@@ -94,6 +77,9 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
                    help="autocast dtype for the forward (float32: no autocast)")
     p.add_argument("--json", action="store_true", help="print the results as JSON instead of a table")
     p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+    p.add_argument("--paired", action="store_true",
+                   help="also time every training variant in one process, one step of each in turn "
+                        "(steps x rounds steps each): ratios that hold on a machine whose load varies")
     p.add_argument("--timeout", type=float, default=1800, help="seconds allowed per child process")
     return p
 
@@ -106,7 +92,7 @@ def main_bench(args: argparse.Namespace) -> int:
             num_classes=args.num_classes, sets=_parse_sets(args.set), every=args.every, pattern=args.pattern,
             sample=args.sample, variants=[v.strip() for v in args.variants.split(",") if v.strip()],
             steps=args.steps, warmup=args.warmup, rounds=args.rounds, device=args.device, threads=args.threads,
-            dtype=args.dtype, progress=not args.no_progress, timeout=args.timeout,
+            dtype=args.dtype, progress=not args.no_progress, timeout=args.timeout, paired=args.paired,
         )
     except BenchError as exc:
         print(f"replace-wrap bench: error: {exc}", file=sys.stderr)
@@ -163,6 +149,7 @@ def run_bench(
     dtype: str = "float32",
     progress: bool = True,
     timeout: float = 1800,
+    paired: bool = False,
 ) -> dict[str, Any]:
     """Run every variant ``rounds`` times, each in a fresh process, interleaved; return the aggregate.
 
@@ -170,7 +157,9 @@ def run_bench(
         A JSON-ready dict: ``spec`` (the arguments), ``variants`` (one entry per variant with
         ``trainable``, ``step_ms`` {median, min, max}, ``peak_mib``, ``delta_mib``, ``convert_s`` and the
         ratios ``vs_end_to_end`` / ``vs_freeze``), ``runs`` (every child's raw result) and ``loadavg``
-        (1-minute load averages sampled before each child).
+        (1-minute load averages sampled before each child). With ``paired=True`` every training variant
+        is also timed in one process, a step of each in turn (``steps * rounds`` steps each), into
+        ``paired_ms`` and the ratios' ``paired`` entries.
 
     Raises:
         BenchError: For an unknown variant or invalid numbers, or when a child fails (with its stderr).
@@ -191,7 +180,8 @@ def run_bench(
     }
     runs: dict[str, list[dict[str, Any]]] = {v: [] for v in variants}
     loads: list[float] = []
-    total, done = rounds * len(variants), 0
+    training = [v for v in variants if not VARIANTS[v]["kind"].startswith("infer")]
+    total, done = rounds * len(variants) + bool(paired and training), 0
     for r in range(rounds):
         order = list(variants[r % len(variants):]) + list(variants[: r % len(variants)])  # rotate per round
         for name in order:
@@ -199,13 +189,20 @@ def run_bench(
             loads.append(_loadavg())
             runs[name].append(_spawn(dict(spec, variant=name), timeout))
             done += 1
+    pair_times = None
+    if paired and training:
+        _progress(progress, done, total, f"paired: {len(training)} variants in one process")
+        loads.append(_loadavg())
+        pair_spec = dict(spec, variant="paired", paired=training, steps=steps * rounds)
+        pair_times = _spawn(pair_spec, timeout * len(training))["paired"]
+        done += 1
     _progress(progress, done, total, "done", end=True)
-    return {"spec": spec, "variants": _aggregate(runs), "runs": runs, "loadavg": loads,
-            "environment": _environment(device)}
+    return {"spec": spec, "variants": _aggregate(runs, pair_times), "runs": runs, "paired": pair_times,
+            "loadavg": loads, "environment": _environment(device)}
 
 
 def _spawn(spec: dict[str, Any], timeout: float) -> dict[str, Any]:
-    cmd = [sys.executable, "-m", "replace_wrap.bench", "--child"]
+    cmd = [sys.executable, "-m", "replace_wrap._bench_child"]
     try:
         proc = subprocess.run(cmd, input=json.dumps(spec), capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired:
@@ -218,12 +215,17 @@ def _spawn(spec: dict[str, Any], timeout: float) -> dict[str, Any]:
     return json.loads(lines[-1][len("RESULT "):])
 
 
-def _aggregate(runs: dict[str, list[dict[str, Any]]]) -> list[dict[str, Any]]:
+def _stats(values: list[float]) -> dict[str, float]:
+    return {"median": statistics.median(values), "min": min(values), "max": max(values)}
+
+
+def _aggregate(runs: dict[str, list[dict[str, Any]]], paired: dict[str, Any] | None = None) -> list[dict[str, Any]]:
     rows = []
     for name, results in runs.items():
         times = [t for res in results for t in res["step_ms"]]
         cpu = [t for res in results for t in res["cpu_ms"]]
         rows.append({
+            "paired_ms": _stats(paired[name]["step_ms"]) if paired and name in paired else None,
             "variant": name,
             "trainable": results[0]["trainable"],
             "step_ms": {"median": statistics.median(times), "min": min(times), "max": max(times)},
@@ -248,6 +250,8 @@ def _aggregate(runs: dict[str, list[dict[str, Any]]]) -> list[dict[str, Any]]:
             row[key] = None if base is None else {
                 "step": row["step_ms"]["median"] / base["step_ms"]["median"],
                 "cpu": row["cpu_ms"]["median"] / base["cpu_ms"]["median"],
+                "paired": row["paired_ms"]["median"] / base["paired_ms"]["median"]
+                if row["paired_ms"] and base["paired_ms"] else None,
                 "peak": row["peak_mib"] / base["peak_mib"],
                 "delta": row["delta_mib"] / base["delta_mib"] if base["delta_mib"] > 0 else None,
                 "saved": row["saved_mib"] / base["saved_mib"] if row["saved_mib"] and base["saved_mib"] else None,
@@ -267,15 +271,24 @@ def format_table(result: dict[str, Any]) -> str:
              "| variant | trainable | step ms median (min-max) | x e2e | x freeze | CPU ms/step | x freeze "
              "| peak MiB | x e2e | x freeze | params+saved MiB | x freeze |",
              "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    paired = any(row["paired_ms"] for row in rows)
+    if paired:
+        lines[2] += " paired ms | x freeze |"
+        lines[3] += "---:|---:|"
     for row in rows:
         e2e, frz = row["vs_end_to_end"] or {}, row["vs_freeze"] or {}
         st = row["step_ms"]
+        extra = ""
+        if paired:
+            extra = (f" {row['paired_ms']['median']:.1f} | {_ratio(frz.get('paired'))} |" if row["paired_ms"]
+                     else " - | - |")
         lines.append(
             f"| {row['variant']} | {_count(row['trainable'])} | {st['median']:.1f} ({st['min']:.1f}-{st['max']:.1f}) "
             f"| {_ratio(e2e.get('step'))} | {_ratio(frz.get('step'))} | {row['cpu_ms']['median']:.1f} "
             f"| {_ratio(frz.get('cpu'))} | {row['peak_mib']:.0f} "
             f"| {_ratio(e2e.get('peak'))} | {_ratio(frz.get('peak'))} "
             f"| {'-' if row['saved_mib'] is None else format(row['saved_mib'], '.1f')} | {_ratio(frz.get('saved'))} |"
+            + extra
         )
     loads = result["loadavg"]
     if loads:
@@ -327,248 +340,3 @@ def _progress(enabled: bool, done: int, total: int, what: str, end: bool = False
     if end:
         sys.stderr.write("\n")
     sys.stderr.flush()
-
-
-# --- the child: one variant, one process ------------------------------------------------------------------
-
-
-def _child(spec: dict[str, Any]) -> dict[str, Any]:
-    import torch
-
-    import replace_wrap
-
-    if spec["threads"]:
-        torch.set_num_threads(spec["threads"])
-    torch.manual_seed(0)
-    device = torch.device(spec["device"])
-    make = model_factory(spec["model"])
-    rss_libs = _rss_mib()  # libraries loaded, nothing built: the CPU memory figures start here
-    model = make(spec["size"], spec["num_classes"], spec["sets"]).to(device)
-    x = torch.randn(spec["batch"], *spec["input_shape"], device=device)
-    variant = VARIANTS[spec["variant"]]
-    policy = _policy(spec)
-    convert_s = None
-    if variant["kind"] == "freeze":
-        rep = replace_wrap.plan(model, policy=policy)
-        for block in rep.replaced:
-            for rel in block.fused:
-                model.get_parameter(f"{block.path}.{rel}").requires_grad_(False)
-    elif variant["kind"] in ("convert", "infer-merged"):
-        options = {k: (spec["sample"] if v == SAMPLE else v) for k, v in variant.get("options", {}).items()}
-        t0 = time.perf_counter()
-        replace_wrap.convert(model, policy=policy, **options)
-        convert_s = time.perf_counter() - t0
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
-    if variant["kind"] == "infer-merged":
-        _train_steps(model, x, spec, 1, opt)  # the scalars move off their init, then materialize
-        replace_wrap.merge(model)
-        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    cuda = device.type == "cuda"
-    infer = variant["kind"] in ("infer", "infer-merged")
-    if infer:
-        _infer_steps(model, x, spec, spec["warmup"])
-    else:  # warm-up first: optimizer state, lazily loaded kernels and allocator pools are not step memory
-        _train_steps(model, x, spec, spec["warmup"], opt)
-    if cuda:
-        torch.cuda.synchronize(device)
-        torch.cuda.reset_peak_memory_stats(device)
-        before = torch.cuda.memory_allocated(device) / 2**20
-    else:
-        memory = ("RSS high-water mark over the timed steps" if _reset_peak_rss() else "RSS high-water mark")
-        memory += " minus RSS with the libraries loaded"
-        before = _rss_mib()
-    if infer:
-        times = _infer_steps(model, x, spec, spec["steps"])
-    else:
-        times = _train_steps(model, x, spec, spec["steps"], opt)
-    saved = None if infer else _saved_mib(model, x, spec)
-    if cuda:
-        peak, memory = torch.cuda.max_memory_allocated(device) / 2**20, "torch.cuda.max_memory_allocated"
-        step_peak = peak - before
-    else:
-        rss_peak = _peak_rss_mib()
-        peak, step_peak = rss_peak - rss_libs, rss_peak - before
-    return {"variant": spec["variant"], "trainable": trainable, "step_ms": [t[0] for t in times],
-            "cpu_ms": [t[1] for t in times], "peak_mib": peak, "delta_mib": step_peak, "saved_mib": saved,
-            "convert_s": convert_s, "memory": memory}
-
-
-def build_model(name: str, size: int, num_classes: int, sets: dict[str, Any]) -> Any:
-    """Build the model named by a bench model spec (see the module docstring); never downloads weights."""
-    return model_factory(name)(size, num_classes, sets)
-
-
-def model_factory(name: str) -> Any:
-    """``make(size, num_classes, sets) -> model`` for a bench model spec; imports what it needs now."""
-    kind, sep, rest = name.partition(":")
-    if not sep:
-        kind, rest = "timm", name
-    if kind == "timm":
-        import timm
-
-        def make_timm(size: int, num_classes: int, sets: dict[str, Any]) -> Any:
-            try:
-                return timm.create_model(rest, pretrained=False, num_classes=num_classes, img_size=size, **sets)
-            except TypeError as exc:  # CNNs take no img_size
-                if "img_size" not in str(exc):
-                    raise
-                return timm.create_model(rest, pretrained=False, num_classes=num_classes, **sets)
-
-        return make_timm
-    if kind == "hf":
-        from transformers import AutoConfig, AutoModelForImageClassification
-
-        def make_hf(size: int, num_classes: int, sets: dict[str, Any]) -> Any:
-            cfg = AutoConfig.for_model(rest, **sets)
-            if "image_size" not in sets and hasattr(cfg, "image_size"):
-                cfg.image_size = size
-            if "num_labels" not in sets:
-                cfg.num_labels = num_classes
-            return AutoModelForImageClassification.from_config(cfg)
-
-        return make_hf
-    try:
-        obj: Any = importlib.import_module(kind)
-        for attr in rest.split("."):
-            obj = getattr(obj, attr)
-    except (ImportError, AttributeError) as exc:
-        raise BenchError(f"cannot load {name!r} ({exc}); use timm:NAME, hf:MODEL_TYPE or package.module:factory") \
-            from None
-    return lambda size, num_classes, sets: obj(**sets)
-
-
-def _policy(spec: dict[str, Any]) -> Any:
-    import replace_wrap
-
-    if spec["pattern"]:
-        return replace_wrap.Pattern(include=spec["pattern"])
-    return replace_wrap.Every(spec["every"] or 2)
-
-
-def _loss(out: Any) -> Any:
-    import torch
-    import torch.nn.functional as F
-
-    y = out if hasattr(out, "dim") else getattr(out, "logits", None)
-    if y is None:
-        y = out[0]
-    y = y.float()
-    if y.dim() < 2:
-        return y.square().mean()
-    logits = y.reshape(-1, y.shape[-1])
-    target = torch.arange(logits.shape[0], device=logits.device) * 7919 % logits.shape[-1]  # fixed, spread
-    return F.cross_entropy(logits, target)
-
-
-def _autocast(spec: dict[str, Any], device: Any) -> Any:
-    import contextlib
-
-    import torch
-
-    if spec["dtype"] == "float32":
-        return contextlib.nullcontext()
-    return torch.autocast(device.type, dtype=getattr(torch, spec["dtype"]))
-
-
-def _train_steps(model: Any, x: Any, spec: dict[str, Any], n: int, opt: Any) -> list[tuple[float, float]]:
-    import torch
-
-    model.train()
-    times = []
-    for _ in range(n):
-        t0, c0 = time.perf_counter(), time.process_time()
-        with _autocast(spec, x.device):
-            loss = _loss(model(x))
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        if x.device.type == "cuda":
-            torch.cuda.synchronize(x.device)
-        times.append(((time.perf_counter() - t0) * 1e3, (time.process_time() - c0) * 1e3))
-    return times
-
-
-def _infer_steps(model: Any, x: Any, spec: dict[str, Any], n: int) -> list[tuple[float, float]]:
-    import torch
-
-    model.eval()
-    times = []
-    with torch.no_grad(), _autocast(spec, x.device):
-        for _ in range(n):
-            t0, c0 = time.perf_counter(), time.process_time()
-            model(x)
-            if x.device.type == "cuda":
-                torch.cuda.synchronize(x.device)
-            times.append(((time.perf_counter() - t0) * 1e3, (time.process_time() - c0) * 1e3))
-    return times
-
-
-def _saved_mib(model: Any, x: Any, spec: dict[str, Any]) -> float:
-    """MiB of the parameters plus the tensors autograd keeps from one forward for the backward.
-
-    Deterministic, unlike a high-water mark: each storage counts once, whatever the allocator does. The
-    parameters are in so that a replaced block's synthesized weights, kept for its backward, weigh against
-    the frozen block's own. Inside checkpointed blocks (``recompute=True``) only what the checkpoint keeps
-    outside is seen. Runs after the timed steps, so the peak figures do not include it.
-    """
-    import torch
-
-    seen = {p.untyped_storage().data_ptr(): p.untyped_storage().nbytes() for p in model.parameters()}
-
-    def pack(t: Any) -> Any:
-        storage = t.untyped_storage()
-        seen[storage.data_ptr()] = storage.nbytes()
-        return t
-
-    model.train()
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), _autocast(spec, x.device):
-        loss = _loss(model(x))
-    del loss
-    return sum(seen.values()) / 2**20
-
-
-def _rss_mib() -> float:
-    try:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
-    except OSError:
-        return float("nan")
-
-
-def _reset_peak_rss() -> bool:
-    # Linux resets the RSS high-water mark (VmHWM) on writing 5 to clear_refs; elsewhere the peak stays the
-    # whole process's (model construction included), and the table says so.
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
-
-
-def _peak_rss_mib() -> float:
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) / 2**10
-    except OSError:
-        pass
-    import resource
-
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak / 2**20 if sys.platform == "darwin" else peak / 2**10  # bytes on macOS, KiB elsewhere
-
-
-def _child_main() -> int:
-    spec = json.loads(sys.stdin.read())
-    result = _child(spec)
-    sys.stdout.write("RESULT " + json.dumps(result) + "\n")
-    return 0
-
-
-if __name__ == "__main__":
-    if "--child" in sys.argv[1:]:
-        sys.exit(_child_main())
-    sys.exit("run the benchmark with `replace-wrap bench` (or `python -m replace_wrap bench`)")

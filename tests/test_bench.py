@@ -25,7 +25,7 @@ def test_bench_json_end_to_end(toys_importable, capsys):
     variants = "end-to-end,freeze,replace-sampled,infer-original,infer-merged"
     code = main(["bench", "toys:ResidualMLP", "--input-shape", "8", "--batch", "64", "--steps", "2", "--warmup",
                  "1", "--rounds", "1", "--variants", variants, "--set", "depth=6", "--sample", "0.25", "--threads", "1",
-                 "--json"])
+                 "--paired", "--json"])
     out = capsys.readouterr()
     assert code == 0, out.err
     result = json.loads(out.out)
@@ -47,12 +47,15 @@ def test_bench_json_end_to_end(toys_importable, capsys):
             continue
         assert row["vs_freeze"]["step"] == pytest.approx(row["step_ms"]["median"] / rows["freeze"]["step_ms"]["median"])
         assert row["saved_mib"] > 0
+        # paired: every training variant timed in one process, as many steps as all its rounds together
+        assert len(result["paired"][row["variant"]]["step_ms"]) == 2
+        assert row["vs_freeze"]["paired"] == pytest.approx(row["paired_ms"]["median"] / rows["freeze"]["paired_ms"]["median"])
     assert rows["replace-sampled"]["convert_s"] is not None and rows["freeze"]["convert_s"] is None
     assert rows["freeze"]["vs_freeze"]["step"] == 1.0 and rows["end-to-end"]["vs_end_to_end"]["peak"] == 1.0
-    assert len(result["loadavg"]) == len(variants.split(","))
+    assert len(result["loadavg"]) == len(variants.split(",")) + 1  # + the paired process
     assert "[" in out.err  # the progress bar
     table = format_table(result)
-    assert "| replace-sampled |" in table and "load average" in table and "x freeze" in table
+    assert "| replace-sampled |" in table and "load average" in table and "paired ms" in table
     assert "inference (no_grad forward): merged model" in table
 
 
