@@ -26,6 +26,8 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, Callable, NamedTuple
 
@@ -185,24 +187,29 @@ CACHE_PREFIX = "_rw_cache_"  # leaf attributes with this prefix are caches: not 
 _WEIGHT_CACHE = CACHE_PREFIX + "weight"
 
 
-def weight_buffer(leaf: nn.Module, like: torch.Tensor) -> torch.Tensor | None:
+@contextlib.contextmanager
+def weight_buffer(leaf: nn.Module, like: torch.Tensor) -> Iterator[torch.Tensor | None]:
     """A buffer of the leaf to synthesize its weight into, or ``None`` for a fresh tensor.
 
     Only on the CPU: there a fresh weight-sized tensor per layer and step comes from the operating system
     and is faulted in page by page (measured at a few percent of a ViT step), while accelerator allocators
     cache blocks anyway. The buffer lives between steps, taking the memory a frozen layer's own weight
-    takes; it is handed out again only when no graph holds it (:func:`replace_wrap.mixed_ops.reusable`),
-    so two forwards before a backward each get their own weight. Not under ``torch.compile`` (a traced
-    graph allocates its own).
+    takes. It is handed out only when no graph holds it (:func:`replace_wrap.mixed_ops.reusable`), so two
+    forwards before a backward each get their own weight, and it leaves the leaf while in use, so two
+    threads never share it. Not under ``torch.compile`` (a traced graph allocates its own).
     """
     if like.device.type != "cpu" or torch.compiler.is_compiling():
-        return None
-    buf = leaf.__dict__.get(_WEIGHT_CACHE)
-    if buf is not None and (buf.shape, buf.dtype, buf.device) == (like.shape, like.dtype, like.device):
-        return buf if reusable(buf) else None
-    buf = torch.empty(like.shape, dtype=like.dtype, device=like.device)
-    leaf.__dict__[_WEIGHT_CACHE] = buf
-    return buf
+        yield None
+        return
+    buf = leaf.__dict__.pop(_WEIGHT_CACHE, None)  # atomic: one caller at a time holds it
+    if buf is None or (buf.shape, buf.dtype, buf.device) != (like.shape, like.dtype, like.device):
+        buf = torch.empty(like.shape, dtype=like.dtype, device=like.device)
+    elif not reusable(buf):  # a live graph still needs it: it stays theirs, this call allocates afresh
+        buf = torch.empty(like.shape, dtype=like.dtype, device=like.device)
+    try:
+        yield buf
+    finally:
+        leaf.__dict__.setdefault(_WEIGHT_CACHE, buf)
 
 
 @register_leaf_handler(nn.Linear, name="linear")
@@ -212,8 +219,9 @@ def _linear_forward(leaf: nn.Linear, input: torch.Tensor) -> Any:
     src = mix_source(leaf)
     if src is None:
         return NotImplemented
-    return mixed_linear(input, src.a, src.b, src.prev, src.next, src.bias, bias_mix=src.bias_mix,
-                        sample=src.sample, out=weight_buffer(leaf, src.prev))
+    with weight_buffer(leaf, src.prev) as out:
+        return mixed_linear(input, src.a, src.b, src.prev, src.next, src.bias, bias_mix=src.bias_mix,
+                            sample=src.sample, out=out)
 
 
 @register_leaf_handler(nn.Conv1d, nn.Conv2d, nn.Conv3d, name="conv")
@@ -229,8 +237,8 @@ def _conv_forward(leaf: nn.modules.conv._ConvNd, input: torch.Tensor) -> Any:
     src = mix_source(leaf)
     if src is None:
         return NotImplemented
-    return mixed_conv(
-        input, src.a, src.b, src.prev, src.next, src.bias, bias_mix=src.bias_mix, stride=leaf.stride,
-        padding=leaf.padding, dilation=leaf.dilation, groups=leaf.groups, sample=src.sample,
-        out=weight_buffer(leaf, src.prev),
-    )
+    with weight_buffer(leaf, src.prev) as out:
+        return mixed_conv(
+            input, src.a, src.b, src.prev, src.next, src.bias, bias_mix=src.bias_mix, stride=leaf.stride,
+            padding=leaf.padding, dilation=leaf.dilation, groups=leaf.groups, sample=src.sample, out=out,
+        )

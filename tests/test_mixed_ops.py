@@ -124,6 +124,23 @@ def test_linear_under_cpu_autocast_matches_plain_autocast():
         torch.testing.assert_close(g, r, rtol=0.05, atol=0.05 * r.abs().max().item())
 
 
+def test_conv_under_cpu_autocast_matches_plain_autocast():
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(2, 3, 6, 6, generator=g, requires_grad=True)
+    a, b = torch.tensor(0.7, requires_grad=True), torch.tensor(0.2, requires_grad=True)
+    prev, nxt = torch.randn(4, 3, 3, 3, generator=g), torch.randn(4, 3, 3, 3, generator=g)
+    bias = torch.randn(4, generator=g, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ref_y = F.conv2d(x, mix(a, b, prev, nxt), bias, padding=1)
+        y = mixed_conv(x, a, b, prev, nxt, bias, stride=(1, 1), padding=(1, 1), dilation=(1, 1))
+    assert y.dtype == ref_y.dtype == torch.bfloat16
+    torch.testing.assert_close(y, ref_y)
+    dy = torch.randn_like(y)
+    for r, got in zip(torch.autograd.grad(ref_y, [x, a, b, bias], dy), torch.autograd.grad(y, [x, a, b, bias], dy)):
+        assert got.dtype == r.dtype
+        torch.testing.assert_close(got, r, rtol=0.05, atol=0.05 * r.abs().max().item())
+
+
 def test_no_grad_path_is_plain_linear():
     x, a, b, prev, nxt, bias = _linear_inputs(False, dtype=torch.float32)
     with torch.no_grad():
