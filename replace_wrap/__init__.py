@@ -33,6 +33,7 @@ from .errors import (
 )
 from .graph import Stack
 from .hooks import ReplacementSite
+from .leaves import register_leaf_handler
 from .persistence import ConversionRecord, RecordedBlock, from_pretrained, load, load_state_dict, save
 from .policy import AllOf, AnyOf, Every, Filter, Indices, Paths, Pattern, Policy
 from .report import BlockReport, ConversionReport
@@ -82,6 +83,7 @@ __all__ = [
     "load_state_dict",
     "merge",
     "plan",
+    "register_leaf_handler",
     "register_leaf_module",
     "register_rule",
     "report",

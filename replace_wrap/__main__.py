@@ -1,4 +1,4 @@
-"""Command line: ``replace-wrap demo`` (or ``python -m replace_wrap demo``)."""
+"""Command line: ``replace-wrap demo`` / ``replace-wrap bench`` (or ``python -m replace_wrap ...``)."""
 
 from __future__ import annotations
 
@@ -50,6 +50,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     demo.add_argument("--json", metavar="PATH", default=None, help="also write every measurement as JSON")
     demo.add_argument("--no-progress", action="store_true", help="no progress bars")
+    from .bench import add_parser as add_bench_parser
+
+    add_bench_parser(sub)
     args = parser.parse_args(argv)
     if args.command == "demo":
         from ._demo import run_demo
@@ -67,6 +70,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             )
         except (ReplaceWrapError, ValueError) as exc:
             parser.exit(2, f"replace-wrap demo: error: {exc}\n")
+    if args.command == "bench":
+        from .bench import main_bench
+
+        return main_bench(args)
     return 2  # pragma: no cover - argparse rejects unknown commands
 
 

@@ -364,6 +364,8 @@ def _apply(model: nn.Module, planned: _Plan, cfg: ReplaceConfig) -> None:
                 originals=[f.leaf._parameters[f.name] for f in fused] if cfg.keep_original else None,
                 coefficients=t.init,
                 own=[f.leaf._parameters[f.name] for f in fused],
+                fast_path=cfg.fast_path,
+                ab_grad_sample=None if cfg.ab_grad_sample == 1.0 else cfg.ab_grad_sample,
             ).to(first.device)
             site.requires_grad_flags = tuple(f.leaf._parameters[f.name].requires_grad for f in fused)
             t.block.add_module(SITE_ATTR, site)
@@ -377,6 +379,9 @@ def _apply(model: nn.Module, planned: _Plan, cfg: ReplaceConfig) -> None:
                 saved = {name: leaf._parameters[name] for name in sources}
                 hooks.install(leaf, sources)
                 undo.append(lambda leaf=leaf, saved=saved: hooks.uninstall(leaf, saved))
+            if cfg.recompute:
+                hooks.set_recompute(t.block, True)
+                undo.append(lambda b=t.block: hooks.set_recompute(b, False))
             _check_synthesis(t, site, cfg.rule)
         from . import persistence  # late: persistence builds on this module
 
@@ -416,6 +421,7 @@ def _restore_block(block: nn.Module, site: ReplacementSite, tensors: list[tuple[
         by_leaf.setdefault(id(leaf), (leaf, {}))[1][name] = nn.Parameter(value, requires_grad=flag)
     for leaf, params in by_leaf.values():
         hooks.uninstall(leaf, params)
+    hooks.set_recompute(block, False)
     del block._modules[SITE_ATTR]
 
 

@@ -34,6 +34,18 @@ class ReplaceConfig:
             counterpart contributes zeros, and a tensor without a counterpart on either side stays the
             block's own parameter. ``False``: a block is only replaced when both neighbours supply every
             tensor with exactly its shape (otherwise it is skipped).
+        fast_path: Compute the ``nn.Linear`` and ``nn.Conv1d/2d/3d`` layers of replaced blocks with a custom
+            backward that takes the input gradient as a frozen layer would plus the scalars' gradient, without
+            a weight-gradient product (see :mod:`replace_wrap.leaves`). ``False``: every tensor goes through
+            ordinary autograd (the reference path). Outputs are the same either way.
+        ab_grad_sample: ``None`` (default): the scalars' gradient is exact. A fraction in ``(0, 1)``: estimate
+            it from that fraction of the rows (tokens of a linear layer, batch items of a convolution), drawn
+            uniformly each step and rescaled, so it is unbiased; cheaper in time and memory. Needs
+            ``fast_path=True``; with ``neighbour_grad="coupled"`` the gradient stays exact (the neighbours
+            need the full weight gradient anyway). ``1.0`` is the same as ``None``.
+        recompute: Keep only the inputs of each replaced block for the backward and recompute the block
+            there (``torch.utils.checkpoint``): less memory than freezing the block, one more forward of it.
+            As with any checkpointing, BatchNorm statistics of the block update in both passes.
         version: Format version of this config, stored with saved conversions.
 
     Example:
@@ -48,6 +60,9 @@ class ReplaceConfig:
     keep_original: bool = False
     init: tuple[float, float] = (0.5, 0.5)
     adapt_shapes: bool = True
+    fast_path: bool = True
+    ab_grad_sample: float | None = None
+    recompute: bool = False
     version: int = 1
 
     def __post_init__(self) -> None:
@@ -75,11 +90,30 @@ class ReplaceConfig:
             raise ConfigError(f"init must be two finite numbers (a, b), got {init!r}")
         object.__setattr__(self, "init", (float(init[0]), float(init[1])))
         rule.check_init(self.init)
+        for flag in ("fast_path", "recompute"):
+            if not isinstance(getattr(self, flag), bool):
+                raise ConfigError(f"{flag} must be True or False, got {getattr(self, flag)!r}")
+        self._check_sample()
         if self.version != 1:
             raise ConfigError(
                 f"config version {self.version!r} is not supported by this replace_wrap (supports 1); "
                 "upgrade replace_wrap to read it"
             )
+
+    def _check_sample(self) -> None:
+        sample = self.ab_grad_sample
+        if sample is None:
+            return
+        if isinstance(sample, bool) or not isinstance(sample, (int, float)) or not 0.0 < sample <= 1.0:
+            raise ConfigError(
+                f"ab_grad_sample must be None (exact) or a fraction in (0, 1], got {sample!r}; e.g. 1/16"
+            )
+        if not self.fast_path:
+            raise ConfigError(
+                f"ab_grad_sample={sample!r} needs fast_path=True (the generic path always computes the exact "
+                "gradient); drop ab_grad_sample or set fast_path=True"
+            )
+        object.__setattr__(self, "ab_grad_sample", float(sample))
 
     def to_dict(self) -> dict[str, Any]:
         """Plain-JSON form, for saving next to weights."""

@@ -22,8 +22,8 @@ def mix(a: torch.Tensor, b: torch.Tensor, prev: torch.Tensor, next: torch.Tensor
     fp32 scalars through the cast).
 
     Args:
-        a: Coefficient of ``prev``, a 0-d tensor.
-        b: Coefficient of ``next``, a 0-d tensor.
+        a: Coefficient of ``prev``, a 0-d tensor (or of shape ``(1,)`` when ``prev`` has dimensions).
+        b: Coefficient of ``next``, of the shape of ``a``.
         prev: The tensor of the previous block.
         next: The same tensor of the next block, of the same shape.
 
@@ -35,8 +35,12 @@ def mix(a: torch.Tensor, b: torch.Tensor, prev: torch.Tensor, next: torch.Tensor
         tensor([0.5000, 0.5000])
     """
     # shape: prev, next: S ; a, b: () -> S
+    # Two passes over the weights (a * prev, then next * b accumulated in place) instead of three; the
+    # in-place step is autograd-safe: mul saves its inputs, not its output.
     dtype = prev.dtype
-    return a.to(dtype) * prev + b.to(dtype) * next
+    if prev.shape != next.shape:  # broadcasting sides: the in-place step could not take next's shape
+        return a.to(dtype) * prev + b.to(dtype) * next
+    return (prev * a.to(dtype)).addcmul_(next, b.to(dtype))
 
 
 class Fit(NamedTuple):

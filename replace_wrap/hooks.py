@@ -10,10 +10,16 @@ Why not ``torch.nn.utils.parametrize``: it keeps the original tensor as a parame
 purpose. Why not forward pre-hooks that assign tensors: the assigned tensor would stay alive between steps
 and be missing outside forward. The subclass keeps the base class's name, so ``isinstance``, ``repr`` and
 name-based checks in user code still see the original type.
+
+Two things may also override ``forward`` in the swapped class. For leaf types with a registered leaf handler
+(:mod:`replace_wrap.leaves`: ``nn.Linear``, ``nn.ConvNd``) the handler computes the layer with a lean backward;
+every tensor keeps its property, so reading ``leaf.weight`` still works. And a replaced block with
+``recompute=True`` runs under ``torch.utils.checkpoint``, so its activations are recomputed in the backward.
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from typing import Any
 
@@ -21,14 +27,15 @@ import torch
 from torch import nn
 
 from .adapt import ShapeAdapter, adapt_pair
-from .rules import get_rule
+from .leaves import CACHE_PREFIX, handler_for
+from .rules import IntegrationRule, get_rule
 
-__all__ = ["ReplacementSite", "base_class", "install", "is_swapped", "uninstall"]
+__all__ = ["ReplacementSite", "base_class", "install", "is_swapped", "set_recompute", "uninstall"]
 
 SITE_ATTR = "replacement"  # attribute under which a replaced block holds its ReplacementSite
 
-# (base class, fused names) -> generated subclass; shared by every module with the same layout.
-_SWAPPED: dict[tuple[type, tuple[str, ...]], type] = {}
+# (base class, fused names, recompute) -> generated subclass; shared by every module with the same layout.
+_SWAPPED: dict[tuple[type, tuple[str, ...], bool], type] = {}
 
 
 class ReplacementSite(nn.Module):
@@ -64,6 +71,8 @@ class ReplacementSite(nn.Module):
         originals: list[torch.Tensor] | None = None,
         coefficients: tuple[torch.Tensor, torch.Tensor] | None = None,
         own: Sequence[torch.Tensor] = (),
+        fast_path: bool = True,
+        ab_grad_sample: float | None = None,
     ):
         super().__init__()
         self.rule = rule
@@ -77,6 +86,14 @@ class ReplacementSite(nn.Module):
         self.n_sets = n_sets
         self.tensor_names = tuple(tensor_names)
         self.detach = detach
+        self.fast_path = fast_path
+        self.ab_grad_sample = ab_grad_sample
+        # Leaf handlers compute with (a, b) directly; a rule with its own synthesis (a non-linear map, or
+        # per-tensor state like 'ema') keeps the generic path.
+        self.linear_mix = (
+            type(self._rule).synthesize is IntegrationRule.synthesize
+            and type(self._rule).synthesize_tensor is IntegrationRule.synthesize_tensor
+        )
         self.prev_path, self.next_path = prev_path, next_path
         self.has_originals = originals is not None
         for i, t in enumerate(originals or []):
@@ -125,7 +142,7 @@ def is_swapped(module: nn.Module) -> bool:
 
 def base_class(module: nn.Module) -> type:
     """The module's original class (its own class if it is not swapped)."""
-    return type(module).__dict__.get("_rw_base", type(module)) if is_swapped(module) else type(module)
+    return type(module).__dict__.get("_rw_base", type(module))
 
 
 # (site, tensor position k, prev leaf, next leaf, prev adapter, next adapter) of one synthesized tensor
@@ -147,14 +164,16 @@ def install(leaf: nn.Module, sources: dict[str, Source]) -> None:
     object.__setattr__(leaf, "_rw_sources", dict(sources))
     for name in names:
         del leaf._parameters[name]
-    leaf.__class__ = _swapped_class(type(leaf), names)
+    _reclass(leaf)
 
 
 def uninstall(leaf: nn.Module, params: dict[str, nn.Parameter]) -> None:
     """Undo :func:`install`: restore the base class and register ``params`` in the original order."""
     order = leaf.__dict__["_rw_order"]
-    leaf.__class__ = type(leaf)._rw_base
     del leaf.__dict__["_rw_sources"], leaf.__dict__["_rw_order"]
+    for key in [k for k in leaf.__dict__ if k.startswith(CACHE_PREFIX)]:
+        del leaf.__dict__[key]
+    _reclass(leaf)
     current = dict(leaf._parameters)
     current.update(params)
     leaf._parameters.clear()
@@ -164,11 +183,35 @@ def uninstall(leaf: nn.Module, params: dict[str, nn.Parameter]) -> None:
     leaf._parameters.update(current)
 
 
-def _swapped_class(base: type, names: tuple[str, ...]) -> type:
-    key = (base, names)
+def set_recompute(module: nn.Module, on: bool) -> None:
+    """Run ``module``'s forward under ``torch.utils.checkpoint`` when gradients are recorded (or stop).
+
+    Only the module's inputs are kept for the backward, which replays the forward (with the same random
+    state) to get the rest. Works whether or not ``module`` also has synthesized tensors.
+    """
+    if on:
+        object.__setattr__(module, "_rw_recompute", True)
+    else:
+        module.__dict__.pop("_rw_recompute", None)
+    _reclass(module)
+
+
+def _reclass(module: nn.Module) -> None:
+    # The class follows the instance's state: synthesized names and the recompute flag.
+    base = type(module).__dict__.get("_rw_base", type(module))
+    names = tuple(sorted(module.__dict__.get("_rw_sources", ())))
+    recompute = bool(module.__dict__.get("_rw_recompute", False))
+    module.__class__ = _swapped_class(base, names, recompute) if names or recompute else base
+
+
+def _swapped_class(base: type, names: tuple[str, ...], recompute: bool = False) -> type:
+    key = (base, names, recompute)
     cls = _SWAPPED.get(key)
     if cls is None:
         namespace: dict[str, Any] = {name: property(_synthesized(name)) for name in names}
+        handler = handler_for(base, names) if names else None
+        if handler is not None or recompute:
+            namespace["forward"] = _forward(base, handler.forward if handler else None, recompute)
         namespace.update(
             _rw_base=base,
             __module__=base.__module__,
@@ -194,11 +237,37 @@ def _synthesized(name: str) -> Any:
     return fget
 
 
+def _forward(base: type, handler: Any, recompute: bool) -> Any:
+    @functools.wraps(base.forward)  # keeps the base forward's signature for inspect.signature
+    def run(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
+        if handler is not None:
+            out = handler(self, *args, **kwargs)
+            if out is not NotImplemented:
+                return out
+        return base.forward(self, *args, **kwargs)
+
+    if not recompute:
+        return run
+
+    @functools.wraps(base.forward)
+    def forward(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
+        if torch.is_grad_enabled():
+            from torch.utils.checkpoint import checkpoint
+
+            return checkpoint(run, self, *args, use_reentrant=False, **kwargs)
+        return run(self, *args, **kwargs)
+
+    return forward
+
+
 def _reduce_ex(self: nn.Module, protocol: int) -> tuple[Any, ...]:
-    # Generated classes cannot be found by name; pickle and deepcopy rebuild them from (base, names).
-    return _rebuild, (type(self)._rw_base, tuple(sorted(self._rw_sources))), self.__dict__
+    # Generated classes cannot be found by name; pickle and deepcopy rebuild them from (base, names, recompute).
+    key = (type(self)._rw_base, tuple(sorted(self.__dict__.get("_rw_sources", ()))),
+           bool(self.__dict__.get("_rw_recompute", False)))
+    state = {k: v for k, v in self.__dict__.items() if not k.startswith(CACHE_PREFIX)}  # caches are rebuilt
+    return _rebuild, key, state
 
 
-def _rebuild(base: type, names: tuple[str, ...]) -> nn.Module:
-    cls = _swapped_class(base, names)
+def _rebuild(base: type, names: tuple[str, ...], recompute: bool = False) -> nn.Module:
+    cls = _swapped_class(base, names, recompute)
     return cls.__new__(cls)

@@ -87,7 +87,10 @@ class IntegrationRule:
     ) -> torch.Tensor:
         """The synthesized tensor for scalar set ``index`` from the neighbours' tensors."""
         a, b = self.coefficients(site)
-        return mix(a[index], b[index], prev, next)
+        if a.numel() > 1 or prev.dim() == 0:
+            a, b = a[index], b[index]
+        # else one set of shape (1,) broadcasts as it is: no select (and select backward) per tensor and step
+        return mix(a, b, prev, next)
 
     def synthesize_tensor(
         self, site: ReplacementSite, k: int, prev: torch.Tensor, next: torch.Tensor

@@ -1,0 +1,342 @@
+"""``replace-wrap bench``: what does replacing blocks save on *my* model?
+
+Runs the model end-to-end, with the blocks that the policy would replace frozen (``requires_grad=False``,
+the floor a replaced block is measured against), and replaced (generic autograd, the fast path, the sampled
+estimator, the memory-lean mode), each in a fresh process, interleaved over several rounds so that drift in
+the machine's load hits every variant alike. Prints a table with, per variant:
+
+- trainable parameters;
+- step time: median, min and max over all timed steps of all rounds (wall clock), and the median process
+  CPU time per step (all threads; with ``--threads 1`` it hardly depends on what else runs on the machine);
+- peak memory: on CPU the child's RSS high-water mark over the timed steps (reset after the warm-up steps)
+  minus its RSS once the libraries were imported, so model, optimizer state and step memory count and the
+  several hundred MiB of mapped libraries do not; on CUDA ``torch.cuda.max_memory_allocated``;
+- params+saved: the parameters plus what autograd keeps from one forward for the backward, counted by
+  storage (deterministic, allocator-independent);
+- and the ratios of step time and memory against end-to-end and against freezing;
+- with ``--paired``, one more process that holds every training variant and times them a step of each in
+  turn: the variants then share every moment of the machine's load, so those ratios hold on a busy machine.
+
+Models: ``timm:NAME`` (or a bare timm name), ``hf:MODEL_TYPE`` (a transformers config for that model type,
+built with ``AutoModelForImageClassification.from_config``; ``--set key=value`` sets config fields) or
+``package.module:factory`` (called with the ``--set`` values as keyword arguments). Nothing is downloaded.
+
+Example:
+    replace-wrap bench vit_small_patch16_224 --size 96 --batch 16 --every 2 --rounds 3
+    replace-wrap bench hf:vit --set hidden_size=768 --set num_hidden_layers=12 --set num_attention_heads=12 \\
+        --set intermediate_size=3072 --size 64 --batch 16 --json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+from typing import Any
+
+from ._bench_child import VARIANTS, BenchError, build_model
+
+__all__ = ["DEFAULT_VARIANTS", "VARIANTS", "BenchError", "add_parser", "build_model", "format_table", "run_bench"]
+
+DEFAULT_VARIANTS = ("end-to-end", "freeze", "replace-generic", "replace", "replace-sampled", "replace-lean")
+
+
+# --- command line ------------------------------------------------------------------------------------------
+
+
+def add_parser(sub: Any) -> argparse.ArgumentParser:
+    """Add the ``bench`` subcommand to an ``argparse`` subparsers object."""
+    p = sub.add_parser(
+        "bench",
+        help="measure step time and peak memory: end-to-end vs frozen blocks vs replaced blocks",
+        description=__doc__.split("\n\n")[1],
+    )
+    p.add_argument("model", help="timm:NAME (or a bare timm name), hf:MODEL_TYPE, or package.module:factory")
+    p.add_argument("--size", type=int, default=96, help="input image size (default 96)")
+    p.add_argument("--batch", type=int, default=16, help="batch size (default 16)")
+    p.add_argument("--input-shape", default=None,
+                   help="per-item input shape, comma separated (default 3,SIZE,SIZE); e.g. 8 for a vector model")
+    p.add_argument("--num-classes", type=int, default=10, help="classes of the head and the random targets")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="model option (timm kwarg, HF config field, factory kwarg); VALUE is read as JSON if it can be")
+    pol = p.add_mutually_exclusive_group()
+    pol.add_argument("--every", type=int, default=None, help="replace every k-th block (default 2)")
+    pol.add_argument("--pattern", default=None, help="replace the blocks whose path matches this regex")
+    p.add_argument("--sample", type=float, default=1 / 16, help="ab_grad_sample of the sampled variants (1/16)")
+    p.add_argument("--variants", default=",".join(DEFAULT_VARIANTS),
+                   help=f"comma-separated, from {', '.join(VARIANTS)} (default: {','.join(DEFAULT_VARIANTS)})")
+    p.add_argument("--steps", type=int, default=10, help="timed steps per process (default 10)")
+    p.add_argument("--warmup", type=int, default=2, help="untimed steps first (default 2)")
+    p.add_argument("--rounds", type=int, default=3, help="fresh processes per variant, interleaved (default 3)")
+    p.add_argument("--device", default="cpu", help="cpu or cuda[:i] (default cpu)")
+    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads in each child")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                   help="autocast dtype for the forward (float32: no autocast)")
+    p.add_argument("--json", action="store_true", help="print the results as JSON instead of a table")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+    p.add_argument("--paired", action="store_true",
+                   help="also time every training variant in one process, one step of each in turn "
+                        "(steps x rounds steps each): ratios that hold on a machine whose load varies")
+    p.add_argument("--timeout", type=float, default=1800, help="seconds allowed per child process")
+    return p
+
+
+def main_bench(args: argparse.Namespace) -> int:
+    """Run the ``bench`` subcommand; returns the exit status."""
+    try:
+        result = run_bench(
+            args.model, size=args.size, batch=args.batch, input_shape=_parse_shape(args.input_shape),
+            num_classes=args.num_classes, sets=_parse_sets(args.set), every=args.every, pattern=args.pattern,
+            sample=args.sample, variants=[v.strip() for v in args.variants.split(",") if v.strip()],
+            steps=args.steps, warmup=args.warmup, rounds=args.rounds, device=args.device, threads=args.threads,
+            dtype=args.dtype, progress=not args.no_progress, timeout=args.timeout, paired=args.paired,
+        )
+    except BenchError as exc:
+        print(f"replace-wrap bench: error: {exc}", file=sys.stderr)
+        return 2
+    print(json.dumps(result, indent=2) if args.json else format_table(result))
+    return 0
+
+
+def _parse_sets(items: list[str]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.isidentifier():
+            raise BenchError(f"--set expects KEY=VALUE with KEY an identifier, got {item!r}")
+        try:
+            out[key] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key] = value
+    return out
+
+
+def _parse_shape(text: str | None) -> list[int] | None:
+    if text is None:
+        return None
+    try:
+        shape = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise BenchError(f"--input-shape expects comma-separated integers, got {text!r}") from None
+    if not shape or min(shape) < 1:
+        raise BenchError(f"--input-shape expects positive integers, got {text!r}")
+    return shape
+
+
+# --- the parent: schedule children, aggregate ----------------------------------------------------------------
+
+
+def run_bench(
+    model: str,
+    *,
+    size: int = 96,
+    batch: int = 16,
+    input_shape: list[int] | None = None,
+    num_classes: int = 10,
+    sets: dict[str, Any] | None = None,
+    every: int | None = None,
+    pattern: str | None = None,
+    sample: float = 1 / 16,
+    variants: list[str] | tuple[str, ...] = DEFAULT_VARIANTS,
+    steps: int = 10,
+    warmup: int = 2,
+    rounds: int = 3,
+    device: str = "cpu",
+    threads: int | None = None,
+    dtype: str = "float32",
+    progress: bool = True,
+    timeout: float = 1800,
+    paired: bool = False,
+) -> dict[str, Any]:
+    """Run every variant ``rounds`` times, each in a fresh process, interleaved; return the aggregate.
+
+    Returns:
+        A JSON-ready dict: ``spec`` (the arguments), ``variants`` (one entry per variant with
+        ``trainable``, ``step_ms`` {median, min, max}, ``peak_mib``, ``delta_mib``, ``convert_s`` and the
+        ratios ``vs_end_to_end`` / ``vs_freeze``), ``runs`` (every child's raw result) and ``loadavg``
+        (1-minute load averages sampled before each child). With ``paired=True`` every training variant
+        is also timed in one process, a step of each in turn (``steps * rounds`` steps each), into
+        ``paired_ms`` and the ratios' ``paired`` entries.
+
+    Raises:
+        BenchError: For an unknown variant or invalid numbers, or when a child fails (with its stderr).
+    """
+    unknown = [v for v in variants if v not in VARIANTS]
+    if unknown or not variants:
+        raise BenchError(f"unknown variant(s) {unknown}; choose from {', '.join(VARIANTS)}")
+    for name, value, low in (("steps", steps, 1), ("rounds", rounds, 1), ("batch", batch, 1), ("size", size, 1),
+                             ("warmup", warmup, 0)):
+        if not isinstance(value, int) or value < low:
+            raise BenchError(f"--{name} must be an integer >= {low}, got {value!r}")
+    if not 0 < sample <= 1:
+        raise BenchError(f"--sample must be a fraction in (0, 1], got {sample!r}")
+    spec = {
+        "model": model, "size": size, "batch": batch, "input_shape": input_shape or [3, size, size],
+        "num_classes": num_classes, "sets": sets or {}, "every": every, "pattern": pattern, "sample": sample,
+        "steps": steps, "warmup": warmup, "device": device, "threads": threads, "dtype": dtype,
+    }
+    runs: dict[str, list[dict[str, Any]]] = {v: [] for v in variants}
+    loads: list[float] = []
+    training = [v for v in variants if not VARIANTS[v]["kind"].startswith("infer")]
+    total, done = rounds * len(variants) + bool(paired and training), 0
+    for r in range(rounds):
+        order = list(variants[r % len(variants):]) + list(variants[: r % len(variants)])  # rotate per round
+        for name in order:
+            _progress(progress, done, total, f"round {r + 1}/{rounds}: {name}")
+            loads.append(_loadavg())
+            runs[name].append(_spawn(dict(spec, variant=name), timeout))
+            done += 1
+    pair_times = None
+    if paired and training:
+        _progress(progress, done, total, f"paired: {len(training)} variants in one process")
+        loads.append(_loadavg())
+        pair_spec = dict(spec, variant="paired", paired=training, steps=steps * rounds)
+        pair_times = _spawn(pair_spec, timeout * len(training))["paired"]
+        done += 1
+    _progress(progress, done, total, "done", end=True)
+    return {"spec": spec, "variants": _aggregate(runs, pair_times), "runs": runs, "paired": pair_times,
+            "loadavg": loads, "environment": _environment(device)}
+
+
+def _spawn(spec: dict[str, Any], timeout: float) -> dict[str, Any]:
+    cmd = [sys.executable, "-m", "replace_wrap._bench_child"]
+    try:
+        proc = subprocess.run(cmd, input=json.dumps(spec), capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        raise BenchError(f"variant {spec['variant']!r} took longer than {timeout:.0f} s; raise --timeout or "
+                         "lower --steps") from None
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+    if proc.returncode != 0 or not lines:
+        tail = "\n".join(proc.stderr.strip().splitlines()[-15:])
+        raise BenchError(f"variant {spec['variant']!r} failed (exit {proc.returncode}):\n{tail}")
+    return json.loads(lines[-1][len("RESULT "):])
+
+
+def _stats(values: list[float]) -> dict[str, float]:
+    return {"median": statistics.median(values), "min": min(values), "max": max(values)}
+
+
+def _aggregate(runs: dict[str, list[dict[str, Any]]], paired: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+    rows = []
+    for name, results in runs.items():
+        times = [t for res in results for t in res["step_ms"]]
+        cpu = [t for res in results for t in res["cpu_ms"]]
+        rows.append({
+            "paired_ms": _stats(paired[name]["step_ms"]) if paired and name in paired else None,
+            "variant": name,
+            "trainable": results[0]["trainable"],
+            "step_ms": {"median": statistics.median(times), "min": min(times), "max": max(times)},
+            "cpu_ms": {"median": statistics.median(cpu), "min": min(cpu), "max": max(cpu)},
+            "round_medians_ms": [statistics.median(res["step_ms"]) for res in results],
+            "peak_mib": statistics.median(res["peak_mib"] for res in results),
+            "delta_mib": statistics.median(res["delta_mib"] for res in results),
+            "saved_mib": results[0].get("saved_mib"),
+            "convert_s": results[0].get("convert_s"),
+            "memory": results[0]["memory"],
+        })
+    by_name = {row["variant"]: row for row in rows}
+    for row in rows:
+        infer = VARIANTS[row["variant"]]["kind"].startswith("infer")
+        # inference rows compare with the original model's inference, training rows with the baselines
+        refs = (("infer-original", "vs_original"),) if infer else (
+            ("end-to-end", "vs_end_to_end"), ("freeze", "vs_freeze"))
+        for key in ("vs_original", "vs_end_to_end", "vs_freeze"):
+            row[key] = None
+        for ref, key in refs:
+            base = by_name.get(ref)
+            row[key] = None if base is None else {
+                "step": row["step_ms"]["median"] / base["step_ms"]["median"],
+                "cpu": row["cpu_ms"]["median"] / base["cpu_ms"]["median"],
+                "paired": row["paired_ms"]["median"] / base["paired_ms"]["median"]
+                if row["paired_ms"] and base["paired_ms"] else None,
+                "peak": row["peak_mib"] / base["peak_mib"],
+                "delta": row["delta_mib"] / base["delta_mib"] if base["delta_mib"] > 0 else None,
+                "saved": row["saved_mib"] / base["saved_mib"] if row["saved_mib"] and base["saved_mib"] else None,
+            }
+    return rows
+
+
+def format_table(result: dict[str, Any]) -> str:
+    """Render :func:`run_bench`'s result as a Markdown table with a header line and a load-average footer."""
+    spec, rows = result["spec"], result["variants"]
+    policy = f"pattern {spec['pattern']!r}" if spec["pattern"] else f"every={spec['every'] or 2}"
+    mem = rows[0]["memory"]
+    head = (f"{spec['model']} · input {spec['batch']}x{'x'.join(map(str, spec['input_shape']))} · {policy} · "
+            f"{spec['steps']} steps x {len(result['runs'][rows[0]['variant']])} rounds · {spec['device']} · "
+            f"memory: {mem}")
+    lines = [head, "",
+             "| variant | trainable | step ms median (min-max) | x e2e | x freeze | CPU ms/step | x freeze "
+             "| peak MiB | x e2e | x freeze | params+saved MiB | x freeze |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    paired = any(row["paired_ms"] for row in rows)
+    if paired:
+        lines[2] += " paired ms | x freeze |"
+        lines[3] += "---:|---:|"
+    for row in rows:
+        e2e, frz = row["vs_end_to_end"] or {}, row["vs_freeze"] or {}
+        st = row["step_ms"]
+        extra = ""
+        if paired:
+            extra = (f" {row['paired_ms']['median']:.1f} | {_ratio(frz.get('paired'))} |" if row["paired_ms"]
+                     else " - | - |")
+        lines.append(
+            f"| {row['variant']} | {_count(row['trainable'])} | {st['median']:.1f} ({st['min']:.1f}-{st['max']:.1f}) "
+            f"| {_ratio(e2e.get('step'))} | {_ratio(frz.get('step'))} | {row['cpu_ms']['median']:.1f} "
+            f"| {_ratio(frz.get('cpu'))} | {row['peak_mib']:.0f} "
+            f"| {_ratio(e2e.get('peak'))} | {_ratio(frz.get('peak'))} "
+            f"| {'-' if row['saved_mib'] is None else format(row['saved_mib'], '.1f')} | {_ratio(frz.get('saved'))} |"
+            + extra
+        )
+    loads = result["loadavg"]
+    if loads:
+        lines += ["", f"1-min load average before each process: min {min(loads):.2f}, median "
+                      f"{statistics.median(loads):.2f}, max {max(loads):.2f}"]
+    merged, original = (next((r for r in rows if r["variant"] == v), None) for v in ("infer-merged", "infer-original"))
+    if merged and original:
+        lines.append(f"inference (no_grad forward): merged model {merged['step_ms']['median']:.1f} ms vs original "
+                     f"{original['step_ms']['median']:.1f} ms (x {merged['vs_original']['step']:.3f})")
+    converts = [row["convert_s"] for row in rows if row.get("convert_s") is not None]
+    if converts:
+        lines.append(f"convert: {max(converts):.2f} s")
+    return "\n".join(lines)
+
+
+def _count(n: int) -> str:
+    return f"{n / 1e6:.2f} M" if n >= 1e6 else f"{n / 1e3:.1f} k" if n >= 1e3 else str(n)
+
+
+def _ratio(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}"
+
+
+def _loadavg() -> float:
+    try:
+        return os.getloadavg()[0]
+    except OSError:  # not on every platform
+        return float("nan")
+
+
+def _environment(device: str) -> dict[str, Any]:
+    import platform
+
+    import torch
+
+    env = {"torch": torch.__version__, "python": platform.python_version(), "cpus": os.cpu_count(),
+           "machine": platform.machine()}
+    if device.startswith("cuda") and torch.cuda.is_available():
+        env["gpu"] = torch.cuda.get_device_name(torch.device(device))
+    return env
+
+
+def _progress(enabled: bool, done: int, total: int, what: str, end: bool = False) -> None:
+    if not enabled:
+        return
+    width = 24
+    filled = int(width * done / max(total, 1))
+    sys.stderr.write(f"\r[{'#' * filled}{'.' * (width - filled)}] {done}/{total} {what:<40}")
+    if end:
+        sys.stderr.write("\n")
+    sys.stderr.flush()

@@ -1,0 +1,89 @@
+"""`replace-wrap bench` end to end on a tiny model (one round, a couple of steps), plus its argument errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+
+import pytest
+
+from replace_wrap import ReplaceWrapError
+from replace_wrap.__main__ import main
+from replace_wrap.bench import BenchError, build_model, format_table, run_bench
+
+TESTS = str(pathlib.Path(__file__).parent)
+
+
+@pytest.fixture
+def toys_importable(monkeypatch):
+    # the children are fresh interpreters: they find tests/toys.py through PYTHONPATH
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([TESTS, os.environ.get("PYTHONPATH", "")]))
+
+
+def test_bench_json_end_to_end(toys_importable, capsys):
+    variants = "end-to-end,freeze,replace-sampled,infer-original,infer-merged"
+    code = main(["bench", "toys:ResidualMLP", "--input-shape", "8", "--batch", "64", "--steps", "2", "--warmup",
+                 "1", "--rounds", "1", "--variants", variants, "--set", "depth=6", "--sample", "0.25", "--threads", "1",
+                 "--paired", "--json"])
+    out = capsys.readouterr()
+    assert code == 0, out.err
+    result = json.loads(out.out)
+    rows = {r["variant"]: r for r in result["variants"]}
+    assert list(rows) == variants.split(",")
+    # parameter accounting: ResidualMLP(depth=6, width=16) has blocks of 2*16*32 + 32 + 16 + 2*16 (norm) = 1104
+    # parameters; every=2 replaces blocks 1 and 3; the freeze baseline and replace keep the same trainables
+    # except for the 2 scalars per replaced block.
+    e2e = rows["end-to-end"]["trainable"]
+    assert rows["freeze"]["trainable"] == e2e - 2 * 1104
+    assert rows["replace-sampled"]["trainable"] == e2e - 2 * 1104 + 4
+    assert rows["infer-merged"]["trainable"] == rows["infer-original"]["trainable"] == e2e  # merged: plain again
+    for row in rows.values():
+        assert len(result["runs"][row["variant"]][0]["step_ms"]) == 2
+        assert row["step_ms"]["min"] <= row["step_ms"]["median"] <= row["step_ms"]["max"]
+        assert row["peak_mib"] > 0
+        if row["variant"].startswith("infer"):  # inference compares with the original model's inference
+            assert row["vs_freeze"] is None and row["vs_original"]["step"] > 0
+            continue
+        assert row["vs_freeze"]["step"] == pytest.approx(row["step_ms"]["median"] / rows["freeze"]["step_ms"]["median"])
+        assert row["saved_mib"] > 0
+        # paired: every training variant timed in one process, as many steps as all its rounds together
+        assert len(result["paired"][row["variant"]]["step_ms"]) == 2
+        assert row["vs_freeze"]["paired"] == pytest.approx(row["paired_ms"]["median"] / rows["freeze"]["paired_ms"]["median"])
+    assert rows["replace-sampled"]["convert_s"] is not None and rows["freeze"]["convert_s"] is None
+    assert rows["freeze"]["vs_freeze"]["step"] == 1.0 and rows["end-to-end"]["vs_end_to_end"]["peak"] == 1.0
+    assert len(result["loadavg"]) == len(variants.split(",")) + 1  # + the paired process
+    assert "[" in out.err  # the progress bar
+    table = format_table(result)
+    assert "| replace-sampled |" in table and "load average" in table and "paired ms" in table
+    assert "inference (no_grad forward): merged model" in table
+
+
+def test_bench_reports_child_failure(toys_importable):
+    with pytest.raises(BenchError, match="(?s)variant 'end-to-end' failed .*RuntimeError: mat1 and mat2"):
+        # a 5-wide input into an 8-input model fails inside the child; its error comes back
+        run_bench("toys:ResidualMLP", input_shape=[5], batch=2, steps=1, warmup=0, rounds=1,
+                  variants=["end-to-end"], progress=False)
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--variants", "end-to-end,turbo"], "unknown variant\\(s\\) \\['turbo'\\]"),
+        (["--steps", "0"], "--steps must be an integer >= 1, got 0"),
+        (["--set", "depth"], "--set expects KEY=VALUE"),
+        (["--input-shape", "8,x"], "--input-shape expects comma-separated integers, got '8,x'"),
+        (["--sample", "2"], "--sample must be a fraction in \\(0, 1\\], got 2.0"),
+    ],
+)
+def test_bench_argument_errors(argv, message, capsys):
+    assert main(["bench", "toys:ResidualMLP", *argv]) == 2
+    err = capsys.readouterr().err
+    assert "replace-wrap bench: error:" in err
+    assert __import__("re").search(message, err), err
+
+
+def test_build_model_errors_name_the_spec():
+    with pytest.raises(BenchError, match="cannot load 'no_such_module_xyz:f'.*package.module:factory"):
+        build_model("no_such_module_xyz:f", 32, 10, {})
+    assert issubclass(BenchError, ReplaceWrapError)
