@@ -61,6 +61,9 @@ def _child(spec: dict[str, Any]) -> dict[str, Any]:
     if variant["kind"] == "infer-merged":
         _train_steps(model, x, spec, 1, opt)  # the scalars move off their init, then materialize
         replace_wrap.merge(model)
+        # the training step's optimizer state and gradients are no part of the merged model's inference
+        opt = None
+        model.zero_grad(set_to_none=True)
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     cuda = device.type == "cuda"
     infer = variant["kind"] in ("infer", "infer-merged")

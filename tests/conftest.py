@@ -26,6 +26,15 @@ def _seed():
     yield
 
 
+@pytest.fixture
+def one_thread():
+    """Tiny models train faster on one thread, and far more predictably when the cores are shared."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def state_snapshot(model: torch.nn.Module) -> dict:
     """Everything analysis must not change: tensors (bitwise), parameter identity, modes, hooks, classes."""
     return {

@@ -7,34 +7,16 @@ import torch
 
 import replace_wrap
 from conftest import TOL
-from toys import ConvNet, ResidualMLP
+from toys import ConvNet, ResidualMLP, logits, tiny_hf_vit, tiny_timm_vit
 
 
-def _hf_vit():
-    transformers = pytest.importorskip("transformers")
-    cfg = transformers.ViTConfig(
-        hidden_size=32, num_hidden_layers=3, num_attention_heads=4, intermediate_size=64,
-        image_size=16, patch_size=8, num_labels=3, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
-    )
-    return transformers.ViTForImageClassification(cfg)
-
-
-def _timm_vit():
-    timm = pytest.importorskip("timm")
-    return timm.create_model(
-        "vit_tiny_patch16_224", pretrained=False, img_size=16, patch_size=8, depth=3, num_classes=3
-    )
-
-
-def _logits(y):
-    return y.logits if hasattr(y, "logits") else y
 
 
 MODELS = {
     "mlp": (ResidualMLP, ResidualMLP.example),
     "conv_bn": (ConvNet, ConvNet.example),
-    "timm_vit": (_timm_vit, lambda: torch.randn(2, 3, 16, 16)),
-    "hf_vit": (_hf_vit, lambda: torch.randn(2, 3, 16, 16)),
+    "timm_vit": (lambda: tiny_timm_vit(3), lambda: torch.randn(2, 3, 16, 16)),
+    "hf_vit": (lambda: tiny_hf_vit(3), lambda: torch.randn(2, 3, 16, 16)),
 }
 
 
@@ -70,7 +52,7 @@ def test_compiled_training_matches_eager_without_recompiling(name):
         x = example()
         for m, opt in zip((eager, compiled), opts):
             opt.zero_grad()
-            _logits(m(x)).square().mean().backward()
+            logits(m(x)).square().mean().backward()
             opt.step()
     for (n, p), (_, q) in zip(eager.named_parameters(), compiled_model.named_parameters()):
         torch.testing.assert_close(p, q, atol=TOL["oracle"], rtol=1e-5, msg=n)
@@ -79,7 +61,7 @@ def test_compiled_training_matches_eager_without_recompiling(name):
 
 def test_inductor_matches_eager():
     # The slowest test of this file: inductor compiles C++ kernels (about 30-40 s on 2 cores, cold cache).
-    model = replace_wrap.convert(_hf_vit(), every=2).eval()
+    model = replace_wrap.convert(tiny_hf_vit(3), every=2).eval()
     with torch.no_grad():
         for m in model.modules():
             if isinstance(m, replace_wrap.ReplacementSite):

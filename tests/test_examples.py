@@ -161,3 +161,23 @@ def test_merge_and_export_require_onnx_fails_clearly(tmp_path):
         ok=False,
     )
     assert proc.returncode != 0 and "pip install onnx onnxscript" in proc.stderr
+
+
+def test_bench_digits_accuracy_prints_a_table_per_variant():
+    out = run_example(
+        "bench_digits_accuracy.py", "--seeds", "1", "--epochs", "3", "--variants", "end-to-end,replace-sampled"
+    ).stdout
+    rows = dict(re.findall(r"^\| (end-to-end|replace-sampled) \| (\d\.\d+) \|", out, flags=re.M))
+    assert set(rows) == {"end-to-end", "replace-sampled"}, out
+    # 10 classes: after three epochs both are at least twice chance (measured ~0.3), or the variant is broken
+    assert all(float(acc) > 0.2 for acc in rows.values()), rows
+
+
+def test_bench_profile_step_names_the_phases():
+    out = run_example(
+        "bench_profile_step.py", "vit_tiny_patch16_224", "--variant", "replace", "--size", "32", "--batch", "2",
+        "--steps", "1", "--rows", "200",
+    ).stdout
+    assert "variant replace, 1 steps" in out
+    for phase in ("forward", "backward", "optimizer"):
+        assert re.search(rf"^\s*{phase}\s", out, flags=re.M), f"no {phase} row:\n{out}"

@@ -20,13 +20,7 @@ from toys import ConvNet, ResidualMLP, TinyTransformer
 TOYS = {"mlp": ResidualMLP, "conv-bn": ConvNet, "transformer": TinyTransformer}
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # small models: a second thread only adds synchronisation, which costs a lot on a loaded machine
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _run(model: nn.Module, x: torch.Tensor, **options):

@@ -19,13 +19,7 @@ from replace_wrap.mixed_ops import check_sample, mixed_conv, mixed_linear, sampl
 BRANCHES = {"row-products": 10**9, "weight-gradient": 0}
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # tiny tensors: a second thread only adds synchronisation, which costs a lot on a loaded machine
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(params=sorted(BRANCHES))

@@ -16,13 +16,7 @@ from replace_wrap.rules import EMARule, get_rule, list_rules
 from toys import ConvNet, ResidualMLP, TinyTransformer
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # These tiny models run faster on one thread, and far more predictably when the cores are shared.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture

@@ -13,6 +13,8 @@ from replace_wrap import Every, Pattern, PolicyError, Similarity
 from replace_wrap.policy import Policy
 from toys import ResidualMLP
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 
 def _make_mix(model: nn.Module, i: int, a: float | list[float], b: float | list[float]) -> None:
     """Overwrite block i's tensors with a * block(i-1) + b * block(i+1) (per tensor if lists)."""
@@ -124,14 +126,6 @@ def test_never_adjacent_even_when_neighbours_fit_best():
     assert len(idx) == 2 and all(j - i > 1 for i, j in zip(idx, idx[1:]))
     assert set(idx) & {3, 4}
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    # Tiny models train much faster on one thread, and far more predictably when the cores are shared.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])

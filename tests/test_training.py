@@ -9,27 +9,9 @@ import torch
 
 import replace_wrap
 from conftest import TOL, oracle_model
-from toys import ResidualMLP
+from toys import ResidualMLP, logits, tiny_hf_vit, tiny_timm_vit
 
 
-def _hf_vit(depth: int = 5):
-    transformers = pytest.importorskip("transformers")
-    cfg = transformers.ViTConfig(
-        hidden_size=32, num_hidden_layers=depth, num_attention_heads=4, intermediate_size=64, image_size=16,
-        patch_size=8, num_labels=3, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
-    )
-    return transformers.ViTForImageClassification(cfg)
-
-
-def _timm_vit():
-    timm = pytest.importorskip("timm")
-    return timm.create_model(
-        "vit_tiny_patch16_224", pretrained=False, img_size=16, patch_size=8, depth=5, num_classes=3
-    )
-
-
-def _logits(y):
-    return y.logits if hasattr(y, "logits") else y
 
 
 def _sites(model):
@@ -47,7 +29,7 @@ def _set_scalars(model, a=0.3, b=0.9):
 
 
 def test_bf16_autocast_training():
-    model = replace_wrap.convert(_hf_vit(), every=2).train()
+    model = replace_wrap.convert(tiny_hf_vit(), every=2).train()
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
     x, y = torch.randn(16, 3, 16, 16), torch.randint(0, 3, (16,))
     losses = []
@@ -106,7 +88,7 @@ def test_scalars_stay_fp32_when_the_model_is_cast_and_merge_takes_the_model_dtyp
 
 def _grads(model, x):
     model.zero_grad()
-    _logits(model(x)).square().mean().backward()
+    logits(model(x)).square().mean().backward()
     return {n: p.grad.clone() for n, p in model.named_parameters()}
 
 
@@ -143,12 +125,12 @@ def test_hf_gradient_checkpointing(when, reentrant):
     def enable(m):
         m.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
 
-    _checkpointing_case(_hf_vit, enable, when, "vit.layers.1")
+    _checkpointing_case(tiny_hf_vit, enable, when, "vit.layers.1")
 
 
 @pytest.mark.parametrize("when", ["before", "after"])
 def test_timm_grad_checkpointing(when):
-    _checkpointing_case(_timm_vit, lambda m: m.set_grad_checkpointing(True), when, "blocks.1")
+    _checkpointing_case(tiny_timm_vit, lambda m: m.set_grad_checkpointing(True), when, "blocks.1")
 
 
 # --- devices and moves -------------------------------------------------------------------------------------
@@ -188,7 +170,7 @@ def test_meta_init_then_materialize_and_load():
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_cuda_move_keeps_synthesis_and_trains():
-    model = _set_scalars(replace_wrap.convert(_hf_vit(), every=2)).eval()
+    model = _set_scalars(replace_wrap.convert(tiny_hf_vit(), every=2)).eval()
     x = torch.randn(2, 3, 16, 16)
     with torch.no_grad():
         want = model(pixel_values=x).logits

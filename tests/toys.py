@@ -157,3 +157,30 @@ class StagedCNN(nn.Module):
     @staticmethod
     def example(batch: int = 2) -> torch.Tensor:
         return torch.randn(batch, 3, 12, 12)
+
+
+def tiny_hf_vit(depth: int = 5) -> nn.Module:
+    """An HF ``ViTForImageClassification`` small enough for the CPU (16 px, 3 labels, no dropout)."""
+    import pytest
+
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.ViTConfig(
+        hidden_size=32, num_hidden_layers=depth, num_attention_heads=4, intermediate_size=64, image_size=16,
+        patch_size=8, num_labels=3, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
+    )
+    return transformers.ViTForImageClassification(cfg)
+
+
+def tiny_timm_vit(depth: int = 5) -> nn.Module:
+    """A timm ViT-Ti with ``depth`` blocks at 16 px (3 classes)."""
+    import pytest
+
+    timm = pytest.importorskip("timm")
+    return timm.create_model(
+        "vit_tiny_patch16_224", pretrained=False, img_size=16, patch_size=8, depth=depth, num_classes=3
+    )
+
+
+def logits(y):
+    """The logits of a plain tensor output or of an HF output object."""
+    return y.logits if hasattr(y, "logits") else y
