@@ -150,6 +150,11 @@ class MixSource(NamedTuple):
     bias_mix: tuple[torch.Tensor, torch.Tensor] | None  # (prev, next) bias mixed with the weight's (a, b)
 
 
+def _same_shapes(source: tuple) -> bool:
+    """Whether a ``_rw_sources`` entry ``(site, k, prev_leaf, next_leaf, *adapters)`` needs no shape adapting."""
+    return all(adapter is None for adapter in source[4:])
+
+
 def mix_source(leaf: nn.Module, name: str = "weight", bias: str | None = "bias") -> MixSource | None:
     """How ``leaf.<name>`` (and its bias) are synthesized, or ``None`` when the fast path must not be used.
 
@@ -162,8 +167,8 @@ def mix_source(leaf: nn.Module, name: str = "weight", bias: str | None = "bias")
     src = sources.get(name)
     if src is None:
         return None
-    site, k, prev_leaf, next_leaf, *adapters = src
-    if any(ad is not None for ad in adapters):  # a neighbour of another shape: the generic (adapted) path
+    site, k, prev_leaf, next_leaf, *_ = src
+    if not _same_shapes(src):  # a neighbour of another shape: the generic (adapted) path
         return None
     if not getattr(site, "fast_path", False) or not getattr(site, "linear_mix", False):
         return None
@@ -179,8 +184,7 @@ def mix_source(leaf: nn.Module, name: str = "weight", bias: str | None = "bias")
     own_bias, bias_mix = None, None
     if bias is not None:
         bsrc = sources.get(bias)
-        same_shapes = bsrc is not None and all(ad is None for ad in bsrc[4:])
-        if same_shapes and bsrc[0] is site and site.index_of(bsrc[1]) == index:
+        if bsrc is not None and _same_shapes(bsrc) and bsrc[0] is site and site.index_of(bsrc[1]) == index:
             bp, bn = getattr(prev_leaf, bias), getattr(next_leaf, bias)
             bias_mix = (bp.detach(), bn.detach()) if site.detach else (bp, bn)
         else:

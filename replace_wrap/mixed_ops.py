@@ -185,6 +185,15 @@ def reusable(buffer: torch.Tensor | None) -> bool:
     return buffer is not None and count is not None and count() == 1
 
 
+def _bias_sources(
+    bias: torch.Tensor | None, bias_mix: tuple[torch.Tensor, torch.Tensor] | None
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """``(bias_prev, bias_next)`` of a mixed bias, ``(None, None)`` without one; an own bias excludes it."""
+    if bias_mix is not None and bias is not None:
+        raise ValueError("pass either bias or bias_mix, not both")
+    return bias_mix if bias_mix is not None else (None, None)
+
+
 def _mix_bias(
     a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None, bias_prev: torch.Tensor | None,
     bias_next: torch.Tensor | None,
@@ -311,9 +320,7 @@ def mixed_linear(
         torch.Size([])
     """
     sample = check_sample(sample)
-    bp, bn = bias_mix if bias_mix is not None else (None, None)
-    if bias_mix is not None and bias is not None:
-        raise ValueError("pass either bias or bias_mix, not both")
+    bp, bn = _bias_sources(bias, bias_mix)
     if not _needs_graph(x, a, b, prev, next, bp, bn):  # inference or no-grad: nothing to save
         return F.linear(x, mix(a, b, prev, next), _mix_bias(a, b, bias, bp, bn))
     return _MixedLinear.apply(x, a, b, prev, next, bias, bp, bn, sample, _autocast_dtype(x), out)
@@ -424,9 +431,7 @@ def mixed_conv(
         True
     """
     sample = check_sample(sample)
-    if bias_mix is not None and bias is not None:
-        raise ValueError("pass either bias or bias_mix, not both")
-    bp, bn = bias_mix if bias_mix is not None else (None, None)
+    bp, bn = _bias_sources(bias, bias_mix)
     geometry = (tuple(stride), tuple(padding), tuple(dilation), int(groups))
     if not _needs_graph(x, a, b, prev, next, bp, bn):
         return _plain_conv(x, mix(a, b, prev, next), _mix_bias(a, b, bias, bp, bn), geometry)

@@ -5,6 +5,9 @@ from __future__ import annotations
 import copy
 import os
 import random
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -33,6 +36,33 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture
+def rule_registry():
+    """Rules registered inside a test are removed afterwards, so other tests see the built-in registry."""
+    import replace_wrap.rules
+
+    saved = dict(replace_wrap.rules._RULES)
+    yield
+    replace_wrap.rules._RULES.clear()
+    replace_wrap.rules._RULES.update(saved)
+
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def run_python(*args: str, timeout: float = 300, **env: str) -> subprocess.CompletedProcess:
+    """``python *args`` in a subprocess from the checkout root, as a user runs it (never raises on failure).
+
+    The subprocess imports this checkout first, and whatever else the test process can import; ``env`` adds
+    environment variables.
+    """
+    pythonpath = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
+    return subprocess.run(
+        [sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout, check=False,
+        env=dict(os.environ, PYTHONPATH=pythonpath, **env),
+    )
 
 
 def state_snapshot(model: torch.nn.Module) -> dict:

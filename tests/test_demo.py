@@ -3,11 +3,7 @@
 from __future__ import annotations
 
 import json
-import os
 import re
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -15,13 +11,10 @@ import torch
 import replace_wrap
 from replace_wrap import __main__ as cli
 from replace_wrap._demo import DemoSettings, build_model, format_table, load_digits_data, train_run
+from conftest import run_python
 
 pytest.importorskip("timm")
 pytest.importorskip("sklearn")
-
-ROOT = Path(__file__).resolve().parent.parent
-# Subprocesses import this checkout first, and whatever else the test process can import.
-PYTHONPATH = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
 
 
 @pytest.fixture(scope="module")
@@ -29,15 +22,7 @@ def quick_demo(tmp_path_factory):
     """One quick demo through the CLI, as a user runs it (two training subprocesses)."""
     out = tmp_path_factory.mktemp("demo")
     png, js = out / "demo.png", out / "demo.json"
-    proc = subprocess.run(
-        [sys.executable, "-m", "replace_wrap", "demo", "--quick", "--plot", str(png), "--json", str(js)],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
-        env=dict(os.environ, PYTHONPATH=PYTHONPATH),
-    )
+    proc = run_python("-m", "replace_wrap", "demo", "--quick", "--plot", str(png), "--json", str(js))
     assert proc.returncode == 0, proc.stdout + proc.stderr
     return proc, png, json.loads(js.read_text())
 

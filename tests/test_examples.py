@@ -8,35 +8,22 @@ from __future__ import annotations
 
 import importlib.util
 import itertools
-import os
 import re
 import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
+from conftest import ROOT, run_python
+
 pytest.importorskip("timm")
 pytest.importorskip("sklearn")
 
-ROOT = Path(__file__).resolve().parent.parent
-# Subprocesses import this checkout first, and whatever else the test process can import.
-PYTHONPATH = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
 EXAMPLES = ROOT / "examples"
 
 
 def run_example(name: str, *args: str, ok: bool = True) -> subprocess.CompletedProcess:
-    env = dict(os.environ, PYTHONPATH=PYTHONPATH, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
-    proc = subprocess.run(
-        [sys.executable, str(EXAMPLES / name), *args],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
-    )
+    proc = run_python(str(EXAMPLES / name), *args, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
     if ok:
         assert proc.returncode == 0, f"{name} failed:\n{proc.stdout}\n{proc.stderr}"
     return proc

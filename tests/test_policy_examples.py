@@ -22,13 +22,6 @@ def examples_path(monkeypatch):
     torch.set_num_threads(before)  # the examples pin one thread
 
 
-@pytest.fixture
-def registry():
-    saved = dict(replace_wrap.rules._RULES)
-    yield
-    replace_wrap.rules._RULES.clear()
-    replace_wrap.rules._RULES.update(saved)
-
 
 def test_similarity_vs_every_small(examples_path, capsys):
     import similarity_vs_every
@@ -60,7 +53,7 @@ def test_learned_selection_small(examples_path, capsys):
 
 
 @pytest.mark.parametrize("page", ["policies.md", "rules.md"])
-def test_doc_snippets_run(page, registry, capsys):
+def test_doc_snippets_run(page, rule_registry, capsys):
     blocks = re.findall(r"```python\n(.*?)```", (ROOT / "docs" / page).read_text(), re.S)
     assert blocks
     for i, code in enumerate(blocks):

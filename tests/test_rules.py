@@ -19,14 +19,6 @@ from toys import ConvNet, ResidualMLP, TinyTransformer
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-@pytest.fixture
-def registry():
-    """Rules registered inside a test are removed afterwards, so other tests see the built-in registry."""
-    saved = dict(replace_wrap.rules._RULES)
-    yield
-    replace_wrap.rules._RULES.clear()
-    replace_wrap.rules._RULES.update(saved)
-
 
 class BilinearRule(IntegrationRule):
     """A user-defined rule beyond a linear mix: ``a * prev + b * next + c * prev * next``."""
@@ -45,7 +37,7 @@ USER_RULE = "test_bilinear"  # registered by the `rule` fixture for the length o
 
 
 @pytest.fixture(params=[*list_rules(), USER_RULE])
-def rule(request, registry):
+def rule(request, rule_registry):
     if request.param == USER_RULE:
         register_rule(USER_RULE)(type("Bilinear", (BilinearRule,), {}))
     return request.param
@@ -211,7 +203,7 @@ def test_ema_neighbour_gradient(mode):
         torch.testing.assert_close(g_prev, torch.full_like(prev, expected))
 
 
-def test_ema_variant_by_subclass(registry):
+def test_ema_variant_by_subclass(rule_registry):
     @register_rule("test_ema_fast")
     class FastEMA(EMARule):
         momentum = 0.5
@@ -259,7 +251,7 @@ def test_ema_and_similarity_on_cuda():
 # --- the registry ----------------------------------------------------------------------------------
 
 
-def test_user_rule_end_to_end(registry):
+def test_user_rule_end_to_end(rule_registry):
     @register_rule("test_half_sum")
     class HalfSum(IntegrationRule):
         """One learnable scalar c: W = c * (prev + next)."""
@@ -296,7 +288,7 @@ def test_user_rule_end_to_end(registry):
                     "affine": "yes"}, r"the class attribute affine must be True or False, got 'yes'"),
     ],
 )
-def test_registration_errors(registry, name, body, message):
+def test_registration_errors(rule_registry, name, body, message):
     cls = object if body is None else type("Custom", (IntegrationRule,), body)
     with pytest.raises(RegistryError, match=message):
         register_rule(name)(cls)
@@ -309,7 +301,7 @@ def test_unknown_rule_errors():
         replace_wrap.convert(ResidualMLP(depth=5), rule="nope")
 
 
-def test_rule_with_wrong_shape_is_refused_and_model_untouched(registry):
+def test_rule_with_wrong_shape_is_refused_and_model_untouched(rule_registry):
     @register_rule("test_wrong_shape")
     class WrongShape(IntegrationRule):
         def init_params(self, n, init):
