@@ -16,7 +16,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile, record_function
 
 import replace_wrap
-from replace_wrap._bench_child import SAMPLE, VARIANTS, _loss, build_model
+from replace_wrap.cli.bench_child import SAMPLE, VARIANTS, _loss, build_model
 
 
 def main(argv: list[str] | None = None) -> int:

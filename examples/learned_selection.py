@@ -25,7 +25,7 @@ from torch import nn
 from torch.func import functional_call
 
 import replace_wrap
-from replace_wrap._selection import min_cost_cover
+from replace_wrap.selection._solvers import min_cost_cover
 
 try:  # run as a script (examples/ on sys.path) or imported by the tests (examples. package path)
     from similarity_vs_every import evaluate, load_digits_split, make_vit, train

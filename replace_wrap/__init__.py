@@ -13,10 +13,11 @@ Example:
 
 from __future__ import annotations
 
+from ._version import __version__
+from .analysis.capture import register_leaf_module
+from .analysis.discovery import Stack
 from .api import convert, merge, plan, report, revert
-from .budget import Budget
 from .config import ReplaceConfig
-from .distributed import fsdp_units, shard
 from .errors import (
     AlreadyConvertedError,
     AnalysisError,
@@ -31,17 +32,30 @@ from .errors import (
     StateDictError,
     TracingError,
 )
-from .graph import Stack
-from .hooks import ReplacementSite
-from .leaves import register_leaf_handler
-from .persistence import ConversionRecord, RecordedBlock, from_pretrained, load, load_state_dict, save
-from .policy import AllOf, AnyOf, Every, Filter, Indices, Paths, Pattern, Policy
+from .integrations.fsdp import fsdp_units, shard
+from .io.checkpoint import from_pretrained, load, save
+from .io.guard import load_state_dict
+from .io.record import ConversionRecord, RecordedBlock
 from .report import BlockReport, ConversionReport
-from .rules import IntegrationRule, list_rules, register_rule
-from .similarity import Similarity
-from .tracing import register_leaf_module
+from .selection.budget import Budget
+from .selection.policies import AllOf, AnyOf, Every, Filter, Indices, Paths, Pattern, Policy
+from .selection.similarity import Similarity
+from .surgery.site import ReplacementSite
+from .synthesis.layer_kernels import register_layer_kernel
+from .synthesis.rules import IntegrationRule, list_rules, register_rule
+from . import _aliases  # noqa: E402,F401  the 0.1 module paths (replace_wrap.rules, ...), deprecated
 
-__version__ = "0.1.0.dev0"
+
+
+def register_leaf_handler(*types: type, name: str | None = None, requires: tuple[str, ...] = ("weight",)):  # noqa: ANN201
+    """Deprecated 0.1 name of :func:`register_layer_kernel`."""
+    import warnings
+
+    warnings.warn(
+        "replace_wrap.register_leaf_handler is now replace_wrap.register_layer_kernel", DeprecationWarning, stacklevel=2
+    )
+    return register_layer_kernel(*types, name=name, requires=requires)
+
 
 __all__ = [
     "AllOf",
@@ -83,7 +97,7 @@ __all__ = [
     "load_state_dict",
     "merge",
     "plan",
-    "register_leaf_handler",
+    "register_layer_kernel",
     "register_leaf_module",
     "register_rule",
     "report",

@@ -1,36 +1,32 @@
-"""convert / merge / revert / plan / report: orchestration only (analyse -> select -> rewrite -> report)."""
+"""convert / merge / revert / plan / report: orchestration only.
+
+Each verb calls the pipeline's stages in order and owns no decision of its own: ``analysis`` finds the stacks,
+the policy (``selection``) chooses blocks, ``surgery.plan`` assesses them and ``surgery.apply`` rewrites the
+model, ``io.guard`` records the conversion on the model, and the report says what happened.
+"""
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterator
-from dataclasses import dataclass
+import logging
 from typing import Any, Callable
 
 import torch
 from torch import nn
 
-from . import _optim, hooks
 from .config import ReplaceConfig
-from .errors import (
-    AlreadyConvertedError,
-    ConfigError,
-    MergeError,
-    NotConvertedError,
-    NothingToReplaceError,
-    PolicyError,
-)
-from .graph import analyse
-from .hooks import SITE_ATTR, ReplacementSite
-from .matching import BlockMatch, Ownership, match_block
-from .policy import Every, Policy, PolicyLike, as_policy, using_config, validate_selection
-from .report import BlockReport, ConversionReport
-from .rules import IntegrationRule, get_rule
+from .errors import AlreadyConvertedError, ConfigError, MergeError, NotConvertedError, NothingToReplaceError, PolicyError
+from .integrations import optim
+from .report import ConversionReport, stored_report
+from .selection.policies import Every, Policy, PolicyLike, as_policy
+from .surgery import attachments, swap
+from .surgery.apply import apply_plan, restore_block, scalar_values, site_tensors, sites
+from .surgery.plan import Plan, build_plan, nothing_message, trainable_count
+from .surgery.site import SITE_ATTR, ReplacementSite
 
 __all__ = ["convert", "merge", "plan", "report", "revert"]
 
-_REPORT_ATTR = "_replace_wrap_report"
-
+logger = logging.getLogger("replace_wrap")
 
 def convert(
     model: nn.Module,
@@ -83,21 +79,22 @@ def convert(
     """
     cfg = _resolve_config(config, options)
     pol = _resolve_policy(every, policy)
-    opts = _optim.as_optimizers(optimizers)
+    opts = optim.as_optimizers(optimizers)
     _check_not_converted(model)
-    planned = _plan(model, pol, cfg, example_inputs, trace)
+    planned = build_plan(model, pol, cfg, example_inputs, trace)
     if not planned.targets:
-        raise NothingToReplaceError(_nothing_message(model, planned.report), planned.report)
-    removed = [[f.leaf._parameters[f.name] for f in t.match.fused] for t in planned.targets]
-    _optim.check_holds(opts, [p for ps in removed for p in ps])
-    _apply(model, planned, cfg)
+        raise NothingToReplaceError(nothing_message(model, planned.report), planned.report)
+    removed = [[f.layer._parameters[f.name] for f in t.candidate.match.synthesized] for t in planned.targets]
+    optim.check_holds(opts, [p for ps in removed for p in ps])
+    _rewrite(model, planned, cfg)
     if opts:
-        sites = {id(block): (path, site) for path, block, site in _sites(model)}
-        added = []
-        for t in planned.targets:
-            path, site = sites[id(t.block)]
-            added.append([(f"{path}.{SITE_ATTR}.{n}", p) for n, p in site.named_parameters()])
-        _optim.rebind(opts, list(zip(removed, added)))
+        added = [
+            [(f"{t.candidate.path}.{SITE_ATTR}.{n}", p) for n, p in t.candidate.block.get_submodule(SITE_ATTR).named_parameters()]
+            for t in planned.targets
+        ]
+        optim.rebind(opts, list(zip(removed, added)))
+    rep = planned.report
+    logger.info("replace_wrap.convert: %s", rep.summary())
     return model
 
 
@@ -122,7 +119,7 @@ def plan(
     cfg = _resolve_config(config, options)
     pol = _resolve_policy(every, policy)
     _check_not_converted(model)
-    return _plan(model, pol, cfg, example_inputs, trace).report
+    return build_plan(model, pol, cfg, example_inputs, trace).report
 
 
 def report(model: nn.Module) -> ConversionReport:
@@ -131,263 +128,131 @@ def report(model: nn.Module) -> ConversionReport:
     Raises:
         NotConvertedError: If ``model`` was not converted.
     """
-    stored = model.__dict__.get(_REPORT_ATTR)
+    stored = stored_report(model)
     if stored is None:
         raise NotConvertedError(
             f"{type(model).__name__} has no conversion report: it was not converted with replace_wrap.convert "
             "(or was merged/reverted since). Use replace_wrap.plan(model) to preview a conversion."
         )
     out = dataclasses.replace(stored, blocks=[dataclasses.replace(b) for b in stored.blocks])
-    live = {path: site for path, _, site in _sites(model)}
+    live = {path: site for path, _, site in sites(model)}
     for b in out.blocks:
         if b.status == "replaced" and b.path in live:
-            b.scalars = _scalar_values(live[b.path])
+            b.scalars = scalar_values(live[b.path])
+    # Counted on the live model, not at conversion: weights tied after convert (Hugging Face ties embeddings
+    # after construction, so from_pretrained converts before tying), or frozen since, change the count.
+    out.trainable_after = trainable_count(model)
+    added = sum(p.numel() for s in live.values() for p in s.parameters() if p.requires_grad)
+    out.trainable_before = out.trainable_after - added + sum(b.params_saved for b in out.replaced)
     return out
 
 
-def merge(model: nn.Module) -> nn.Module:
+def merge(model: nn.Module, *, optimizers: Any = None) -> nn.Module:
     """Materialize every synthesized tensor as an ordinary parameter; return the plain model.
 
     The state_dict keys are those of the original architecture again, outputs equal the converted model's,
     every tensor is trainable again (with its original ``requires_grad``). Atomic: nothing changes unless
     every synthesized tensor is finite.
 
+    Args:
+        model: A converted model.
+        optimizers: An optimizer (or a list of them) that trains the converted model, to keep training the
+            merged one: it is rebound in place, dropping the scalars (and their state) and training each
+            block's restored tensors in the parameter group that held the block's scalars. Without it, such an
+            optimizer keeps updating scalars that no longer exist and never trains the restored tensors.
+
     Raises:
         NotConvertedError: If ``model`` has no replaced blocks.
         MergeError: If a synthesized tensor is not finite (names the block, tensor and scalars).
+        ConfigError: If an optimizer in ``optimizers`` holds none of the model's scalars.
+
+    Example:
+        >>> import torch, replace_wrap
+        >>> net = replace_wrap.convert(torch.nn.Sequential(*[torch.nn.Linear(4, 4) for _ in range(5)]))
+        >>> opt = torch.optim.SGD(net.parameters(), lr=0.1)
+        >>> net = replace_wrap.merge(net, optimizers=opt)
+        >>> sum(p.numel() for g in opt.param_groups for p in g["params"])  # every tensor of the plain model
+        100
     """
-    sites = _require_sites(model, "merge")
-    planned: list[tuple[nn.Module, ReplacementSite, list[tuple[nn.Module, str, torch.Tensor]]]] = []
+    found = _require_sites(model, "merge")
+    planned: list[tuple[str, nn.Module, ReplacementSite, list[tuple[nn.Module, str, torch.Tensor]]]] = []
     with torch.no_grad():
-        for path, block, site in sites:
+        for path, block, site in found:
             tensors = []
-            for k, (leaf, name) in enumerate(_targets(block, site)):
-                value = getattr(leaf, name).detach().clone()
+            for k, (layer, name) in enumerate(site_tensors(block, site)):
+                value = getattr(layer, name).detach().clone()
                 if not torch.isfinite(value).all():
                     raise MergeError(
                         f"cannot merge: the synthesized tensor {site.tensor_names[k]!r} of block {path!r} is not "
-                        f"finite (scalars {_scalar_values(site)}); the model was left unchanged. Check the training "
+                        f"finite (scalars {scalar_values(site)}); the model was left unchanged. Check the training "
                         "for divergence, or replace_wrap.revert(model) if it was converted with keep_original=True."
                     )
-                tensors.append((leaf, name, value))
-            planned.append((block, site, tensors))
-    for block, site, tensors in planned:
-        _restore_block(block, site, tensors)
-    _forget(model)
+                tensors.append((layer, name, value))
+            planned.append((path, block, site, tensors))
+    _unconvert(model, planned, optimizers)
     return model
 
 
-def revert(model: nn.Module) -> nn.Module:
+def revert(model: nn.Module, *, optimizers: Any = None) -> nn.Module:
     """Restore the replaced blocks' original tensors (needs ``keep_original=True``); drop the scalars.
+
+    Args:
+        model: A converted model.
+        optimizers: As for :func:`merge`: rebound in place to the restored tensors.
 
     Raises:
         NotConvertedError: If ``model`` has no replaced blocks.
         MergeError: If it was converted without ``keep_original=True``.
     """
-    sites = _require_sites(model, "revert")
-    missing = [path for path, _, site in sites if not site.has_originals]
+    found = _require_sites(model, "revert")
+    missing = [path for path, _, site in found if not site.has_originals]
     if missing:
         raise MergeError(
             f"cannot revert block {missing[0]!r}: it was converted without keep_original=True, so its original "
             "tensors were not kept. Use replace_wrap.merge(model) to keep the synthesized tensors instead."
         )
-    for _, block, site in sites:
-        tensors = [
-            (leaf, name, site.get_buffer(f"original_{k}").detach().clone())
-            for k, (leaf, name) in enumerate(_targets(block, site))
-        ]
-        _restore_block(block, site, tensors)
-    _forget(model)
+    planned = [
+        (path, block, site, [
+            (layer, name, site.get_buffer(f"original_{k}").detach().clone())
+            for k, (layer, name) in enumerate(site_tensors(block, site))
+        ])
+        for path, block, site in found
+    ]
+    _unconvert(model, planned, optimizers)
     return model
 
 
-# --- planning --------------------------------------------------------------------------------------------
+def _unconvert(
+    model: nn.Module,
+    planned: list[tuple[str, nn.Module, ReplacementSite, list[tuple[nn.Module, str, torch.Tensor]]]],
+    optimizers: Any,
+) -> None:
+    """Restore every block (``merge``/``revert``), rebind the optimizers, forget the conversion."""
+    opts = optim.as_optimizers(optimizers)
+    scalars = [list(site.parameters()) for _, _, site, _ in planned]
+    optim.check_holds(opts, [p for ps in scalars for p in ps], what="the scalars of the replaced blocks")
+    for _, block, site, tensors in planned:
+        restore_block(block, site, tensors)
+    if opts:
+        restored = []
+        for path, block, site, tensors in planned:
+            prefix = f"{path}." if path else ""
+            names = [f"{prefix}{rel}" for rel in site.tensor_names]
+            restored.append([(n, getattr(layer, name)) for n, (layer, name, _) in zip(names, tensors)])
+        optim.rebind(opts, list(zip(scalars, restored)))
+    _forget(model)
 
 
-@dataclass
-class _Target:
-    path: str
-    block: nn.Module
-    prev_path: str
-    next_path: str
-    match: BlockMatch
-    init: tuple[torch.Tensor, torch.Tensor] | None = None  # per-set (a, b) from the policy, else config init
+# --- helpers ---------------------------------------------------------------------------------------------
 
 
-@dataclass
-class _Plan:
-    report: ConversionReport
-    targets: list[_Target]
-
-
-def _plan(model: nn.Module, pol: Policy, cfg: ReplaceConfig, example_inputs: Any, trace: bool) -> _Plan:
-    analysis = analyse(model, example_inputs=example_inputs, trace=trace)
-    stacks = analysis.stacks
-    with using_config(cfg):
-        selections = pol.select_all(stacks, model)
-    if len(selections) != len(stacks):
-        raise PolicyError(f"{pol!r}.select_all returned {len(selections)} selections for {len(stacks)} stacks")
-    owners = Ownership(model)
-    rule = get_rule(cfg.rule)
-    blocks: list[BlockReport] = []
-    targets: list[_Target] = []
-    saved_total = scalars_total = 0
-    for stack, selected in zip(stacks, selections):
-        chosen = set(validate_selection(stack, selected))
-        n = len(stack)
-        for i, (path, block) in enumerate(zip(stack.paths, stack.modules)):
-            if i not in chosen:
-                reason = "first block of the stack" if i == 0 else "last block of the stack" if i == n - 1 else (
-                    f"not selected by {pol!r}"
-                )
-                blocks.append(BlockReport(stack.name, i, path, "kept", reason=reason))
-                continue
-            prev_path, next_path = stack.paths[i - 1], stack.paths[i + 1]
-            entry = BlockReport(stack.name, i, path, "skipped", prev=prev_path, next=next_path)
-            blocks.append(entry)
-            if SITE_ATTR in block._modules or hasattr(block, SITE_ATTR):
-                entry.reason = f"the block already has an attribute {SITE_ATTR!r}"
-                continue
-            m = match_block(
-                block, stack.modules[i - 1], stack.modules[i + 1], path, prev_path, next_path, owners,
-                adapt_shapes=cfg.adapt_shapes,
-            )
-            entry.kept_tensors = tuple(m.kept)
-            if m.problem:
-                entry.reason = m.problem
-                continue
-            n_sets = len(m.fused) if cfg.scalars == "tensor" else 1
-            with using_config(cfg):
-                coeffs = _policy_scalars(pol, stack, i, m, n_sets, path)
-            # The preview reads a few scalars as floats: build them on the CPU, whatever default device is
-            # active (a meta-device init context, as in Hugging Face's from_pretrained, cannot be read).
-            with torch.device("cpu"):
-                init = _initial_params(rule, n_sets, cfg.init, coeffs, path)
-                entry.scalars = _preview_scalars(rule, init, n_sets, cfg.init, coeffs)
-            entry.status = "replaced"
-            entry.fused = tuple(t.rel for t in m.fused)
-            entry.params_saved = m.params_saved
-            entry.adapted = tuple((t.rel, t.describe()) for t in m.fused if t.adapted)
-            entry.reason = f"{len(m.fused)} tensors synthesized" + (
-                f" ({len(entry.adapted)} shape-adapted)" if entry.adapted else ""
-            ) + (f"; {len(m.kept)} kept as its own ({m.kept[0][0]}: {m.kept[0][1]})" if m.kept else "")
-            saved_total += entry.params_saved
-            scalars_total += sum(t.numel() for t in init.values())
-            targets.append(_Target(path, block, prev_path, next_path, m, coeffs))
-    before = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    rep = ConversionReport(
-        route=analysis.route,
-        policy=repr(pol),
-        config=cfg,
-        blocks=blocks,
-        stacks=[(s.name, len(s)) for s in stacks],
-        trainable_before=before,
-        trainable_after=before - saved_total + scalars_total,
-        notes=list(analysis.notes),
-    )
-    return _Plan(rep, targets)
-
-
-def _policy_scalars(
-    pol: Policy, stack: Any, index: int, m: BlockMatch, n_sets: int, path: str
-) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """The policy's initial (a, b) for a block, checked and shaped ``(n_sets,)`` each; None for the config's."""
-    found = pol.initial_scalars(stack, index, m, n_sets)
-    if found is None:
-        return None
-    what = f"{pol!r}.initial_scalars for block {path!r}"
-    if not isinstance(found, (tuple, list)) or len(found) != 2:
-        raise PolicyError(f"{what} must return None or a pair (a, b), got {found!r}")
-    out = []
-    for name, v in zip("ab", found):
-        try:
-            t = torch.as_tensor(v, dtype=torch.float32).detach().cpu().reshape(-1)
-            t = t.expand(n_sets).clone() if t.numel() == 1 else t
-        except (TypeError, ValueError, RuntimeError) as exc:
-            raise PolicyError(f"{what} returned {name}={v!r}, not numbers: {exc}") from None
-        if t.shape != (n_sets,):
-            raise PolicyError(
-                f"{what} returned {name} with {t.numel()} values; the block has {n_sets} scalar set(s) "
-                f"(scalars={'tensor' if n_sets > 1 else 'block'}): return one value or {n_sets}"
-            )
-        if not torch.isfinite(t).all():
-            raise PolicyError(f"{what} returned a non-finite {name}: {t.tolist()}")
-        out.append(t)
-    return out[0], out[1]
-
-
-def _initial_params(
-    rule: IntegrationRule, n_sets: int, init: tuple[float, float], coeffs: Any, path: str
-) -> dict[str, torch.Tensor]:
-    if coeffs is None:
-        return rule.init_params(n_sets, init)
-    try:
-        return rule.params_from_coefficients(*coeffs)
-    except ConfigError as exc:
-        raise ConfigError(
-            f"rule {rule.name!r} cannot start block {path!r} from the policy's scalars: {exc}. Use a rule "
-            "that can express them, or a policy without initial scalars."
-        ) from None
-
-
-def _preview_scalars(
-    rule: IntegrationRule, params: dict[str, torch.Tensor], n_sets: int, init: tuple[float, float], coeffs: Any
-) -> dict[str, list[float]]:
-    """The (a, b) the site will start with, as the report shows them (through the rule, e.g. clamped)."""
-    from types import SimpleNamespace
-
-    try:
-        a, b = rule.coefficients(SimpleNamespace(**params, n_sets=n_sets))  # type: ignore[arg-type]
-    except AttributeError:  # a rule whose coefficients read state the preview does not have
-        a, b = coeffs if coeffs is not None else (torch.full((n_sets,), init[0]), torch.full((n_sets,), init[1]))
-    return {"a": [float(v) for v in a.detach().flatten()], "b": [float(v) for v in b.detach().flatten()]}
-
-
-# --- rewriting -------------------------------------------------------------------------------------------
-
-
-def _apply(model: nn.Module, planned: _Plan, cfg: ReplaceConfig) -> None:
-    """Rewrite every target; on any failure undo what was done, so the model is exactly as before."""
+def _rewrite(model: nn.Module, planned: Plan, cfg: ReplaceConfig) -> None:
+    """Apply the plan and record it on the model; on any failure the model is exactly as it was."""
     undo: list[Callable[[], None]] = []
     try:
-        for t in planned.targets:
-            fused = t.match.fused
-            first = fused[0].leaf._parameters[fused[0].name]
-            site = ReplacementSite(
-                cfg.rule,
-                len(fused) if cfg.scalars == "tensor" else 1,
-                cfg.init,
-                tuple(f.rel for f in fused),
-                detach=cfg.neighbour_grad == "detached",
-                prev_path=t.prev_path,
-                next_path=t.next_path,
-                originals=[f.leaf._parameters[f.name] for f in fused] if cfg.keep_original else None,
-                coefficients=t.init,
-                own=[f.leaf._parameters[f.name] for f in fused],
-                fast_path=cfg.fast_path,
-                ab_grad_sample=None if cfg.ab_grad_sample == 1.0 else cfg.ab_grad_sample,
-            ).to(first.device)
-            site.requires_grad_flags = tuple(f.leaf._parameters[f.name].requires_grad for f in fused)
-            t.block.add_module(SITE_ATTR, site)
-            undo.append(lambda b=t.block: b._modules.pop(SITE_ATTR))
-            by_leaf: dict[int, tuple[nn.Module, dict[str, Any]]] = {}
-            for k, f in enumerate(fused):
-                by_leaf.setdefault(id(f.leaf), (f.leaf, {}))[1][f.name] = (
-                    site, k, f.prev_leaf, f.next_leaf, f.prev_adapter, f.next_adapter
-                )
-            for leaf, sources in by_leaf.values():
-                saved = {name: leaf._parameters[name] for name in sources}
-                hooks.install(leaf, sources)
-                undo.append(lambda leaf=leaf, saved=saved: hooks.uninstall(leaf, saved))
-            if cfg.recompute:
-                hooks.set_recompute(t.block, True)
-                undo.append(lambda b=t.block: hooks.set_recompute(b, False))
-            _check_synthesis(t, site, cfg.rule)
-        from . import persistence  # late: persistence builds on this module
-
-        undo.append(persistence.attach(model, planned.report))
+        apply_plan(model, planned, cfg, undo)
         planned.report.applied = True
-        object.__setattr__(model, _REPORT_ATTR, planned.report)
+        attachments.attach_all(model, planned.report)
     except BaseException:
         for step in reversed(undo):
             step()
@@ -395,45 +260,9 @@ def _apply(model: nn.Module, planned: _Plan, cfg: ReplaceConfig) -> None:
         raise
 
 
-def _check_synthesis(t: _Target, site: ReplacementSite, rule: str) -> None:
-    """A rule must synthesize each tensor in the shape and dtype it replaces: checked once, at conversion."""
-    with torch.no_grad():
-        for k, (f, (leaf, name)) in enumerate(zip(t.match.fused, _targets(t.block, site))):
-            value = getattr(leaf, name)
-            # the replaced tensor's shape; its dtype is the neighbours' (a side may be absent, not both)
-            ref = getattr(f.prev_leaf if f.prev_leaf is not None else f.next_leaf, f.name)
-            if not isinstance(value, torch.Tensor) or tuple(value.shape) != f.shape or value.dtype != ref.dtype:
-                got = (
-                    f"shape {tuple(value.shape)}, dtype {value.dtype}" if isinstance(value, torch.Tensor)
-                    else type(value).__name__
-                )
-                raise ConfigError(
-                    f"rule {rule!r} synthesized {got} for tensor {f.rel!r} of block {t.path!r}, which needs "
-                    f"shape {f.shape}, dtype {ref.dtype}; fix the rule's synthesize(). The model was "
-                    "left unchanged."
-                )
-
-
-def _restore_block(block: nn.Module, site: ReplacementSite, tensors: list[tuple[nn.Module, str, torch.Tensor]]) -> None:
-    flags = getattr(site, "requires_grad_flags", (True,) * len(tensors))
-    by_leaf: dict[int, tuple[nn.Module, dict[str, nn.Parameter]]] = {}
-    for (leaf, name, value), flag in zip(tensors, flags):
-        by_leaf.setdefault(id(leaf), (leaf, {}))[1][name] = nn.Parameter(value, requires_grad=flag)
-    for leaf, params in by_leaf.values():
-        hooks.uninstall(leaf, params)
-    hooks.set_recompute(block, False)
-    del block._modules[SITE_ATTR]
-
-
-# --- helpers ---------------------------------------------------------------------------------------------
-
-
 def _forget(model: nn.Module) -> None:
-    """Drop the report, the state-dict guard and the config record: the model is plain again."""
-    from . import persistence  # late: persistence builds on this module
-
-    persistence.detach(model)
-    model.__dict__.pop(_REPORT_ATTR, None)
+    """Drop the report, the state-dict guard, the config record ...: the model is plain again."""
+    attachments.detach_all(model)
 
 
 def _resolve_config(config: ReplaceConfig | None, options: dict[str, Any]) -> ReplaceConfig:
@@ -461,58 +290,18 @@ def _check_not_converted(model: nn.Module) -> None:
     if not isinstance(model, nn.Module):
         raise ConfigError(f"replace_wrap works on torch.nn.Module instances, got {type(model).__name__}")
     for path, m in model.named_modules():
-        if isinstance(m, ReplacementSite) or hooks.is_swapped(m):
+        if isinstance(m, ReplacementSite) or swap.is_swapped(m):
             raise AlreadyConvertedError(
                 f"{type(model).__name__} is already converted (replaced block at {path.rsplit('.', 1)[0]!r}); "
                 "converting twice is not supported. Call replace_wrap.merge(model) first, or convert the original."
             )
 
 
-def _sites(model: nn.Module) -> Iterator[tuple[str, nn.Module, ReplacementSite]]:
-    for path, block in model.named_modules():
-        site = block._modules.get(SITE_ATTR)
-        if isinstance(site, ReplacementSite):
-            yield path, block, site
-
-
 def _require_sites(model: nn.Module, verb: str) -> list[tuple[str, nn.Module, ReplacementSite]]:
-    sites = list(_sites(model))
-    if not sites:
+    found = list(sites(model))
+    if not found:
         raise NotConvertedError(
             f"cannot {verb} {type(model).__name__}: it has no replaced blocks. Convert it first with "
             "replace_wrap.convert(model)."
         )
-    return sites
-
-
-def _targets(block: nn.Module, site: ReplacementSite) -> list[tuple[nn.Module, str]]:
-    out = []
-    for rel in site.tensor_names:
-        leaf_path, _, name = rel.rpartition(".")
-        out.append((block.get_submodule(leaf_path) if leaf_path else block, name))
-    return out
-
-
-def _scalar_values(site: ReplacementSite) -> dict[str, list[float]]:
-    a, b = site.coefficients()
-    return {"a": [float(v) for v in a.detach().float().flatten()], "b": [float(v) for v in b.detach().float().flatten()]}
-
-
-def _nothing_message(model: nn.Module, rep: ConversionReport) -> str:
-    name = type(model).__name__
-    if not rep.stacks:
-        why = "no stack of repeated blocks was found (a stack is a run of same-class child modules with parameters)"
-    elif all(n < 3 for _, n in rep.stacks):
-        shown = ", ".join(f"{s!r} ({n} blocks)" for s, n in rep.stacks[:3])
-        why = f"every stack is shorter than 3 blocks ({shown}), and first and last blocks stay real"
-    elif rep.skipped:
-        shown = "; ".join(f"{b.path}: {b.reason}" for b in rep.skipped[:3])
-        more = f" (and {len(rep.skipped) - 3} more)" if len(rep.skipped) > 3 else ""
-        why = f"every selected block had to be skipped: {shown}{more}"
-    else:
-        why = f"the policy {rep.policy} selected no block"
-    return (
-        f"convert found no block to replace in {name}: {why}. See replace_wrap.plan(model) for the per-block "
-        "table, or choose the blocks with another policy."
-    )
-
+    return found

@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any
 
 from .errors import ConfigError, RegistryError
 
-__all__ = ["ReplaceConfig"]
+__all__ = ["ReplaceConfig", "current_config", "using_config"]
 
 _SCALARS = ("block", "tensor")
 _NEIGHBOUR_GRAD = ("detached", "coupled")
@@ -66,7 +69,7 @@ class ReplaceConfig:
     version: int = 1
 
     def __post_init__(self) -> None:
-        from .rules import get_rule  # late: rules imports fusion, which is independent of config
+        from .synthesis.rules import get_rule  # late: the rule registry is filled when synthesis is imported
 
         if not isinstance(self.rule, str):
             raise ConfigError(f"rule must be a rule name (str), got {self.rule!r}")
@@ -135,3 +138,29 @@ class ReplaceConfig:
 def _check_choice(name: str, value: object, allowed: tuple[str, ...]) -> None:
     if value not in allowed:
         raise ConfigError(f"{name} must be one of {', '.join(map(repr, allowed))}; got {value!r}")
+
+
+_CURRENT: ContextVar[ReplaceConfig | None] = ContextVar("replace_wrap_config", default=None)
+
+
+def current_config() -> ReplaceConfig:
+    """The :class:`ReplaceConfig` of the ``convert``/``plan`` call that is consulting a policy.
+
+    Policies read it to account exactly for what the conversion will do (rule, scalars, shape adaptation).
+    Outside such a call, the default config.
+
+    Example:
+        >>> current_config().rule
+        'linear'
+    """
+    return _CURRENT.get() or ReplaceConfig()
+
+
+@contextmanager
+def using_config(config: ReplaceConfig) -> Iterator[None]:
+    """Make ``config`` what :func:`current_config` returns inside the ``with`` block (set by the plan)."""
+    token = _CURRENT.set(config)
+    try:
+        yield
+    finally:
+        _CURRENT.reset(token)

@@ -6,9 +6,13 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
+from torch import nn
+
 from .config import ReplaceConfig
 
-__all__ = ["BlockReport", "ConversionReport"]
+__all__ = ["REPORT_ATTR", "BlockReport", "ConversionReport", "stored_report"]
+
+REPORT_ATTR = "_replace_wrap_report"  # where a converted model keeps its report (see surgery.attachments)
 
 
 @dataclass
@@ -26,7 +30,7 @@ class BlockReport:
         params_saved: Trainable parameters removed by replacing the block (before adding its scalars).
         reason: Why the block has this status.
         scalars: Current values of the site's parameters (e.g. ``{"a": [0.5], "b": [0.5]}``).
-        fused: Paths (inside the block) of the synthesized tensors.
+        synthesized: Paths (inside the block) of the synthesized tensors (``fused`` is a deprecated alias).
         kept_tensors: ``(path, reason)`` of the block's tensors that stay its own (shared with another
             module, or, with shape adaptation, without a usable counterpart in either neighbour).
         adapted: ``(path, how)`` of the synthesized tensors whose neighbour tensors are shape-adapted, e.g.
@@ -42,9 +46,14 @@ class BlockReport:
     params_saved: int = 0
     reason: str = ""
     scalars: dict[str, list[float]] | None = None
-    fused: tuple[str, ...] = ()
+    synthesized: tuple[str, ...] = ()
     kept_tensors: tuple[tuple[str, str], ...] = ()
     adapted: tuple[tuple[str, str], ...] = ()
+
+    @property
+    def fused(self) -> tuple[str, ...]:
+        """Deprecated alias of :attr:`synthesized` (the 0.1 name)."""
+        return self.synthesized
 
 
 @dataclass
@@ -126,3 +135,8 @@ def _human(n: int) -> str:
         if abs(n) >= scale:
             return f"{n / scale:.2f}{unit}"
     return str(n)
+
+
+def stored_report(model: nn.Module) -> ConversionReport | None:
+    """The report ``convert`` kept on ``model`` (scalars as at conversion), or ``None`` if not converted."""
+    return model.__dict__.get(REPORT_ATTR)

@@ -41,12 +41,12 @@ def one_thread():
 @pytest.fixture
 def rule_registry():
     """Rules registered inside a test are removed afterwards, so other tests see the built-in registry."""
-    import replace_wrap.rules
+    import replace_wrap.synthesis.rules
 
-    saved = dict(replace_wrap.rules._RULES)
+    saved = dict(replace_wrap.synthesis.rules._RULES)
     yield
-    replace_wrap.rules._RULES.clear()
-    replace_wrap.rules._RULES.update(saved)
+    replace_wrap.synthesis.rules._RULES.clear()
+    replace_wrap.synthesis.rules._RULES.update(saved)
 
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -90,7 +90,7 @@ def assert_same_state(before: dict, after: dict) -> None:
 
 
 def reference_adapt(t: torch.Tensor, shape, centre=()) -> torch.Tensor:
-    """The documented slice / zero-pad rule, written independently of replace_wrap.adapt (index slices).
+    """The documented slice / zero-pad rule, written independently of replace_wrap.synthesis.adapt (index slices).
 
     Per dimension, source entry ``j`` lands at target entry ``j + off`` where ``off = 0`` (start alignment)
     or ``floor((m - s) / 2)`` for growing and ``-floor((s - m) / 2)`` for shrinking centre-aligned dims.
@@ -129,7 +129,7 @@ def oracle_model(original: torch.nn.Module, converted: torch.nn.Module) -> torch
     Neighbour tensors of another shape are mapped by :func:`reference_adapt`; a missing one counts as zeros.
     """
     import replace_wrap
-    from replace_wrap.fusion import mix
+    from replace_wrap.synthesis.maths import mix
 
     oracle = copy.deepcopy(original)
     rep = replace_wrap.report(converted)

@@ -1,4 +1,4 @@
-"""Properties of the shape-adapting maps (replace_wrap.adapt): shape, identity, linearity, slice/pad semantics."""
+"""Properties of the shape-adapting maps (replace_wrap.synthesis.adapt): shape, identity, linearity, slice/pad semantics."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from conftest import reference_adapt
-from replace_wrap.adapt import ShapeAdapter, adapt, adapt_pair, offset
+from replace_wrap.synthesis.adapt import ShapeAdapter, adapt, adapt_pair, offset
 
 dims = st.integers(min_value=1, max_value=4)
 sizes = st.integers(min_value=1, max_value=6)

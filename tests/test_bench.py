@@ -9,8 +9,8 @@ import pathlib
 import pytest
 
 from replace_wrap import ReplaceWrapError
-from replace_wrap.__main__ import main
-from replace_wrap.bench import BenchError, build_model, format_table, run_bench
+from replace_wrap.cli import main
+from replace_wrap.cli.bench import BenchError, build_model, format_table, run_bench
 
 TESTS = str(pathlib.Path(__file__).parent)
 

@@ -13,7 +13,7 @@ from torch import nn
 
 import replace_wrap
 from replace_wrap import Budget, BudgetError, Pattern, PolicyError
-from replace_wrap._selection import max_weight_independent, min_cost_cover
+from replace_wrap.selection._solvers import max_weight_independent, min_cost_cover
 from toys import ResidualMLP, ResidualMLPBlock, SharedSubmoduleNet
 
 

@@ -78,7 +78,7 @@ class ConversionContract:
         removed = 0
         for b in rep.replaced:
             block = original.get_submodule(b.path)
-            removed += sum(block.get_parameter(rel).numel() for rel in b.fused)
+            removed += sum(block.get_parameter(rel).numel() for rel in b.synthesized)
         after = sum(p.numel() for p in model.parameters() if p.requires_grad)
         assert after == before - removed + 2 * len(rep.replaced)
         assert rep.trainable_before == before and rep.trainable_after == after

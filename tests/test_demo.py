@@ -9,8 +9,8 @@ import pytest
 import torch
 
 import replace_wrap
-from replace_wrap import __main__ as cli
-from replace_wrap._demo import DemoSettings, build_model, format_table, load_digits_data, train_run
+from replace_wrap import cli
+from replace_wrap.cli.demo import DemoSettings, build_model, format_table, load_digits_data, train_run
 from conftest import run_python
 
 pytest.importorskip("timm")

@@ -9,7 +9,7 @@ from torch import nn
 
 import replace_wrap
 from conftest import TOL, oracle_model
-from replace_wrap.graph import analyse, find_stacks
+from replace_wrap.analysis.discovery import analyse, find_stacks
 from toys import StageBlock
 
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import replace_wrap
-from replace_wrap import hooks
+from replace_wrap.surgery import swap as hooks
 from conftest import assert_same_state, state_snapshot
 from toys import ConvNet, ResidualMLP
 

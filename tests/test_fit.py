@@ -1,4 +1,4 @@
-"""Properties of the closed-form least-squares fit behind Similarity (replace_wrap.fusion.fit_coefficients)."""
+"""Properties of the closed-form least-squares fit behind Similarity (replace_wrap.synthesis.maths.fit_coefficients)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from replace_wrap.fusion import Fit, fit_coefficients
+from replace_wrap.synthesis.maths import Fit, fit_coefficients
 
 coef = st.floats(-3, 3, allow_nan=False, allow_infinity=False)
 seeds = st.integers(0, 2**31 - 1)

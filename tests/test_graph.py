@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 import replace_wrap
-from replace_wrap.graph import analyse, find_stacks, template
+from replace_wrap.analysis.discovery import analyse, find_stacks, template
 from conftest import assert_same_state, state_snapshot
 from toys import ResidualMLP, SharedSubmoduleNet, TinyTransformer
 
@@ -121,7 +121,7 @@ def test_shared_submodule_is_not_rewritten():
     replace_wrap.convert(model)
     rep = replace_wrap.report(model)
     for b in rep.replaced:
-        assert b.fused == ("fc.weight", "fc.bias")
+        assert b.synthesized == ("fc.weight", "fc.bias")
         assert b.kept_tensors == (("pos.weight", "shared with shared"), ("pos.bias", "shared with shared"))
     assert type(shared) is nn.Linear and isinstance(shared._parameters["weight"], nn.Parameter)
     assert all(blk.pos is shared for blk in model.blocks)
@@ -160,7 +160,7 @@ def test_period_two_alternation():
     # with shape adaptation (the default) the gated block 2 is replaced; its gate, which neither gate-less
     # neighbour has, stays its own parameter
     (b,) = replace_wrap.plan(Alternating(), policy=replace_wrap.Indices([2])).replaced
-    assert b.fused == ("fc.weight", "fc.bias")
+    assert b.synthesized == ("fc.weight", "fc.bias")
     assert [k for k, _ in b.kept_tensors] == ["gate.weight", "gate.bias"]
 
 

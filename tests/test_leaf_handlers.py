@@ -13,8 +13,9 @@ from hypothesis import strategies as st
 from torch import nn
 
 import replace_wrap
-from replace_wrap import ConfigError, RegistryError, leaves
-from replace_wrap.hooks import base_class
+from replace_wrap import ConfigError, RegistryError
+from replace_wrap.synthesis import layer_kernels as leaves
+from replace_wrap.surgery.swap import base_class
 from toys import ConvNet, ResidualMLP, TinyTransformer
 
 TOYS = {"mlp": ResidualMLP, "conv-bn": ConvNet, "transformer": TinyTransformer}
@@ -123,21 +124,21 @@ class PlainSubclassLinear(nn.Linear):
 
 
 def test_lookup_rules():
-    assert leaves.handler_for(nn.Linear, ("bias", "weight")).name == "linear"
-    assert leaves.handler_for(PlainSubclassLinear, ("weight",)).name == "linear"  # same forward: served
-    assert leaves.handler_for(OwnForwardLinear, ("bias", "weight")) is None  # own forward: generic
-    assert leaves.handler_for(nn.Linear, ("bias",)) is None  # the weight is not synthesized
-    assert leaves.handler_for(nn.Conv2d, ("weight",)).name == "conv"
-    assert leaves.list_leaf_handlers()[:2] == ["linear", "conv"]  # built-ins first: first match wins
+    assert leaves.kernel_for(nn.Linear, ("bias", "weight")).name == "linear"
+    assert leaves.kernel_for(PlainSubclassLinear, ("weight",)).name == "linear"  # same forward: served
+    assert leaves.kernel_for(OwnForwardLinear, ("bias", "weight")) is None  # own forward: generic
+    assert leaves.kernel_for(nn.Linear, ("bias",)) is None  # the weight is not synthesized
+    assert leaves.kernel_for(nn.Conv2d, ("weight",)).name == "conv"
+    assert leaves.list_layer_kernels()[:2] == ["linear", "conv"]  # built-ins first: first match wins
 
 
 def test_registry_errors():
     with pytest.raises(RegistryError, match="already has the leaf handler 'linear'"):
-        leaves.register_leaf_handler(nn.Linear, name="another_linear")(lambda leaf, x: NotImplemented)
+        leaves.register_layer_kernel(nn.Linear, name="another_linear")(lambda leaf, x: NotImplemented)
     with pytest.raises(RegistryError, match="named 'conv' is already registered"):
-        leaves.register_leaf_handler(OwnForwardLinear, name="conv")(lambda leaf, x: NotImplemented)
+        leaves.register_layer_kernel(OwnForwardLinear, name="conv")(lambda leaf, x: NotImplemented)
     with pytest.raises(RegistryError, match="nn.Module subclasses"):
-        leaves.register_leaf_handler(int)
+        leaves.register_layer_kernel(int)
 
 
 def test_user_handler_and_declining():
@@ -151,7 +152,7 @@ def test_user_handler_and_declining():
 
     calls = []
 
-    @leaves.register_leaf_handler(Gate, name="test_gate")
+    @leaves.register_layer_kernel(Gate, name="test_gate")
     def gate_forward(leaf, x):
         calls.append(x.shape)
         return NotImplemented if x.shape[0] == 1 else x * leaf.weight + 0  # same maths via the property
@@ -166,7 +167,7 @@ def test_user_handler_and_declining():
             torch.testing.assert_close(net(x), ref(x))
         assert calls  # the handler ran (and declined for batch 1)
     finally:
-        leaves._HANDLERS[:] = [h for h in leaves._HANDLERS if h.name != "test_gate"]
+        leaves._KERNELS[:] = [h for h in leaves._KERNELS if h.name != "test_gate"]
 
 
 # --- the reusable weight buffer ------------------------------------------------------------------------------

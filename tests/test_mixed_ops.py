@@ -1,4 +1,4 @@
-"""The lean-backward layers of replace_wrap.mixed_ops: exact gradients (gradcheck, and against plain autograd)
+"""The lean-backward layers of replace_wrap.synthesis.kernels: exact gradients (gradcheck, and against plain autograd)
 and an unbiased sampled estimator (a statistical test whose tolerance comes from the sample variance)."""
 
 from __future__ import annotations
@@ -11,9 +11,10 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from replace_wrap import mixed_ops
-from replace_wrap.fusion import mix
-from replace_wrap.mixed_ops import check_sample, mixed_conv, mixed_linear, sample_rows
+from replace_wrap.synthesis import estimators
+from replace_wrap.synthesis import kernels as mixed_ops
+from replace_wrap.synthesis.maths import mix
+from replace_wrap.synthesis.kernels import check_sample, mixed_conv, mixed_linear, sample_rows
 
 # The two ways of taking dL/da: thin row products (few rows) and one dW = dy^T x (many rows).
 BRANCHES = {"row-products": 10**9, "weight-gradient": 0}
@@ -165,7 +166,7 @@ def _assert_unbiased(draws: torch.Tensor, exact: torch.Tensor) -> None:
 def scalar_reads(request, monkeypatch):
     # the accelerator route (no host read of a, b) runs on CPU tensors too when told to
     if request.param == "device-scalars":
-        monkeypatch.setattr(mixed_ops, "_scalars_on_host", lambda t: False)
+        monkeypatch.setattr(estimators, "scalars_on_host", lambda t: False)
     return request.param
 
 

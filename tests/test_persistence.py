@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 
 import replace_wrap
 from conftest import assert_same_state, state_snapshot
-from replace_wrap.persistence import CONFIG_KEY, RECORD_FILE, ConversionRecord
+from replace_wrap.io.record import CONFIG_KEY, RECORD_FILE, ConversionRecord
 from toys import ConvNet, ResidualMLP, SharedSubmoduleNet
 
 

@@ -7,7 +7,7 @@ import torch
 
 import replace_wrap
 from replace_wrap import AllOf, AnyOf, Every, Filter, Indices, Pattern, Policy, PolicyError
-from replace_wrap.graph import Stack
+from replace_wrap.analysis.discovery import Stack
 from toys import ResidualMLP
 
 

@@ -10,8 +10,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import replace_wrap
-from replace_wrap import Every, Indices, PolicyError, hooks
-from replace_wrap.fusion import mix
+from replace_wrap import Every, Indices, PolicyError
+from replace_wrap.surgery import swap as hooks
+from replace_wrap.synthesis.maths import mix
 from conftest import TOL, assert_same_state, state_snapshot
 from toys import ResidualMLP
 

@@ -12,7 +12,7 @@ from torch.utils.checkpoint import checkpoint
 import replace_wrap
 from conftest import TOL
 from replace_wrap import ConfigError, IntegrationRule, RegistryError, register_rule
-from replace_wrap.rules import EMARule, get_rule, list_rules
+from replace_wrap.synthesis.rules import EMARule, get_rule, list_rules
 from toys import ConvNet, ResidualMLP, TinyTransformer
 
 
@@ -110,7 +110,7 @@ def test_trainable_count_and_gradients(rule):
     replace_wrap.convert(model, every=2, rule=rule)
     rep = replace_wrap.report(model)
     per_site = sum(t.numel() for t in get_rule(rule).init_params(1, (0.5, 0.5)).values())
-    saved = sum(original.get_submodule(b.path).get_parameter(t).numel() for b in rep.replaced for t in b.fused)
+    saved = sum(original.get_submodule(b.path).get_parameter(t).numel() for b in rep.replaced for t in b.synthesized)
     after = sum(p.numel() for p in model.parameters() if p.requires_grad)
     assert after == rep.trainable_after == rep.trainable_before - saved + per_site * len(rep.replaced)
     model(x).square().mean().backward()

@@ -11,7 +11,7 @@ from torch import nn
 
 import replace_wrap
 from conftest import TOL, oracle_model
-from replace_wrap import hooks
+from replace_wrap.surgery import swap as hooks
 from toys import ResidualMLP, StagedCNN, StageBlock
 
 
@@ -51,7 +51,7 @@ def test_tensor_without_counterpart_stays_own_and_stride_is_the_blocks():
     names = dict(model.named_parameters())
     assert names["stages.1.0.proj.weight"] is block.proj.weight and block.proj.weight.requires_grad
     assert "stages.1.0.conv1.weight" not in names
-    fused = sum(original.get_parameter(f"stages.1.0.{rel}").numel() for rel in b.fused)
+    fused = sum(original.get_parameter(f"stages.1.0.{rel}").numel() for rel in b.synthesized)
     assert sum(p.numel() for p in model.parameters()) == before - fused + 2
     adapted = dict(b.adapted)
     assert adapted["conv1.weight"] == "prev: zero-pad dim 0 4->8; next: slice dim 1 8->4"

@@ -10,7 +10,7 @@ from torch import nn
 
 import replace_wrap
 from replace_wrap import Every, Pattern, PolicyError, Similarity
-from replace_wrap.policy import Policy
+from replace_wrap.selection.policies import Policy
 from toys import ResidualMLP
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -230,7 +230,7 @@ def test_rule_that_cannot_start_from_the_scalars(monkeypatch):
     model = ResidualMLP(depth=5)
     with pytest.raises(replace_wrap.ConfigError, match=r"rule 'linear' cannot start block 'blocks\.2' from the policy's"):
         monkeypatch.setattr(
-            replace_wrap.rules.LinearRule, "params_from_coefficients",
+            replace_wrap.synthesis.rules.LinearRule, "params_from_coefficients",
             lambda self, a, b: (_ for _ in ()).throw(replace_wrap.ConfigError("no")),
         )
         replace_wrap.plan(model, policy=_Fixed((0.2, 0.8)))
@@ -238,9 +238,9 @@ def test_rule_that_cannot_start_from_the_scalars(monkeypatch):
 
 def test_fit_reads_neighbour_tensors_through_their_adapters():
     """At CNN stage boundaries the synthesis mixes sliced / zero-padded neighbours: so does the fit."""
-    from replace_wrap._selection import block_fits, relative_residual
-    from replace_wrap.adapt import ShapeAdapter
-    from replace_wrap.matching import BlockMatch, TensorMatch
+    from replace_wrap.selection._fits import block_fits, relative_residual
+    from replace_wrap.synthesis.adapt import ShapeAdapter
+    from replace_wrap.surgery.matching import BlockMatch, TensorMatch
 
     own, prev, nxt = nn.Linear(4, 4), nn.Linear(4, 4), nn.Linear(4, 4)
     wide_prev, wide_next, small = nn.Linear(4, 8), nn.Linear(4, 8), nn.Linear(4, 4)
@@ -248,7 +248,7 @@ def test_fit_reads_neighbour_tensors_through_their_adapters():
         own.weight.copy_(0.3 * prev.weight + 0.6 * nxt.weight)
         small.bias.copy_(0.3 * wide_prev.bias[:4] + 0.6 * wide_next.bias[:4])  # the first 4 of 8 entries
     slice8to4 = ShapeAdapter((8,), (4,))
-    match = BlockMatch(fused=[
+    match = BlockMatch(synthesized=[
         TensorMatch("", "weight", (4, 4), own, prev, nxt),
         TensorMatch("", "bias", (4,), small, wide_prev, wide_next, slice8to4, slice8to4),
     ])
@@ -258,7 +258,7 @@ def test_fit_reads_neighbour_tensors_through_their_adapters():
     # an absent side counts as zeros: the bias is then explained by the previous block alone
     with torch.no_grad():
         small.bias.copy_(0.7 * wide_prev.bias[:4])
-    match.fused[1] = TensorMatch("", "bias", (4,), small, wide_prev, None, slice8to4, ShapeAdapter(None, (4,)))
+    match.synthesized[1] = TensorMatch("", "bias", (4,), small, wide_prev, None, slice8to4, ShapeAdapter(None, (4,)))
     per_tensor = block_fits(match, 2, affine=False)
     assert per_tensor[0].relative == pytest.approx(0.0, abs=1e-6)
     assert per_tensor[1].a == pytest.approx(0.7, abs=1e-6) and per_tensor[1].relative == pytest.approx(0.0, abs=1e-6)

@@ -15,15 +15,13 @@ from __future__ import annotations
 import inspect
 import math
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Callable, TypeVar
+from typing import Callable, TypeVar
 
 import torch
+from torch import nn
 
-from .errors import ConfigError, RegistryError
-from .fusion import mix
-
-if TYPE_CHECKING:
-    from .hooks import ReplacementSite
+from ..errors import ConfigError, RegistryError
+from .maths import mix
 
 __all__ = ["ConvexRule", "EMARule", "IntegrationRule", "LinearRule", "get_rule", "list_rules", "register_rule"]
 
@@ -37,7 +35,7 @@ class IntegrationRule:
 
     A rule must define :meth:`init_params` and :meth:`coefficients`; everything else has a default. The
     parameters returned by :meth:`init_params` become fp32 parameters of the
-    :class:`~replace_wrap.hooks.ReplacementSite`, the buffers returned by :meth:`init_buffers` its state;
+    :class:`~replace_wrap.ReplacementSite`, the buffers returned by :meth:`init_buffers` its state;
     the other methods receive that site.
 
     Attributes:
@@ -69,7 +67,7 @@ class IntegrationRule:
             parts.append(self.init_params(1, (ai, bi)))
         return {k: torch.cat([p[k].reshape(-1) for p in parts]) for k in parts[0]}
 
-    def init_buffers(self, site: ReplacementSite, own: Sequence[torch.Tensor]) -> dict[str, torch.Tensor]:
+    def init_buffers(self, site: nn.Module, own: Sequence[torch.Tensor]) -> dict[str, torch.Tensor]:
         """State of a stateful rule, registered as buffers of ``site`` (saved in ``state_dict``).
 
         Args:
@@ -78,12 +76,12 @@ class IntegrationRule:
         """
         return {}
 
-    def coefficients(self, site: ReplacementSite) -> tuple[torch.Tensor, torch.Tensor]:
+    def coefficients(self, site: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
         """Map the site's parameters to ``(a, b)``, each of shape ``(n,)``: the mix the rule stands for."""
         raise NotImplementedError
 
     def synthesize(
-        self, site: ReplacementSite, index: int, prev: torch.Tensor, next: torch.Tensor
+        self, site: nn.Module, index: int, prev: torch.Tensor, next: torch.Tensor
     ) -> torch.Tensor:
         """The synthesized tensor for scalar set ``index`` from the neighbours' tensors."""
         a, b = self.coefficients(site)
@@ -93,7 +91,7 @@ class IntegrationRule:
         return mix(a, b, prev, next)
 
     def synthesize_tensor(
-        self, site: ReplacementSite, k: int, prev: torch.Tensor, next: torch.Tensor
+        self, site: nn.Module, k: int, prev: torch.Tensor, next: torch.Tensor
     ) -> torch.Tensor:
         """The ``k``-th synthesized tensor of the site (``site.tensor_names[k]``).
 
@@ -200,7 +198,7 @@ class LinearRule(IntegrationRule):
     def init_params(self, n: int, init: tuple[float, float]) -> dict[str, torch.Tensor]:
         return {"a": torch.full((n,), init[0]), "b": torch.full((n,), init[1])}
 
-    def coefficients(self, site: ReplacementSite) -> tuple[torch.Tensor, torch.Tensor]:
+    def coefficients(self, site: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
         return site.a, site.b
 
 
@@ -226,7 +224,7 @@ class ConvexRule(IntegrationRule):
         a = ((1.0 + a.double() - b.double()) / 2).clamp(_CONVEX_EPS, 1.0 - _CONVEX_EPS)
         return {"alpha": torch.logit(a).float()}
 
-    def coefficients(self, site: ReplacementSite) -> tuple[torch.Tensor, torch.Tensor]:
+    def coefficients(self, site: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
         a = torch.sigmoid(site.alpha)
         return a, 1.0 - a
 
@@ -280,7 +278,7 @@ class EMARule(IntegrationRule):
     def init_params(self, n: int, init: tuple[float, float]) -> dict[str, torch.Tensor]:
         return {"a": torch.full((n,), init[0]), "b": torch.full((n,), init[1]), "scale": torch.ones(n)}
 
-    def init_buffers(self, site: ReplacementSite, own: Sequence[torch.Tensor]) -> dict[str, torch.Tensor]:
+    def init_buffers(self, site: nn.Module, own: Sequence[torch.Tensor]) -> dict[str, torch.Tensor]:
         if len(own) != len(site.tensor_names):
             raise ConfigError(
                 f"rule {self.name!r} starts its shadows from the block's own tensors: got {len(own)} tensors "
@@ -288,12 +286,12 @@ class EMARule(IntegrationRule):
             )
         return {f"shadow_{k}": t.detach().clone() for k, t in enumerate(own)}
 
-    def coefficients(self, site: ReplacementSite) -> tuple[torch.Tensor, torch.Tensor]:
+    def coefficients(self, site: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
         # the mix the shadow converges to while the neighbours stand still
         return site.scale * site.a, site.scale * site.b
 
     def synthesize_tensor(
-        self, site: ReplacementSite, k: int, prev: torch.Tensor, next: torch.Tensor
+        self, site: nn.Module, k: int, prev: torch.Tensor, next: torch.Tensor
     ) -> torch.Tensor:
         i = site.index_of(k)
         shadow = site.get_buffer(f"shadow_{k}")
@@ -306,7 +304,7 @@ class EMARule(IntegrationRule):
         return site.scale[i].to(dtype) * (shadow.to(dtype) + ahead)
 
 
-def _neighbours_changed(site: ReplacementSite, k: int, prev: torch.Tensor, next: torch.Tensor) -> bool:
+def _neighbours_changed(site: nn.Module, k: int, prev: torch.Tensor, next: torch.Tensor) -> bool:
     """Whether ``prev``/``next`` changed in place since the last call for tensor ``k`` (records them)."""
     # Detached views share the version counter and storage of the parameter they come from. A new storage
     # (deepcopy, .to(), load into fresh tensors) is a new baseline rather than a step.

@@ -1,7 +1,7 @@
 """The child process of ``replace-wrap bench``: one variant (or, paired, all of them) in a fresh interpreter.
 
-Run as ``python -m replace_wrap._bench_child`` with a JSON spec on stdin; prints ``RESULT {json}``. Kept apart
-from :mod:`replace_wrap.bench` (the command line, scheduling and the table) so that a child imports only what
+Run as ``python -m replace_wrap.cli.bench_child`` with a JSON spec on stdin; prints ``RESULT {json}``. Kept apart
+from :mod:`replace_wrap.cli.bench` (the command line, scheduling and the table) so that a child imports only what
 the measured model needs.
 """
 
@@ -14,7 +14,7 @@ import sys
 import time
 from typing import Any
 
-from .errors import ReplaceWrapError
+from ..errors import ReplaceWrapError
 
 __all__ = ["SAMPLE", "VARIANTS", "BenchError", "build_model", "model_factory"]
 

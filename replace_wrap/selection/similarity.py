@@ -8,23 +8,16 @@ from typing import Any
 import torch
 from torch import nn
 
-from ._selection import (
-    Candidate,
-    adjacency,
-    block_fits,
-    candidates,
-    max_weight_independent,
-    min_cost_cover,
-    relative_residual,
-    trainable_count,
-)
-from .budget import _as_sets, solve_budget
-from .config import ReplaceConfig
-from .errors import PolicyError
-from .graph import Stack
-from .matching import BlockMatch
-from .policy import Every, Policy, Scalars, current_config, using_config
-from .rules import get_rule
+from ..analysis.discovery import Stack, analyse
+from ..config import ReplaceConfig, current_config, using_config
+from ..errors import PolicyError
+from ..surgery.matching import BlockMatch
+from ..surgery.plan import Candidate, candidates, scalar_sets, trainable_count
+from ..synthesis.rules import get_rule
+from ._fits import block_fits, relative_residual
+from ._solvers import adjacency, max_weight_independent, min_cost_cover
+from .budget import Budget, as_sets, solve_budget
+from .policies import Every, Policy, Scalars
 
 __all__ = ["Similarity"]
 
@@ -97,8 +90,6 @@ class Similarity(Policy):
                 f"1: any block); got {threshold!r}"
             )
         if trainable is not None:
-            from .budget import Budget
-
             Budget(trainable)  # same validation and message
         self.every, self.count, self.threshold, self.trainable = every, count, threshold, trainable
 
@@ -115,12 +106,12 @@ class Similarity(Policy):
         costs = [r + 1e-9 for r in residuals]  # > 0, so no block is taken for free beyond the count
         if self.trainable is not None:
             chosen = solve_budget(self.trainable, cands, costs, trainable_count(model), model, repr(self))
-            return _as_sets(chosen, len(stacks))
+            return as_sets(chosen, len(stacks))
         chosen = []
         for si, stack in enumerate(stacks):
             mine = [(c, cost) for c, cost in zip(cands, costs) if c.stack == si]
             chosen += _pick(mine, self._count_for(stack))
-        return _as_sets(chosen, len(stacks))
+        return as_sets(chosen, len(stacks))
 
     def _count_for(self, stack: Stack) -> int | None:
         if self._every is not None:
@@ -145,8 +136,6 @@ class Similarity(Policy):
             config: The config whose ``rule`` and ``scalars`` shape the fit; the default config if omitted.
             **analyse_options: ``example_inputs=``/``trace=`` as for :func:`replace_wrap.plan`.
         """
-        from .graph import analyse
-
         cfg = config or ReplaceConfig()
         stacks = analyse(model, **analyse_options).stacks
         with using_config(cfg):
@@ -163,8 +152,7 @@ class Similarity(Policy):
 
 
 def _residual(match: BlockMatch, cfg: ReplaceConfig) -> float:
-    n_sets = len(match.fused) if cfg.scalars == "tensor" else 1
-    return relative_residual(block_fits(match, n_sets, get_rule(cfg.rule).affine))
+    return relative_residual(block_fits(match, scalar_sets(match, cfg), get_rule(cfg.rule).affine))
 
 
 def _pick(items: list[tuple[Candidate, float]], count: int | None) -> list[Candidate]:

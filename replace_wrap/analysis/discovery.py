@@ -35,8 +35,8 @@ from typing import Any, Callable, Hashable
 
 from torch import nn
 
-from .errors import TracingError
-from .tracing import BlockGraph, export_block_graph, fx_block_graph, preserved_state
+from ..errors import TracingError
+from .capture import BlockGraph, export_block_graph, fx_block_graph, preserved_state
 
 __all__ = ["Analysis", "Stack", "analyse", "find_stacks", "template"]
 

@@ -7,22 +7,16 @@ from collections.abc import Sequence
 
 from torch import nn
 
-from ._selection import (
-    Candidate,
-    adjacency,
-    block_fits,
-    candidates,
-    max_weight_independent,
-    min_cost_cover,
-    relative_residual,
-    trainable_count,
-)
-from .errors import BudgetError, PolicyError
-from .graph import Stack
-from .policy import Policy, PolicyLike, as_policy, current_config
-from .rules import get_rule
+from ..analysis.discovery import Stack
+from ..config import current_config
+from ..errors import BudgetError, PolicyError
+from ..surgery.plan import Candidate, candidates, trainable_count
+from ..synthesis.rules import get_rule
+from ._fits import block_fits, relative_residual
+from ._solvers import adjacency, max_weight_independent, min_cost_cover
+from .policies import Policy, PolicyLike, as_policy
 
-__all__ = ["Budget"]
+__all__ = ["Budget", "as_sets", "solve_budget"]
 
 _PREFER = ("savings", "redundancy")
 
@@ -42,7 +36,7 @@ class Budget(Policy):
     - ``prefer="savings"``: cost 1 per replaced block, so as few blocks as possible, and among those the ones
       that save the most.
     - ``prefer="redundancy"``: for trained weights. A block's cost is its relative least-squares residual
-      against the best mix of its neighbours (see :func:`replace_wrap.fusion.fit_coefficients`): the budget is
+      against the best mix of its neighbours (see :func:`replace_wrap.synthesis.maths.fit_coefficients`): the budget is
       met by replacing the blocks its neighbours already explain best. :class:`~replace_wrap.Similarity` with
       ``trainable=`` does the same and also starts each block's scalars from the fit.
 
@@ -82,7 +76,7 @@ class Budget(Policy):
         if self.prefer == "redundancy":
             affine = get_rule(cfg.rule).affine
             costs = [
-                relative_residual(block_fits(c.match, _sets(c, cfg.scalars), affine)) + 1e-9
+                relative_residual(block_fits(c.match, c.n_sets, affine)) + 1e-9
                 for c in cands
             ]
         else:
@@ -90,7 +84,7 @@ class Budget(Policy):
             top = max((c.net for c in cands), default=1)
             costs = [1.0 + (1.0 - c.net / top) / (len(cands) + 1) for c in cands]
         chosen = solve_budget(self.trainable, cands, costs, trainable_count(model), model, repr(self))
-        return _as_sets(chosen, len(stacks))
+        return as_sets(chosen, len(stacks))
 
     def __repr__(self) -> str:
         extra = f", prefer={self.prefer!r}" if self.prefer != "savings" else ""
@@ -128,10 +122,6 @@ def solve_budget(
     return best if picked is None else [cands[j] for j in picked]
 
 
-def _sets(c: Candidate, scalars: str) -> int:
-    return len(c.match.fused) if scalars == "tensor" else 1
-
-
 def _allowed(
     cands: list[Candidate], restrict: Policy | None, stacks: Sequence[Stack], model: nn.Module
 ) -> list[Candidate]:
@@ -141,7 +131,7 @@ def _allowed(
     return [c for c in cands if c.index in allowed[c.stack]]
 
 
-def _as_sets(chosen: list[Candidate], n_stacks: int) -> list[set[int]]:
+def as_sets(chosen: list[Candidate], n_stacks: int) -> list[set[int]]:
     out: list[set[int]] = [set() for _ in range(n_stacks)]
     for c in chosen:
         out[c.stack].add(c.index)

@@ -37,7 +37,7 @@ import subprocess
 import sys
 from typing import Any
 
-from ._bench_child import VARIANTS, BenchError, build_model
+from .bench_child import VARIANTS, BenchError, build_model
 
 __all__ = ["DEFAULT_VARIANTS", "VARIANTS", "BenchError", "add_parser", "build_model", "format_table", "run_bench"]
 
@@ -202,7 +202,7 @@ def run_bench(
 
 
 def _spawn(spec: dict[str, Any], timeout: float) -> dict[str, Any]:
-    cmd = [sys.executable, "-m", "replace_wrap._bench_child"]
+    cmd = [sys.executable, "-m", "replace_wrap.cli.bench_child"]
     try:
         proc = subprocess.run(cmd, input=json.dumps(spec), capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired:

@@ -1,10 +1,12 @@
-"""Rebinding optimizers created before ``convert``: ``convert(model, optimizers=opt)``, as Composer's surgery does.
+"""Rebinding optimizers across a conversion: ``convert(model, optimizers=opt)`` and ``merge(..., optimizers=opt)``.
 
 An optimizer built before the conversion still holds the tensors that ``convert`` removes (they no longer get
 gradients, so it keeps their state for nothing) and not the new scalars (so they never learn), without any
-error. Rebinding fixes both in place: every removed tensor leaves every parameter group (and the optimizer's
-state), and each replaced block's scalars join the group that held the first of that block's tensors. A block
-whose tensors the optimizer did not hold (a frozen part of the model) gets no scalars in it either.
+error; after ``merge`` the same holds the other way round (dead scalars, restored tensors missing).
+Rebinding fixes both in place, as Composer's surgery does: every removed tensor leaves every parameter group
+(and the optimizer's state), and each block's new tensors join the group that held the first of that block's
+removed ones. A block whose tensors the optimizer did not hold (a frozen part of the model) gets none of its
+new tensors in it either.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from typing import Any
 
 from torch import nn
 
-from .errors import ConfigError
+from ..errors import ConfigError
 
 __all__ = ["as_optimizers", "check_holds", "rebind"]
 
@@ -35,15 +37,16 @@ def as_optimizers(optimizers: Any) -> list[Any]:
     return items
 
 
-def check_holds(optimizers: Sequence[Any], removed: Sequence[nn.Parameter]) -> None:
-    """Raise ConfigError, before anything changes, if an optimizer holds none of the tensors convert removes."""
+def check_holds(
+    optimizers: Sequence[Any], removed: Sequence[nn.Parameter], what: str = "the tensors that convert removes"
+) -> None:
+    """Raise ConfigError, before anything changes, if an optimizer holds none of the ``removed`` tensors."""
     ids = {id(p) for p in removed}
     for i, opt in enumerate(optimizers):
         if not any(id(p) in ids for g in opt.param_groups for p in g["params"]):
             raise ConfigError(
-                f"optimizers[{i}] ({type(opt).__name__}) holds none of the tensors that convert removes, so it "
-                "does not train the replaced blocks: pass the optimizer that trains this model, or create the "
-                "optimizer after convert"
+                f"optimizers[{i}] ({type(opt).__name__}) holds none of {what}, so it does not train the "
+                "replaced blocks: pass the optimizer that trains this model, or create the optimizer afterwards"
             )
 
 

@@ -32,10 +32,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import api
-from .policy import Every
+from .. import api
+from ..selection.policies import Every
+from .demo_table import format_table
 
-__all__ = ["DemoSettings", "build_model", "load_digits_data", "run_demo", "train_run"]
+__all__ = ["DemoSettings", "build_model", "format_table", "load_digits_data", "run_demo", "train_run"]
 
 MODES = ("end-to-end", "replaced")
 
@@ -330,7 +331,7 @@ def run_demo(
     print()
     print(format_table(results, s))
     if plot is not None:
-        from ._demo_plot import plot_demo
+        from .demo_plot import plot_demo
 
         plot_demo(results, s, plot)
         print(f"\nplot written to {plot}")
@@ -346,7 +347,7 @@ def _run_in_subprocess(mode: str, s: DemoSettings, progress: bool) -> dict[str, 
         cmd = [
             sys.executable,
             "-m",
-            "replace_wrap._demo",
+            "replace_wrap.cli.demo",
             "--mode",
             mode,
             "--settings",
@@ -370,92 +371,11 @@ def _run_in_subprocess(mode: str, s: DemoSettings, progress: bool) -> dict[str, 
         return json.loads(out.read_text())
 
 
-def format_table(results: dict[str, dict[str, Any]], s: DemoSettings) -> str:
-    """The comparison table: one row per measurement, end-to-end vs replaced, and their ratio."""
-    e2e, rep = results["end-to-end"], results["replaced"]
-    mib = 2.0**20
-    rows = [
-        (
-            "test accuracy",
-            f"{100 * e2e['accuracy']:.1f}%",
-            f"{100 * rep['accuracy']:.1f}%",
-            _ratio(rep["accuracy"], e2e["accuracy"])
-            + f" ({100 * (rep['accuracy'] - e2e['accuracy']):+.1f} pt)",
-        ),
-        (
-            "trainable parameters",
-            f"{e2e['trainable']:,}",
-            f"{rep['trainable']:,}",
-            _ratio(rep["trainable"], e2e["trainable"]),
-        ),
-        (
-            "training time (wall)",
-            f"{e2e['train_time_s']:.1f} s",
-            f"{rep['train_time_s']:.1f} s",
-            _ratio(rep["train_time_s"], e2e["train_time_s"]),
-        ),
-        (
-            "training time (CPU)",
-            f"{e2e['train_cpu_s']:.1f} s",
-            f"{rep['train_cpu_s']:.1f} s",
-            _ratio(rep["train_cpu_s"], e2e["train_cpu_s"]),
-        ),
-        (
-            "weights + grads + AdamW state",
-            f"{e2e['state_bytes'] / mib:.2f} MiB",
-            f"{rep['state_bytes'] / mib:.2f} MiB",
-            _ratio(rep["state_bytes"], e2e["state_bytes"]),
-        ),
-        (
-            "peak RSS (process)",
-            f"{e2e['peak_rss_bytes'] / mib:.0f} MiB",
-            f"{rep['peak_rss_bytes'] / mib:.0f} MiB",
-            _ratio(rep["peak_rss_bytes"], e2e["peak_rss_bytes"]),
-        ),
-        (
-            "peak RSS above baseline",
-            f"{_above(e2e) / mib:.1f} MiB",
-            f"{_above(rep) / mib:.1f} MiB",
-            _ratio(_above(rep), _above(e2e)),
-        ),
-    ]
-    header = ("", "end-to-end", f"every={s.every}", "ratio")
-    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(4)]
-    lines = [
-        "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
-        for r in [header, *rows]
-    ]
-    lines.insert(1, "-" * len(lines[0]))
-    lines.append(
-        f"same budget: {s.epochs} epochs = {e2e['steps']} steps of {s.batch_size} images, seed {s.seed}"
-    )
-    lines.append(f"replaced: {rep['report']}")
-    for path, traj in rep["scalars"].items():
-        a, b = traj[-1]
-        lines.append(f"  {path}: a = {a:.3f}, b = {b:.3f} (both started at {traj[0][0]:.2f})")
-    lines += [
-        "time: optimizer steps only (evaluation excluded); CPU time is the less noisy one on a busy machine.",
-        "memory: weights + grads + AdamW state counted tensor by tensor after the last step. Peak RSS is each",
-        "  run's own subprocess's high-water mark (getrusage); 'above baseline' leaves out what was resident",
-        "  before the model was built (interpreter, libraries, data). For a model this small, activations and",
-        "  library code paged in during training dominate RSS, so its ratio stays near 1.",
-    ]
-    return "\n".join(lines)
-
-
-def _above(run: dict[str, Any]) -> int:
-    return max(0, run["peak_rss_bytes"] - run["base_rss_bytes"])
-
-
-def _ratio(new: float, old: float) -> str:
-    return f"{new / old:.2f}x" if old else "n/a"
-
-
 def _worker(argv: list[str] | None = None) -> int:
     """Subprocess entry point: one run, its measurements written as JSON."""
     import argparse
 
-    parser = argparse.ArgumentParser(prog="python -m replace_wrap._demo")
+    parser = argparse.ArgumentParser(prog="python -m replace_wrap.cli.demo")
     parser.add_argument("--mode", choices=MODES, required=True)
     parser.add_argument("--settings", required=True, help="DemoSettings as JSON")
     parser.add_argument("--out", required=True)

@@ -6,7 +6,7 @@ module between sibling blocks) are not the block's own: they stay as they are, a
 
 With shape adaptation (``ReplaceConfig(adapt_shapes=True)``, the default), a neighbour's counterpart is
 *usable* if it has the same number of dimensions, dtype and device; a different shape is mapped to the
-block's shape by a :class:`~replace_wrap.adapt.ShapeAdapter` (slice / zero-pad; the spatial dimensions of a
+block's shape by a :class:`~replace_wrap.synthesis.adapt.ShapeAdapter` (slice / zero-pad; the spatial dimensions of a
 convolution kernel centre-aligned). A side without a usable counterpart contributes zeros; a tensor for which
 neither side has one stays an ordinary parameter of the block (reported as kept). Without adaptation, any
 missing or differently shaped counterpart makes the block unreplaceable.
@@ -19,33 +19,33 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from .adapt import ShapeAdapter, adapt_pair
+from ..synthesis.adapt import ShapeAdapter, adapt_pair
 
 __all__ = ["BlockMatch", "Ownership", "TensorMatch", "match_block"]
 
 
 @dataclass(frozen=True)
 class TensorMatch:
-    """One synthesized tensor: ``leaf.<name>`` of the replaced block from the neighbours' leaves.
+    """One synthesized tensor: ``layer.<name>`` of the replaced block from the neighbours' layers.
 
     ``prev_adapter``/``next_adapter`` are ``None`` when that side's tensor has the block's shape (used as
-    is), else the :class:`~replace_wrap.adapt.ShapeAdapter` that maps it; an absent adapter means the side
-    has no usable counterpart (its leaf is then ``None``) and contributes zeros.
+    is), else the :class:`~replace_wrap.synthesis.adapt.ShapeAdapter` that maps it; an absent adapter means the side
+    has no usable counterpart (its layer is then ``None``) and contributes zeros.
     """
 
-    leaf_path: str
+    layer_path: str
     name: str
     shape: tuple[int, ...]
-    leaf: nn.Module = field(repr=False, compare=False)
-    prev_leaf: nn.Module | None = field(repr=False, compare=False)
-    next_leaf: nn.Module | None = field(repr=False, compare=False)
+    layer: nn.Module = field(repr=False, compare=False)
+    prev_layer: nn.Module | None = field(repr=False, compare=False)
+    next_layer: nn.Module | None = field(repr=False, compare=False)
     prev_adapter: ShapeAdapter | None = None
     next_adapter: ShapeAdapter | None = None
 
     @property
     def rel(self) -> str:
         """Path of the tensor inside the block, e.g. ``"mlp.fc1.weight"``."""
-        return f"{self.leaf_path}.{self.name}" if self.leaf_path else self.name
+        return f"{self.layer_path}.{self.name}" if self.layer_path else self.name
 
     @property
     def numel(self) -> int:
@@ -58,8 +58,8 @@ class TensorMatch:
 
     def sources(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The neighbours' current tensors mapped to this tensor's shape: what the synthesis mixes."""
-        prev = None if self.prev_leaf is None else getattr(self.prev_leaf, self.name)
-        nxt = None if self.next_leaf is None else getattr(self.next_leaf, self.name)
+        prev = None if self.prev_layer is None else getattr(self.prev_layer, self.name)
+        nxt = None if self.next_layer is None else getattr(self.next_layer, self.name)
         if not self.adapted:
             return prev, nxt  # type: ignore[return-value]  # both present when nothing is adapted
         return adapt_pair(prev, nxt, self.prev_adapter, self.next_adapter)
@@ -72,16 +72,16 @@ class TensorMatch:
 
 @dataclass
 class BlockMatch:
-    """The synthesis plan of one block: what is fused, what stays, or why it cannot be replaced."""
+    """The synthesis plan of one block: what is synthesized, what stays, or why it cannot be replaced."""
 
-    fused: list[TensorMatch] = field(default_factory=list)
+    synthesized: list[TensorMatch] = field(default_factory=list)
     kept: list[tuple[str, str]] = field(default_factory=list)  # (tensor path inside the block, reason)
     problem: str | None = None
 
     @property
     def params_saved(self) -> int:
-        """Trainable parameters that replacing the block removes (the fused tensors with ``requires_grad``)."""
-        return sum(t.numel for t in self.fused if t.leaf._parameters[t.name].requires_grad)
+        """Trainable parameters that replacing the block removes (the synthesized tensors with ``requires_grad``)."""
+        return sum(t.numel for t in self.synthesized if t.layer._parameters[t.name].requires_grad)
 
 
 class Ownership:
@@ -129,57 +129,57 @@ def match_block(
     """
     out = BlockMatch()
     sides = (("previous", prev, prev_path), ("next", next, next_path))
-    for leaf_path, leaf in block.named_modules():
-        for name, param in leaf._parameters.items():
+    for layer_path, layer in block.named_modules():
+        for name, param in layer._parameters.items():
             if param is None:
                 continue
-            rel = f"{leaf_path}.{name}" if leaf_path else name
-            shared = owners.outside(leaf, block_path) or owners.outside(param, block_path)
+            rel = f"{layer_path}.{name}" if layer_path else name
+            shared = owners.outside(layer, block_path) or owners.outside(param, block_path)
             if shared:
                 out.kept.append((rel, f"shared with {shared[0]}"))
                 continue
             if not param.is_floating_point():
                 out.kept.append((rel, f"dtype {param.dtype} cannot be synthesized"))
                 continue
-            leaves: list[nn.Module | None] = []
+            layers: list[nn.Module | None] = []
             adapters: list[ShapeAdapter | None] = []
             why: list[str] = []
             for side, nb, nb_path in sides:
-                found = _counterpart(nb, leaf_path, name)
+                found = _counterpart(nb, layer_path, name)
                 problem = _mismatch(param, found, strict=not adapt_shapes)
                 if problem and not adapt_shapes:
                     out.problem = f"tensor {rel!r} {_describe(param)} has {problem} in the {side} block {nb_path!r}"
                     return out
                 if problem:  # adaptation on: this side contributes zeros
                     why.append(f"{side} block {nb_path!r}: {problem}")
-                    leaves.append(None)
+                    layers.append(None)
                     adapters.append(ShapeAdapter(None, tuple(param.shape)))
                     continue
                 assert found is not None  # _mismatch returned no problem
-                leaves.append(nb.get_submodule(leaf_path))
+                layers.append(nb.get_submodule(layer_path))
                 adapters.append(
                     None if found.shape == param.shape
-                    else ShapeAdapter(tuple(found.shape), tuple(param.shape), _centre_dims(leaf, name, param))
+                    else ShapeAdapter(tuple(found.shape), tuple(param.shape), _centre_dims(layer, name, param))
                 )
-            if leaves[0] is None and leaves[1] is None:
+            if layers[0] is None and layers[1] is None:
                 out.kept.append((rel, "no usable counterpart in either neighbour (" + "; ".join(why) + ")"))
                 continue
-            out.fused.append(
-                TensorMatch(leaf_path, name, tuple(param.shape), leaf, leaves[0], leaves[1], adapters[0], adapters[1])
+            out.synthesized.append(
+                TensorMatch(layer_path, name, tuple(param.shape), layer, layers[0], layers[1], adapters[0], adapters[1])
             )
-    if not out.fused:
+    if not out.synthesized:
         out.problem = "the block owns no tensor that can be synthesized" + (
             f" ({out.kept[0][0]}: {out.kept[0][1]})" if out.kept else ""
         )
     return out
 
 
-def _counterpart(block: nn.Module, leaf_path: str, name: str) -> torch.Tensor | None:
+def _counterpart(block: nn.Module, layer_path: str, name: str) -> torch.Tensor | None:
     try:
-        leaf = block.get_submodule(leaf_path)
+        layer = block.get_submodule(layer_path)
     except AttributeError:
         return None
-    return leaf._parameters.get(name)
+    return layer._parameters.get(name)
 
 
 def _mismatch(own: torch.Tensor, other: torch.Tensor | None, strict: bool) -> str | None:
@@ -197,10 +197,10 @@ def _mismatch(own: torch.Tensor, other: torch.Tensor | None, strict: bool) -> st
     return None
 
 
-def _centre_dims(leaf: nn.Module, name: str, param: torch.Tensor) -> tuple[int, ...]:
+def _centre_dims(layer: nn.Module, name: str, param: torch.Tensor) -> tuple[int, ...]:
     """The kernel dimensions of a convolution weight (centre-aligned); every other dimension aligns at 0."""
     # (out, in/groups, *kernel) for Conv*d; (in, out/groups, *kernel) for ConvTranspose*d: kernel dims are 2..
-    if name == "weight" and isinstance(leaf, nn.modules.conv._ConvNd):
+    if name == "weight" and isinstance(layer, nn.modules.conv._ConvNd):
         return tuple(range(2, param.dim()))
     return ()
 

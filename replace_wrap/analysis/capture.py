@@ -16,8 +16,8 @@ from typing import Any, Callable
 import torch
 from torch import fx, nn
 
-from ._compat import timm_notrace
-from .errors import TracingError
+from .._compat import timm_notrace
+from ..errors import TracingError
 
 __all__ = [
     "BlockGraph",

@@ -18,7 +18,7 @@ from typing import Any
 
 from torch import nn
 
-from . import api
+from .. import api
 
 __all__ = ["fsdp_units", "shard"]
 

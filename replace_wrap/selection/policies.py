@@ -21,19 +21,17 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable, Iterator, Sequence
-from contextlib import contextmanager
-from contextvars import ContextVar
 from typing import TYPE_CHECKING, Callable, Optional, Tuple, Union
 
 import torch
 from torch import nn
 
-from .config import ReplaceConfig
-from .errors import PolicyError
+from ..config import current_config, using_config
+from ..errors import PolicyError
 
 if TYPE_CHECKING:
-    from .graph import Stack
-    from .matching import BlockMatch
+    from ..analysis.discovery import Stack
+    from ..surgery.matching import BlockMatch
 
 __all__ = [
     "AllOf",
@@ -46,34 +44,9 @@ __all__ = [
     "Policy",
     "as_policy",
     "current_config",
-    "validate_selection",
 ]
 
 Scalars = Optional[Tuple[torch.Tensor, torch.Tensor]]
-
-_CONFIG: ContextVar[ReplaceConfig | None] = ContextVar("replace_wrap_config", default=None)
-
-
-def current_config() -> ReplaceConfig:
-    """The :class:`~replace_wrap.ReplaceConfig` of the ``convert``/``plan`` call consulting the policy.
-
-    Outside such a call, the default config.
-
-    Example:
-        >>> current_config().rule
-        'linear'
-    """
-    return _CONFIG.get() or ReplaceConfig()
-
-
-@contextmanager
-def using_config(config: ReplaceConfig) -> Iterator[None]:
-    """Make ``config`` what :func:`current_config` returns inside the ``with`` block (used by the API)."""
-    token = _CONFIG.set(config)
-    try:
-        yield
-    finally:
-        _CONFIG.reset(token)
 
 FilterFn = Callable[[nn.Module, str], bool]
 PolicyLike = Union["Policy", FilterFn]
@@ -348,30 +321,6 @@ def as_policy(obj: object) -> Policy:
         f"policy must be a replace_wrap.Policy, an object with select(stack), or a callable "
         f"fn(module, path) -> bool; got {obj!r}"
     )
-
-
-def validate_selection(stack: Stack, indices: Iterable[int]) -> list[int]:
-    """Check that ``indices`` can be replaced in ``stack``; return them sorted, else raise PolicyError."""
-    n = len(stack)
-    chosen = sorted(set(indices))
-    for i in chosen:
-        if not 0 <= i < n:
-            raise PolicyError(f"index {i} does not exist in stack {stack.name!r}, which has {n} blocks")
-    ends = [i for i in chosen if i in (0, n - 1)]
-    if ends:
-        which = ", ".join(f"{stack.paths[i]!r} ({'first' if i == 0 else 'last'})" for i in ends)
-        raise PolicyError(
-            f"the policy selected {which} of stack {stack.name!r}; the first and last block of a stack "
-            f"must stay real (replaceable indices are 1..{n - 2})"
-        )
-    pairs = [(i, j) for i, j in zip(chosen, chosen[1:]) if j == i + 1]
-    if pairs:
-        which = ", ".join(f"{stack.paths[i]!r} and {stack.paths[j]!r}" for i, j in pairs)
-        raise PolicyError(
-            f"the policy selected adjacent blocks {which} of stack {stack.name!r}; a replaced block needs "
-            "real neighbours, so keep at least one block between two replaced ones (e.g. Every(2))"
-        )
-    return chosen
 
 
 class _Duck(Policy):

@@ -4,17 +4,14 @@ from __future__ import annotations
 
 import math
 import os
-from typing import TYPE_CHECKING, Any
-
-if TYPE_CHECKING:
-    from ._demo import DemoSettings
+from typing import Any
 
 __all__ = ["plot_demo"]
 
 _E2E, _REP = "#4C72B0", "#DD8452"  # the two runs keep their colours in every panel
 
 
-def plot_demo(results: dict[str, dict[str, Any]], s: DemoSettings, path: str | os.PathLike[str]) -> None:
+def plot_demo(results: dict[str, dict[str, Any]], s: Any, path: str | os.PathLike[str]) -> None:
     """Write the demo's figure to ``path`` (PNG, or any format matplotlib infers from the suffix)."""
     import matplotlib
 
@@ -54,7 +51,7 @@ def plot_demo(results: dict[str, dict[str, Any]], s: DemoSettings, path: str | o
         plt.close(fig)
 
 
-def _accuracy_panel(ax: Any, e2e: dict[str, Any], rep: dict[str, Any], s: DemoSettings) -> None:
+def _accuracy_panel(ax: Any, e2e: dict[str, Any], rep: dict[str, Any], s: Any) -> None:
     for run, colour, label in ((e2e, _E2E, "end-to-end"), (rep, _REP, f"replaced (every={s.every})")):
         t, acc = zip(*run["curve"])
         pct = [100 * a for a in acc]
@@ -67,7 +64,7 @@ def _accuracy_panel(ax: Any, e2e: dict[str, Any], rep: dict[str, Any], s: DemoSe
     ax.legend(loc="lower right", frameon=True, title="final test accuracy")
 
 
-def _scalars_panel(ax: Any, rep: dict[str, Any], s: DemoSettings) -> None:
+def _scalars_panel(ax: Any, rep: dict[str, Any], s: Any) -> None:
     import matplotlib
 
     cmap = matplotlib.colormaps["viridis"]

@@ -18,9 +18,9 @@ non-zero padding modes).
 
 Example:
     >>> import torch
-    >>> handler_for(torch.nn.Linear, ("bias", "weight")).name
+    >>> kernel_for(torch.nn.Linear, ("bias", "weight")).name
     'linear'
-    >>> handler_for(torch.nn.LayerNorm, ("bias", "weight")) is None
+    >>> kernel_for(torch.nn.LayerNorm, ("bias", "weight")) is None
     True
 """
 
@@ -34,25 +34,46 @@ from typing import Any, Callable, NamedTuple
 import torch
 from torch import nn
 
-from .errors import RegistryError
-from .mixed_ops import mixed_conv, mixed_linear, reusable
+from ..errors import RegistryError
+from .kernels import mixed_conv, mixed_linear, reusable
 
 __all__ = [
     "CACHE_PREFIX",
-    "LeafHandler",
+    "SOURCES_ATTR",
+    "LayerKernel",
     "MixSource",
-    "handler_for",
-    "list_leaf_handlers",
+    "TensorSource",
+    "kernel_for",
+    "list_layer_kernels",
     "mix_source",
-    "register_leaf_handler",
+    "register_layer_kernel",
     "weight_buffer",
 ]
 
 HandlerFn = Callable[..., Any]
 
+# The contract between a replaced layer and its kernels. The surgery stores, in the layer's __dict__ under
+# SOURCES_ATTR, one TensorSource per synthesized tensor name; kernels read them through mix_source().
+SOURCES_ATTR = "_rw_sources"
+
+
+class TensorSource(NamedTuple):
+    """Where one synthesized tensor of a replaced layer comes from.
+
+    ``layer.<name>`` is ``site.synthesize(k, prev.<name>, next.<name>)``, each side first mapped by its adapter
+    when it has one (another shape; an absent side, whose layer is ``None``, gives zeros).
+    """
+
+    site: nn.Module  # the block's ReplacementSite (duck-typed: synthesis does not import surgery)
+    k: int  # position of the tensor in site.tensor_names
+    prev: nn.Module | None  # the previous block's layer holding the same-named tensor
+    next: nn.Module | None
+    prev_adapter: Any = None  # replace_wrap.synthesis.adapt.ShapeAdapter or None (same shape)
+    next_adapter: Any = None
+
 
 @dataclass(frozen=True)
-class LeafHandler:
+class LayerKernel:
     """A fast forward for leaves of the given types.
 
     Attributes:
@@ -74,10 +95,10 @@ class LeafHandler:
         return any(issubclass(cls, t) and cls.forward is t.forward for t in self.types)
 
 
-_HANDLERS: list[LeafHandler] = []  # registration order is lookup order: first match wins
+_KERNELS: list[LayerKernel] = []  # registration order is lookup order: first match wins
 
 
-def register_leaf_handler(
+def register_layer_kernel(
     *types: type[nn.Module], name: str | None = None, requires: tuple[str, ...] = ("weight",)
 ) -> Callable[[HandlerFn], HandlerFn]:
     """Register ``fn(leaf, *args, **kwargs)`` as the forward of replaced leaves of ``types``.
@@ -97,18 +118,18 @@ def register_leaf_handler(
         ...         self.weight = nn.Parameter(torch.ones(3))
         ...     def forward(self, x):
         ...         return x * self.weight
-        >>> @register_leaf_handler(Scale, name="doc_scale")
+        >>> @register_layer_kernel(Scale, name="doc_scale")
         ... def scale_forward(leaf, x):
         ...     return NotImplemented  # always the generic path; a real handler computes here
-        >>> "doc_scale" in list_leaf_handlers()
+        >>> "doc_scale" in list_layer_kernels()
         True
     """
     if not types or not all(isinstance(t, type) and issubclass(t, nn.Module) for t in types):
-        raise RegistryError(f"register_leaf_handler needs one or more nn.Module subclasses, got {types!r}")
+        raise RegistryError(f"register_layer_kernel needs one or more nn.Module subclasses, got {types!r}")
 
     def decorator(fn: HandlerFn) -> HandlerFn:
         handler_name = name or fn.__name__
-        for h in _HANDLERS:
+        for h in _KERNELS:
             if h.forward is fn:  # re-running a module (importlib.reload, doctest) is not a duplicate
                 return fn
             if h.name == handler_name:
@@ -119,23 +140,23 @@ def register_leaf_handler(
                     f"{', '.join(taken)} already has the leaf handler {h.name!r}; register a handler for a "
                     "subclass instead (the first matching handler in registration order wins)"
                 )
-        _HANDLERS.append(LeafHandler(handler_name, tuple(types), tuple(requires), fn))
+        _KERNELS.append(LayerKernel(handler_name, tuple(types), tuple(requires), fn))
         return fn
 
     return decorator
 
 
-def handler_for(cls: type, names: tuple[str, ...]) -> LeafHandler | None:
+def kernel_for(cls: type, names: tuple[str, ...]) -> LayerKernel | None:
     """The first registered handler that serves ``cls`` with synthesized ``names``, or ``None``."""
-    for h in _HANDLERS:
+    for h in _KERNELS:
         if h.matches(cls, names):
             return h
     return None
 
 
-def list_leaf_handlers() -> list[str]:
+def list_layer_kernels() -> list[str]:
     """Names of the registered leaf handlers, in lookup order."""
-    return [h.name for h in _HANDLERS]
+    return [h.name for h in _KERNELS]
 
 
 class MixSource(NamedTuple):
@@ -150,9 +171,9 @@ class MixSource(NamedTuple):
     bias_mix: tuple[torch.Tensor, torch.Tensor] | None  # (prev, next) bias mixed with the weight's (a, b)
 
 
-def _same_shapes(source: tuple) -> bool:
-    """Whether a ``_rw_sources`` entry ``(site, k, prev_leaf, next_leaf, *adapters)`` needs no shape adapting."""
-    return all(adapter is None for adapter in source[4:])
+def _same_shapes(source: TensorSource) -> bool:
+    """Whether neither side of a source needs shape adapting."""
+    return source.prev_adapter is None and source.next_adapter is None
 
 
 def mix_source(leaf: nn.Module, name: str = "weight", bias: str | None = "bias") -> MixSource | None:
@@ -163,11 +184,11 @@ def mix_source(leaf: nn.Module, name: str = "weight", bias: str | None = "bias")
     synthesized with the same scalars as the weight (``scalars="block"``) comes back as ``bias_mix`` so the
     layer can mix it itself; any other bias (the leaf's own, or one with its own scalars) as ``bias``.
     """
-    sources = leaf.__dict__.get("_rw_sources", {})
+    sources = leaf.__dict__.get(SOURCES_ATTR, {})
     src = sources.get(name)
     if src is None:
         return None
-    site, k, prev_leaf, next_leaf, *_ = src
+    site, k, prev_layer, next_layer = src.site, src.k, src.prev, src.next
     if not _same_shapes(src):  # a neighbour of another shape: the generic (adapted) path
         return None
     if not getattr(site, "fast_path", False) or not getattr(site, "linear_mix", False):
@@ -176,7 +197,7 @@ def mix_source(leaf: nn.Module, name: str = "weight", bias: str | None = "bias")
     a, b = site.coefficients()
     if a.numel() > 1:  # one set of shape (1,) broadcasts as it is (weights have dimensions): no select op
         a, b = a[index], b[index]
-    prev, nxt = getattr(prev_leaf, name), getattr(next_leaf, name)
+    prev, nxt = getattr(prev_layer, name), getattr(next_layer, name)
     if prev.is_meta:  # meta init: shapes only, the generic path propagates them without the custom backward
         return None
     if site.detach:
@@ -184,8 +205,8 @@ def mix_source(leaf: nn.Module, name: str = "weight", bias: str | None = "bias")
     own_bias, bias_mix = None, None
     if bias is not None:
         bsrc = sources.get(bias)
-        if bsrc is not None and _same_shapes(bsrc) and bsrc[0] is site and site.index_of(bsrc[1]) == index:
-            bp, bn = getattr(prev_leaf, bias), getattr(next_leaf, bias)
+        if bsrc is not None and _same_shapes(bsrc) and bsrc.site is site and site.index_of(bsrc.k) == index:
+            bp, bn = getattr(prev_layer, bias), getattr(next_layer, bias)
             bias_mix = (bp.detach(), bn.detach()) if site.detach else (bp, bn)
         else:
             own_bias = getattr(leaf, bias)
@@ -221,7 +242,7 @@ def weight_buffer(leaf: nn.Module, like: torch.Tensor) -> Iterator[torch.Tensor 
         leaf.__dict__.setdefault(_WEIGHT_CACHE, buf)
 
 
-@register_leaf_handler(nn.Linear, name="linear")
+@register_layer_kernel(nn.Linear, name="linear")
 def _linear_forward(leaf: nn.Linear, input: torch.Tensor) -> Any:
     if not torch.is_grad_enabled():
         return NotImplemented
@@ -233,7 +254,7 @@ def _linear_forward(leaf: nn.Linear, input: torch.Tensor) -> Any:
                             sample=src.sample, out=out)
 
 
-@register_leaf_handler(nn.Conv1d, nn.Conv2d, nn.Conv3d, name="conv")
+@register_layer_kernel(nn.Conv1d, nn.Conv2d, nn.Conv3d, name="conv")
 def _conv_forward(leaf: nn.modules.conv._ConvNd, input: torch.Tensor) -> Any:
     dims = len(leaf.kernel_size)
     if (

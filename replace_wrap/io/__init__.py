@@ -1,0 +1,6 @@
+"""Checkpoints of converted models.
+
+- :mod:`.record`: the :class:`~replace_wrap.ConversionRecord` saved next to the weights.
+- :mod:`.guard`: the state-dict guard and the Hugging Face config record (attachments of a conversion).
+- :mod:`.checkpoint`: ``save`` / ``load`` / ``from_pretrained``.
+"""

@@ -1,0 +1,214 @@
+"""Checkpoints of converted models: :func:`save` / :func:`load` for any module, :func:`from_pretrained` for HF.
+
+Each writes or reads the weights together with the :class:`~replace_wrap.ConversionRecord`
+(:mod:`replace_wrap.io.record`), so loading rebuilds exactly the converted model that was saved: the record
+is applied to a freshly built model first, then its weights are loaded strictly.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, TypeVar
+
+import torch
+from torch import nn
+
+from ..errors import AlreadyConvertedError, ConfigError, StateDictError
+from ..surgery.site import SITE_ATTR
+from .guard import converted
+from .record import RECORD_FILE, ConversionRecord, config_record, read_record
+
+__all__ = ["from_pretrained", "load", "save"]
+
+SAFE_WEIGHTS_FILE = "model.safetensors"
+TORCH_WEIGHTS_FILE = "pytorch_model.bin"
+
+M = TypeVar("M", bound=nn.Module)
+
+
+def save(model: nn.Module, directory: str | Path, *, safe_serialization: bool = True) -> Path:
+    """Save a converted model's weights and its :class:`ConversionRecord` in ``directory``.
+
+    Writes ``replace_wrap.json`` and ``model.safetensors`` (or ``pytorch_model.bin`` with
+    ``safe_serialization=False``). Tensors that share memory (tied weights) are written as separate copies,
+    which safetensors requires. Hugging Face models can use ``model.save_pretrained`` instead: the record
+    travels in ``config.json``; reload those with :func:`from_pretrained`.
+
+    Args:
+        model: A converted model.
+        directory: Created if missing.
+        safe_serialization: Write safetensors (default) or a ``torch.save`` file.
+
+    Returns:
+        The directory.
+
+    Raises:
+        NotConvertedError: If ``model`` is not converted (save a plain model the usual way).
+
+    Example:
+        >>> import tempfile, torch, replace_wrap
+        >>> def make():
+        ...     return torch.nn.Sequential(*[torch.nn.Linear(4, 4) for _ in range(5)])
+        >>> net = replace_wrap.convert(make(), every=2)
+        >>> path = replace_wrap.save(net, tempfile.mkdtemp())
+        >>> twin = replace_wrap.load(make(), path)
+        >>> torch.equal(twin[1].weight, net[1].weight)
+        True
+    """
+    record = ConversionRecord.of(model)
+    out = Path(directory)
+    out.mkdir(parents=True, exist_ok=True)
+    state = _unshared(model.state_dict())
+    if safe_serialization:
+        try:
+            from safetensors.torch import save_file
+        except ImportError:
+            raise ConfigError(
+                "safe_serialization=True needs the safetensors package (pip install safetensors, or "
+                "replace-wrap[hf]); or pass safe_serialization=False to write a torch.save file"
+            ) from None
+        save_file(state, str(out / SAFE_WEIGHTS_FILE), metadata={"format": "pt"})
+    else:
+        torch.save(state, out / TORCH_WEIGHTS_FILE)
+    (out / RECORD_FILE).write_text(json.dumps(record.to_dict(), indent=2) + "\n")
+    return out
+
+
+def load(model: M, directory: str | Path, *, strict: bool = True, example_inputs: Any = None) -> M:
+    """Rebuild a model saved with :func:`save`: apply the saved conversion to ``model``, then load the weights.
+
+    Args:
+        model: A freshly built model of the saved architecture (unconverted), or one already converted
+            exactly as recorded.
+        directory: What :func:`save` wrote.
+        strict: Passed to ``load_state_dict``.
+        example_inputs: Inputs for the ``torch.export`` analysis route, if the original conversion used it.
+
+    Returns:
+        ``model``, converted and loaded: it predicts exactly as the saved model did.
+
+    Raises:
+        StateDictError: If the directory holds no record or weights, or the model does not fit them.
+    """
+    d = Path(directory)
+    if not (d / RECORD_FILE).is_file() and config_record(d) is not None:
+        raise StateDictError(
+            f"{d} was written by save_pretrained (the conversion record is in config.json): load it with "
+            "replace_wrap.from_pretrained(ModelClass, directory)"
+        )
+    record = read_record(d)
+    state = _read_weights(d)
+    if converted(model):
+        mine = ConversionRecord.of(model)
+        if not mine.same_conversion(record):
+            raise StateDictError(
+                f"{type(model).__name__} is already converted, differently from the checkpoint in {d} (it "
+                f"replaced {[b.path for b in mine.blocks]}, the checkpoint {[b.path for b in record.blocks]}); "
+                "pass a freshly built, unconverted model"
+            )
+    else:
+        record.apply(model, example_inputs)
+    model.load_state_dict(state, strict=strict)
+    return model
+
+
+def from_pretrained(cls: type[M], directory: str | Path, *, example_inputs: Any = None, **kwargs: Any) -> M:
+    """Load a converted Hugging Face model saved with ``save_pretrained`` (e.g. by ``Trainer.save_model``).
+
+    The model is built by ``cls.from_pretrained(directory, **kwargs)`` and converted as recorded in its
+    ``config.json`` right after construction, before the weights are read: Hugging Face then loads the
+    converted state dict (scalars included) with all its own machinery (key renaming, dtype, device map), and
+    reports no missing key.
+
+    Args:
+        cls: The model class, e.g. ``ViTForImageClassification``.
+        directory: A local directory written by ``save_pretrained`` from a converted model.
+        example_inputs: Inputs for the ``torch.export`` analysis route, if the original conversion used it.
+        **kwargs: Passed to ``cls.from_pretrained`` (``dtype=``, ``device_map=``, ...).
+
+    Returns:
+        The converted model (an instance of ``cls``), predicting exactly as the saved one.
+
+    Raises:
+        StateDictError: If the directory holds no conversion record, or the checkpoint lacks the scalars.
+
+    Example:
+        >>> import tempfile, torch, replace_wrap
+        >>> from transformers import ViTConfig, ViTForImageClassification
+        >>> cfg = ViTConfig(hidden_size=16, num_hidden_layers=3, num_attention_heads=2, intermediate_size=32,
+        ...                 image_size=8, patch_size=4)
+        >>> model = replace_wrap.convert(ViTForImageClassification(cfg), every=2)
+        >>> path = tempfile.mkdtemp()
+        >>> model.save_pretrained(path)
+        >>> twin = replace_wrap.from_pretrained(ViTForImageClassification, path)
+        >>> [b.path for b in replace_wrap.report(twin).replaced]
+        ['vit.layers.1']
+    """
+    d = Path(directory)
+    if not d.is_dir():
+        raise StateDictError(
+            f"from_pretrained reads a local directory written by save_pretrained; {str(d)!r} is none (download a "
+            "hub checkpoint first, e.g. huggingface_hub.snapshot_download)"
+        )
+    record = read_record(d)
+    want_info = kwargs.pop("output_loading_info", False)
+    sub = _converting_subclass(cls, record, example_inputs)
+    model, info = sub.from_pretrained(d, output_loading_info=True, **kwargs)
+    if type(model) is sub:
+        model.__class__ = cls  # the subclass only hooked construction; the model is a plain cls again
+    missing = [k for k in info.get("missing_keys", ()) if f".{SITE_ATTR}." in f".{k}"]
+    if missing:
+        raise StateDictError(
+            f"the checkpoint in {d} lacks the scalars {sorted(missing)[:4]} of its replaced blocks, although its "
+            "config.json records a conversion: it was not saved from the converted model"
+        )
+    return (model, info) if want_info else model
+
+
+def _unshared(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Contiguous tensors, each with its own memory (safetensors refuses tensors that share memory)."""
+    seen: set[tuple[Any, int]] = set()
+    out = {}
+    for k, t in state.items():
+        t = t.detach()
+        key = (t.device, t.untyped_storage().data_ptr()) if t.numel() else None
+        shared = key is not None and key in seen
+        out[k] = t.clone(memory_format=torch.contiguous_format) if shared else t.contiguous()
+        if key is not None:
+            seen.add(key)
+    return out
+
+
+def _read_weights(d: Path) -> dict[str, torch.Tensor]:
+    if (d / SAFE_WEIGHTS_FILE).is_file():
+        from safetensors.torch import load_file
+
+        return load_file(str(d / SAFE_WEIGHTS_FILE))
+    if (d / TORCH_WEIGHTS_FILE).is_file():
+        return torch.load(d / TORCH_WEIGHTS_FILE, map_location="cpu", weights_only=True)
+    raise StateDictError(
+        f"{d} holds no weights ({SAFE_WEIGHTS_FILE} or {TORCH_WEIGHTS_FILE}); was it written by replace_wrap.save?"
+    )
+
+
+def _converting_subclass(cls: type[M], record: ConversionRecord, example_inputs: Any) -> type[M]:
+    """A subclass of ``cls`` that converts itself right after construction, before weights are loaded.
+
+    ``from_pretrained`` builds the model with ``cls(config, ...)`` and then loads the checkpoint into its
+    state dict, so the converted state dict (scalars, no replaced tensors) is what Hugging Face loads.
+    """
+    if not (isinstance(cls, type) and callable(getattr(cls, "from_pretrained", None))):
+        raise ConfigError(f"from_pretrained needs a model class with a from_pretrained method, got {cls!r}")
+
+    def __init__(self: nn.Module, *args: Any, **kwargs: Any) -> None:
+        cls.__init__(self, *args, **kwargs)
+        if converted(self):
+            raise AlreadyConvertedError(
+                f"{cls.__name__}.__init__ already converted the model; cannot apply the saved conversion on top"
+            )
+        record.apply(self, example_inputs)
+
+    namespace = {"__init__": __init__, "__module__": cls.__module__, "__qualname__": cls.__qualname__}
+    return type(cls.__name__, (cls,), namespace)

@@ -1,0 +1,184 @@
+"""The state-dict guard and the Hugging Face config record: the two attachments that io adds to a conversion.
+
+**The guard.** ``convert`` registers a ``load_state_dict`` pre-hook on the converted model. Loading a state
+dict that holds tensors for its replaced blocks (saved from an unconverted, merged or differently converted
+model) raises :class:`~replace_wrap.StateDictError` before any tensor is copied, naming the blocks and the
+fix. :func:`load_state_dict` gives the same clear error for the other direction (a converted state dict into a
+model not yet converted) and, with ``strict=False``, loads past the guard on purpose.
+
+**The config record.** A converted Hugging Face model (one with a ``PretrainedConfig`` as ``model.config``)
+gets its :class:`~replace_wrap.ConversionRecord` as ``model.config.replace_wrap``, so that ``save_pretrained``
+writes it into ``config.json`` and :func:`replace_wrap.from_pretrained` can rebuild the converted model.
+"""
+
+from __future__ import annotations
+
+import contextvars
+from collections.abc import Mapping
+from typing import Any
+
+from torch import nn
+
+from ..errors import StateDictError
+from ..report import ConversionReport
+from ..surgery.apply import sites
+from ..surgery.attachments import register_attachment
+from ..surgery.site import SITE_ATTR, ReplacementSite
+from .record import CONFIG_KEY, ConversionRecord
+
+__all__ = ["converted", "is_hf_config", "load_state_dict"]
+
+
+def load_state_dict(model: nn.Module, state_dict: Mapping[str, Any], strict: bool = True) -> Any:
+    """``model.load_state_dict(state_dict, strict)`` that explains converted/unconverted mismatches.
+
+    A converted model refuses, by itself, a state dict that holds tensors for its replaced blocks (``convert``
+    registers a guard). This function adds the other direction, a state dict saved from a converted model
+    loaded into a model that is not converted yet, and with ``strict=False`` it is the deliberate way past
+    the guard: the replaced blocks' tensors are then dropped and listed as unexpected keys.
+
+    Returns:
+        What ``nn.Module.load_state_dict`` returns (missing and unexpected keys).
+
+    Raises:
+        StateDictError: With ``strict=True``, if ``state_dict`` comes from a converted model and ``model`` is
+            not converted (the message names the blocks to convert first), or the reverse.
+
+    Example:
+        >>> import torch, replace_wrap
+        >>> def make():
+        ...     return torch.nn.Sequential(*[torch.nn.Linear(4, 4) for _ in range(5)])
+        >>> sd = replace_wrap.convert(make(), every=2).state_dict()
+        >>> replace_wrap.load_state_dict(make(), sd)
+        Traceback (most recent call last):
+        ...
+        replace_wrap.errors.StateDictError: this state dict was saved from a converted model ...
+    """
+    if not strict:
+        token = _GUARD_OFF.set(True)
+        try:
+            return model.load_state_dict(state_dict, strict=False)
+        finally:
+            _GUARD_OFF.reset(token)
+    if not converted(model):
+        theirs = _replaced_in(state_dict, model, "")
+        if theirs:
+            raise StateDictError(
+                f"this state dict was saved from a converted model (replaced blocks {theirs}), but this "
+                f"{type(model).__name__} is not converted. Convert it first, the same way: "
+                f"replace_wrap.convert(model, policy=replace_wrap.Paths({theirs}), <the original options>), then "
+                "load. replace_wrap.save/load and save_pretrained/replace_wrap.from_pretrained record the "
+                "conversion and do both."
+            )
+    return model.load_state_dict(state_dict, strict=True)
+
+
+def _remove_guard(model: nn.Module) -> None:
+    hooks = model._load_state_dict_pre_hooks
+    for key in [k for k, h in hooks.items() if getattr(h, "hook", h) is _guard]:
+        del hooks[key]
+
+
+@register_attachment("state_dict_guard", detach=_remove_guard)
+def _install_guard(model: nn.Module, report: ConversionReport) -> None:
+    model.register_load_state_dict_pre_hook(_guard)
+
+
+_PREVIOUS = "_replace_wrap_config_previous"  # the config's own value of CONFIG_KEY before convert, if any
+
+
+def _drop_config_record(model: nn.Module) -> None:
+    cfg = getattr(model, "config", None)
+    if not is_hf_config(cfg) or CONFIG_KEY not in cfg.__dict__:
+        return
+    delattr(cfg, CONFIG_KEY)
+    previous = model.__dict__.pop(_PREVIOUS, None)
+    if previous is not None:  # a record the config carried before (a plain load of a converted checkpoint)
+        setattr(cfg, CONFIG_KEY, previous)
+
+
+@register_attachment("config_record", detach=_drop_config_record)
+def _write_config_record(model: nn.Module, report: ConversionReport) -> None:
+    cfg = getattr(model, "config", None)
+    if not is_hf_config(cfg):
+        return
+    if CONFIG_KEY in cfg.__dict__:
+        object.__setattr__(model, _PREVIOUS, cfg.__dict__[CONFIG_KEY])
+    setattr(cfg, CONFIG_KEY, ConversionRecord.from_report(report).to_dict())
+
+
+def _guard(
+    module: nn.Module, state_dict: dict[str, Any], prefix: str, local_metadata: Any, strict: bool,
+    missing_keys: list[str], unexpected_keys: list[str], error_msgs: list[str],
+) -> None:
+    # The converted module's pre-hooks run before it or any child copies a tensor, so refusing here leaves
+    # the model untouched. torch passes strict=True to every pre-hook whatever the caller asked, so the guard
+    # cannot tell strict=False apart: it refuses only the unmistakable case (tensors for blocks that have
+    # none), and load_state_dict(..., strict=False) below is the deliberate way to drop them.
+    if not _GUARD_OFF.get():
+        problem = _mismatch(module, state_dict, prefix)
+        if problem:
+            raise StateDictError(problem)
+
+
+_GUARD_OFF: contextvars.ContextVar[bool] = contextvars.ContextVar("replace_wrap_guard_off", default=False)
+
+
+def _mismatch(model: nn.Module, state: Mapping[str, Any], prefix: str) -> str | None:
+    """Why ``state`` cannot be loaded into the converted ``model``: it holds tensors of replaced blocks."""
+    sites = _sites(model)
+    own = [k for p, s in sites.items() for rel in s.tensor_names if (k := f"{prefix}{p}.{rel}") in state]
+    if not own:
+        return None
+    name, ours = type(model).__name__, sorted(sites)
+    blocks = sorted({p for p, s in sites.items() if any(f"{prefix}{p}.{rel}" in state for rel in s.tensor_names)})
+    theirs = _replaced_in(state, model, prefix)
+    hatch = (
+        " To load the other tensors and drop those on purpose: replace_wrap.load_state_dict(model, state_dict, "
+        "strict=False)."
+    )
+    if not theirs:
+        return (
+            f"this state dict does not fit the converted {name}: it holds tensors for the replaced blocks "
+            f"{blocks} (e.g. {own[0]!r}), which synthesize theirs, and no scalars, so it was saved from an "
+            "unconverted or merged model. Load it before converting (model.load_state_dict(state_dict), then "
+            "replace_wrap.convert(model, ...)), or merge this model first (replace_wrap.merge(model))." + hatch
+        )
+    return (
+        f"this state dict was saved from a model converted differently: it replaced blocks {theirs}, this "
+        f"{name} replaced {ours}. Load it into a fresh model converted the same way (replace_wrap.convert(model, "
+        f"policy=replace_wrap.Paths({theirs}), <the original options>)), or save and load with replace_wrap.save "
+        "and replace_wrap.load, which record the conversion." + hatch
+    )
+
+
+def _replaced_in(state: Mapping[str, Any], model: nn.Module, prefix: str) -> list[str]:
+    """Blocks of ``model`` for which ``state`` holds replacement scalars (``<block>.replacement.<name>``)."""
+    modules = dict(model.named_modules())
+    marker = f".{SITE_ATTR}."
+    found = set()
+    for key in state:
+        if not key.startswith(prefix) or marker not in f".{key[len(prefix):]}":
+            continue
+        block = f".{key[len(prefix):]}".rsplit(marker, 1)[0][1:]
+        own = modules.get(f"{block}.{SITE_ATTR}" if block else SITE_ATTR)
+        # a module of the user's that happens to be called "replacement" is not a site
+        if block in modules and (own is None or isinstance(own, ReplacementSite)):
+            found.add(block)
+    return sorted(found)
+
+
+def _sites(model: nn.Module) -> dict[str, ReplacementSite]:
+    return {path: site for path, _, site in sites(model)}
+
+
+def converted(model: nn.Module) -> bool:
+    """Whether ``model`` has replaced blocks."""
+    return any(True for _ in sites(model))
+
+
+def is_hf_config(cfg: object) -> bool:
+    # Duck-typed PretrainedConfig: whatever it holds is written to config.json by save_pretrained.
+    return cfg is not None and callable(getattr(cfg, "to_json_string", None)) and callable(
+        getattr(cfg, "save_pretrained", None)
+    )

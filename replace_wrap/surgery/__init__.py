@@ -1,0 +1,9 @@
+"""Stage 3, rewrite: plan the conversion, rewrite the model, and undo it.
+
+- :mod:`.plan`: the single owner of matching, scalar-set counts and parameter accounting.
+- :mod:`.matching`: which tensor of a block is synthesized from which neighbour tensor.
+- :mod:`.site`: the :class:`~replace_wrap.ReplacementSite` holding a replaced block's scalars.
+- :mod:`.swap`: the class swap that makes a layer's tensors synthesized properties.
+- :mod:`.apply`: applying a plan atomically, and restoring blocks (merge, revert).
+- :mod:`.attachments`: what rides along a converted model (report, guard, config record).
+"""

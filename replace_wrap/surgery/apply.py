@@ -1,0 +1,123 @@
+"""Rewriting a model by a :class:`~replace_wrap.surgery.plan.Plan`, and undoing it (merge, revert).
+
+:func:`apply_plan` is atomic: every step registers its undo, and any failure undoes them all, so the model is
+exactly as it was. :func:`restore_block` is the inverse used by ``merge`` (synthesized values) and ``revert``
+(the kept originals).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Callable
+
+import torch
+from torch import nn
+
+from ..config import ReplaceConfig
+from ..errors import ConfigError
+from ..synthesis.layer_kernels import TensorSource
+from . import swap
+from .plan import Plan, Target
+from .site import SITE_ATTR, ReplacementSite
+
+__all__ = ["apply_plan", "restore_block", "scalar_values", "site_tensors", "sites"]
+
+
+def sites(model: nn.Module) -> Iterator[tuple[str, nn.Module, ReplacementSite]]:
+    """``(path, block, site)`` of every replaced block of ``model``, in module order."""
+    for path, block in model.named_modules():
+        site = block._modules.get(SITE_ATTR)
+        if isinstance(site, ReplacementSite):
+            yield path, block, site
+
+
+def site_tensors(block: nn.Module, site: ReplacementSite) -> list[tuple[nn.Module, str]]:
+    """``(layer, name)`` of each synthesized tensor of a replaced block, in ``site.tensor_names`` order."""
+    out = []
+    for rel in site.tensor_names:
+        layer_path, _, name = rel.rpartition(".")
+        out.append((block.get_submodule(layer_path) if layer_path else block, name))
+    return out
+
+
+def scalar_values(site: ReplacementSite) -> dict[str, list[float]]:
+    """The site's current ``(a, b)`` as plain floats, for reports."""
+    a, b = site.coefficients()
+    return {"a": [float(v) for v in a.detach().float().flatten()], "b": [float(v) for v in b.detach().float().flatten()]}
+
+
+def apply_plan(model: nn.Module, plan: Plan, cfg: ReplaceConfig, undo: list[Callable[[], None]]) -> None:
+    """Rewrite every target of ``plan``, appending each step's undo to ``undo`` (the caller runs them on failure)."""
+    for t in plan.targets:
+        site = _make_site(t, cfg)
+        block = t.candidate.block
+        block.add_module(SITE_ATTR, site)
+        undo.append(lambda b=block: b._modules.pop(SITE_ATTR))
+        by_layer: dict[int, tuple[nn.Module, dict[str, TensorSource]]] = {}
+        for k, f in enumerate(t.candidate.match.synthesized):
+            by_layer.setdefault(id(f.layer), (f.layer, {}))[1][f.name] = TensorSource(
+                site, k, f.prev_layer, f.next_layer, f.prev_adapter, f.next_adapter
+            )
+        for layer, sources in by_layer.values():
+            saved = {name: layer._parameters[name] for name in sources}
+            swap.install(layer, sources)
+            undo.append(lambda layer=layer, saved=saved: swap.uninstall(layer, saved))
+        if cfg.recompute:
+            swap.set_recompute(block, True)
+            undo.append(lambda b=block: swap.set_recompute(b, False))
+        _check_synthesis(t, site, cfg.rule)
+
+
+def _make_site(t: Target, cfg: ReplaceConfig) -> ReplacementSite:
+    c = t.candidate
+    own = [f.layer._parameters[f.name] for f in c.match.synthesized]
+    site = ReplacementSite(
+        cfg.rule,
+        c.n_sets,
+        cfg.init,
+        tuple(f.rel for f in c.match.synthesized),
+        detach=cfg.neighbour_grad == "detached",
+        prev_path=c.prev_path,
+        next_path=c.next_path,
+        originals=own if cfg.keep_original else None,
+        coefficients=t.coefficients,
+        own=own,
+        fast_path=cfg.fast_path,
+        ab_grad_sample=None if cfg.ab_grad_sample == 1.0 else cfg.ab_grad_sample,
+    ).to(own[0].device)
+    site.requires_grad_flags = tuple(p.requires_grad for p in own)
+    return site
+
+
+def _check_synthesis(t: Target, site: ReplacementSite, rule: str) -> None:
+    """A rule must synthesize each tensor in the shape and dtype it replaces: checked once, at conversion."""
+    block, path = t.candidate.block, t.candidate.path
+    with torch.no_grad():
+        for f, (layer, name) in zip(t.candidate.match.synthesized, site_tensors(block, site)):
+            value = getattr(layer, name)
+            # the replaced tensor's shape; its dtype is the neighbours' (a side may be absent, not both)
+            ref = getattr(f.prev_layer if f.prev_layer is not None else f.next_layer, f.name)
+            if not isinstance(value, torch.Tensor) or tuple(value.shape) != f.shape or value.dtype != ref.dtype:
+                got = (
+                    f"shape {tuple(value.shape)}, dtype {value.dtype}" if isinstance(value, torch.Tensor)
+                    else type(value).__name__
+                )
+                raise ConfigError(
+                    f"rule {rule!r} synthesized {got} for tensor {f.rel!r} of block {path!r}, which needs "
+                    f"shape {f.shape}, dtype {ref.dtype}; fix the rule's synthesize(). The model was "
+                    "left unchanged."
+                )
+
+
+def restore_block(
+    block: nn.Module, site: ReplacementSite, tensors: list[tuple[nn.Module, str, torch.Tensor]]
+) -> None:
+    """Make ``tensors`` (``(layer, name, value)``) the block's own parameters again and drop the site."""
+    flags = getattr(site, "requires_grad_flags", (True,) * len(tensors))
+    by_layer: dict[int, tuple[nn.Module, dict[str, nn.Parameter]]] = {}
+    for (layer, name, value), flag in zip(tensors, flags):
+        by_layer.setdefault(id(layer), (layer, {}))[1][name] = nn.Parameter(value, requires_grad=flag)
+    for layer, params in by_layer.values():
+        swap.uninstall(layer, params)
+    swap.set_recompute(block, False)
+    del block._modules[SITE_ATTR]

@@ -1,0 +1,112 @@
+"""The replacement site: the learnable scalars of one replaced block, registered as ``block.replacement``."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..synthesis.rules import IntegrationRule, get_rule
+
+__all__ = ["SITE_ATTR", "ReplacementSite"]
+
+SITE_ATTR = "replacement"  # attribute under which a replaced block holds its ReplacementSite
+
+
+class ReplacementSite(nn.Module):
+    """The learnable scalars of one replaced block.
+
+    Registered on the block as ``block.replacement``; its parameters (``a`` and ``b`` for the linear rule) are
+    the only learnable parameters of the site and stay fp32 whatever dtype the model is cast to.
+
+    Args:
+        rule: Name of the integration rule.
+        n_sets: Number of scalar sets: 1 (``scalars="block"``) or the number of synthesized tensors.
+        init: Initial ``(a, b)`` of every set (the config's ``init``).
+        tensor_names: Paths of the synthesized tensors inside the block, in scalar-set order.
+        detach: Detach the neighbours' tensors inside the synthesis (``neighbour_grad="detached"``).
+        prev_path: Path of the previous block (for reports).
+        next_path: Path of the next block (for reports).
+        originals: Frozen copies of the replaced tensors (``keep_original=True``), kept as buffers.
+        coefficients: Per-set initial ``(a, b)``, each of shape ``(n_sets,)``, overriding ``init`` (a policy's
+            :meth:`~replace_wrap.Policy.initial_scalars`); mapped to the rule's parameters by
+            :meth:`~replace_wrap.IntegrationRule.params_from_coefficients`.
+        own: The block's own tensors at conversion, for rules that start their state from them.
+    """
+
+    def __init__(
+        self,
+        rule: str,
+        n_sets: int,
+        init: tuple[float, float],
+        tensor_names: tuple[str, ...],
+        detach: bool,
+        prev_path: str,
+        next_path: str,
+        originals: list[torch.Tensor] | None = None,
+        coefficients: tuple[torch.Tensor, torch.Tensor] | None = None,
+        own: Sequence[torch.Tensor] = (),
+        fast_path: bool = True,
+        ab_grad_sample: float | None = None,
+    ):
+        super().__init__()
+        self.rule = rule
+        self._rule = get_rule(rule)
+        if coefficients is None:
+            params = self._rule.init_params(n_sets, init)
+        else:
+            params = self._rule.params_from_coefficients(*coefficients)
+        for name, value in params.items():
+            self.register_parameter(name, nn.Parameter(value.detach().to(torch.float32)))
+        self.n_sets = n_sets
+        self.tensor_names = tuple(tensor_names)
+        self.detach = detach
+        self.fast_path = fast_path
+        self.ab_grad_sample = ab_grad_sample
+        # Leaf handlers compute with (a, b) directly; a rule with its own synthesis (a non-linear map, or
+        # per-tensor state like 'ema') keeps the generic path.
+        self.linear_mix = (
+            type(self._rule).synthesize is IntegrationRule.synthesize
+            and type(self._rule).synthesize_tensor is IntegrationRule.synthesize_tensor
+        )
+        self.prev_path, self.next_path = prev_path, next_path
+        self.has_originals = originals is not None
+        for i, t in enumerate(originals or []):
+            self.register_buffer(f"original_{i}", t.detach().clone())
+        for name, value in self._rule.init_buffers(self, list(own)).items():
+            self.register_buffer(name, value)
+
+    def forward(self, x: Any, *args: Any, **kwargs: Any) -> Any:
+        """Identity: a block that is an ``nn.Sequential`` calls every child, the site included."""
+        return x
+
+    def index_of(self, k: int) -> int:
+        """Scalar set used by the ``k``-th synthesized tensor."""
+        return k if self.n_sets > 1 else 0
+
+    def coefficients(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The current ``(a, b)``, each of shape ``(n_sets,)``."""
+        return self._rule.coefficients(self)
+
+    def synthesize(self, k: int, prev: torch.Tensor, next: torch.Tensor) -> torch.Tensor:
+        """The ``k``-th synthesized tensor (``tensor_names[k]``) from the neighbours' current tensors."""
+        if self.detach:
+            prev, next = prev.detach(), next.detach()
+        return self._rule.synthesize_tensor(self, k, prev, next)
+
+    def _apply(self, fn: Any, recurse: bool = True) -> ReplacementSite:
+        # The scalars stay fp32 when the model is cast (model.half(), .to(torch.bfloat16)): a bf16 scalar
+        # cannot express small updates. Devices still follow; buffers (originals) follow the model's dtype.
+        fp32 = {n: p.detach().clone() for n, p in self._parameters.items() if p is not None}
+        super()._apply(fn, recurse)
+        for n, p in self._parameters.items():
+            if p is not None and p.dtype != torch.float32:
+                p.data = fp32[n].to(p.device)
+        return self
+
+    def extra_repr(self) -> str:
+        a, b = (t.detach().float() for t in self.coefficients())
+        ab = f"a={a.item():.4g}, b={b.item():.4g}" if a.numel() == 1 else f"a.mean={a.mean():.4g}, b.mean={b.mean():.4g}"
+        return f"rule={self.rule!r}, tensors={len(self.tensor_names)}, {ab}, prev={self.prev_path!r}, next={self.next_path!r}"
