@@ -89,8 +89,11 @@ def _grad_fn_names(model: nn.Module, x: torch.Tensor) -> set[str]:
     names: set[str] = set()
 
     def record(module, args, out):
-        if out.grad_fn is not None:
-            names.add(type(out.grad_fn).__name__)
+        fn = out.grad_fn
+        while fn is not None and type(fn).__name__ == "ViewBackward0":  # the kernel's rows reshaped back
+            fn = fn.next_functions[0][0]
+        if fn is not None:
+            names.add(type(fn).__name__)
 
     handles = [m.register_forward_hook(record) for m in model.modules() if isinstance(m, nn.Linear)]
     model(x)

@@ -11,6 +11,8 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+import replace_wrap
+from replace_wrap.surgery.apply import sites
 from replace_wrap.synthesis import estimators
 from replace_wrap.synthesis import kernels as mixed_ops
 from replace_wrap.synthesis.maths import mix
@@ -268,3 +270,31 @@ def test_sample_rows_draws_distinct_rows_with_the_right_scale(n, f):
 def test_check_sample_rejects(bad):
     with pytest.raises(ValueError, match="fraction in \\(0, 1\\]"):
         check_sample(bad)
+
+
+@pytest.mark.parametrize("shape", [(5, 3), (2, 5, 3), (1, 2, 5, 3)])
+def test_linear_output_can_be_modified_in_place(shape):
+    """F.linear with a bias returns a view for inputs of more than two dimensions; the kernel's output must still
+    take in-place ops (an inplace ReLU after a linear, as in Swin-v2's position-bias MLP) with exact gradients."""
+    x = torch.randn(shape, requires_grad=True)
+    wp, wn, bias = torch.randn(4, 3), torch.randn(4, 3), torch.randn(4)
+    a, b = torch.tensor(0.3, requires_grad=True), torch.tensor(0.6, requires_grad=True)
+    y = mixed_ops.mixed_linear(x, a, b, wp, wn, bias)
+    torch.relu_(y).sum().backward()
+    grads = (x.grad, a.grad, b.grad)
+    x2, a2, b2 = (t.detach().clone().requires_grad_() for t in (x, a, b))
+    torch.relu(x2 @ (a2 * wp + b2 * wn).T + bias).sum().backward()  # the same function, plain autograd
+    for got, want in zip(grads, (x2.grad, a2.grad, b2.grad)):
+        torch.testing.assert_close(got, want)
+
+
+def test_hf_swinv2_with_windows_of_two_trains():
+    """The configuration that failed (issue 11, defect 10): Swin-v2's position-bias MLP ends in an inplace ReLU."""
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.Swinv2Config(
+        image_size=32, patch_size=4, embed_dim=24, depths=[2, 2, 6, 2], num_heads=[2, 2, 2, 2], window_size=2,
+        num_labels=3,
+    )
+    model = replace_wrap.convert(transformers.Swinv2ForImageClassification(cfg), every=2)
+    model(pixel_values=torch.randn(2, 3, 32, 32)).logits.sum().backward()
+    assert all(s.a.grad is not None for _, _, s in sites(model))

@@ -75,8 +75,7 @@ class _MixedLinear(torch.autograd.Function):
             bias = None if bias is None else bias.to(dtype)
             with torch.autocast(x.device.type, enabled=False):
                 y = F.linear(x, w, bias)
-        # shape: x (..., in) -> rows (N, in)
-        x2 = x.reshape(-1, x.shape[-1])
+        x2 = x  # shape: (N, in): mixed_linear passes rows
         rows, scale, keep, xw = None, 1.0, None, None
         if need_p or need_n:  # coupled: the neighbours need the full dW, so the scalars get it exactly too
             keep = x2
@@ -171,7 +170,12 @@ def mixed_linear(
     bp, bn = bias_sources(bias, bias_mix)
     if not needs_graph(x, a, b, prev, next, bp, bn):  # inference or no-grad: nothing to save
         return F.linear(x, mix(a, b, prev, next), mix_bias(a, b, bias, bp, bn))
-    return _MixedLinear.apply(x, a, b, prev, next, bias, bp, bn, sample, autocast_dtype(x), out)
+    # The Function sees rows only: F.linear with a bias returns a view for inputs of more than two dimensions,
+    # and a view made inside a custom Function cannot be modified in place afterwards (an inplace ReLU after a
+    # linear layer, Swin-v2's position-bias MLP). Reshaped out here, it is an ordinary view autograd tracks.
+    # shape: x (..., in) -> (N, in) -> y (N, out) -> (..., out)
+    y = _MixedLinear.apply(x.reshape(-1, x.shape[-1]), a, b, prev, next, bias, bp, bn, sample, autocast_dtype(x), out)
+    return y if x.dim() == 2 else y.view(*x.shape[:-1], y.shape[-1])
 
 
 class _MixedConv(torch.autograd.Function):
