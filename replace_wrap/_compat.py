@@ -8,7 +8,7 @@ from typing import Any, Callable
 
 from torch import nn
 
-__all__ = ["has_timm", "has_transformers", "timm_notrace"]
+__all__ = ["has_timm", "has_transformers", "is_fx_symbolic_tracing", "timm_notrace"]
 
 
 @functools.lru_cache(maxsize=None)
@@ -38,3 +38,15 @@ def timm_notrace(model: nn.Module) -> tuple[list[type[nn.Module]], list[Callable
     modules = list(_fx.get_notrace_modules())
     functions = [f for f in _fx.get_notrace_functions() if callable(f)]
     return modules, functions
+
+
+try:  # torch.fx keeps the flag in a private module; its function is the supported way to read it
+    from torch.fx._symbolic_trace import is_fx_symbolic_tracing as _fx_tracing
+except ImportError:  # pragma: no cover - a torch without it cannot trace into our layers either
+    def _fx_tracing() -> bool:
+        return False
+
+
+def is_fx_symbolic_tracing() -> bool:
+    """Whether ``torch.fx.symbolic_trace`` is tracing right now (not dynamo, not export)."""
+    return _fx_tracing()

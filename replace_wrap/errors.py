@@ -11,6 +11,7 @@ __all__ = [
     "AlreadyConvertedError",
     "AnalysisError",
     "BudgetError",
+    "CompatibilityError",
     "ConfigError",
     "MergeError",
     "NotConvertedError",
@@ -73,6 +74,14 @@ class NotConvertedError(ReplaceWrapError, RuntimeError):
 
 class MergeError(ReplaceWrapError, RuntimeError):
     """``merge`` or ``revert`` cannot proceed (for example a synthesized tensor is not finite)."""
+
+
+class CompatibilityError(ReplaceWrapError, RuntimeError):
+    """A library or operation cannot work with a converted model as it is (the message says what to do).
+
+    For example ``nn.DataParallel`` replicas, a deep copy of a replaced block without its neighbours, or
+    ``torch.fx`` tracing a rule that keeps state.
+    """
 
 
 class StateDictError(ReplaceWrapError, RuntimeError):

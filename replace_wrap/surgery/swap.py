@@ -19,12 +19,16 @@ lean backward; every tensor keeps its property, so reading ``layer.weight`` stil
 
 from __future__ import annotations
 
+import copy
 import functools
+from collections.abc import Iterator
 from typing import Any
 
 import torch
 from torch import nn
 
+from .._compat import is_fx_symbolic_tracing
+from ..errors import CompatibilityError
 from ..synthesis.adapt import adapt_pair
 from ..synthesis.layer_kernels import CACHE_PREFIX, SOURCES_ATTR, TensorSource, kernel_for
 
@@ -104,14 +108,15 @@ def _swapped_class(base: type, names: tuple[str, ...], recompute: bool = False) 
     cls = _SWAPPED.get(key)
     if cls is None:
         namespace: dict[str, Any] = {name: property(_synthesized(name)) for name in names}
-        handler = kernel_for(base, names) if names else None
-        if handler is not None or recompute:
-            namespace["forward"] = _forward(base, handler.forward if handler else None, recompute)
         namespace.update(
+            forward=_forward(base, bool(names), recompute),
             _rw_base=base,
-            __module__=base.__module__,
+            # Not a torch.nn module for torch.fx, so that tracing enters its forward (see _fx_call_module). A
+            # block swapped only for recompute keeps its own module name.
+            __module__=__name__ if names else base.__module__,
             __qualname__=base.__qualname__,
             __reduce_ex__=_reduce_ex,
+            __deepcopy__=_deepcopy,
             __doc__=base.__doc__,
         )
         cls = type(base.__name__, (base,), namespace)
@@ -121,7 +126,11 @@ def _swapped_class(base: type, names: tuple[str, ...], recompute: bool = False) 
 
 def _synthesized(name: str) -> Any:
     def fget(self: nn.Module) -> torch.Tensor:
-        site, k, prev, nxt, prev_adapter, next_adapter = self.__dict__[SOURCES_ATTR][name]
+        state = self.__dict__
+        src = state[SOURCES_ATTR][name]
+        if _CHECK in state or "_is_replica" in state:  # a deep copy (checked once) or a DataParallel replica
+            _check_copy(self)
+        site, k, prev, nxt, prev_adapter, next_adapter = src
         if prev_adapter is None and next_adapter is None:  # same shapes: no adapter call, nothing allocated
             return site.synthesize(k, getattr(prev, name), getattr(nxt, name))
         p = None if prev is None else getattr(prev, name)
@@ -132,11 +141,16 @@ def _synthesized(name: str) -> Any:
     return fget
 
 
-def _forward(base: type, handler: Any, recompute: bool) -> Any:
+def _forward(base: type, synthesized: bool, recompute: bool) -> Any:
     @functools.wraps(base.forward)  # keeps the base forward's signature for inspect.signature
     def run(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
-        if handler is not None:
-            out = handler(self, *args, **kwargs)
+        if synthesized and is_fx_symbolic_tracing():
+            return _fx_call_module(self, base, args, kwargs)
+        # The kernel is looked up per call (a cached dict read), so one registered after this class was built
+        # serves it too.
+        kernel = kernel_for(base, tuple(sorted(self.__dict__[SOURCES_ATTR]))) if synthesized else None
+        if kernel is not None:
+            out = kernel.forward(self, *args, **kwargs)
             if out is not NotImplemented:
                 return out
         return base.forward(self, *args, **kwargs)
@@ -155,14 +169,105 @@ def _forward(base: type, handler: Any, recompute: bool) -> Any:
     return forward
 
 
+def _fx_call_module(layer: nn.Module, base: type, args: tuple, kwargs: dict) -> Any:
+    """What ``torch.fx`` records for a replaced layer: the layer as a leaf, and the tensors it synthesizes from.
+
+    A torch.nn layer is a leaf of an FX graph (a ``call_module`` node), and the GraphModule holds the same
+    layer object, so it computes exactly what the converted model does. But a GraphModule only holds the
+    modules and parameters its graph names, and nothing in a leaf call names the replaced block's scalars:
+    they would be missing from ``gm.parameters()`` (no training) and ``gm.state_dict()`` (no saving). So the
+    trace enters here (the swapped class is no torch.nn module for FX) and records the leaf call itself, plus a
+    ``get_attr`` node for each tensor the layer synthesizes from (the scalars, the neighbours' tensors), which
+    puts them in the GraphModule.
+    """
+    from torch.fx import Proxy
+
+    found = [a for a in (*args, *kwargs.values()) if isinstance(a, Proxy)]
+    if not found:  # called with constants: nothing to record, compute them (torch.fx would fold it anyway)
+        return base.forward(layer, *args, **kwargs)
+    tracer = found[0].tracer
+    for name, src in layer.__dict__[SOURCES_ATTR].items():
+        owners = [(src.site, n) for n, _ in src.site.named_parameters()]
+        owners += [(m, name) for m in (src.prev, src.next) if m is not None]
+        for module, attr in owners:
+            try:
+                path = tracer.path_of_module(module)
+            except NameError:  # outside the traced root: the GraphModule shares the module anyway
+                continue
+            tracer.create_proxy("get_attr", f"{path}.{attr}" if path else attr, (), {})
+    return tracer.create_proxy("call_module", tracer.path_of_module(layer), args, kwargs)
+
+
 def _reduce_ex(self: nn.Module, protocol: int) -> tuple[Any, ...]:
     # Generated classes cannot be found by name; pickle and deepcopy rebuild them from (base, names, recompute).
     key = (type(self)._rw_base, tuple(sorted(self.__dict__.get(SOURCES_ATTR, ()))),
            bool(self.__dict__.get("_rw_recompute", False)))
-    state = {k: v for k, v in self.__dict__.items() if not k.startswith(CACHE_PREFIX)}  # caches are rebuilt
+    state = {k: v for k, v in self.__dict__.items() if not k.startswith(CACHE_PREFIX) and k != _CHECK}
     return _rebuild, key, state
 
 
 def _rebuild(base: type, names: tuple[str, ...], recompute: bool = False) -> nn.Module:
     cls = _swapped_class(base, names, recompute)
     return cls.__new__(cls)
+
+
+def _deepcopy(self: nn.Module, memo: dict[int, Any]) -> nn.Module:
+    """Copy a layer with its sources through ``memo``, and check at first use that its neighbours came along.
+
+    Copying a whole model copies each replaced layer's neighbours and site as part of it (the memo shares
+    them), but copying one block alone would give it private copies of its neighbours that no model holds: a
+    frozen snapshot that trains apart from the model. Whether the copy holds the neighbours is only known once
+    the outermost copy is finished, so the copy keeps that object and checks before its first synthesis.
+    """
+    rebuild, args, state = _reduce_ex(self, 4)
+    new = rebuild(*args)
+    memo[id(self)] = new
+    new.__dict__.update(copy.deepcopy(state, memo))
+    if SOURCES_ATTR in state:
+        object.__setattr__(new, _CHECK, memo[next(iter(memo))])  # the copy of the outermost object copied
+    return new
+
+
+_CHECK = "_rw_check_copy"  # set on copies and replicas: what to check before the first synthesis
+
+
+def _check_copy(layer: nn.Module) -> None:
+    if layer.__dict__.get("_is_replica", False):  # set by nn.Module._replicate_for_data_parallel
+        raise CompatibilityError(
+            "nn.DataParallel cannot run a converted model: its replicas would read the replaced blocks' "
+            "neighbours on the first device. Use DistributedDataParallel (one process per device), or "
+            "replace_wrap.merge(model) first."
+        )
+    root = layer.__dict__.pop(_CHECK, None)
+    if root is None:
+        return
+    # What the synthesis reads must be tensors the copy holds (a GraphModule holds the scalars as its own
+    # parameters, not the site module, so parameters are compared, not modules).
+    inside = {id(p) for m in _modules_of(root) for p in m.parameters(recurse=False)}
+    for name, src in layer.__dict__[SOURCES_ATTR].items():
+        reads = (
+            (src.site.prev_path, [] if src.prev is None else [getattr(src.prev, name)]),
+            (src.site.next_path, [] if src.next is None else [getattr(src.next, name)]),
+            ("replacement", list(src.site.parameters())),
+        )
+        missing = [path for path, tensors in reads if any(id(t) not in inside for t in tensors)]
+        if missing:
+            layer.__dict__[_CHECK] = root  # every later use fails the same way
+            raise CompatibilityError(
+                f"this replaced {type(layer).__name__} (a layer of the block between {src.site.prev_path!r} and "
+                f"{src.site.next_path!r}) was deep-copied without its neighbour block(s) {missing}: the copy would "
+                "compute with private copies of them that no model trains. Copy the whole model (or a module "
+                "holding the replaced block and both neighbours), or copy replace_wrap.merge(copy of the model)."
+            )
+
+
+def _modules_of(root: Any) -> Iterator[nn.Module]:
+    """Every module inside what a deep copy started from (a module, or a container of modules)."""
+    if isinstance(root, nn.Module):
+        yield from root.modules()
+    elif isinstance(root, (list, tuple, set)):
+        for item in root:
+            yield from _modules_of(item)
+    elif isinstance(root, dict):
+        for item in root.values():
+            yield from _modules_of(item)

@@ -8,6 +8,7 @@ import pickle
 
 import pytest
 import torch
+import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
@@ -136,7 +137,7 @@ def test_lookup_rules():
 
 
 def test_registry_errors():
-    with pytest.raises(RegistryError, match="already has the leaf handler 'linear'"):
+    with pytest.raises(RegistryError, match="already has the layer kernel 'linear'"):
         leaves.register_layer_kernel(nn.Linear, name="another_linear")(lambda leaf, x: NotImplemented)
     with pytest.raises(RegistryError, match="named 'conv' is already registered"):
         leaves.register_layer_kernel(OwnForwardLinear, name="conv")(lambda leaf, x: NotImplemented)
@@ -170,7 +171,7 @@ def test_user_handler_and_declining():
             torch.testing.assert_close(net(x), ref(x))
         assert calls  # the handler ran (and declined for batch 1)
     finally:
-        leaves._KERNELS[:] = [h for h in leaves._KERNELS if h.name != "test_gate"]
+        _unregister("test_gate")
 
 
 # --- the reusable weight buffer ------------------------------------------------------------------------------
@@ -312,3 +313,71 @@ def test_config_round_trip(fast, sample, recompute, coupled):
     import json
 
     assert replace_wrap.ReplaceConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
+
+
+def _unregister(name: str) -> None:
+    leaves._KERNELS[:] = [k for k in leaves._KERNELS if k.name != name]
+    leaves._LOOKUP.clear()
+
+
+class ReflectConv(nn.Conv2d):
+    """Customizes only _conv_forward (reflect padding by hand): the kernel must not take it over."""
+
+    def _conv_forward(self, input, weight, bias):
+        return F.conv2d(F.pad(input, (1, 1, 1, 1), mode="reflect"), weight, bias, self.stride, 0)
+
+
+class InitOnlyConv(nn.Conv2d):
+    """Changes only how it is built: still an nn.Conv2d computation, so the kernel serves it."""
+
+    def reset_parameters(self):
+        nn.init.zeros_(self.weight)
+        nn.init.zeros_(self.bias)
+
+
+def test_a_subclass_that_redefines_any_computing_method_keeps_its_computation():
+    assert leaves.kernel_for(ReflectConv, ("bias", "weight")) is None
+    assert leaves.kernel_for(InitOnlyConv, ("bias", "weight")).name == "conv"
+    net = nn.Sequential(*[ReflectConv(3, 3, 3) for _ in range(5)])
+    x = torch.randn(2, 3, 6, 6)
+    replace_wrap.convert(net, every=2)
+    out = net(x)
+    # oracle: the same stack with each replaced layer's weight written out by hand
+    want = x
+    for i, layer in enumerate(net):
+        w, bias = layer.weight, layer.bias
+        if i in (1, 3):
+            a, b = net[i].replacement.a, net[i].replacement.b
+            w = a * net[i - 1].weight + b * net[i + 1].weight
+            bias = a * net[i - 1].bias + b * net[i + 1].bias
+        want = F.conv2d(F.pad(want, (1, 1, 1, 1), mode="reflect"), w, bias)
+    torch.testing.assert_close(out, want)
+    assert "_MixedConvBackward" not in _grad_fn_names(net, x)
+
+
+def test_a_kernel_registered_after_conversion_serves_the_converted_layers():
+    class Gate(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.weight = nn.Parameter(torch.randn(4))
+
+        def forward(self, x):
+            return x * self.weight
+
+    net = replace_wrap.convert(nn.Sequential(*[Gate() for _ in range(5)]), every=2)
+    x = torch.randn(3, 4)
+    before = net(x)
+    calls = []
+
+    @leaves.register_layer_kernel(Gate, name="test_late_gate")
+    def late(layer, x):
+        calls.append(1)
+        return x * layer.weight
+
+    try:
+        torch.testing.assert_close(net(x), before)
+        assert len(calls) == 2  # blocks 1 and 3
+    finally:
+        _unregister("test_late_gate")
+    net(x)
+    assert len(calls) == 2  # unregistered: the generic path again

@@ -1,0 +1,103 @@
+"""A replaced layer reaches its neighbours and scalars by reference: every way of copying, replicating or tracing a
+converted model either keeps the trained function (with the scalars as its parameters) or refuses with a typed
+error (issue 11, defect 3)."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.fx
+from torch import nn
+
+import replace_wrap
+from replace_wrap.surgery.apply import sites
+from replace_wrap import CompatibilityError
+from toys import ResidualMLP, StagedCNN
+
+
+def _trained(model: nn.Module, x: torch.Tensor, steps: int = 2) -> nn.Module:
+    """A few SGD steps so that scalars and neighbours are no longer at their initial values."""
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    for _ in range(steps):
+        opt.zero_grad()
+        model(x).square().mean().backward()
+        opt.step()
+    return model
+
+
+def test_a_deep_copy_of_the_model_is_the_same_function_and_trains_on_its_own():
+    x = ResidualMLP.example()
+    model = _trained(replace_wrap.convert(ResidualMLP(), every=2), x)
+    twin = copy.deepcopy(model)
+    torch.testing.assert_close(twin(x), model(x), rtol=0, atol=0)
+    # the copy synthesizes from its own neighbours and scalars: training it leaves the original alone
+    before = model(x).detach()
+    _trained(twin, x)
+    torch.testing.assert_close(model(x), before, rtol=0, atol=0)
+    assert not torch.equal(twin(x), before)
+    assert replace_wrap.merge(twin) is twin  # and it merges as a model of its own
+
+
+def test_a_deep_copy_of_a_stack_container_is_complete():
+    model = replace_wrap.convert(ResidualMLP(), every=2)
+    blocks = copy.deepcopy(model.blocks)  # holds the replaced blocks and all their neighbours
+    h = torch.randn(3, 16)
+    for original, copied in zip(model.blocks, blocks):
+        torch.testing.assert_close(copied(h), original(h), rtol=0, atol=0)
+
+
+def test_a_deep_copy_of_a_replaced_block_alone_is_refused_at_its_first_use():
+    model = replace_wrap.convert(ResidualMLP(), every=2)
+    lone = copy.deepcopy(model.blocks[1])
+    with pytest.raises(CompatibilityError, match=r"deep-copied without its neighbour block\(s\) \['blocks.0', 'blocks.2'\]"):
+        lone(torch.randn(2, 16))
+    with pytest.raises(CompatibilityError, match="deep-copied"):  # and every later use
+        lone(torch.randn(2, 16))
+    model(ResidualMLP.example())  # the original is untouched
+
+
+def test_nn_data_parallel_replicas_are_refused():
+    model = replace_wrap.convert(ResidualMLP(), every=2)
+    # what nn.parallel.replicate does to every module (the device copies need CUDA; the refusal does not)
+    replica = model.blocks[1].fc1._replicate_for_data_parallel()
+    with pytest.raises(CompatibilityError, match="DataParallel"):
+        replica.weight
+
+
+@pytest.mark.parametrize("make, x", [
+    (lambda: ResidualMLP(), ResidualMLP.example()),
+    (lambda: StagedCNN(), torch.randn(2, 3, 16, 16)),  # stage boundaries: shape-adapted neighbours
+], ids=["mlp", "staged-cnn"])
+@pytest.mark.parametrize("scalars", ["block", "tensor"])
+def test_fx_traces_the_synthesis_and_keeps_the_scalars_as_parameters(make, x, scalars):
+    model = _trained(replace_wrap.convert(make(), every=2, scalars=scalars), x).eval()
+    gm = torch.fx.symbolic_trace(model)
+    torch.testing.assert_close(gm(x), model(x))
+    scalars_ = {f"{path}.replacement.{n}" for path, _, site in sites(model)
+             for n, _ in site.named_parameters()}
+    assert scalars_ and scalars_ <= set(gm.state_dict())
+    assert scalars_ <= {n for n, _ in gm.named_parameters()}
+    # the graph reads the live scalars: a change to them changes the GraphModule's output as the model's
+    with torch.no_grad():
+        for _, _, site in sites(model):
+            site.a.mul_(1.5)
+    torch.testing.assert_close(gm(x), model(x))
+
+
+def test_fx_keeps_a_stateful_rule_live():
+    """The graph calls the replaced layers themselves: a rule with state (ema) keeps updating in the GraphModule."""
+    x = ResidualMLP.example()
+    model = replace_wrap.convert(ResidualMLP(), every=2, rule="ema")
+    gm = torch.fx.symbolic_trace(model)
+    torch.testing.assert_close(gm(x), model(x))
+    _trained(gm, x, steps=3)  # trains the shared modules and scalars through the GraphModule
+    torch.testing.assert_close(gm(x), model(x))
+
+
+def test_a_deep_copy_of_a_graph_module_of_a_converted_model_is_complete():
+    x = ResidualMLP.example()
+    model = _trained(replace_wrap.convert(ResidualMLP(), every=2), x)
+    gm = copy.deepcopy(torch.fx.symbolic_trace(model))
+    torch.testing.assert_close(gm(x), model(x))
