@@ -23,6 +23,7 @@ from .surgery import attachments, swap
 from .surgery.apply import apply_plan, restore_block, scalar_values, site_tensors, sites
 from .surgery.plan import Plan, build_plan, nothing_message, trainable_count
 from .surgery.site import SITE_ATTR, ReplacementSite
+from .synthesis.rules import state_frozen
 
 __all__ = ["convert", "merge", "plan", "report", "revert"]
 
@@ -176,7 +177,7 @@ def merge(model: nn.Module, *, optimizers: Any = None) -> nn.Module:
     """
     found = _require_sites(model, "merge")
     planned: list[tuple[str, nn.Module, ReplacementSite, list[tuple[nn.Module, str, torch.Tensor]]]] = []
-    with torch.no_grad():
+    with torch.no_grad(), state_frozen():  # a rule's state (ema) is read as it is, never moved by the merge
         for path, block, site in found:
             tensors = []
             for k, (layer, name) in enumerate(site_tensors(block, site)):

@@ -146,28 +146,45 @@ def test_ema_updates_once_per_step():
     model.train()
     shadow = site.shadow_2.clone()  # fc1.weight (LayerNorm weight and bias come first)
     assert site.tensor_names[2] == "fc1.weight"
-    model(x).square().mean().backward()  # the first access only records the neighbours
-    model(x).square().mean().backward()  # gradient accumulation: same neighbours, no update
+    model(x).square().mean().backward()  # the first access only records the target
+    model(x).square().mean().backward()  # gradient accumulation: same target, no update
     assert torch.equal(site.shadow_2, shadow)
     opt.step()
     opt.zero_grad()
-    with torch.no_grad():  # eval-style reads never move the shadow
-        model(x)
     model.eval()
-    model(x)
+    model(x)  # eval never moves the shadow
     assert torch.equal(site.shadow_2, shadow)
     model.train()
-    model(x).square().mean().backward()  # first training forward after the step: exactly one update
+    with torch.no_grad():  # a training forward without gradients (reentrant checkpointing runs so): it updates
+        model(x)
     target = site.a.detach() * model.blocks[1].fc1.weight.detach() + site.b.detach() * model.blocks[3].fc1.weight.detach()
     expected = m * shadow + (1 - m) * target
     torch.testing.assert_close(site.shadow_2, expected)
     after_one = site.shadow_2.clone()
-    model(x).square().mean().backward()
+    model(x).square().mean().backward()  # the same target again: exactly one update per step
     assert torch.equal(site.shadow_2, after_one)
     assert site.scale.grad is not None and site.a.grad is not None and site.b.grad is not None
 
 
-def test_ema_checkpointing_recompute_sees_the_same_shadow():
+def test_ema_merge_reads_the_shadow_without_moving_it():
+    _, model, site = _ema_model()
+    x = ResidualMLP.example(8)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    model.train()
+    for _ in range(2):
+        opt.zero_grad()
+        model(x).square().mean().backward()
+        opt.step()  # the target moved: a training forward now would update
+    model.eval()
+    expected = model(x)
+    replace_wrap.merge(model.train())  # merged in training mode, still the eval function
+    torch.testing.assert_close(model.eval()(x), expected, atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize("reentrant", [False, True])
+def test_ema_checkpointing_recompute_sees_the_same_shadow(reentrant):
+    """Reentrant checkpointing runs the forward without gradients and replays it with them: the shadow must be
+    the same in both, as without checkpointing (issue 11, defect 4)."""
     x = ResidualMLP.example(8)
     grads = []
     for use_checkpoint in (False, True):
@@ -179,7 +196,7 @@ def test_ema_checkpointing_recompute_sees_the_same_shadow():
             opt.zero_grad()
             h = model.proj(x)
             for blk in model.blocks:
-                h = checkpoint(blk, h, use_reentrant=False) if use_checkpoint else blk(h)
+                h = checkpoint(blk, h, use_reentrant=reentrant) if use_checkpoint else blk(h)
             model.head(h).square().mean().backward()
             opt.step()
         grads.append({n: p.grad.clone() for n, p in model.named_parameters()})

@@ -16,6 +16,7 @@ from torch import nn
 from ..config import ReplaceConfig
 from ..errors import ConfigError
 from ..synthesis.layer_kernels import TensorSource
+from ..synthesis.rules import state_frozen
 from . import swap
 from .plan import Plan, Target
 from .site import SITE_ATTR, ReplacementSite
@@ -92,7 +93,7 @@ def _make_site(t: Target, cfg: ReplaceConfig) -> ReplacementSite:
 def _check_synthesis(t: Target, site: ReplacementSite, rule: str) -> None:
     """A rule must synthesize each tensor in the shape and dtype it replaces: checked once, at conversion."""
     block, path = t.candidate.block, t.candidate.path
-    with torch.no_grad():
+    with torch.no_grad(), state_frozen():
         for f, (layer, name) in zip(t.candidate.match.synthesized, site_tensors(block, site)):
             value = getattr(layer, name)
             # the replaced tensor's shape; its dtype is the neighbours' (a side may be absent, not both)

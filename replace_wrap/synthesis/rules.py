@@ -6,15 +6,17 @@ state it keeps (buffers of the site), and the map to the synthesized tensor. Rul
 ``ema`` are built in.
 
 Every rule defines its merge: :func:`replace_wrap.merge` materializes what :meth:`IntegrationRule.synthesize_tensor`
-returns under ``torch.no_grad()``, so a rule whose forward depends on state other than its parameters keeps that
-state in buffers of the site (they are saved in ``state_dict``) and must not change it while gradients are off.
+returns inside :func:`state_frozen`, so a rule whose forward depends on state other than its parameters keeps that
+state in buffers of the site (saved in ``state_dict``) and must not change it inside :func:`state_frozen` (nor in
+eval mode).
 """
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Callable, TypeVar
 
 import torch
@@ -23,7 +25,16 @@ from torch import nn
 from ..errors import ConfigError, RegistryError
 from .maths import mix
 
-__all__ = ["ConvexRule", "EMARule", "IntegrationRule", "LinearRule", "get_rule", "list_rules", "register_rule"]
+__all__ = [
+    "ConvexRule",
+    "EMARule",
+    "IntegrationRule",
+    "LinearRule",
+    "get_rule",
+    "list_rules",
+    "register_rule",
+    "state_frozen",
+]
 
 _RULES: dict[str, type[IntegrationRule]] = {}
 
@@ -69,6 +80,9 @@ class IntegrationRule:
 
     def init_buffers(self, site: nn.Module, own: Sequence[torch.Tensor]) -> dict[str, torch.Tensor]:
         """State of a stateful rule, registered as buffers of ``site`` (saved in ``state_dict``).
+
+        State that must not be saved (a cache, a record of the last access) the rule registers on ``site``
+        itself with ``site.register_buffer(name, tensor, persistent=False)``.
 
         Args:
             site: The site, with its parameters already registered.
@@ -242,13 +256,14 @@ class EMARule(IntegrationRule):
 
         shadow_k <- momentum * shadow_k + (1 - momentum) * target_k
 
-    **When it updates.** Once per change of the neighbours: on an access in training mode with gradients
-    enabled, when the neighbour tensors have changed in place since the last update (every ``torch.optim``
-    optimizer step does; their version counters tell). So gradient accumulation, repeated accesses and
-    gradient-checkpointing recomputation within one step all see the same shadow, and eval mode or
-    ``torch.no_grad()`` never changes it. The first training access after conversion (or after a copy or
-    ``.to()``) only records the neighbours. An optimizer that writes through ``param.data`` bypasses the
-    version counters and leaves the shadow still.
+    **When it updates.** Once per change of the target, at the first access in training mode after the change
+    (every optimizer step changes the neighbours and the scalars, so every step). The target is compared by
+    value with the one of the last access, so the rule needs nothing from the optimizer, the tensors' version
+    counters or their storage: gradient accumulation, repeated accesses, and the recomputation of gradient
+    checkpointing (reentrant or not, which runs the forward with or without gradients) all see the same
+    shadow, and sharded or compiled models behave the same. Eval mode never changes it, nor does
+    :func:`state_frozen` (``merge``, checkpoint writers). The first training access after conversion, a copy
+    or a load only records the target (the buffers that remember it are not saved).
 
     **Gradients.** ``scale`` learns directly. The value is ``scale * shadow``, and the derivative of the next
     shadow, ``(1 - momentum) * d target``, is added as a zero-valued term, so ``a`` and ``b`` (and, with
@@ -256,12 +271,12 @@ class EMARule(IntegrationRule):
 
     **Merge.** ``scale * shadow`` at the time of the merge (no further update).
 
-    **Cost.** The shadows are buffers the size of the replaced tensors: trainable parameters and optimizer
-    state shrink as with ``linear``, memory does not. Three learnable scalars per set (``a``, ``b``,
-    ``scale``). Another momentum is a subclass::
+    **Cost.** Per replaced tensor, a shadow (saved) and the last target (not saved), both of the tensor's size:
+    trainable parameters and optimizer state shrink as with ``linear``, memory does not. Three learnable
+    scalars per set (``a``, ``b``, ``scale``). Another momentum is a subclass::
 
         @replace_wrap.register_rule("ema_fast")
-        class FastEMA(replace_wrap.rules.EMARule):
+        class FastEMA(replace_wrap.synthesis.rules.EMARule):
             momentum = 0.9
     """
 
@@ -284,6 +299,10 @@ class EMARule(IntegrationRule):
                 f"rule {self.name!r} starts its shadows from the block's own tensors: got {len(own)} tensors "
                 f"for {len(site.tensor_names)} synthesized ones"
             )
+        for k, t in enumerate(own):  # what the last access saw; not saved: a load starts by recording
+            site.register_buffer(f"seen_{k}", torch.zeros_like(t, requires_grad=False), persistent=False)
+        site.register_buffer("recorded", torch.zeros(len(own), dtype=torch.bool, device=own[0].device),
+                             persistent=False)
         return {f"shadow_{k}": t.detach().clone() for k, t in enumerate(own)}
 
     def coefficients(self, site: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
@@ -296,22 +315,37 @@ class EMARule(IntegrationRule):
         i = site.index_of(k)
         shadow = site.get_buffer(f"shadow_{k}")
         target = mix(site.a[i], site.b[i], prev, next)
-        if site.training and torch.is_grad_enabled() and _neighbours_changed(site, k, prev, next):
-            with torch.no_grad():
-                shadow.lerp_(target.detach().to(shadow.dtype), 1.0 - self.momentum)
+        if site.training and not _FROZEN[0]:
+            self._follow(site, k, shadow, target.detach())
         dtype = prev.dtype
         ahead = (1.0 - self.momentum) * (target - target.detach())  # zero value, gradient of the next shadow
         return site.scale[i].to(dtype) * (shadow.to(dtype) + ahead)
 
+    def _follow(self, site: nn.Module, k: int, shadow: torch.Tensor, target: torch.Tensor) -> None:
+        # Branch-free, so that compiled graphs neither break nor specialize on the outcome.
+        with torch.no_grad():
+            seen, recorded = site.get_buffer(f"seen_{k}"), site.get_buffer("recorded")
+            target = target.to(seen.dtype)
+            update = recorded[k] & (target != seen).any()
+            shadow.copy_(torch.where(update, torch.lerp(shadow, target.to(shadow.dtype), 1.0 - self.momentum), shadow))
+            seen.copy_(target)
+            recorded[k] = True
 
-def _neighbours_changed(site: nn.Module, k: int, prev: torch.Tensor, next: torch.Tensor) -> bool:
-    """Whether ``prev``/``next`` changed in place since the last call for tensor ``k`` (records them)."""
-    # Detached views share the version counter and storage of the parameter they come from. A new storage
-    # (deepcopy, .to(), load into fresh tensors) is a new baseline rather than a step.
-    key = tuple((t.untyped_storage().data_ptr(), t._version) for t in (prev, next))
-    seen = site.__dict__.setdefault("_rw_seen", {})
-    last = seen.get(k)
-    seen[k] = key
-    if last is None or any(old[0] != new[0] for old, new in zip(last, key)):
-        return False
-    return last != key
+
+# A depth counter rather than a context variable: compiled graphs read a plain global (and guard on it).
+_FROZEN = [0]
+
+
+@contextlib.contextmanager
+def state_frozen() -> Iterator[None]:
+    """Within the block, no rule changes its state (``merge`` and checkpoint writers read synthesized values).
+
+    Example:
+        >>> with state_frozen():
+        ...     pass
+    """
+    _FROZEN[0] += 1
+    try:
+        yield
+    finally:
+        _FROZEN[0] -= 1
