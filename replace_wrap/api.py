@@ -17,7 +17,7 @@ from torch import nn
 from .config import ReplaceConfig
 from .errors import AlreadyConvertedError, ConfigError, MergeError, NotConvertedError, NothingToReplaceError, PolicyError
 from .integrations import optim
-from .report import ConversionReport, stored_report
+from .report import BlockReport, ConversionReport, stored_report
 from .selection.policies import Every, Policy, PolicyLike, as_policy
 from .surgery import attachments, swap
 from .surgery.apply import apply_plan, restore_block, scalar_values, site_tensors, sites
@@ -124,18 +124,25 @@ def plan(
 
 
 def report(model: nn.Module) -> ConversionReport:
-    """The report of a converted model, with the scalars' current values.
+    """The report of a converted model, with the scalars' current values and live parameter counts.
+
+    ``model`` may also be a module that holds the converted one (``report(hf_model)`` after
+    ``convert(hf_model.vit)``): block paths are then given from ``model``.
 
     Raises:
-        NotConvertedError: If ``model`` was not converted.
+        NotConvertedError: If neither ``model`` nor exactly one module inside it was converted.
     """
-    stored = stored_report(model)
+    stored, prefix = stored_report(model), ""
+    if stored is None:
+        inner = [(p, m) for p, m in model.named_modules() if p and stored_report(m) is not None]
+        if len(inner) == 1:
+            prefix, stored = f"{inner[0][0]}.", stored_report(inner[0][1])
     if stored is None:
         raise NotConvertedError(
             f"{type(model).__name__} has no conversion report: it was not converted with replace_wrap.convert "
             "(or was merged/reverted since). Use replace_wrap.plan(model) to preview a conversion."
         )
-    out = dataclasses.replace(stored, blocks=[dataclasses.replace(b) for b in stored.blocks])
+    out = dataclasses.replace(stored, blocks=[_prefixed(b, prefix) for b in stored.blocks])
     live = {path: site for path, _, site in sites(model)}
     for b in out.blocks:
         if b.status == "replaced" and b.path in live:
@@ -146,6 +153,14 @@ def report(model: nn.Module) -> ConversionReport:
     added = sum(p.numel() for s in live.values() for p in s.parameters() if p.requires_grad)
     out.trainable_before = out.trainable_after - added + sum(b.params_saved for b in out.replaced)
     return out
+
+
+def _prefixed(b: BlockReport, prefix: str) -> BlockReport:
+    if not prefix:
+        return dataclasses.replace(b)
+    return dataclasses.replace(
+        b, stack=prefix + b.stack, path=prefix + b.path, prev=b.prev and prefix + b.prev, next=b.next and prefix + b.next
+    )
 
 
 def merge(model: nn.Module, *, optimizers: Any = None) -> nn.Module:

@@ -234,3 +234,35 @@ def test_many_blocks():
     # fewest blocks: each block saves 20 - 2 net, so exactly ceil(need / 18) of them
     need = before - int(0.6 * before)
     assert len(rep.replaced) == -(-need // 18)
+
+
+@pytest.mark.parametrize("policy", [Budget(0.9), Budget(0.9, prefer="redundancy"), replace_wrap.Similarity(trainable=0.9)])
+def test_whole_model_policies_choose_what_convert_replaces(policy):
+    """Budget and Similarity assess blocks with the conversion's own options (issue 11, defect 1)."""
+    from toys import StagedCNN
+
+    model = StagedCNN()
+    before = _trainable(model)
+    rep = replace_wrap.plan(model, policy=policy)
+    assert rep.replaced and not rep.skipped
+    replace_wrap.convert(model, policy=policy)
+    assert _trainable(model) <= 0.9 * before
+    assert [b.path for b in replace_wrap.report(model).replaced] == [b.path for b in rep.replaced]
+    # without shape adaptation every block of this CNN has a neighbour of another shape: no choice can meet
+    # the budget, and the policy says so (it used to pick blocks that convert then skipped)
+    for verb in (replace_wrap.plan, replace_wrap.convert):
+        with pytest.raises(BudgetError, match="best reachable is 1.0000"):
+            verb(StagedCNN(), policy=policy, adapt_shapes=False)
+
+
+def test_budget_without_shape_adaptation_on_a_resnet_is_met_or_refused_as_a_budget_error():
+    timm = pytest.importorskip("timm")
+    model = timm.create_model("resnet18", pretrained=False, num_classes=10)
+    before = _trainable(model)
+    try:
+        replace_wrap.convert(model, policy=Budget(0.8), adapt_shapes=False)
+    except BudgetError as exc:  # within one stage there may not be enough: then a BudgetError, never a skip
+        assert exc.best_fraction > 0.8
+    else:
+        assert _trainable(model) <= 0.8 * before
+        assert not replace_wrap.report(model).skipped

@@ -95,3 +95,42 @@ def test_optimizer_errors_leave_the_model_unchanged():
     with pytest.raises(replace_wrap.ConfigError, match=r"optimizers\[1\] is a dict, not a torch.optim.Optimizer"):
         replace_wrap.convert(model, every=2, optimizers=[torch.optim.SGD(model.parameters(), lr=0.1), {"lr": 1}])
     assert_same_state(before, state_snapshot(model))
+
+
+@pytest.mark.parametrize("verb", ["merge", "revert"])
+def test_merge_rebinds_the_optimizer_to_the_restored_tensors(verb):
+    """merge(optimizers=) is the inverse of convert(optimizers=) (issue 11, defect 8): the scalars and their state
+    leave the optimizer, the restored tensors join the groups that held the scalars, and the merged model
+    trains exactly like one with a fresh optimizer built after the merge (SGD, no state)."""
+    x = ResidualMLP.example()
+    model = replace_wrap.convert(ResidualMLP(), every=2, keep_original=True)
+    opt = torch.optim.SGD([
+        {"params": [p for n, p in model.named_parameters() if "replacement" not in n], "lr": 0.1},
+        {"params": [p for n, p in model.named_parameters() if "replacement" in n], "lr": 0.01},
+    ], momentum=0.0)
+    scalars = [p for n, p in model.named_parameters() if "replacement" in n]
+    getattr(replace_wrap, verb)(model, optimizers=opt)
+    held = [p for g in opt.param_groups for p in g["params"]]
+    assert not any(any(p is s for s in scalars) for p in held)
+    assert {id(p) for p in model.parameters()} == {id(p) for p in held}
+    restored = {id(model.blocks[i].get_parameter(n)) for i in (1, 3) for n, _ in model.blocks[i].named_parameters()}
+    assert {id(p) for p in opt.param_groups[1]["params"]} == restored  # the group that held the scalars
+    twin = copy.deepcopy(model)
+    twin_opt = torch.optim.SGD([
+        {"params": [p for n, p in twin.named_parameters() if not n.startswith(("blocks.1.", "blocks.3."))], "lr": 0.1},
+        {"params": [p for n, p in twin.named_parameters() if n.startswith(("blocks.1.", "blocks.3."))], "lr": 0.01},
+    ])
+    for m, o in ((model, opt), (twin, twin_opt)):
+        o.zero_grad()
+        m(x).square().mean().backward()
+        o.step()
+    torch.testing.assert_close(model(x), twin(x), rtol=0, atol=0)
+
+
+def test_merge_refuses_an_optimizer_that_holds_no_scalar():
+    model = replace_wrap.convert(ResidualMLP(), every=2)
+    other = torch.optim.SGD(ResidualMLP().parameters(), lr=0.1)
+    snapshot = state_snapshot(model)
+    with pytest.raises(replace_wrap.ConfigError, match="holds none of the scalars of the replaced blocks"):
+        replace_wrap.merge(model, optimizers=other)
+    assert_same_state(snapshot, state_snapshot(model))

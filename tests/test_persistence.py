@@ -297,3 +297,43 @@ def test_hf_merged_model_saves_as_plain_checkpoint(tmp_path):
     assert torch.equal(_logits(ViTForImageClassification.from_pretrained(tmp_path), x), _logits(model, x))
     with pytest.raises(replace_wrap.StateDictError, match="holds no replace_wrap conversion record"):
         replace_wrap.from_pretrained(ViTForImageClassification, tmp_path)
+
+
+def test_hf_submodule_conversion_reloads_into_the_enclosing_model(tmp_path):
+    """convert(model.vit) records the converted class in the shared config (issue 11, defect 7): the enclosing
+    model's save_pretrained reloads with replace_wrap.from_pretrained, and report(model) speaks its paths."""
+    from transformers import ViTForImageClassification
+
+    model = _hf_vit()
+    replace_wrap.convert(model.vit, every=2)
+    assert [b.path for b in replace_wrap.report(model).replaced] == ["vit.layers.1", "vit.layers.3"]
+    assert [b.path for b in replace_wrap.report(model.vit).replaced] == ["layers.1", "layers.3"]
+    model.save_pretrained(tmp_path)
+    twin = replace_wrap.from_pretrained(ViTForImageClassification, tmp_path)
+    x = torch.randn(2, 3, 16, 16)
+    assert torch.equal(_logits(twin, x), _logits(model, x))
+    assert [b.path for b in replace_wrap.report(twin).replaced] == ["vit.layers.1", "vit.layers.3"]
+
+
+@pytest.mark.parametrize("family", ["OPT", "Gemma"])
+def test_hf_report_counts_tied_embeddings_once_after_from_pretrained(tmp_path, family):
+    """from_pretrained converts before Hugging Face ties the embeddings (issue 11, defect 2): the report must count
+    the model as it is, each tied tensor once."""
+    import transformers as T
+
+    if family == "OPT":
+        cfg = T.OPTConfig(vocab_size=64, hidden_size=16, num_hidden_layers=4, num_attention_heads=2, ffn_dim=32,
+                          word_embed_proj_dim=16, max_position_embeddings=32)
+        cls = T.OPTForCausalLM
+    else:
+        cfg = T.GemmaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=4,
+                            num_attention_heads=2, num_key_value_heads=1, head_dim=8)
+        cls = T.GemmaForCausalLM
+    model = replace_wrap.convert(cls(cfg), every=2)
+    model.save_pretrained(tmp_path)
+    twin = replace_wrap.from_pretrained(cls, tmp_path)
+    assert twin.get_input_embeddings().weight is twin.get_output_embeddings().weight  # tied
+    rep = replace_wrap.report(twin)
+    trainable = sum(p.numel() for p in twin.parameters() if p.requires_grad)
+    assert rep.trainable_after == trainable
+    assert rep.trainable_before == trainable + sum(b.params_saved for b in rep.replaced) - 2 * len(rep.replaced)

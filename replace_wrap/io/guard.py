@@ -104,7 +104,9 @@ def _write_config_record(model: nn.Module, report: ConversionReport) -> None:
         return
     if CONFIG_KEY in cfg.__dict__:
         object.__setattr__(model, _PREVIOUS, cfg.__dict__[CONFIG_KEY])
-    setattr(cfg, CONFIG_KEY, ConversionRecord.from_report(report).to_dict())
+    # The config may be shared with an enclosing model (HF's ViTModel inside ViTForImageClassification): the
+    # record names the converted class, so the enclosing model's save reloads into the right submodule.
+    setattr(cfg, CONFIG_KEY, ConversionRecord.from_report(report, module=type(model).__name__).to_dict())
 
 
 def _guard(

@@ -62,6 +62,10 @@ class ConversionRecord:
         route: The analysis route of the original conversion (``"fx"``, ``"export"``, ``"structural"``).
         library_version: The replace_wrap version that wrote the record (informational).
         format_version: Version of this record's layout; newer versions are refused with a clear error.
+        module: Class name of the module that was converted, when the record was written by a module that
+            lives inside the model that saves it (``convert(model.vit)`` of a Hugging Face model records
+            ``"ViTModel"`` in the shared config): :meth:`apply` then converts that submodule of the model it is
+            given. Empty in records of replace_wrap 0.1 (the model itself was converted).
 
     Example:
         >>> import torch, replace_wrap
@@ -80,6 +84,7 @@ class ConversionRecord:
     route: str
     library_version: str = ""
     format_version: int = FORMAT_VERSION
+    module: str = ""
 
     def __post_init__(self) -> None:
         if not isinstance(self.config, ReplaceConfig):
@@ -94,13 +99,13 @@ class ConversionRecord:
         Raises:
             NotConvertedError: If ``model`` was not converted.
         """
-        return cls.from_report(api.report(model))
+        return cls.from_report(api.report(model), module=type(model).__name__)
 
     @classmethod
-    def from_report(cls, rep: ConversionReport) -> ConversionRecord:
-        """The record of what a :class:`~replace_wrap.ConversionReport` replaced."""
+    def from_report(cls, rep: ConversionReport, module: str = "") -> ConversionRecord:
+        """The record of what a :class:`~replace_wrap.ConversionReport` replaced in a module of class ``module``."""
         blocks = tuple(RecordedBlock(b.path, b.prev or "", b.next or "", tuple(b.synthesized)) for b in rep.replaced)
-        return cls(rep.config, blocks, rep.route, __version__)
+        return cls(rep.config, blocks, rep.route, __version__, module=module)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain-JSON form (what is written to ``replace_wrap.json`` and ``config.json``)."""
@@ -111,6 +116,7 @@ class ConversionRecord:
             "route": self.route,
             "config": self.config.to_dict(),
             "blocks": [dataclasses.asdict(b) | {"tensors": list(b.tensors)} for b in self.blocks],
+            "module": self.module,
         }
 
     @classmethod
@@ -137,7 +143,8 @@ class ConversionRecord:
                 for b in data["blocks"]
             )
             config = ReplaceConfig.from_dict(dict(data["config"]))
-            return cls(config, blocks, str(data["route"]), str(data.get("library_version", "")), version)
+            return cls(config, blocks, str(data["route"]), str(data.get("library_version", "")), version,
+                       module=str(data.get("module", "")))
         except (KeyError, TypeError) as exc:
             raise ConfigError(f"malformed conversion record: missing or invalid field {exc}") from None
 
@@ -159,12 +166,13 @@ class ConversionRecord:
             StateDictError: If the model's blocks do not match the record (the model is left unchanged).
             AlreadyConvertedError: If ``model`` is already converted.
         """
+        target = self._converted_module(model)
         options = {"policy": self.policy(), "config": self.config, "example_inputs": example_inputs}
         # a structural original stays structural: a graph could order the blocks differently
         options["trace"] = self.route != "structural"
-        name = type(model).__name__
+        name = type(target).__name__
         try:
-            planned = api.plan(model, **options)
+            planned = api.plan(target, **options)
         except PolicyError as exc:
             raise StateDictError(f"cannot re-apply the saved conversion to {name}: {exc}") from None
         got = {b.path: b for b in planned.blocks}
@@ -183,7 +191,21 @@ class ConversionRecord:
                     f"({len(b.synthesized)} tensors). Pass the example_inputs= of the original conversion, or check "
                     "that the model is built with the same configuration."
                 )
-        return api.convert(model, **options)
+        api.convert(target, **options)
+        return model
+
+    def _converted_module(self, model: nn.Module) -> nn.Module:
+        """``model``, or its one submodule of the recorded class when a submodule was converted."""
+        if not self.module or type(model).__name__ == self.module:
+            return model
+        found = [(p, m) for p, m in model.named_modules() if type(m).__name__ == self.module]
+        if len(found) != 1:
+            where = f"{len(found)} of them ({', '.join(p for p, _ in found[:4])})" if found else "none"
+            raise StateDictError(
+                f"the saved conversion was applied to a {self.module} inside the saved model; {type(model).__name__} "
+                f"has {where}. Load the checkpoint with the model class it was saved from."
+            )
+        return found[0][1]
 
     def same_conversion(self, other: ConversionRecord) -> bool:
         """Whether ``other`` replaces the same blocks from the same neighbours with the same options."""
