@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import warnings
 from typing import Any, Callable
 
 import torch
@@ -94,8 +95,7 @@ def convert(
             for t in planned.targets
         ]
         optim.rebind(opts, list(zip(removed, added)))
-    rep = planned.report
-    logger.info("replace_wrap.convert: %s", rep.summary())
+    _tell(planned, cfg)
     return model
 
 
@@ -206,6 +206,7 @@ def merge(model: nn.Module, *, optimizers: Any = None) -> nn.Module:
                 tensors.append((layer, name, value))
             planned.append((path, block, site, tensors))
     _unconvert(model, planned, optimizers)
+    logger.info("replace_wrap.merge: %d replaced block(s) materialized as plain parameters", len(planned))
     return model
 
 
@@ -274,6 +275,32 @@ def _rewrite(model: nn.Module, planned: Plan, cfg: ReplaceConfig) -> None:
             step()
         planned.report.applied = False
         raise
+
+
+def _tell(planned: Plan, cfg: ReplaceConfig) -> None:
+    """Say what the conversion did: a log line for the record, warnings for what the user should act on."""
+    rep = planned.report
+    logger.info("replace_wrap.convert: %s", rep.summary())
+    if rep.skipped:
+        shown = "; ".join(f"{b.path}: {b.reason}" for b in rep.skipped[:3])
+        more = f" (and {len(rep.skipped) - 3} more)" if len(rep.skipped) > 3 else ""
+        logger.warning(
+            "replace_wrap.convert: %d selected block(s) could not be replaced and stay as they are: %s%s. "
+            "replace_wrap.report(model) lists every block.", len(rep.skipped), shown, more,
+        )
+    if cfg.recompute:
+        with_stats = sorted({
+            t.candidate.path for t in planned.targets for m in t.candidate.block.modules()
+            if getattr(m, "track_running_stats", False) and getattr(m, "running_mean", None) is not None
+        })
+        if with_stats:
+            warnings.warn(
+                f"recompute=True replays the forward of the replaced blocks {with_stats[:4]} in the backward, and "
+                "their normalization layers update their running statistics in both passes (twice per step, "
+                "as with any activation checkpointing); convert with recompute=False to keep them exact.",
+                UserWarning,
+                stacklevel=3,
+            )
 
 
 def _forget(model: nn.Module) -> None:

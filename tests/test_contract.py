@@ -15,7 +15,16 @@ import pytest
 import torch
 
 import replace_wrap
-from conftest import TOL, assert_same_state, kernel_dims, oracle_model, reference_adapt, state_snapshot
+from conftest import (
+    TOL,
+    assert_same_state,
+    kernel_dims,
+    oracle_model,
+    oracle_weights,
+    reference_adapt,
+    state_snapshot,
+    synthesized_value,
+)
 from toys import ConvNet, ResidualMLP, SharedSubmoduleNet, StagedCNN, TinyTransformer
 
 
@@ -82,6 +91,15 @@ class ConversionContract:
         after = sum(p.numel() for p in model.parameters() if p.requires_grad)
         assert after == before - removed + 2 * len(rep.replaced)
         assert rep.trainable_before == before and rep.trainable_after == after
+
+    def test_synthesized_tensors_equal_hand_mixed_ones(self):
+        """Every replaced tensor is a*prev + b*next up to the rounding of its dtype (no library maths in the oracle)."""
+        original, model = self.converted()
+        self.randomize_scalars(model)
+        with torch.no_grad():
+            for path, (exact, bound) in oracle_weights(original, model).items():
+                value = synthesized_value(model, path).double()
+                assert bool(((value - exact).abs() <= bound).all()), path
 
     def test_forward_equals_oracle(self):
         original, model = self.converted()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 
@@ -120,3 +122,31 @@ def test_block_with_attribute_named_replacement_is_skipped():
 def test_errors_share_a_base_class():
     for name in replace_wrap.errors.__all__:
         assert issubclass(getattr(replace_wrap, name), replace_wrap.ReplaceWrapError)
+
+
+def test_convert_logs_its_summary_and_warns_about_skipped_blocks(caplog):
+    """Nothing changes silently (issue 11, defect 9): the summary is logged, skipped blocks are a warning."""
+    import logging
+
+    from toys import ResidualMLPBlock
+
+    model = ResidualMLP(depth=6)
+    wide = ResidualMLPBlock(16)
+    wide.fc1, wide.fc2 = torch.nn.Linear(16, 48), torch.nn.Linear(48, 16)  # another hidden width
+    model.blocks[4] = wide
+    with caplog.at_level(logging.INFO, logger="replace_wrap"):
+        replace_wrap.convert(model, policy=replace_wrap.Indices([1, 3]), adapt_shapes=False)
+    info = [r for r in caplog.records if r.levelno == logging.INFO]
+    warn = [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert any("1 of 6 blocks replaced" in r.getMessage() for r in info)
+    assert len(warn) == 1 and "blocks.3" in warn[0].getMessage() and "could not be replaced" in warn[0].getMessage()
+
+
+def test_recompute_with_batch_norm_warns_about_running_statistics():
+    from toys import ConvNet
+
+    with pytest.warns(UserWarning, match=r"running statistics in both passes.*recompute=False"):
+        replace_wrap.convert(ConvNet(), every=2, recompute=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        replace_wrap.convert(ConvNet(), every=2)  # no recompute: nothing to warn about
