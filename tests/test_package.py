@@ -34,3 +34,19 @@ def test_typed_marker_and_version():
     assert (Path(replace_wrap.__file__).parent / "py.typed").is_file()
     major, minor, *_ = replace_wrap.__version__.split(".")
     assert major.isdigit() and minor.isdigit()
+
+
+def test_works_without_numpy():
+    """numpy is no dependency of replace_wrap (issue 11, defect 6): with it unimportable, a whole-model policy (whose
+    solver once used numpy) still converts."""
+    code = (
+        "import sys, warnings; sys.modules['numpy'] = None; warnings.simplefilter('ignore');"
+        "import torch, replace_wrap;"
+        "net = torch.nn.Sequential(*[torch.nn.Linear(8, 8) for _ in range(9)]);"
+        "replace_wrap.convert(net, policy=replace_wrap.Budget(0.7)); print(len(replace_wrap.report(net).replaced))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "3"
+    sources = "\n".join(p.read_text() for p in Path(replace_wrap.__file__).parent.rglob("*.py"))
+    assert "import numpy" not in sources and "from numpy" not in sources
