@@ -195,15 +195,17 @@ class ConversionRecord:
         return model
 
     def _converted_module(self, model: nn.Module) -> nn.Module:
-        """``model``, or its one submodule of the recorded class when a submodule was converted."""
+        """``model``, or its one submodule of the recorded class when the record was written from inside it."""
         if not self.module or type(model).__name__ == self.module:
             return model
         found = [(p, m) for p, m in model.named_modules() if type(m).__name__ == self.module]
-        if len(found) != 1:
-            where = f"{len(found)} of them ({', '.join(p for p, _ in found[:4])})" if found else "none"
+        if not found:  # another class altogether: the block-by-block check below says what does not fit
+            return model
+        if len(found) > 1:
             raise StateDictError(
                 f"the saved conversion was applied to a {self.module} inside the saved model; {type(model).__name__} "
-                f"has {where}. Load the checkpoint with the model class it was saved from."
+                f"holds {len(found)} of them ({', '.join(p for p, _ in found[:4])}). Load the checkpoint with the "
+                "model class it was saved from."
             )
         return found[0][1]
 
