@@ -61,15 +61,16 @@ OPTION_SETS = [
 def test_fast_path_equals_generic_path(toy, options):
     cls = TOYS[toy]
     model, x = cls(), cls.example()
-    _assert_same(_run(model, x, fast_path=False, **options), _run(model, x, **options))
+    _assert_same(_run(model, x, fast_path=False, **options), _run(model, x, ab_grad_sample="exact", **options))
 
 
+@pytest.mark.parametrize("sample", ["auto", 0.25])
 @pytest.mark.parametrize("toy", sorted(TOYS))
-def test_sampled_path_changes_only_the_scalar_gradients(toy):
+def test_sampled_path_changes_only_the_scalar_gradients(toy, sample):
     cls = TOYS[toy]
     model, x = cls(), cls.example()
     ref = _run(model, x, fast_path=False)
-    got = _run(model, x, ab_grad_sample=0.25)
+    got = _run(model, x) if sample == "auto" else _run(model, x, ab_grad_sample=sample)  # "auto": the default
     scalars = {k for k in ref[3] if ".replacement." in k}
     _assert_same(ref, got, keys=sorted(set(ref[3]) - scalars))  # detached: nothing else depends on them
     for k in scalars:
@@ -80,7 +81,7 @@ def test_timm_vit_fast_path_equals_generic():
     timm = pytest.importorskip("timm")
     model = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, num_classes=5)
     x = torch.randn(2, 3, 32, 32)
-    ref, got = _run(model, x, fast_path=False), _run(model, x)
+    ref, got = _run(model, x, fast_path=False), _run(model, x, ab_grad_sample=None)
     _assert_same(ref, got, atol=1e-5)
     rec = _run(model, x, recompute=True, ab_grad_sample=0.5)
     _assert_same(ref, rec, keys=[k for k in ref[3] if ".replacement." not in k], atol=1e-5)
@@ -174,35 +175,32 @@ def test_user_handler_and_declining():
         _unregister("test_gate")
 
 
-# --- the reusable weight buffer ------------------------------------------------------------------------------
+# --- the synthesized weight: one per forward, nothing kept on the layer -----------------------------------
 
 
-def test_weight_buffer_is_reused_across_steps_and_never_while_a_graph_holds_it():
-    model = replace_wrap.convert(ResidualMLP(), every=2, ab_grad_sample=0.5)
+def test_each_forward_keeps_its_own_weight_and_nothing_stays_on_the_layer():
+    model = replace_wrap.convert(ResidualMLP(), every=2)
     ref = replace_wrap.convert(ResidualMLP(), every=2, fast_path=False)
     ref.load_state_dict(model.state_dict())
     leaf = model.blocks[1].fc1
     x1, x2 = ResidualMLP.example(), ResidualMLP.example()
-    model(x1).square().mean().backward()
-    buf = leaf.__dict__[leaves.CACHE_PREFIX + "weight"]
-    ptr = buf.data_ptr()
-    model.zero_grad()
-    model(x2).square().mean().backward()  # the previous graph is gone: the same buffer serves again
-    assert leaf.__dict__[leaves.CACHE_PREFIX + "weight"].data_ptr() == ptr
-    # two forwards before their backwards: the second must not overwrite the weight the first one saved
     for m in (model, ref):
-        m.zero_grad()
+        # two forwards before their backwards, the neighbour's weight changed in between (a new tensor: the
+        # first graph keeps the old one), so the second forward synthesizes another weight for block 1
         l1 = m(x1).square().mean()
-        # the neighbour's weight changes between the two forwards (a new tensor: the first graph keeps the
-        # old one), so the second forward synthesizes another weight for block 1
         m.blocks[0].fc1.weight = nn.Parameter(m.blocks[0].fc1.weight.detach() + 0.1)
         l2 = m(x2).square().mean()
-        (l1 + l2).backward()
+        (l1 + l2).backward(retain_graph=True)
+        # a kept graph's second backward, after yet another forward, still sees its own weights
+        m(x2 + 1).square().mean().backward()
+        l1.backward()
     for (n, p), q in zip(model.named_parameters(), ref.parameters()):
         if ".replacement." not in n and p.grad is not None:  # the scalars' gradients are sampled in `model`
             torch.testing.assert_close(p.grad, q.grad, rtol=1e-5, atol=1e-6, msg=n)
-    # caches are neither pickled nor kept by merge
-    assert not any(k.startswith(leaves.CACHE_PREFIX) for k in copy.deepcopy(leaf).__dict__)
+    # no weight-sized state rides on the layer between steps (the weight buffer of 0.2 dev is gone: measured
+    # to save nothing, see docs/benchmarks.md), and nothing is left behind by merge
+    sizes = [v.numel() for v in leaf.__dict__.values() if isinstance(v, torch.Tensor)]
+    assert not sizes or max(sizes) < leaf.weight.numel()
     replace_wrap.merge(model)
     assert not any(k.startswith(leaves.CACHE_PREFIX) for k in leaf.__dict__)
 
@@ -280,7 +278,8 @@ def test_recompute_replays_the_same_samples_and_dropout():
 @pytest.mark.parametrize(
     "options, message",
     [
-        ({"ab_grad_sample": 0}, "ab_grad_sample must be None \\(exact\\) or a fraction in \\(0, 1\\], got 0"),
+        ({"ab_grad_sample": 0}, "ab_grad_sample must be 'auto', 'exact' \\(or None\\) or a fraction in \\(0, 1\\], got 0"),
+        ({"ab_grad_sample": "fast"}, "got 'fast'"),
         ({"ab_grad_sample": 1.5}, "got 1.5"),
         ({"ab_grad_sample": True}, "got True"),
         ({"ab_grad_sample": 0.1, "fast_path": False}, "needs fast_path=True"),
