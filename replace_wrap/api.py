@@ -18,7 +18,7 @@ from torch import nn
 from .config import ReplaceConfig
 from .errors import AlreadyConvertedError, ConfigError, MergeError, NotConvertedError, NothingToReplaceError, PolicyError
 from .integrations import optim
-from .report import BlockReport, ConversionReport, stored_report
+from .report import BlockReport, ConversionReport, LayerRoute, stored_report
 from .selection.policies import Every, Policy, PolicyLike, as_policy
 from .surgery import attachments, swap
 from .surgery.apply import apply_plan, restore_block, scalar_values, site_tensors, sites
@@ -288,6 +288,7 @@ def _tell(planned: Plan, cfg: ReplaceConfig) -> None:
             "replace_wrap.convert: %d selected block(s) could not be replaced and stay as they are: %s%s. "
             "replace_wrap.report(model) lists every block.", len(rep.skipped), shown, more,
         )
+    _tell_routes(planned, cfg)
     if cfg.recompute:
         with_stats = sorted({
             t.candidate.path for t in planned.targets for m in t.candidate.block.modules()
@@ -301,6 +302,44 @@ def _tell(planned: Plan, cfg: ReplaceConfig) -> None:
                 UserWarning,
                 stacklevel=3,
             )
+
+
+def _tell_routes(planned: Plan, cfg: ReplaceConfig) -> None:
+    """Say which replaced layers do not take the sampled fast path, so that no option is silently ignored."""
+    rep = planned.report
+    routes = [(b.path, r) for b in rep.replaced for r in b.layers]
+    summary = rep.layer_summary()
+    if summary:
+        logger.info("replace_wrap.convert: %s", summary)
+
+    def kinds(found: list[tuple[str, LayerRoute]]) -> str:
+        shown = sorted({f"{r.layer} ({r.route}: {r.estimator})" for _, r in found})
+        path, r = found[0]
+        return "; ".join(shown) + f"; e.g. {path}{'.' if r.path else ''}{r.path}"
+
+    if isinstance(cfg.ab_grad_sample, float):  # an explicit fraction: every layer it cannot apply to is named
+        exact = [(path, r) for path, r in routes if not r.estimator.startswith("sampled")]
+        if exact:
+            logger.warning(
+                "replace_wrap.convert: ab_grad_sample=%r does not apply to %d of %d replaced layers, which take the "
+                "exact scalar gradient: %s. replace_wrap.report(model) lists each layer's path.",
+                cfg.ab_grad_sample, len(exact), len(routes), kinds(exact),
+            )
+        return
+    # Layers holding a matrix pay a full weight-gradient product per step on the generic path: say so. Norm
+    # layers' per-channel tensors cost next to nothing there and are only in the report.
+    heavy = {
+        (t.candidate.path, f.layer_path) for t in planned.targets for f in t.candidate.match.synthesized
+        if len(f.shape) >= 2
+    }
+    costly = [(path, r) for path, r in routes if r.generic and (path, r.path) in heavy]
+    if costly and cfg.fast_path:
+        logger.warning(
+            "replace_wrap.convert: %d replaced layer(s) with weight matrices take the generic path (a full weight "
+            "gradient per step, exact scalar gradient): %s. Register a layer kernel for them "
+            "(replace_wrap.register_layer_kernel) to take the fast path; replace_wrap.report(model) lists each "
+            "layer's path.", len(costly), kinds(costly),
+        )
 
 
 def _forget(model: nn.Module) -> None:

@@ -380,3 +380,90 @@ def test_a_kernel_registered_after_conversion_serves_the_converted_layers():
         _unregister("test_late_gate")
     net(x)
     assert len(calls) == 2  # unregistered: the generic path again
+
+
+# --- shape-adapted neighbours and Hugging Face Conv1D take the kernels too ---------------------------------
+
+
+@pytest.mark.parametrize("grad", ["detached", "coupled"])
+def test_shape_adapted_layers_take_the_kernel_with_the_generic_path_gradients(grad):
+    from toys import StagedCNN
+
+    model, x = StagedCNN(), StagedCNN.example()
+    ref = _run(model, x, fast_path=False, neighbour_grad=grad)
+    got = _run(model, x, ab_grad_sample="exact", neighbour_grad=grad)
+    _assert_same(ref, got)
+    routes = [r for b in replace_wrap.report(got[0]).replaced for r in b.layers if r.layer == "Conv2d"]
+    assert routes and all(r.route.startswith("kernel 'conv'") for r in routes)
+    assert any("shape-adapted" in r.route for r in routes)
+    conv_grads = set()
+    hooks = [m.register_forward_hook(lambda mod, i, o: conv_grads.add(type(o.grad_fn).__name__))
+             for b in replace_wrap.report(got[0]).replaced for m in got[0].get_submodule(b.path).modules()
+             if isinstance(m, nn.Conv2d)]
+    got[0](x)
+    for h in hooks:
+        h.remove()
+    assert conv_grads == {"_MixedConvBackward"}
+
+
+def _tiny_gpt2():
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.GPT2Config(n_layer=5, n_embd=16, n_head=2, vocab_size=40, n_positions=24, resid_pdrop=0.0,
+                                  embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=0, eos_token_id=0)
+    torch.manual_seed(0)
+    return transformers.GPT2LMHeadModel(cfg)
+
+
+class _Logits(nn.Module):
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, ids):
+        return self.model(input_ids=ids).logits
+
+
+def test_hf_gpt2_conv1d_kernel():
+    model = _Logits(_tiny_gpt2())
+    ids = torch.randint(0, 40, (3, 20))  # 60 rows: "auto" samples 32 of them
+    ref = _run(model, ids, fast_path=False)
+    _assert_same(ref, _run(model, ids, ab_grad_sample="exact"), atol=1e-6)
+    got = _run(model, ids)  # the default: sampled scalar gradients, everything else as the generic path
+    scalars = {k for k in ref[3] if ".replacement." in k}
+    _assert_same(ref, got, keys=sorted(set(ref[3]) - scalars))
+    assert all(not torch.equal(got[3][k], ref[3][k]) for k in scalars)  # sampled, so not the exact values
+    routes = {r.path: r for b in replace_wrap.report(got[0]).replaced for r in b.layers}
+    assert routes["attn.c_attn"].route == "kernel 'hf_conv1d'" and routes["mlp.c_proj"].layer == "Conv1D"
+    assert routes["attn.c_attn"].estimator.startswith("sampled: m = max(32, N/32) of N rows")
+    assert routes["ln_1"].generic and routes["ln_1"].estimator == "exact (autograd): no layer kernel for LayerNorm"
+    assert leaves.kernel_for(type(got[0].model.transformer.h[1].attn.c_attn).__mro__[1], ("bias", "weight")).name == \
+        "hf_conv1d"
+
+
+def test_kernel_types_by_import_path_resolve_only_once_imported():
+    class Late(nn.Module):  # stands for a class of a module that is not imported yet
+        def __init__(self):
+            super().__init__()
+            self.weight = nn.Parameter(torch.ones(2))
+
+        def forward(self, x):
+            return x * self.weight
+
+    leaves.register_layer_kernel("no_such_pkg_xyz.mod.Late", name="test_by_path")(lambda layer, x: NotImplemented)
+    try:
+        assert leaves.kernel_for(Late, ("weight",)) is None  # the module is not in sys.modules: nothing resolves
+        import sys
+        import types
+
+        fake = types.ModuleType("no_such_pkg_xyz.mod")
+        fake.Late = Late
+        sys.modules["no_such_pkg_xyz.mod"] = fake
+        leaves._LOOKUP.clear()
+        try:
+            assert leaves.kernel_for(Late, ("weight",)).name == "test_by_path"
+        finally:
+            del sys.modules["no_such_pkg_xyz.mod"]
+    finally:
+        _unregister("test_by_path")
+    with pytest.raises(RegistryError, match="'package.module.Class' paths"):
+        leaves.register_layer_kernel("NotDotted")

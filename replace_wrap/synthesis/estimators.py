@@ -46,6 +46,7 @@ __all__ = [
     "sample_units",
     "scalar_grads",
     "scalars_on_host",
+    "transposed",
 ]
 
 AUTO = "auto"
@@ -117,20 +118,23 @@ def needs_graph(*tensors: torch.Tensor | None) -> bool:
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
-def _flat(t: torch.Tensor) -> torch.Tensor:
-    # A weight stored transposed (HF Conv1D's (in, out) seen as (out, in)) flattens in its memory order, no copy.
-    return t.reshape(-1) if t.is_contiguous() or t.dim() != 2 else t.t().reshape(-1)
+def transposed(t: torch.Tensor) -> bool:
+    """A 2-d tensor stored as its transpose, e.g. HF ``Conv1D``'s ``(in, out)`` weight seen as ``(out, in)``."""
+    return t.dim() == 2 and not t.is_contiguous() and t.t().is_contiguous()
+
+
+def _dot(u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """``<u, v>`` over all elements of two tensors of one shape; no copy when both share a dense layout."""
+    if transposed(u) and transposed(v):
+        return torch.dot(u.t().reshape(-1), v.t().reshape(-1))
+    return torch.dot(u.reshape(-1), v.reshape(-1))
 
 
 def ab_from_dw(dw: torch.Tensor, prev: torch.Tensor, next: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``<dW, W_prev>``, ``<dW, W_next>`` as fused reductions (no product tensor of the weight's size).
-
-    ``dw`` must have the memory layout of ``prev`` (both row-major, or both transposed views).
-    """
+    """``<dW, W_prev>``, ``<dW, W_next>`` as fused reductions (no product tensor of the weight's size)."""
     if dw.dtype != prev.dtype:  # autocast: dW in the compute dtype, neighbours in the weights' dtype
         dw = dw.to(prev.dtype)
-    d = _flat(dw)
-    return torch.dot(d, _flat(prev)), torch.dot(d, _flat(next))
+    return _dot(dw, prev), _dot(dw, next)
 
 
 def scalars_on_host(t: torch.Tensor) -> bool:

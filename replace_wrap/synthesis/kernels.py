@@ -42,6 +42,7 @@ from .estimators import (
     sample_units,
     scalar_grads,
     scalars_on_host,
+    transposed,
 )
 from .maths import mix
 from .patches import gather_at, gather_patches, grouped_product, locate
@@ -52,11 +53,6 @@ __all__ = ["PATCH_KEEP_MAX", "mixed_conv", "mixed_linear"]
 # larger ones (3x3 and wider kernels) are gathered in the backward from the input, which the layer then keeps
 # (in CNNs the layer after a ReLU shares it with the ReLU's backward, so keeping it costs nothing).
 PATCH_KEEP_MAX = 1 / 8
-
-
-def _transposed(t: torch.Tensor) -> bool:
-    """A 2-d weight stored as ``(in, out)`` and seen as ``(out, in)`` (HF ``Conv1D``)."""
-    return t.dim() == 2 and not t.is_contiguous() and t.t().is_contiguous()
 
 
 def _coupled_grads(dw: torch.Tensor, a: torch.Tensor, b: torch.Tensor, prev: torch.Tensor, need_p: bool,
@@ -116,7 +112,7 @@ class _MixedLinear(torch.autograd.Function):
         elif keep is not None:
             d = dy.to(keep.dtype)
             # dW in the memory layout of the neighbours' weights (no copy for the dot products)
-            dw = (keep.t() @ d).t() if _transposed(prev) else d.t() @ keep  # shape: (out, N) @ (N, in)
+            dw = (keep.t() @ d).t() if transposed(prev) else d.t() @ keep  # shape: (out, N) @ (N, in)
             ga, gb = ab_from_dw(dw, prev, next)
             if need_p or need_n:
                 gp, gn = _coupled_grads(dw, a, b, prev, need_p, need_n)

@@ -18,7 +18,7 @@ quantized linear, a convolution with its own padding) computes something else an
 methods that run at construction (``__init__``, ``reset_parameters``, ``extra_repr``, ...) may differ. A kernel
 may also decline a single call by returning ``NotImplemented`` (then the base class's forward runs with the
 property path); the built-ins decline when :func:`mix_source` says so (``fast_path=False``, a rule that is not
-a linear mix, shape-adapted neighbours, meta tensors), under ``torch.no_grad`` (nothing to save, the generic
+a linear mix, meta tensors), under ``torch.no_grad`` (nothing to save, the generic
 path is as fast) and for inputs or settings they do not cover (unbatched convolution input, string padding,
 non-zero padding modes). :func:`layer_route` says in advance which path a layer takes, for reports.
 
@@ -40,6 +40,7 @@ import torch
 from torch import nn
 
 from ..errors import RegistryError
+from .adapt import adapt_pair
 from .estimators import describe_sample
 
 __all__ = [
@@ -234,28 +235,38 @@ class MixSource(NamedTuple):
     bias_mix: tuple[torch.Tensor, torch.Tensor] | None  # (prev, next) bias mixed with the weight's (a, b)
 
 
-def _same_shapes(source: TensorSource) -> bool:
-    """Whether neither side of a source needs shape adapting."""
-    return source.prev_adapter is None and source.next_adapter is None
-
-
 def _bias_is_mixed(sources: dict[str, TensorSource], src: TensorSource, bias: str | None) -> bool:
     """Whether the bias is synthesized from the same neighbours with the weight's scalar set."""
     bsrc = None if bias is None else sources.get(bias)
     return (
-        bsrc is not None and _same_shapes(bsrc) and bsrc.site is src.site
+        bsrc is not None and bsrc.site is src.site and (bsrc.prev, bsrc.next) == (src.prev, src.next)
         and src.site.index_of(bsrc.k) == src.site.index_of(src.k)
     )
+
+
+def _sides(src: TensorSource, name: str, detach: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """The neighbours' current ``name`` tensors, in the replaced tensor's shape (adapted if need be)."""
+    p = None if src.prev is None else getattr(src.prev, name)
+    n = None if src.next is None else getattr(src.next, name)
+    if detach:
+        p = None if p is None else p.detach()
+        n = None if n is None else n.detach()
+    if src.prev_adapter is None and src.next_adapter is None:
+        return p, n  # type: ignore[return-value]  # both present when nothing is adapted
+    # A slice or zero-pad per side (an absent side: zeros). Detached, it is a copy the layer computes with;
+    # coupled, autograd takes the neighbours' gradients back through it.
+    return adapt_pair(p, n, src.prev_adapter, src.next_adapter)
 
 
 def mix_source(layer: nn.Module, name: str = "weight", bias: str | None = "bias") -> MixSource | None:
     """How ``layer.<name>`` (and its bias) are synthesized, or ``None`` when the fast path must not be used.
 
     ``None`` when the site has ``fast_path=False``, when its rule is not a linear mix of the neighbours, when
-    a neighbour's tensor needs shape adapting, when ``name`` is not synthesized, or for meta tensors. ``prev``
-    and ``next`` are detached unless the site is coupled. A bias synthesized with the same scalars as the
-    weight (``scalars="block"``) comes back as ``bias_mix`` so the layer can mix it itself; any other bias
-    (the layer's own, or one with its own scalars) as ``bias``.
+    ``name`` is not synthesized, or for meta tensors. ``prev`` and ``next`` are the neighbours' tensors in the
+    replaced tensor's shape (shape-adapted ones mapped, an absent side as zeros), detached unless the site is
+    coupled. A bias synthesized with the same scalars as the weight (``scalars="block"``) comes back as
+    ``bias_mix`` so the layer can mix it itself; any other bias (the layer's own, or one with its own scalars)
+    as ``bias``.
     """
     state = layer.__dict__
     key = _STATIC + name
@@ -263,29 +274,24 @@ def mix_source(layer: nn.Module, name: str = "weight", bias: str | None = "bias"
     if static is None:  # what does not change while the layer is replaced, worked out once
         sources = state.get(SOURCES_ATTR, {})
         src = sources.get(name)
-        if src is None or not _same_shapes(src):  # a neighbour of another shape: the generic (adapted) path
+        if src is None:
             return None
-        static = state[key] = (src, src.site.index_of(src.k), _bias_is_mixed(sources, src, bias))
-    src, index, mixed = static
+        static = state[key] = (src, src.site.index_of(src.k), sources[bias] if _bias_is_mixed(sources, src, bias) else None)
+    src, index, bias_src = static
     site = src.site
     if not site.fast_path or not site.linear_mix:
+        return None
+    detach = site.detach
+    prev, nxt = _sides(src, name, detach)
+    if prev.is_meta:  # meta init: shapes only, the generic path propagates them without the custom backward
         return None
     a, b = site.coefficients()
     if a.numel() > 1:  # one set of shape (1,) broadcasts as it is (weights have dimensions): no select op
         a, b = a[index], b[index]
-    prev, nxt = getattr(src.prev, name), getattr(src.next, name)
-    if prev.is_meta:  # meta init: shapes only, the generic path propagates them without the custom backward
-        return None
-    detach = site.detach
-    if detach:
-        prev, nxt = prev.detach(), nxt.detach()
-    own_bias, bias_mix = None, None
-    if mixed:
-        bp, bn = getattr(src.prev, bias), getattr(src.next, bias)  # type: ignore[arg-type]
-        bias_mix = (bp.detach(), bn.detach()) if detach else (bp, bn)
-    elif bias is not None:
-        own_bias = getattr(layer, bias)
-    return MixSource(a, b, prev, nxt, site.ab_grad_sample, own_bias, bias_mix)
+    if bias_src is not None:
+        return MixSource(a, b, prev, nxt, site.ab_grad_sample, None, _sides(bias_src, bias, detach))  # type: ignore[arg-type]
+    own_bias = None if bias is None else getattr(layer, bias)
+    return MixSource(a, b, prev, nxt, site.ab_grad_sample, own_bias, None)
 
 
 _STATIC = CACHE_PREFIX + "static_"
@@ -320,12 +326,11 @@ def layer_route(
                else f"no layer kernel for {cls.__name__}")
     elif not linear_mix:
         why = "the rule is not a linear mix of the neighbours"
-    elif set(adapted) & set(kernel.requires):
-        why = f"shape-adapted neighbour tensors ({', '.join(sorted(set(adapted) & set(kernel.requires)))})"
     elif kernel.check is not None:
         why = kernel.check(layer)
     if why is not None:
         return "generic", f"exact (autograd): {why}"
+    route = f"kernel {kernel.name!r}" + (" (shape-adapted neighbours)" if adapted else "")  # type: ignore[union-attr]
     if coupled:
-        return f"kernel {kernel.name!r}", "exact: neighbour_grad='coupled' needs the full weight gradient"  # type: ignore[union-attr]
-    return f"kernel {kernel.name!r}", describe_sample(sample).replace("units", kernel.units)  # type: ignore[union-attr]
+        return route, "exact: neighbour_grad='coupled' needs the full weight gradient"
+    return route, describe_sample(sample).replace("units", kernel.units)  # type: ignore[union-attr]
