@@ -33,6 +33,7 @@ from .errors import (
     StateDictError,
     TracingError,
 )
+from .integrations.decay import param_groups
 from .integrations.fsdp import fsdp_units, shard
 from .io.checkpoint import from_pretrained, load, save
 from .io.guard import load_state_dict
@@ -98,6 +99,7 @@ __all__ = [
     "load",
     "load_state_dict",
     "merge",
+    "param_groups",
     "plan",
     "register_layer_kernel",
     "register_leaf_module",

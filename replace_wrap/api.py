@@ -17,7 +17,7 @@ from torch import nn
 
 from .config import ReplaceConfig
 from .errors import AlreadyConvertedError, ConfigError, MergeError, NotConvertedError, NothingToReplaceError, PolicyError
-from .integrations import optim
+from .integrations import decay, optim
 from .report import BlockReport, ConversionReport, LayerRoute, stored_report
 from .selection.policies import Every, Policy, PolicyLike, as_policy
 from .surgery import attachments, swap
@@ -94,7 +94,10 @@ def convert(
             [(f"{t.candidate.path}.{SITE_ATTR}.{n}", p) for n, p in t.candidate.block.get_submodule(SITE_ATTR).named_parameters()]
             for t in planned.targets
         ]
-        optim.rebind(opts, list(zip(removed, added)))
+        optim.rebind(opts, list(zip(removed, added)))  # the scalars join no decayed group
+    # Optimizers built later follow the usual no-decay conventions for the scalars (see integrations.decay).
+    decay.exclude_from_trainer_decay()
+    decay.watch_optimizers()
     _tell(planned, cfg)
     return model
 
@@ -251,12 +254,14 @@ def _unconvert(
     for _, block, site, tensors in planned:
         restore_block(block, site, tensors)
     if opts:
-        restored = []
+        restored, layers = [], {}
         for path, block, site, tensors in planned:
             prefix = f"{path}." if path else ""
             names = [f"{prefix}{rel}" for rel in site.tensor_names]
             restored.append([(n, getattr(layer, name)) for n, (layer, name, _) in zip(names, tensors)])
-        optim.rebind(opts, list(zip(scalars, restored)))
+            layers.update({n: layer for n, (layer, _, _) in zip(names, tensors)})
+        # restored tensors that decay by the usual convention go back to a decayed group (see optim.rebind)
+        optim.rebind(opts, list(zip(scalars, restored)), lambda n, p: decay.decays(n, p, layers[n]))
     _forget(model)
 
 

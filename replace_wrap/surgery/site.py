@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Sequence
 from typing import Any
 
@@ -10,9 +11,12 @@ from torch import nn
 
 from ..synthesis.rules import get_rule, is_linear_mix
 
-__all__ = ["SITE_ATTR", "ReplacementSite"]
+__all__ = ["LIVE_SITES", "SITE_ATTR", "ReplacementSite"]
 
 SITE_ATTR = "replacement"  # attribute under which a replaced block holds its ReplacementSite
+# Every site alive in the process (built, copied or unpickled), so that an optimizer step can tell which
+# parameters are replaced blocks' scalars (see replace_wrap.integrations.decay) without knowing the model.
+LIVE_SITES: weakref.WeakSet[ReplacementSite] = weakref.WeakSet()
 
 
 class ReplacementSite(nn.Module):
@@ -75,6 +79,11 @@ class ReplacementSite(nn.Module):
             self.register_buffer(f"original_{i}", t.detach().clone())
         for name, value in self._rule.init_buffers(self, list(own)).items():
             self.register_buffer(name, value)
+        LIVE_SITES.add(self)
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)  # copies and unpickled sites are sites too
+        LIVE_SITES.add(self)
 
     def forward(self, x: Any, *args: Any, **kwargs: Any) -> Any:
         """Identity: a block that is an ``nn.Sequential`` calls every child, the site included."""
