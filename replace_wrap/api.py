@@ -322,21 +322,21 @@ def _tell_routes(planned: Plan, cfg: ReplaceConfig) -> None:
         path, r = found[0]
         return "; ".join(shown) + f"; e.g. {path}{'.' if r.path else ''}{r.path}"
 
-    if isinstance(cfg.ab_grad_sample, float):  # an explicit fraction: every layer it cannot apply to is named
-        exact = [(path, r) for path, r in routes if not r.estimator.startswith("sampled")]
-        if exact:
-            logger.warning(
-                "replace_wrap.convert: ab_grad_sample=%r does not apply to %d of %d replaced layers, which take the "
-                "exact scalar gradient: %s. replace_wrap.report(model) lists each layer's path.",
-                cfg.ab_grad_sample, len(exact), len(routes), kinds(exact),
-            )
-        return
-    # Layers holding a matrix pay a full weight-gradient product per step on the generic path: say so. Norm
-    # layers' per-channel tensors cost next to nothing there and are only in the report.
+    # Layers holding a matrix pay a full weight-gradient product per step for an exact scalar gradient: those
+    # are named. Norm layers' per-channel tensors cost next to nothing that way and are only in the report.
     heavy = {
         (t.candidate.path, f.layer_path) for t in planned.targets for f in t.candidate.match.synthesized
         if len(f.shape) >= 2
     }
+    if isinstance(cfg.ab_grad_sample, float):  # an explicit fraction: every layer it cannot apply to is named
+        exact = [(p, r) for p, r in routes if (p, r.path) in heavy and not r.estimator.startswith("sampled")]
+        if exact:
+            logger.warning(
+                "replace_wrap.convert: ab_grad_sample=%r does not apply to %d of %d replaced layers with weight "
+                "matrices, which take the exact scalar gradient: %s. replace_wrap.report(model) lists each layer.",
+                cfg.ab_grad_sample, len(exact), len(routes), kinds(exact),
+            )
+        return
     costly = [(path, r) for path, r in routes if r.generic and (path, r.path) in heavy]
     if costly and cfg.fast_path:
         logger.warning(

@@ -15,8 +15,9 @@ layer, output positions of a convolution; see :mod:`replace_wrap.synthesis.estim
 When the neighbours receive gradient too (``neighbour_grad="coupled"``), ``dW`` is needed anyway: it is formed
 from all units and the scalar gradients are exact whatever ``sample`` says.
 
-The synthesized ``W`` is kept from the forward for the input gradient: it takes the place, in memory, of the
-replaced block's own tensor that no longer exists, and spares a second synthesis in the backward.
+The synthesized ``W`` is not kept from the forward: the backward synthesizes it again for the input gradient (one
+pass over three weight-sized tensors, a fraction of a percent of the layer's products), so between the forward
+and the backward a replaced layer holds no weight at all, where a frozen layer holds its own.
 
 Under autocast the layer computes in the autocast dtype, as ``F.linear`` / ``F.conv2d`` would.
 """
@@ -55,6 +56,13 @@ __all__ = ["PATCH_KEEP_MAX", "mixed_conv", "mixed_linear"]
 PATCH_KEEP_MAX = 1 / 8
 
 
+def _weight(a: torch.Tensor, b: torch.Tensor, prev: torch.Tensor, next: torch.Tensor,
+            dtype: torch.dtype | None) -> torch.Tensor:
+    """The synthesized weight again, bitwise as the forward made it (and cast as autocast had it)."""
+    w = mix(a, b, prev, next)
+    return w if dtype is None else w.to(dtype)
+
+
 def _coupled_grads(dw: torch.Tensor, a: torch.Tensor, b: torch.Tensor, prev: torch.Tensor, need_p: bool,
                    need_n: bool) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     dw = dw.to(prev.dtype)
@@ -91,19 +99,23 @@ class _MixedLinear(torch.autograd.Function):
                 xw = y.clone() if rows is None else y.index_select(0, rows)
                 if bias is not None and bias_prev is None:  # an own bias is no part of the mix
                     xw.sub_(bias)
-        # Everything through save_for_backward, so checkpointing (recompute=True) can drop and replay it.
-        ctx.save_for_backward(w if need_x else None, keep, rows, xw, a, b, prev, next, bias_prev, bias_next)
-        ctx.scale, ctx.host = scale, scalars_on_host(a)
+        # Everything through save_for_backward, so checkpointing (recompute=True) can drop and replay it. The
+        # synthesized weight is not kept: the backward makes it again (one pass over the weights), so between
+        # forward and backward a replaced layer holds no weight at all, where a frozen one holds its own.
+        ctx.save_for_backward(keep, rows, xw, a, b, prev, next, bias_prev, bias_next)
+        ctx.scale, ctx.host, ctx.dtype = scale, scalars_on_host(a), dtype
         return y
 
     @staticmethod
     @once_differentiable
     def backward(ctx: Any, dy: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        w, keep, rows, xw, a, b, prev, next, bias_prev, bias_next = ctx.saved_tensors
+        keep, rows, xw, a, b, prev, next, bias_prev, bias_next = ctx.saved_tensors
         need_x, need_a, need_b, need_p, need_n, need_bias, need_bp, need_bn = ctx.needs_input_grad[:8]
         gx = ga = gb = gp = gn = db = None
         if need_x:
+            w = _weight(a, b, prev, next, ctx.dtype)
             gx = dy.to(w.dtype) @ w  # shape: (N, out) @ (out, in) -> (N, in)
+            del w
         if need_bias or need_bp or need_bn or (bias_prev is not None and (need_a or need_b) and xw is None):
             db = dy.sum(0)  # the bias's gradient, over all rows
         if xw is not None:  # the mixed bias's share of dL/da, dL/db is taken over the same units
@@ -206,21 +218,23 @@ class _MixedConv(torch.autograd.Function):
                 if units.numel() * math.prod(prev.shape[1:]) * groups <= PATCH_KEEP_MAX * x.numel():
                     keep = gather_patches(x, where, tuple(prev.shape[2:]), stride, padding, dilation)
                     ctx.patches = True
-        ctx.save_for_backward(w if need_x else None, keep, units, xw, a, b, prev, next, bias_prev, bias_next)
-        ctx.scale, ctx.geometry, ctx.x_shape, ctx.host = scale, geometry, x.shape, scalars_on_host(a)
+        ctx.save_for_backward(keep, units, xw, a, b, prev, next, bias_prev, bias_next)  # no weight: see _MixedLinear
+        ctx.scale, ctx.geometry, ctx.x_shape, ctx.host, ctx.dtype = scale, geometry, x.shape, scalars_on_host(a), dtype
         return y
 
     @staticmethod
     @once_differentiable
     def backward(ctx: Any, dy: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        w, keep, units, xw, a, b, prev, next, bias_prev, bias_next = ctx.saved_tensors
+        keep, units, xw, a, b, prev, next, bias_prev, bias_next = ctx.saved_tensors
         need_x, need_a, need_b, need_p, need_n, need_bias, need_bp, need_bn = ctx.needs_input_grad[:8]
         stride, padding, dilation, groups = ctx.geometry
         args = (None, list(stride), list(padding), list(dilation), False, [0] * len(stride), groups)
         gx = ga = gb = gp = gn = db = None
         if need_x:  # the input gradient needs only the input's shape, as torch.nn.grad.conv2d_input does
+            w = _weight(a, b, prev, next, ctx.dtype)
             shape_only = dy.new_empty(1).expand(ctx.x_shape)
             gx = torch.ops.aten.convolution_backward(dy.to(w.dtype), shape_only, w, *args, (True, False, False))[0]
+            del w
         if need_bias or need_bp or need_bn or (bias_prev is not None and (need_a or need_b) and xw is None):
             db = dy.sum([d for d in range(dy.dim()) if d != 1])
         if xw is not None:
