@@ -38,7 +38,7 @@ from .integrations.fsdp import fsdp_units, shard
 from .io.checkpoint import from_pretrained, load, save
 from .io.guard import load_state_dict
 from .io.record import ConversionRecord, RecordedBlock
-from .report import BlockReport, ConversionReport
+from .report import BlockReport, ConversionReport, LayerRoute
 from .selection.budget import Budget
 from .selection.policies import AllOf, AnyOf, Every, Filter, Indices, Paths, Pattern, Policy
 from .selection.similarity import Similarity
@@ -75,6 +75,7 @@ __all__ = [
     "Filter",
     "Indices",
     "IntegrationRule",
+    "LayerRoute",
     "MergeError",
     "NotConvertedError",
     "NothingToReplaceError",
