@@ -1,9 +1,9 @@
 """Where does a training step's time and memory go? torch.profiler over a few steps of one bench variant.
 
-    bash .ci/venv python examples/bench_profile_step.py vit_small_patch16_224 --variant replace-sampled --size 96
+    bash .ci/venv python examples/bench_profile_step.py vit_small_patch16_224 --variant replace --size 96
 
 Prints the top operators by self CPU time (and by self memory), so that two variants (e.g. ``freeze`` and
-``replace-sampled``) can be compared line by line. Uses the same model builder and variants as
+``replace``) can be compared line by line. Uses the same model builder and variants as
 ``replace-wrap bench``.
 """
 
@@ -44,7 +44,7 @@ def main(argv: list[str] | None = None) -> int:
         opts = {k: (args.sample if v == SAMPLE else v) for k, v in spec["options"].items()}
         replace_wrap.convert(model, every=2, **opts)
     x = torch.randn(args.batch, 3, args.size, args.size)
-    opt = torch.optim.AdamW([q for q in model.parameters() if q.requires_grad], lr=1e-4)
+    opt = torch.optim.AdamW(replace_wrap.param_groups(model, weight_decay=0.01), lr=1e-4)
     model.train()
 
     def step() -> None:

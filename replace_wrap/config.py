@@ -48,11 +48,11 @@ class ReplaceConfig:
         ab_grad_sample: How layers with a layer kernel (``nn.Linear``, ``nn.Conv1d/2d/3d``, Hugging Face
             ``Conv1D``) take the scalars' gradient. ``"auto"`` (default): each step, of a layer's ``N`` units
             (rows of a linear layer's input, output positions of a convolution: batch items times spatial
-            positions) ``m = max(16, ceil(N / 32))`` are drawn uniformly and the sum over them is rescaled by
+            positions) ``m = max(16, ceil(N / 64))`` are drawn uniformly and the sum over them is rescaled by
             ``N / m``, an unbiased estimate; a layer with ``N <= 16`` units takes the exact gradient. Its
             variance is ``N^2 (1/m - 1/N) S^2`` (``S^2``: the variance of the units' terms), so the relative
             standard error is at most ``cv / sqrt(16) = cv / 4`` (``cv``: the terms' coefficient of variation) and the
-            variance added to the exact sum at most ``31`` times that sum's own unit-to-unit variance (see
+            variance added to the exact sum at most ``63`` times that sum's own unit-to-unit variance (see
             :mod:`replace_wrap.synthesis.estimators`). The cost is one thin product of ``m`` units instead of a
             full weight gradient. ``"exact"`` or ``None``: the exact gradient from every unit (``None`` is how
             it is stored, and what configs written by replace_wrap 0.1/0.2 mean by it). A fraction in ``(0, 1)``:

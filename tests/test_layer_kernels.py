@@ -453,7 +453,7 @@ def test_hf_gpt2_conv1d_kernel():
     assert all(not torch.equal(got[3][k], ref[3][k]) for k in scalars)  # sampled, so not the exact values
     routes = {r.path: r for b in replace_wrap.report(got[0]).replaced for r in b.layers}
     assert routes["attn.c_attn"].route == "kernel 'hf_conv1d'" and routes["mlp.c_proj"].layer == "Conv1D"
-    assert routes["attn.c_attn"].estimator.startswith("sampled: m = max(16, N/32) of N rows")
+    assert routes["attn.c_attn"].estimator.startswith("sampled: m = max(16, N/64) of N rows")
     assert routes["ln_1"].generic and routes["ln_1"].estimator == "exact (autograd): no layer kernel for LayerNorm"
     assert leaves.kernel_for(type(got[0].model.transformer.h[1].attn.c_attn).__mro__[1], ("bias", "weight")).name == \
         "hf_conv1d"

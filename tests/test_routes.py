@@ -14,7 +14,7 @@ import replace_wrap
 from replace_wrap import ReplaceConfig
 from toys import ConvNet, ResidualMLP, TinyTransformer
 
-AUTO = "sampled: m = max(16, N/32) of N rows (tokens), exact when m >= N"
+AUTO = "sampled: m = max(16, N/64) of N rows (tokens), exact when m >= N"
 
 
 def _routes(model):
@@ -29,7 +29,7 @@ def test_default_routes_name_kernel_and_estimator_per_layer():
     assert norms and all(r.generic and r.estimator == "exact (autograd): no layer kernel for LayerNorm" for r in norms)
     conv = _routes(replace_wrap.convert(ConvNet(), every=2))
     assert {r.estimator for r in conv.values() if r.layer == "Conv2d"} == {
-        "sampled: m = max(16, N/32) of N output positions (batch x spatial), exact when m >= N"
+        "sampled: m = max(16, N/64) of N output positions (batch x spatial), exact when m >= N"
     }
 
 

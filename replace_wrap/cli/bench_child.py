@@ -58,7 +58,7 @@ def _child(spec: dict[str, Any]) -> dict[str, Any]:
     variant = VARIANTS[spec["variant"]]
     convert_s = _prepare(model, spec["variant"], spec)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    opt = torch.optim.AdamW(replace_wrap.param_groups(model, weight_decay=0.01), lr=1e-4)  # no decay on a, b
     if variant["kind"] == "infer-merged":
         _train_steps(model, x, spec, 1, opt)  # the scalars move off their init, then materialize
         replace_wrap.merge(model)
@@ -163,6 +163,8 @@ def _paired(spec: dict[str, Any]) -> dict[str, Any]:
     """
     import torch
 
+    import replace_wrap
+
     device = torch.device(spec["device"])
     make = model_factory(spec["model"])
     runs = {}
@@ -171,7 +173,7 @@ def _paired(spec: dict[str, Any]) -> dict[str, Any]:
         model = make(spec["size"], spec["num_classes"], spec["sets"]).to(device)
         x = example_input(model, spec, device)
         _prepare(model, name, spec)
-        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+        opt = torch.optim.AdamW(replace_wrap.param_groups(model, weight_decay=0.01), lr=1e-4)  # no decay on a, b
         model = _compiled(model, spec)
         _train_steps(model, x, spec, spec["warmup"], opt)
         runs[name] = (model, opt)

@@ -23,14 +23,19 @@ ROWS = "rows (tokens)"
 POSITIONS = "output positions (batch x spatial)"
 
 
-@register_layer_kernel(nn.Linear, name="linear", units=ROWS)
-def _linear_forward(layer: nn.Linear, input: torch.Tensor) -> Any:
+def _linear(layer: nn.Module, x: torch.Tensor, stored_transposed: bool) -> Any:
     if not torch.is_grad_enabled():
         return NotImplemented
     src = mix_source(layer)
     if src is None:
         return NotImplemented
-    return mixed_linear(input, src.a, src.b, src.prev, src.next, src.bias, bias_mix=src.bias_mix, sample=src.sample)
+    prev, nxt = (src.prev.t(), src.next.t()) if stored_transposed else (src.prev, src.next)
+    return mixed_linear(x, src.a, src.b, prev, nxt, src.bias, bias_mix=src.bias_mix, sample=src.sample)
+
+
+@register_layer_kernel(nn.Linear, name="linear", units=ROWS)
+def _linear_forward(layer: nn.Linear, input: torch.Tensor) -> Any:
+    return _linear(layer, input, stored_transposed=False)
 
 
 def _conv_check(layer: nn.Module) -> str | None:
@@ -62,10 +67,5 @@ def _conv_forward(layer: nn.modules.conv._ConvNd, input: torch.Tensor) -> Any:
 # path: it is resolved only once transformers has imported it, so `import replace_wrap` imports no transformers.
 @register_layer_kernel("transformers.pytorch_utils.Conv1D", name="hf_conv1d", units=ROWS)
 def _hf_conv1d_forward(layer: nn.Module, x: torch.Tensor) -> Any:
-    if not torch.is_grad_enabled():
-        return NotImplemented
-    src = mix_source(layer)
-    if src is None:
-        return NotImplemented
     # (out, in) views of the (in, out) storage: no copy; the synthesized weight keeps that layout
-    return mixed_linear(x, src.a, src.b, src.prev.t(), src.next.t(), src.bias, bias_mix=src.bias_mix, sample=src.sample)
+    return _linear(layer, x, stored_transposed=True)

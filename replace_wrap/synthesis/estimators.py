@@ -16,7 +16,7 @@ The estimator is unbiased, and its variance is the textbook one for sampling wit
 
 so, with ``cv = S / |mean g_i|`` (how much the units disagree), the relative standard error is at most
 ``cv / sqrt(AUTO_MIN_UNITS)`` (= cv / 4), and the variance it adds to the exact minibatch sum is at most
-``1 / AUTO_FRACTION - 1`` (= 31) times the sum's own unit-to-unit variance ``N * S^2``. A fraction ``f`` in
+``1 / AUTO_FRACTION - 1`` (= 63) times the sum's own unit-to-unit variance ``N * S^2``. A fraction ``f`` in
 ``(0, 1)`` instead of ``"auto"`` draws ``m = ceil(N * f)`` units (the 0.1/0.2 meaning, no minimum).
 """
 
@@ -52,10 +52,11 @@ __all__ = [
 AUTO = "auto"
 # M and f of the rule. M bounds the relative standard error (cv / sqrt(M)); f bounds the added variance
 # (1/f - 1 times the unit-to-unit variance) on large layers. The estimate costs one thin product of m units,
-# m/(2N) of a frozen layer's forward and input gradient: 1.6% on large layers (f = 1/32), and M = 16 keeps it
-# at 3% on a layer of only 272 units (HF ViT-B at 64 px, batch 16); M = 32 measured 2x that (docs/benchmarks.md).
+# m/(2N) of a frozen layer's forward and input gradient: 0.8% on large layers (f = 1/64; 1/32 measured about
+# 0.6% of a ViT-S step more), and M = 16 keeps it at 3% of a layer of only 272 units (HF ViT-B at 64 px, batch
+# 16), where M = 32 would double it (docs/benchmarks.md).
 AUTO_MIN_UNITS = 16
-AUTO_FRACTION = 1 / 32
+AUTO_FRACTION = 1 / 64
 
 # Up to this many units the exact scalar gradients come from one thin product and the output (which the
 # forward computed); above it one dW = dy^T x (the same multiply-adds) keeps less memory: only x is saved.
