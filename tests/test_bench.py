@@ -89,3 +89,19 @@ def test_build_model_errors_name_the_spec():
     with pytest.raises(BenchError, match="cannot load 'no_such_module_xyz:f'.*package.module:factory"):
         build_model("no_such_module_xyz:f", 32, 10, {})
     assert issubclass(BenchError, ReplaceWrapError)
+
+
+def test_hf_decoder_specs_build_causal_lms_fed_with_tokens():
+    pytest.importorskip("transformers")
+    import torch
+
+    from replace_wrap.cli.bench_child import _loss, example_input
+
+    model = build_model("hf:gpt2", 32, 10, {"n_layer": 3, "n_embd": 16, "n_head": 2, "vocab_size": 50})
+    assert type(model).__name__ == "GPT2LMHeadModel"
+    x = example_input(model, {"batch": 2, "seq": 7, "input_shape": [3, 32, 32]}, "cpu")
+    assert x.dtype == torch.long and x.shape == (2, 7) and int(x.max()) < 50
+    assert torch.isfinite(_loss(model(x)))
+    vit = build_model("hf:vit", 32, 10, {"num_hidden_layers": 3, "hidden_size": 16, "num_attention_heads": 2,
+                                         "intermediate_size": 32, "patch_size": 8})
+    assert example_input(vit, {"batch": 2, "seq": 7, "input_shape": [3, 32, 32]}, "cpu").shape == (2, 3, 32, 32)

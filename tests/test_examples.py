@@ -178,3 +178,13 @@ def test_bench_profile_step_names_the_phases():
     assert "variant replace, 1 steps" in out
     for phase in ("forward", "backward", "optimizer"):
         assert re.search(rf"^\s*{phase}\s", out, flags=re.M), f"no {phase} row:\n{out}"
+
+
+def test_bench_profile_step_prints_what_a_variant_adds_over_another():
+    out = run_example(
+        "bench_profile_step.py", "vit_tiny_patch16_224", "--variant", "replace", "--against", "freeze", "--size", "32",
+        "--batch", "2", "--steps", "1", "--rows", "60",
+    ).stdout
+    assert re.search(r"self CPU per step: replace [\d.]+ ms, freeze [\d.]+ ms \(x \d\.\d+\)", out), out
+    # vit_tiny has 12 blocks: every=2 replaces 5, with 4 linear layers each
+    assert re.search(r"^\| _MixedLinear \| [\d.]+ \(20\) \| 0\.00 \(0\) \| \+[\d.]+ \|$", out, flags=re.M), out
