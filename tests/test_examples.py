@@ -188,3 +188,83 @@ def test_bench_profile_step_prints_what_a_variant_adds_over_another():
     assert re.search(r"self CPU per step: replace [\d.]+ ms, freeze [\d.]+ ms \(x \d\.\d+\)", out), out
     # vit_tiny has 12 blocks: every=2 replaces 5, with 4 linear layers each
     assert re.search(r"^\| _MixedLinear \| [\d.]+ \(20\) \| 0\.00 \(0\) \| \+[\d.]+ \|$", out, flags=re.M), out
+
+
+# --- the quality study (docs/quality.md) -----------------------------------------------------------------------
+
+
+def _jsonl(path) -> list[dict]:
+    return [__import__("json").loads(line) for line in path.read_text().splitlines()]
+
+
+def test_quality_study_quick_runs_every_study_resumes_and_reports(tmp_path):
+    log, plots = tmp_path / "runs" / "q.jsonl", tmp_path / "plots"
+    args = ("run", "--quick", "--seeds", "1", "--tasks", "digits_cnn", "--log", str(log))
+    out = run_example("quality_study.py", *args).stdout
+    assert re.search(r"^(\d+) run\(s\) in this shard, 0 already in .*, \1 to run$", out, flags=re.M), out
+    rows = _jsonl(log)
+    by = {(r["kind"], r["task"], r["variant"], r["scale"]): r for r in rows}
+    assert len(by) == len(rows) == number(r"^(\d+) run", out)
+    scratch = {k[2] for k in by if k[:2] == ("scratch", "digits_cnn") and k[3] == 1.0}
+    assert {"end-to-end", "freeze", "drop", "default", "exact", "budget", "similarity", "adapt_shapes=False",
+            "scalar_lr x10", "scalars=tensor", "coupled", "lsq init", "rule=convex", "rule=ema"} <= scratch
+    assert {k[3] for k in by if k[0] == "scratch" and k[2] == "default"} == {0.25, 0.5, 1.0, 2.0}
+    e2e = by["scratch", "digits_cnn", "end-to-end", 1.0]
+    # on this CNN every block that every=2 picks has a neighbour of another shape: without shape adaptation
+    # nothing is replaced, and the run is end-to-end training, bit for bit
+    off = by["scratch", "digits_cnn", "adapt_shapes=False", 1.0]
+    assert (off["value"], off["last_loss"], off["trainable"]) == (e2e["value"], e2e["last_loss"], e2e["trainable"])
+    # freeze and drop lose exactly the tensors every=2 synthesizes; every=2 adds 2 scalars per replaced block
+    default, freeze, drop = (by["scratch", "digits_cnn", v, 1.0] for v in ("default", "freeze", "drop"))
+    assert freeze["trainable"] == drop["trainable"] == drop["total_params"] == default["trainable"] - 2 * 3
+    assert by["scratch", "digits_cnn", "default", 2.0]["steps"] == 2 * default["steps"]
+    assert default["memory"]["optimizer"] < e2e["memory"]["optimizer"]  # no AdamW state for replaced tensors
+    transfer = {k[2]: r for k, r in by.items() if k[0] == "transfer"}
+    assert set(transfer) == {"full", "freeze", "Every(2)", "Budget(redundancy)", "Similarity", "LoRA (same budget)",
+                             "LoRA r=8", "learned"}
+    every2 = transfer["Every(2)"]["trainable"]
+    assert abs(transfer["LoRA (same budget)"]["trainable"] - every2) / every2 < 0.02
+    for name in ("Budget(redundancy)", "Similarity", "learned"):
+        assert transfer[name]["trainable"] <= every2  # at most the fraction every=2 leaves
+    assert transfer["full"]["first_loss"] == transfer["freeze"]["first_loss"]  # same pretrained weights, same batch
+    assert (tmp_path / "runs" / "pretrained" / "digits_cnn-seed0-quick.pt").is_file()
+
+    again = run_example("quality_study.py", *args).stdout  # resumes: nothing left to run
+    assert re.search(r"already in .*, 0 to run$", again, flags=re.M), again
+    report = run_example("quality_study.py", "report", "--quick", "--log", str(log), "--plots", str(plots)).stdout
+    assert re.search(r"^\| adapt_shapes=False \| 710,826 \(1\.00×\) \|", report, flags=re.M), report
+    assert "| Budget(redundancy) |" in report and "| rule=ema |" in report
+    for name in ("quality_length", "quality_scratch", "quality_ablation", "quality_transfer"):
+        assert (plots / f"{name}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_quality_transfer_quick_lm_lora_and_learned_selection(tmp_path):
+    log = tmp_path / "q.jsonl"
+    run_example("quality_study.py", "run", "--quick", "--seeds", "1", "--tasks", "char_lm", "--study", "transfer",
+                "--variants", "Every(2),LoRA (same budget),learned", "--log", str(log))
+    rows = {r["variant"]: r for r in _jsonl(log)}
+    every2, lora, learned = rows["Every(2)"], rows["LoRA (same budget)"], rows["learned"]
+    assert every2["blocks"] == ["transformer.h.1", "transformer.h.3"]
+    # LoRA on GPT-2's Conv1D layers (attn.c_attn, attn.c_proj, mlp.c_fc, mlp.c_proj): 6 blocks x r x (128+384 +
+    # 128+128 + 128+512 + 512+128) parameters, r chosen to update as many parameters as every=2
+    assert lora["trainable"] == 6 * lora["lora_rank"] * 2048
+    assert abs(lora["trainable"] - every2["trainable"]) <= 6 * 2048 / 2
+    assert len(learned["selection"]) == 2 and learned["trainable"] <= every2["trainable"]
+    assert set(learned["gates"]) == {f"transformer.h.{i}" for i in range(1, 5)}
+    assert learned["search_s"] > 0 and learned["time_s"] > learned["train_s"]
+    assert all(math.isfinite(r["value"]) and r["value"] < 8.0 for r in rows.values())  # bits per byte
+
+
+def test_quality_report_pairs_differences_by_seed():
+    spec = importlib.util.spec_from_file_location("quality_report", EXAMPLES / "quality_report.py")
+    qr = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(qr)
+    ref = {s: {"value": v} for s, v in enumerate([0.90, 0.80, 0.85])}
+    mine = {s: {"value": v} for s, v in enumerate([0.91, 0.81, 0.87])}  # +0.01, +0.01, +0.02 per seed
+    c = qr.compare("digits_vit", mine, ref)
+    sd = math.sqrt(((0.01 - 0.04 / 3) ** 2 * 2 + (0.02 - 0.04 / 3) ** 2) / 2)
+    assert c["mean"] == pytest.approx(0.04 / 3) and c["se"] == pytest.approx(sd / math.sqrt(3))
+    assert c["verdict"] == "better"  # the seeds' spread (0.05) is far larger, but every seed gains
+    assert qr.compare("char_lm", mine, ref)["verdict"] == "worse"  # bits per byte: lower is better
+    noisy = {s: {"value": v} for s, v in enumerate([0.95, 0.75, 0.85])}
+    assert qr.compare("digits_vit", noisy, ref)["verdict"] == "within noise"
