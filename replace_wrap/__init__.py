@@ -23,6 +23,7 @@ from .errors import (
     AnalysisError,
     BudgetError,
     ConfigError,
+    IntegrationError,
     MergeError,
     NotConvertedError,
     NothingToReplaceError,
@@ -32,9 +33,11 @@ from .errors import (
     StateDictError,
     TracingError,
 )
+from .integrations import peft as _peft  # noqa: F401  registers the attachment that guards PEFT-wrapped models
 from .integrations.fsdp import fsdp_units, shard
 from .io.checkpoint import from_pretrained, load, save
 from .io.guard import load_state_dict
+from .io import plain as _plain  # noqa: F401  registers the plain_state_dict attachment
 from .io.record import ConversionRecord, RecordedBlock
 from .report import BlockReport, ConversionReport
 from .selection.budget import Budget
@@ -71,6 +74,7 @@ __all__ = [
     "Every",
     "Filter",
     "Indices",
+    "IntegrationError",
     "IntegrationRule",
     "MergeError",
     "NotConvertedError",

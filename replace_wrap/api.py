@@ -17,7 +17,7 @@ from torch import nn
 from .config import ReplaceConfig
 from .errors import AlreadyConvertedError, ConfigError, MergeError, NotConvertedError, NothingToReplaceError, PolicyError
 from .integrations import optim
-from .report import ConversionReport, stored_report
+from .report import ConversionReport, converted_module, stored_report
 from .selection.policies import Every, Policy, PolicyLike, as_policy
 from .surgery import attachments, swap
 from .surgery.apply import apply_plan, restore_block, scalar_values, site_tensors, sites
@@ -128,20 +128,21 @@ def report(model: nn.Module) -> ConversionReport:
     Raises:
         NotConvertedError: If ``model`` was not converted.
     """
-    stored = stored_report(model)
+    holder = converted_module(model)
+    stored = None if holder is None else stored_report(holder)
     if stored is None:
         raise NotConvertedError(
             f"{type(model).__name__} has no conversion report: it was not converted with replace_wrap.convert "
             "(or was merged/reverted since). Use replace_wrap.plan(model) to preview a conversion."
         )
     out = dataclasses.replace(stored, blocks=[dataclasses.replace(b) for b in stored.blocks])
-    live = {path: site for path, _, site in sites(model)}
+    live = {path: site for path, _, site in sites(holder)}
     for b in out.blocks:
         if b.status == "replaced" and b.path in live:
             b.scalars = scalar_values(live[b.path])
     # Counted on the live model, not at conversion: weights tied after convert (Hugging Face ties embeddings
     # after construction, so from_pretrained converts before tying), or frozen since, change the count.
-    out.trainable_after = trainable_count(model)
+    out.trainable_after = trainable_count(holder)
     added = sum(p.numel() for s in live.values() for p in s.parameters() if p.requires_grad)
     out.trainable_before = out.trainable_after - added + sum(b.params_saved for b in out.replaced)
     return out

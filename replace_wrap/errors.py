@@ -12,6 +12,7 @@ __all__ = [
     "AnalysisError",
     "BudgetError",
     "ConfigError",
+    "IntegrationError",
     "MergeError",
     "NotConvertedError",
     "NothingToReplaceError",
@@ -77,3 +78,8 @@ class MergeError(ReplaceWrapError, RuntimeError):
 
 class StateDictError(ReplaceWrapError, RuntimeError):
     """A state dict does not fit the model (converted vs. unconverted)."""
+
+
+class IntegrationError(ReplaceWrapError, RuntimeError):
+    """A library combined with a converted model (PEFT, ...) is used in a way that would not give the trained
+    function; the message names the supported recipe."""

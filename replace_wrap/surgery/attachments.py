@@ -79,9 +79,11 @@ def attach_all(model: nn.Module, report: Any) -> None:
 
 
 def detach_all(model: nn.Module) -> None:
-    """Remove every attachment from ``model``, in reverse order."""
-    for a in reversed(list(_ATTACHMENTS.values())):
-        a.detach(model)
+    """Remove every attachment from ``model`` (and from the converted module it wraps), in reverse order."""
+    holders = [model] + [m for m in model.modules() if m is not model and REPORT_ATTR in m.__dict__]
+    for holder in holders:
+        for a in reversed(list(_ATTACHMENTS.values())):
+            a.detach(holder)
 
 
 def _forget_report(model: nn.Module) -> None:
