@@ -39,6 +39,7 @@ from .io.checkpoint import from_pretrained, load, save
 from .io.guard import load_state_dict
 from .io import plain as _plain  # noqa: F401  registers the plain_state_dict attachment
 from .io.record import ConversionRecord, RecordedBlock
+from .observe import print_trainable_parameters, scalars
 from .report import BlockReport, ConversionReport
 from .selection.budget import Budget
 from .selection.policies import AllOf, AnyOf, Every, Filter, Indices, Paths, Pattern, Policy
@@ -101,11 +102,13 @@ __all__ = [
     "load_state_dict",
     "merge",
     "plan",
+    "print_trainable_parameters",
     "register_layer_kernel",
     "register_leaf_module",
     "register_rule",
     "report",
     "revert",
     "save",
+    "scalars",
     "shard",
 ]
