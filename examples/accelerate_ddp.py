@@ -7,7 +7,6 @@ checkpoint of the original architecture (the replaced tensors' synthesized value
 
     python examples/accelerate_ddp.py                                             # one process
     torchrun --nproc_per_node 2 examples/accelerate_ddp.py                        # DDP, 2 CPU processes
-    accelerate launch --cpu --num_processes 2 examples/accelerate_ddp.py          # the same with accelerate
     python examples/accelerate_ddp.py --steps 6 --out /tmp/acc                    # save states to compare
 
 With ``--out`` the run saves its state with ``accelerator.save_state`` half-way, then loads it back into

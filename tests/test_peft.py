@@ -174,3 +174,35 @@ def test_recipe_example(tmp_path):
     assert result["diffs"]["replace_wrap.integrations.peft.from_pretrained"] == 0.0
     assert result["diffs"]["PeftModel.from_pretrained (plain base)"] == 0.0
     assert result["diffs"]["merge_and_unload"] <= TOL["merge"]
+
+
+def test_trainer_saves_the_adapter_with_scalars_and_resumes_exactly(tmp_path):
+    from transformers import Trainer, TrainingArguments
+
+    def make(seed: int) -> torch.nn.Module:
+        model = rw_peft.get_peft_model(replace_wrap.convert(llama(), every=2), lora())
+        g = torch.Generator().manual_seed(seed)
+        with torch.no_grad():  # the trainable tensors start elsewhere for each seed
+            for p in model.parameters():
+                if p.requires_grad:
+                    p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+        return model
+
+    def fit(model, out, resume=None):
+        g = torch.Generator().manual_seed(7)
+        data = [{"input_ids": (x := torch.randint(0, 64, (8,), generator=g)), "labels": x} for _ in range(16)]
+        args = TrainingArguments(
+            output_dir=str(out), per_device_train_batch_size=4, learning_rate=1e-2, report_to="none",
+            save_steps=2, use_cpu=True, disable_tqdm=True, seed=0, max_steps=4,
+        )
+        Trainer(model=model, args=args, train_dataset=data).train(resume_from_checkpoint=resume)
+
+    first = make(0)
+    fit(first, tmp_path / "a")
+    checkpoint = tmp_path / "a" / "checkpoint-2"
+    assert (checkpoint / "replace_wrap.json").is_file()  # Trainer saved through the prepared save_pretrained
+    second = make(1)
+    fit(second, tmp_path / "b", resume=str(checkpoint))  # PEFT's load_adapter into the prepared model
+    sa, sb = first.state_dict(), second.state_dict()
+    assert list(sa) == list(sb) and all(torch.equal(sa[k], sb[k]) for k in sa)
+    assert all(p.requires_grad for n, p in second.named_parameters() if ".replacement." in n)

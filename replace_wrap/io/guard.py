@@ -62,7 +62,13 @@ def load_state_dict(model: nn.Module, state_dict: Mapping[str, Any], strict: boo
         >>> import torch, replace_wrap
         >>> def make():
         ...     return torch.nn.Sequential(*[torch.nn.Linear(4, 4) for _ in range(5)])
-        >>> sd = replace_wrap.convert(make(), every=2).state_dict()
+        >>> net = replace_wrap.convert(make(), every=2)
+        >>> plain = make()
+        >>> _ = replace_wrap.load_state_dict(plain, net.state_dict())  # carries the replaced tensors' values
+        >>> x = torch.randn(2, 4)
+        >>> torch.allclose(plain(x), net(x))
+        True
+        >>> sd = replace_wrap.convert(make(), every=2, plain_state_dict=False).state_dict()
         >>> replace_wrap.load_state_dict(make(), sd)
         Traceback (most recent call last):
         ...
