@@ -238,7 +238,8 @@ def _subclass(base: type, mixin: type) -> type:
         return base
     cls = _SUBCLASSES.get((base, mixin))
     if cls is None:
-        # Same name; another qualname, so that pickling fails loudly instead of dropping the mixin.
+        # Same name and qualname: pickle finds the base class under that name, sees another object and refuses
+        # loudly instead of silently dropping the mixin (deepcopy works).
         cls = type(base.__name__, (mixin, base), {"__module__": base.__module__})
         _SUBCLASSES[(base, mixin)] = cls
     return cls
