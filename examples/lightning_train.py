@@ -93,7 +93,6 @@ def fit(args: argparse.Namespace, root: Path, ckpt_path: str | None = None) -> t
         log_every_n_steps=1,
         enable_progress_bar=False,
         enable_model_summary=False,
-        deterministic=True,
     )
     trainer.fit(module, digits(args.limit), ckpt_path=ckpt_path)
     return trainer, module

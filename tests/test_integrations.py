@@ -229,7 +229,12 @@ def _check_accelerate_run(out, ranks: int) -> None:
 def test_accelerate_prepare_trains_and_resumes(tmp_path, one_thread):
     pytest.importorskip("accelerate")
     pytest.importorskip("sklearn")
-    result = _example("accelerate_ddp.py").main(["--steps", "6", "--out", str(tmp_path)])
+    from accelerate.state import AcceleratorState
+
+    try:
+        result = _example("accelerate_ddp.py").main(["--steps", "6", "--out", str(tmp_path)])
+    finally:
+        AcceleratorState._reset_state(True)  # the Accelerator's state is a process-wide singleton
     assert result["world"] == 1 and result["losses"][-1] < result["losses"][0]
     _check_accelerate_run(tmp_path, 1)
 
