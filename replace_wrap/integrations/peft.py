@@ -45,7 +45,7 @@ from ..errors import IntegrationError, NotConvertedError, StateDictError
 from ..report import ConversionReport, converted_module
 from ..surgery.apply import located_tensors, sites
 from ..surgery.attachments import register_attachment
-from ..surgery.site import ReplacementSite
+from ..surgery.site import SITE_ATTR, ReplacementSite
 from ..io.record import RECORD_FILE, ConversionRecord, read_record
 
 __all__ = ["from_pretrained", "get_peft_model", "prepare"]
@@ -144,7 +144,7 @@ def from_pretrained(model: nn.Module, directory: str | Path, *, is_trainable: bo
         record.apply(model)
     elif not ConversionRecord.of(holder).same_conversion(record):
         raise StateDictError(f"{type(model).__name__} is converted differently from the adapter in {d}")
-    wanted = {f"base_model.model.{b.path}.replacement." for b in record.blocks}
+    wanted = {f"base_model.model.{b.path}.{SITE_ATTR}." for b in record.blocks}
     saved = _adapter_keys(d)
     if saved is not None and not all(any(k.startswith(w) for k in saved) for w in wanted):
         raise StateDictError(
@@ -198,7 +198,7 @@ def _add_conversion(peft_model: nn.Module, holder: nn.Module, d: Path) -> None:
     extra: dict[str, torch.Tensor] = {}
     with torch.no_grad():
         for path, block, site in sites(peft_model):
-            extra.update({f"{path}.replacement.{k}": v.detach() for k, v in site.state_dict().items()})
+            extra.update({f"{path}.{SITE_ATTR}.{k}": v.detach() for k, v in site.state_dict().items()})
             for key, layer, name in located_tensors(block, site):
                 extra[f"{path}.{key}"] = getattr(layer, name).detach()
     safe = d / "adapter_model.safetensors"
