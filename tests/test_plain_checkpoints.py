@@ -155,3 +155,17 @@ dist.destroy_process_group()
     proc = run_python("-c", code, timeout=120)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "NOSYNTH SCALARS" in proc.stdout
+
+
+def test_checkpoint_sizes_example():
+    pytest.importorskip("transformers")
+    import importlib.util
+
+    from conftest import ROOT
+
+    spec = importlib.util.spec_from_file_location("checkpoint_sizes", ROOT / "examples" / "checkpoint_sizes.py")
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    for row in example.main(["--small"]):
+        # the plain-loadable checkpoint is the original one plus a few scalars; the converted-only one smaller
+        assert abs(row["plain"] - row["original"]) < 0.01 and row["converted_only"] < 0.9 * row["original"]
