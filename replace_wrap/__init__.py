@@ -24,6 +24,7 @@ from .errors import (
     BudgetError,
     CompatibilityError,
     ConfigError,
+    IntegrationError,
     MergeError,
     NotConvertedError,
     NothingToReplaceError,
@@ -33,10 +34,13 @@ from .errors import (
     StateDictError,
     TracingError,
 )
+from .integrations import peft as _peft  # noqa: F401  registers the attachment that guards PEFT-wrapped models
 from .integrations.fsdp import fsdp_units, shard
 from .io.checkpoint import from_pretrained, load, save
 from .io.guard import load_state_dict
+from .io import plain as _plain  # noqa: F401  registers the plain_state_dict attachment
 from .io.record import ConversionRecord, RecordedBlock
+from .observe import print_trainable_parameters, scalars
 from .report import BlockReport, ConversionReport
 from .selection.budget import Budget
 from .selection.policies import AllOf, AnyOf, Every, Filter, Indices, Paths, Pattern, Policy
@@ -73,6 +77,7 @@ __all__ = [
     "Every",
     "Filter",
     "Indices",
+    "IntegrationError",
     "IntegrationRule",
     "MergeError",
     "NotConvertedError",
@@ -99,11 +104,13 @@ __all__ = [
     "load_state_dict",
     "merge",
     "plan",
+    "print_trainable_parameters",
     "register_layer_kernel",
     "register_leaf_module",
     "register_rule",
     "report",
     "revert",
     "save",
+    "scalars",
     "shard",
 ]

@@ -18,7 +18,7 @@ from torch import nn
 from .config import ReplaceConfig
 from .errors import AlreadyConvertedError, ConfigError, MergeError, NotConvertedError, NothingToReplaceError, PolicyError
 from .integrations import optim
-from .report import BlockReport, ConversionReport, stored_report
+from .report import BlockReport, ConversionReport, converted_module, stored_report
 from .selection.policies import Every, Policy, PolicyLike, as_policy
 from .surgery import attachments, swap
 from .surgery.apply import apply_plan, restore_block, scalar_values, site_tensors, sites
@@ -127,21 +127,20 @@ def report(model: nn.Module) -> ConversionReport:
     """The report of a converted model, with the scalars' current values and live parameter counts.
 
     ``model`` may also be a module that holds the converted one (``report(hf_model)`` after
-    ``convert(hf_model.vit)``): block paths are then given from ``model``.
+    ``convert(hf_model.vit)``, a ``PeftModel``, a ``LightningModule``): block paths are then given from
+    ``model``, as ``model.get_submodule`` takes them.
 
     Raises:
-        NotConvertedError: If neither ``model`` nor exactly one module inside it was converted.
+        NotConvertedError: If neither ``model`` nor a module inside it was converted.
     """
-    stored, prefix = stored_report(model), ""
-    if stored is None:
-        inner = [(p, m) for p, m in model.named_modules() if p and stored_report(m) is not None]
-        if len(inner) == 1:
-            prefix, stored = f"{inner[0][0]}.", stored_report(inner[0][1])
+    holder = converted_module(model)
+    stored = None if holder is None else stored_report(holder)
     if stored is None:
         raise NotConvertedError(
             f"{type(model).__name__} has no conversion report: it was not converted with replace_wrap.convert "
             "(or was merged/reverted since). Use replace_wrap.plan(model) to preview a conversion."
         )
+    prefix = "" if holder is model else next(f"{p}." for p, m in model.named_modules() if m is holder)
     out = dataclasses.replace(stored, blocks=[_prefixed(b, prefix) for b in stored.blocks])
     live = {path: site for path, _, site in sites(model)}
     for b in out.blocks:
@@ -149,7 +148,7 @@ def report(model: nn.Module) -> ConversionReport:
             b.scalars = scalar_values(live[b.path])
     # Counted on the live model, not at conversion: weights tied after convert (Hugging Face ties embeddings
     # after construction, so from_pretrained converts before tying), or frozen since, change the count.
-    out.trainable_after = trainable_count(model)
+    out.trainable_after = trainable_count(holder)
     added = sum(p.numel() for s in live.values() for p in s.parameters() if p.requires_grad)
     out.trainable_before = out.trainable_after - added + sum(b.params_saved for b in out.replaced)
     return out
