@@ -33,6 +33,7 @@ from .errors import (
     TracingError,
 )
 from .integrations.fsdp import fsdp_units, shard
+from .integrations.fsdp_memory import FSDPMemory, fsdp_memory
 from .io.checkpoint import from_pretrained, load, save
 from .io.guard import load_state_dict
 from .io.record import ConversionRecord, RecordedBlock
@@ -69,6 +70,7 @@ __all__ = [
     "ConversionRecord",
     "ConversionReport",
     "Every",
+    "FSDPMemory",
     "Filter",
     "Indices",
     "IntegrationRule",
@@ -91,6 +93,7 @@ __all__ = [
     "__version__",
     "convert",
     "from_pretrained",
+    "fsdp_memory",
     "fsdp_units",
     "list_rules",
     "load",

@@ -25,6 +25,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..integrations import fsdp_synthesis
 from ..synthesis.adapt import adapt_pair
 from ..synthesis.layer_kernels import CACHE_PREFIX, SOURCES_ATTR, TensorSource, kernel_for
 
@@ -121,7 +122,11 @@ def _swapped_class(base: type, names: tuple[str, ...], recompute: bool = False) 
 
 def _synthesized(name: str) -> Any:
     def fget(self: nn.Module) -> torch.Tensor:
-        site, k, prev, nxt, prev_adapter, next_adapter = self.__dict__[SOURCES_ATTR][name]
+        src = self.__dict__[SOURCES_ATTR][name]
+        sharded = fsdp_synthesis.synthesize(self, name, src)  # FSDP2 units: from the neighbours' shards
+        if sharded is not None:
+            return sharded
+        site, k, prev, nxt, prev_adapter, next_adapter = src
         if prev_adapter is None and next_adapter is None:  # same shapes: no adapter call, nothing allocated
             return site.synthesize(k, getattr(prev, name), getattr(nxt, name))
         p = None if prev is None else getattr(prev, name)
