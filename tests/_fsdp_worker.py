@@ -26,7 +26,7 @@ import replace_wrap  # noqa: E402
 from replace_wrap.integrations.fsdp_measure import FSDPMeter, local_bytes  # noqa: E402
 
 STEPS = 3
-BATCH = 8
+BATCH = 12  # divisible by 2, 3 and 4 ranks
 
 
 # --- models: (model, blocks, batch(generator) -> full batch, loss(model, batch)) ------------------------------
@@ -230,6 +230,18 @@ def group_llama(mesh: Any, out: Path) -> dict:
 
     # 8. bad input: typed errors, the model left as it was
     res["errors"] = _errors(mesh)
+
+    # 9. the FSDP2 internals replace_wrap reads are where it reads them (fails loudly on a torch that moved them)
+    from replace_wrap.integrations import fsdp_state
+
+    try:
+        fsdp_state.check(model)
+        res["compat"] = "ok"
+    except replace_wrap.ReplaceWrapError as exc:
+        res["compat"] = str(exc)
+
+    # 10. HF Trainer with fsdp= on the CPU: what it really does with a converted model
+    res["trainer"] = _trainer(out)
     return res
 
 
@@ -281,6 +293,24 @@ def _dcp(mesh: Any, out: Path) -> dict:
             res[f"merged_plain_{how}"] = not any(isinstance(m, replace_wrap.ReplacementSite) for m in plain.modules())
     dist.barrier()
     return res
+
+
+def _trainer(out: Path) -> dict:
+    """Trainer(fsdp=...) on the CPU: Accelerate enables FSDP only on accelerators, so it trains with DDP."""
+    from transformers import Trainer, TrainingArguments
+
+    os.environ.update(RANK=str(dist.get_rank()), LOCAL_RANK=str(dist.get_rank()), WORLD_SIZE=str(dist.get_world_size()))
+    model, blocks, batch, loss_fn = llama()
+    replace_wrap.convert(model, every=2)
+    g = torch.Generator().manual_seed(0)
+    data = [{k: v[0] for k, v in batch(g).items()} for _ in range(4 * dist.get_world_size())]
+    args = TrainingArguments(output_dir=str(out / "trainer"), per_device_train_batch_size=2, max_steps=2, use_cpu=True,
+                             report_to=[], save_strategy="no", disable_tqdm=True,
+                             fsdp=True, fsdp_config={"version": 2, "transformer_layer_cls_to_wrap": ["LlamaDecoderLayer"]})
+    trainer = Trainer(model=model, args=args, train_dataset=data)
+    result = trainer.train()
+    return {"distributed_type": str(trainer.accelerator.distributed_type), "wrapped": type(trainer.model_wrapped).__name__,
+            "loss": result.training_loss}
 
 
 def _accelerate(ref: dict) -> dict:

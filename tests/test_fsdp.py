@@ -31,9 +31,10 @@ def _group(tmp_path_factory: pytest.TempPathFactory, group: str, world: int) -> 
     return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(world)]
 
 
-@pytest.fixture(scope="module")
-def llama2(tmp_path_factory):
-    return _group(tmp_path_factory, "llama", 2)
+@pytest.fixture(scope="module", params=[2, pytest.param(3, marks=pytest.mark.slow), pytest.param(4, marks=pytest.mark.slow)])
+def llama2(request, tmp_path_factory):
+    """The Llama group at world 2 (default run); 3 (uneven shards) and 4 behind ``slow``."""
+    return _group(tmp_path_factory, "llama", request.param)
 
 
 @pytest.fixture(scope="module")
@@ -63,13 +64,13 @@ def test_memory_scales_like_plain_fsdp(llama2):
         loop = res["loop"]
         # at no time more than root + 3 blocks unsharded (the replaced block's tensors, never the stack)
         assert loop["peak"] <= res["root_bytes"] + 3 * res["block_bytes"]
-        assert loop["peak"] <= res["e2e"]["peak"] + 64  # + the scalars' unit (padded over the ranks)
+        assert loop["peak"] <= res["e2e"]["peak"] + 2 * 4 * world  # + the scalars' unit (a, b padded to world)
         # each rank stores its share of the converted parameters, gradients and AdamW state; a replaced block
         # adds only its scalars (4 bytes each, held by rank 0) to what the frozen baseline trains
         assert 0 <= loop["local"]["params"] - res["freeze"]["local"]["grads"] <= 4 * 2 * 2
         assert loop["local"]["grads"] == loop["local"]["params"]
         assert loop["local"]["optimizer"] == 2 * loop["local"]["params"]
-        assert loop["local"]["params"] <= 1.05 * res["converted_bytes"] / world
+        assert loop["local"]["params"] <= 1.15 * res["converted_bytes"] / world  # torch.chunk rounds rows up
     assert sum(r["loop"]["local"]["params"] for r in llama2) == llama2[0]["converted_bytes"]
 
 
@@ -83,12 +84,13 @@ def test_memory_formula_is_what_fsdp_holds(llama2):
 
 
 def test_communication_is_that_of_end_to_end_fsdp(llama2):
+    world = len(llama2)
     for res in llama2:
         loop, e2e, freeze = res["loop"], res["e2e"], res["freeze"]
         # a replaced block gathers and reduce-scatters its synthesized tensors once, as an ordinary block does;
-        # the extra bytes are the scalars' own unit (a and b, padded to one element per rank)
-        assert e2e["gathered"] <= loop["gathered"] <= e2e["gathered"] + 64
-        assert e2e["reduced"] <= loop["reduced"] <= e2e["reduced"] + 32
+        # the extra bytes are the scalars' own unit (a and b of 2 blocks, padded to one element per rank)
+        assert e2e["gathered"] <= loop["gathered"] <= e2e["gathered"] + 2 * 2 * 2 * 4 * world  # fwd + bwd
+        assert e2e["reduced"] <= loop["reduced"] <= e2e["reduced"] + 2 * 2 * 4 * world
         # freeze gathers the frozen blocks as often but reduces nothing for them
         assert freeze["gathered"] == e2e["gathered"] and freeze["reduced"] < loop["reduced"]
 
@@ -125,6 +127,20 @@ def test_accelerate_fsdp2_auto_wrap(llama2):
     res = llama2[0]["accelerate"]
     _trained_like_reference(res, atol=1e-5)
     assert res["wrapped"] == ["FSDPLlamaDecoderLayer"] * 6
+
+
+def test_fsdp_private_state_is_where_replace_wrap_reads_it(llama2):
+    # a torch release that moves one of the FSDP2 internals listed in fsdp_state.PRIVATE_API fails here
+    assert llama2[0]["compat"] == "ok"
+
+
+def test_trainer_fsdp_args_on_cpu_fall_back_to_ddp(llama2):
+    # What stops HF Trainer(fsdp=...) from sharding here: Accelerate enables FSDP only on accelerators. The
+    # Trainer then trains the converted model with DDP (docs/distributed.md). If this starts to say FSDP, the
+    # Trainer path can be tested on the CPU: extend test_accelerate_fsdp2_auto_wrap to it.
+    res = llama2[0]["trainer"]
+    assert res["distributed_type"] == "DistributedType.MULTI_CPU" and res["wrapped"] == "DistributedDataParallel"
+    assert torch.isfinite(torch.tensor(res["loss"]))
 
 
 def test_read_between_steps_is_a_sharded_dtensor(llama2):

@@ -99,6 +99,12 @@ def _make_plan(leaf: nn.Module, name: str, src: TensorSource) -> Plan | None:
             "shard every block of a stack on the same mesh."
         )
     shard_dim, replicate_dims = _fsdp_placements(placements, leaf, name)
+    if ref.param.to_local().device.type != mesh.device_type:
+        raise ConfigError(
+            f"the neighbours of the replaced block after {site.prev_path!r} keep their shards on "
+            f"{ref.param.to_local().device.type} but communicate on {mesh.device_type} (an FSDP OffloadPolicy); "
+            "synthesizing from offloaded shards is not supported: drop offload_policy for the stack's blocks."
+        )
     local = (
         prev is not None
         and nxt is not None

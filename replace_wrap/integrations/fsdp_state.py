@@ -5,7 +5,7 @@ The sharded synthesis (:mod:`.fsdp_synthesis`) needs three facts FSDP2 keeps to 
 in (``FSDPParam.sharded_param``: when the unit is unsharded, ``module.<name>`` is the full tensor whose storage
 FSDP frees at reshard), and the unit's settings (mixed precision, ``reshard_after_forward``, the gradient
 divide factor). Every private name used is listed in :data:`PRIVATE_API` and checked by :func:`check`, which
-``tests/test_fsdp_compat.py`` runs: a torch release that renames one fails that test loudly, and at run time
+``tests/test_fsdp.py`` runs on a sharded model: a torch release that renames one fails that test loudly, and at run time
 the sharded synthesis raises :class:`~replace_wrap.ConfigError` naming the missing attribute instead of
 computing something else.
 """
@@ -41,18 +41,15 @@ __all__ = [
 # Set by fully_shard on every module whose parameters an FSDP unit manages (the unit's root included).
 MANAGED_FLAG = "_is_fsdp_managed_module"
 
-# (object, attribute) pairs of FSDP2 internals read here; check() verifies each on a live model.
-PRIVATE_API = (
-    ("torch.distributed._composable_state", "_module_state_mapping"),
-    ("FSDPState", "_fsdp_param_groups"),
-    ("FSDPParamGroup", "fsdp_params"),
-    ("FSDPParamGroup", "mp_policy"),
-    ("FSDPParamGroup", "post_forward_mesh_info"),
-    ("FSDPParamGroup", "gradient_divide_factor"),
-    ("FSDPParam", "_module_info"),
-    ("FSDPParam", "sharded_param"),
-    ("FSDPParam", "all_gather_outputs"),
-)
+# The FSDP2 internals read here, by owner; check() verifies each on a live model.
+PRIVATE_API = {
+    "torch.distributed._composable_state": ("_module_state_mapping",),
+    "FSDPState": ("_fsdp_param_groups",),
+    "FSDPParamGroup": ("fsdp_params", "mp_policy", "post_forward_mesh_info", "gradient_divide_factor", "comm_ctx"),
+    "FSDPCommContext": ("reduce_scatter_stream", "all_reduce_stream"),  # after the first forward
+    "FSDPParam": ("_module_info", "sharded_param", "all_gather_outputs"),
+    "ParamModuleInfo": ("module", "param_name", "shared_modules", "shared_param_names"),
+}
 
 
 @dataclass(frozen=True)
@@ -205,36 +202,43 @@ def unsharded_bytes(model: nn.Module | None = None) -> int:
 
 
 def wait_for_reduce(unit: Any) -> None:
-    """Make the current stream wait for the unit's pending reduce-scatter (accelerators only).
+    """Make the current stream wait for the unit's pending gradient reduction (accelerators only).
 
-    FSDP writes a unit's sharded gradients on its reduce-scatter stream; a gradient added to them from the
-    default stream (a coupled neighbour's) must not race that write. Nothing to do on the CPU.
+    FSDP writes a unit's sharded gradients on its reduce-scatter stream (the all-reduce stream under HSDP); a
+    gradient added to them from the current stream (a coupled neighbour's) must not race that write. Nothing
+    to do on the CPU.
     """
-    ctx = getattr(unit, "comm_ctx", None)
-    stream = getattr(ctx, "reduce_scatter_stream", None)
-    if stream is None or not torch.accelerator.is_available():
+    if not torch.accelerator.is_available():
         return
-    torch.accelerator.current_stream().wait_stream(stream)
+    ctx = _attr(unit, "comm_ctx")
+    for name in PRIVATE_API["FSDPCommContext"]:
+        stream = getattr(ctx, name, None)  # absent before the first forward: nothing pending then
+        device = getattr(stream, "device", None)
+        if device is not None and torch.device(device).type == torch.accelerator.current_accelerator().type:
+            torch.accelerator.current_stream().wait_stream(stream)
 
 
 def check(model: nn.Module) -> None:
-    """Raise :class:`~replace_wrap.ConfigError` unless every private attribute used here exists on ``model``'s units.
+    """Raise :class:`~replace_wrap.ConfigError` unless every attribute in :data:`PRIVATE_API` exists on ``model``'s units.
 
     ``model`` must have been passed to ``fully_shard``.
     """
-    units = [u for u in all_units() if any(_attr(fp, "_module_info").module in set(model.modules())
-                                           for fp in _attr(u, "fsdp_params"))]
+    mods = set(model.modules())
+    units = [u for u in all_units() if any(_attr(fp, "_module_info").module in mods for fp in _attr(u, "fsdp_params"))]
     if not units:
         raise ConfigError(_unsupported("no FSDP2 unit manages the model given to check()"))
     for unit in units:
-        for owner, name in PRIVATE_API[3:6]:
+        for name in PRIVATE_API["FSDPParamGroup"]:
             _attr(unit, name)
+        for name in PRIVATE_API["FSDPCommContext"]:
+            _attr(unit.comm_ctx, name)
         for fp in _attr(unit, "fsdp_params"):
-            for owner, name in PRIVATE_API[6:]:
+            for name in PRIVATE_API["FSDPParam"]:
                 _attr(fp, name)
-            info = _attr(fp, "_module_info")
-            for field in ("module", "param_name", "shared_modules", "shared_param_names"):
-                _attr(info, field)
+            for name in PRIVATE_API["ParamModuleInfo"]:
+                _attr(_attr(fp, "_module_info"), name)
+            if not isinstance(fp.sharded_param, nn.Parameter) or not hasattr(fp.sharded_param, "to_local"):
+                raise ConfigError(_unsupported("FSDPParam.sharded_param is no DTensor parameter"))
 
 
 def _attr(obj: Any, name: str) -> Any:
@@ -247,7 +251,7 @@ def _attr(obj: Any, name: str) -> Any:
 def _unsupported(what: str) -> str:
     return (
         f"replace_wrap's FSDP2 support does not know this torch {torch.__version__}: {what}. Sharding a "
-        "replaced block by itself needs FSDP2's per-parameter state; pin the torch version replace_wrap "
-        "supports, or group each replaced block with its neighbours in one unit "
-        "(fully_shard([model.layers[i - 1], model.layers[i], model.layers[i + 1]]))."
+        "replaced block by itself needs FSDP2's per-parameter state; use the torch version replace_wrap was "
+        "tested with (2.14), or shard each stack of blocks as one unit (fully_shard(list(model.layers), mesh=mesh)), in "
+        "which the replaced blocks read their neighbours unsharded."
     )
