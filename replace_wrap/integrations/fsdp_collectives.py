@@ -20,7 +20,7 @@ from torch import nn
 
 from . import fsdp_state
 
-__all__ = ["BeforeAccumulate", "Computed", "Gather", "GatherShards", "ScaleGrad", "in_backward", "live_bytes", "saved_tensor_hooks_active"]
+__all__ = ["Computed", "Gather", "GatherShards", "ScaleGrad", "in_backward", "live_bytes", "saved_tensor_hooks_active"]
 
 _OWNERS: weakref.WeakSet[torch.Tensor] = weakref.WeakSet()  # every full tensor gathered here (for live_bytes)
 
@@ -46,7 +46,30 @@ def _tracked() -> bool:
     return torch.is_grad_enabled() and not in_backward() and not saved_tensor_hooks_active()
 
 
-class Gather:
+class _Releasable:
+    """Full tensors (:attr:`owners`, each its own storage) released after the forward, refilled before the backward."""
+
+    owners: list[torch.Tensor]
+
+    def free(self) -> None:
+        """Release the full tensors' memory; autograd keeps the (now empty) tensor objects."""
+        for o in self.owners:
+            o.untyped_storage().resize_(0)
+
+    def regather(self) -> None:
+        """Refill the freed full tensors (when the gradient reaches the block, before the backward needs them)."""
+        if not self.owners or self.owners[0].untyped_storage().nbytes():
+            return
+        for o in self.owners:
+            o.untyped_storage().resize_(o.numel() * o.element_size())
+        with torch.no_grad(), torch.autograd._unsafe_preserve_version_counter(tuple(self.owners)):
+            self._refill()
+
+    def _refill(self) -> None:
+        raise NotImplementedError
+
+
+class Gather(_Releasable):
     """One all-gather of several dim-0 sharded tensors, its reduce-scatter, and the storage of the result.
 
     Args:
@@ -123,22 +146,11 @@ class Gather:
             off += pn
         return out
 
-    def free(self) -> None:
-        """Release the full tensors' memory; autograd keeps the (now empty) tensor objects."""
-        for o in self.owners:
-            o.untyped_storage().resize_(0)
-
-    def regather(self) -> None:
-        """Refill the freed full tensors from the shards (before the backward needs them)."""
-        if not self.owners or self.owners[0].untyped_storage().nbytes():
-            return
-        for o in self.owners:
-            o.untyped_storage().resize_(o.numel() * o.element_size())
-        with torch.no_grad(), torch.autograd._unsafe_preserve_version_counter(tuple(self.owners)):
-            self.run(self.recompute())
+    def _refill(self) -> None:
+        self.run(self.recompute())
 
 
-class Computed:
+class Computed(_Releasable):
     """A full tensor computed by ``fn`` from gathered neighbours (the slow path), under activation checkpointing.
 
     Only the local shards are kept for the backward: the checkpoint replays ``fn`` (gathering again) for the
@@ -161,21 +173,12 @@ class Computed:
             _OWNERS.add(out)
         return out
 
-    def free(self) -> None:
-        for o in self.owners:
-            o.untyped_storage().resize_(0)
-
-    def regather(self) -> None:
-        if not self.owners or self.owners[0].untyped_storage().nbytes():
-            return
-        (o,) = self.owners
-        o.untyped_storage().resize_(o.numel() * o.element_size())
+    def _refill(self) -> None:
         params = self.site._parameters
         kept = {n: params[n] for n in self.values}
         try:
             params.update(self.values)  # FSDP swaps a parameter's unsharded value in the same way
-            with torch.no_grad(), torch.autograd._unsafe_preserve_version_counter(o):
-                o.copy_(self.fn())
+            self.owners[0].copy_(self.fn())
         finally:
             params.update(kept)
         self.owners = []  # the consumers hold it until they have run
@@ -203,34 +206,22 @@ class GatherShards(torch.autograd.Function):
 
 
 class ScaleGrad(torch.autograd.Function):
-    """Identity whose backward multiplies the gradient by ``scale`` (a replaced block's scalars, on shards)."""
+    """Identity whose backward multiplies the gradient by ``scale`` (a replaced block's scalars, on shards).
 
-    @staticmethod
-    def forward(ctx: Any, x: torch.Tensor, scale: float) -> torch.Tensor:
-        ctx.scale = scale
-        return x.view_as(x)
-
-    @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
-        return grad * ctx.scale, None
-
-
-class BeforeAccumulate(torch.autograd.Function):
-    """Identity; in the backward, wait for FSDP's pending reduce-scatter of ``unit`` (accelerators).
-
-    A coupled neighbour's gradient flows into its sharded gradient, which FSDP writes on its reduce-scatter
-    stream; the accumulation must not race that write.
+    With a ``unit``, the backward first waits for FSDP's pending reduction of that unit (accelerators): a coupled
+    neighbour's gradient flows into its sharded gradient, which FSDP writes on its reduce-scatter stream.
     """
 
     @staticmethod
-    def forward(ctx: Any, x: torch.Tensor, unit: Any) -> torch.Tensor:
-        ctx.unit = unit
+    def forward(ctx: Any, x: torch.Tensor, scale: float, unit: Any = None) -> torch.Tensor:
+        ctx.scale, ctx.unit = scale, unit
         return x.view_as(x)
 
     @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
-        fsdp_state.wait_for_reduce(ctx.unit)
-        return grad, None
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:
+        if ctx.unit is not None:
+            fsdp_state.wait_for_reduce(ctx.unit)
+        return (grad if ctx.scale == 1 else grad * ctx.scale), None, None
 
 
 def _all_gather(out: torch.Tensor, inp: torch.Tensor, group: Any) -> None:

@@ -20,7 +20,7 @@ from ..synthesis.layer_kernels import CACHE_PREFIX, SOURCES_ATTR, TensorSource
 from ..synthesis.maths import mix
 from ..synthesis.rules import IntegrationRule, get_rule
 from . import fsdp_state
-from .fsdp_collectives import BeforeAccumulate, Gather, GatherShards
+from .fsdp_collectives import Gather, GatherShards, ScaleGrad
 from .fsdp_state import ShardedParam, UnitSettings
 
 __all__ = [
@@ -164,7 +164,7 @@ def local_mix(plan: Plan, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     if plan.src.site.detach:
         p, n = p.detach(), n.detach()
     else:
-        p, n = BeforeAccumulate.apply(p, plan.prev.unit), BeforeAccumulate.apply(n, plan.next.unit)
+        p, n = ScaleGrad.apply(p, 1.0, plan.prev.unit), ScaleGrad.apply(n, 1.0, plan.next.unit)
     return mix(a, b, p, n)
 
 
@@ -208,7 +208,7 @@ def synthesize_gathered(plan: Plan, settings: UnitSettings) -> torch.Tensor:
         if sp is None:  # a neighbour FSDP does not manage: its own full tensor
             return getattr(module, plan.name)
         local = sp.param.to_local()
-        local = local.detach() if site.detach else BeforeAccumulate.apply(local, sp.unit)
+        local = local.detach() if site.detach else ScaleGrad.apply(local, 1.0, sp.unit)
         own = fsdp_state.unit_settings(sp.unit)
         gather = Gather([sp.param.shape], *groups(plan), local.dtype, own.reduce_dtype, divide_factor(plan, own))
         (out,) = GatherShards.apply(gather, local)
