@@ -36,6 +36,7 @@ from .errors import (
 )
 from .integrations import peft as _peft  # noqa: F401  registers the attachment that guards PEFT-wrapped models
 from .integrations.fsdp import fsdp_units, shard
+from .integrations.fsdp_memory import FSDPMemory, fsdp_memory
 from .io.checkpoint import from_pretrained, load, save
 from .io.guard import load_state_dict
 from .io import plain as _plain  # noqa: F401  registers the plain_state_dict attachment
@@ -75,6 +76,7 @@ __all__ = [
     "ConversionRecord",
     "ConversionReport",
     "Every",
+    "FSDPMemory",
     "Filter",
     "Indices",
     "IntegrationError",
@@ -98,6 +100,7 @@ __all__ = [
     "__version__",
     "convert",
     "from_pretrained",
+    "fsdp_memory",
     "fsdp_units",
     "list_rules",
     "load",

@@ -18,6 +18,7 @@ from torch import nn
 from .config import ReplaceConfig
 from .errors import AlreadyConvertedError, ConfigError, MergeError, NotConvertedError, NothingToReplaceError, PolicyError
 from .integrations import optim
+from .integrations.fsdp_state import refuse_sharded
 from .report import BlockReport, ConversionReport, converted_module, stored_report
 from .selection.policies import Every, Policy, PolicyLike, as_policy
 from .surgery import attachments, swap
@@ -189,6 +190,7 @@ def merge(model: nn.Module, *, optimizers: Any = None) -> nn.Module:
         >>> sum(p.numel() for g in opt.param_groups for p in g["params"])  # every tensor of the plain model
         100
     """
+    refuse_sharded(model, "merge")  # FSDP2: each rank holds shards; gather first (issue 14)
     found = _require_sites(model, "merge")
     planned: list[tuple[str, nn.Module, ReplacementSite, list[tuple[nn.Module, str, torch.Tensor]]]] = []
     with torch.no_grad(), state_frozen():  # a rule's state (ema) is read as it is, never moved by the merge
@@ -220,6 +222,7 @@ def revert(model: nn.Module, *, optimizers: Any = None) -> nn.Module:
         NotConvertedError: If ``model`` has no replaced blocks.
         MergeError: If it was converted without ``keep_original=True``.
     """
+    refuse_sharded(model, "revert")
     found = _require_sites(model, "revert")
     missing = [path for path, _, site in found if not site.has_originals]
     if missing:
@@ -331,6 +334,7 @@ def _resolve_policy(every: Any, policy: PolicyLike | None) -> Policy:
 def _check_not_converted(model: nn.Module) -> None:
     if not isinstance(model, nn.Module):
         raise ConfigError(f"replace_wrap works on torch.nn.Module instances, got {type(model).__name__}")
+    refuse_sharded(model, "convert")  # FSDP2 shards: convert first, then shard (issue 14)
     for path, m in model.named_modules():
         if isinstance(m, ReplacementSite) or swap.is_swapped(m):
             raise AlreadyConvertedError(

@@ -15,6 +15,7 @@ from torch import nn
 
 from ..config import ReplaceConfig
 from ..errors import ConfigError
+from ..integrations.fsdp_state import held_values
 from ..synthesis.layer_kernels import SOURCES_ATTR, TensorSource
 from ..synthesis.rules import state_frozen
 from . import swap
@@ -61,8 +62,8 @@ def located_tensors(block: nn.Module, site: ReplacementSite) -> list[tuple[str, 
 
 def scalar_values(site: ReplacementSite) -> dict[str, list[float]]:
     """The site's current ``(a, b)`` as plain floats, for reports."""
-    a, b = site.coefficients()
-    return {"a": [float(v) for v in a.detach().float().flatten()], "b": [float(v) for v in b.detach().float().flatten()]}
+    a, b = (held_values(t.detach()) for t in site.coefficients())  # FSDP2 / meta: no collective, NaN if not here
+    return {"a": [float(v) for v in a.float().flatten()], "b": [float(v) for v in b.float().flatten()]}
 
 
 def apply_plan(model: nn.Module, plan: Plan, cfg: ReplaceConfig, undo: list[Callable[[], None]]) -> None:

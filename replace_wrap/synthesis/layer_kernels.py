@@ -38,6 +38,7 @@ import torch
 from torch import nn
 
 from ..errors import RegistryError
+from ..integrations.fsdp_state import is_managed
 from .kernels import mixed_conv, mixed_linear, reusable
 
 __all__ = [
@@ -224,6 +225,8 @@ def mix_source(layer: nn.Module, name: str = "weight", bias: str | None = "bias"
     site, k, prev_layer, next_layer = src.site, src.k, src.prev, src.next
     if not _same_shapes(src):  # a neighbour of another shape: the generic (adapted) path
         return None
+    if is_managed(prev_layer) or is_managed(next_layer):  # FSDP2 (integrations/fsdp_synthesis.py): the
+        return None  # neighbours may be sharded; the getter synthesizes from their shards, the generic path
     if not getattr(site, "fast_path", False) or not getattr(site, "linear_mix", False):
         return None
     index = site.index_of(k)  # the scalar set of the k-th synthesized tensor
