@@ -69,6 +69,16 @@ class Classifier(L.LightningModule):
     def configure_optimizers(self) -> torch.optim.Optimizer:
         return torch.optim.AdamW(self.parameters(), lr=self.hparams.lr)
 
+    # The default scalar-gradient estimator draws its sample from torch's generator, as dropout does. Lightning
+    # checkpoints do not hold the generator's state; these two hooks add it, so a resumed run draws the very
+    # samples the uninterrupted run drew (without them it continues with other, equally unbiased samples).
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["torch_rng_state"] = torch.get_rng_state()
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        if "torch_rng_state" in checkpoint:
+            torch.set_rng_state(checkpoint["torch_rng_state"])
+
 
 def digits(limit: int) -> torch.utils.data.DataLoader:
     from sklearn.datasets import load_digits

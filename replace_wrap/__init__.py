@@ -35,6 +35,7 @@ from .errors import (
     TracingError,
 )
 from .integrations import peft as _peft  # noqa: F401  registers the attachment that guards PEFT-wrapped models
+from .integrations.decay import param_groups
 from .integrations.fsdp import fsdp_units, shard
 from .integrations.fsdp_memory import FSDPMemory, fsdp_memory
 from .io.checkpoint import from_pretrained, load, save
@@ -42,7 +43,7 @@ from .io.guard import load_state_dict
 from .io import plain as _plain  # noqa: F401  registers the plain_state_dict attachment
 from .io.record import ConversionRecord, RecordedBlock
 from .observe import print_trainable_parameters, scalars
-from .report import BlockReport, ConversionReport
+from .report import BlockReport, ConversionReport, LayerRoute
 from .selection.budget import Budget
 from .selection.policies import AllOf, AnyOf, Every, Filter, Indices, Paths, Pattern, Policy
 from .selection.similarity import Similarity
@@ -81,6 +82,7 @@ __all__ = [
     "Indices",
     "IntegrationError",
     "IntegrationRule",
+    "LayerRoute",
     "MergeError",
     "NotConvertedError",
     "NothingToReplaceError",
@@ -106,6 +108,7 @@ __all__ = [
     "load",
     "load_state_dict",
     "merge",
+    "param_groups",
     "plan",
     "print_trainable_parameters",
     "register_layer_kernel",

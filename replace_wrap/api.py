@@ -17,9 +17,9 @@ from torch import nn
 
 from .config import ReplaceConfig
 from .errors import AlreadyConvertedError, ConfigError, MergeError, NotConvertedError, NothingToReplaceError, PolicyError
-from .integrations import optim
+from .integrations import decay, optim
 from .integrations.fsdp_state import refuse_sharded
-from .report import BlockReport, ConversionReport, converted_module, stored_report
+from .report import BlockReport, ConversionReport, LayerRoute, converted_module, stored_report
 from .selection.policies import Every, Policy, PolicyLike, as_policy
 from .surgery import attachments, swap
 from .surgery.apply import apply_plan, restore_block, scalar_values, site_tensors, sites
@@ -95,7 +95,10 @@ def convert(
             [(f"{t.candidate.path}.{SITE_ATTR}.{n}", p) for n, p in t.candidate.block.get_submodule(SITE_ATTR).named_parameters()]
             for t in planned.targets
         ]
-        optim.rebind(opts, list(zip(removed, added)))
+        optim.rebind(opts, list(zip(removed, added)))  # the scalars join no decayed group
+    # Optimizers built later follow the usual no-decay conventions for the scalars (see integrations.decay).
+    decay.exclude_from_trainer_decay()
+    decay.watch_optimizers()
     _tell(planned, cfg)
     return model
 
@@ -253,12 +256,14 @@ def _unconvert(
     for _, block, site, tensors in planned:
         restore_block(block, site, tensors)
     if opts:
-        restored = []
+        restored, layers = [], {}
         for path, block, site, tensors in planned:
             prefix = f"{path}." if path else ""
             names = [f"{prefix}{rel}" for rel in site.tensor_names]
             restored.append([(n, getattr(layer, name)) for n, (layer, name, _) in zip(names, tensors)])
-        optim.rebind(opts, list(zip(scalars, restored)))
+            layers.update({n: layer for n, (layer, _, _) in zip(names, tensors)})
+        # restored tensors that decay by the usual convention go back to a decayed group (see optim.rebind)
+        optim.rebind(opts, list(zip(scalars, restored)), lambda n, p: decay.decays(n, p, layers[n]))
     _forget(model)
 
 
@@ -290,6 +295,7 @@ def _tell(planned: Plan, cfg: ReplaceConfig) -> None:
             "replace_wrap.convert: %d selected block(s) could not be replaced and stay as they are: %s%s. "
             "replace_wrap.report(model) lists every block.", len(rep.skipped), shown, more,
         )
+    _tell_routes(planned, cfg)
     if cfg.recompute:
         with_stats = sorted({
             t.candidate.path for t in planned.targets for m in t.candidate.block.modules()
@@ -303,6 +309,44 @@ def _tell(planned: Plan, cfg: ReplaceConfig) -> None:
                 UserWarning,
                 stacklevel=3,
             )
+
+
+def _tell_routes(planned: Plan, cfg: ReplaceConfig) -> None:
+    """Say which replaced layers do not take the sampled fast path, so that no option is silently ignored."""
+    rep = planned.report
+    routes = [(b.path, r) for b in rep.replaced for r in b.layers]
+    summary = rep.layer_summary()
+    if summary:
+        logger.info("replace_wrap.convert: %s", summary)
+
+    def kinds(found: list[tuple[str, LayerRoute]]) -> str:
+        shown = sorted({f"{r.layer} ({r.route}: {r.estimator})" for _, r in found})
+        path, r = found[0]
+        return "; ".join(shown) + f"; e.g. {path}{'.' if r.path else ''}{r.path}"
+
+    # Layers holding a matrix pay a full weight-gradient product per step for an exact scalar gradient: those
+    # are named. Norm layers' per-channel tensors cost next to nothing that way and are only in the report.
+    heavy = {
+        (t.candidate.path, f.layer_path) for t in planned.targets for f in t.candidate.match.synthesized
+        if len(f.shape) >= 2
+    }
+    if isinstance(cfg.ab_grad_sample, float):  # an explicit fraction: every layer it cannot apply to is named
+        exact = [(p, r) for p, r in routes if (p, r.path) in heavy and not r.estimator.startswith("sampled")]
+        if exact:
+            logger.warning(
+                "replace_wrap.convert: ab_grad_sample=%r does not apply to %d of %d replaced layers with weight "
+                "matrices, which take the exact scalar gradient: %s. replace_wrap.report(model) lists each layer.",
+                cfg.ab_grad_sample, len(exact), len(routes), kinds(exact),
+            )
+        return
+    costly = [(path, r) for path, r in routes if r.generic and (path, r.path) in heavy]
+    if costly and cfg.fast_path:
+        logger.warning(
+            "replace_wrap.convert: %d replaced layer(s) with weight matrices take the generic path (a full weight "
+            "gradient per step, exact scalar gradient): %s. Register a layer kernel for them "
+            "(replace_wrap.register_layer_kernel) to take the fast path; replace_wrap.report(model) lists each "
+            "layer's path.", len(costly), kinds(costly),
+        )
 
 
 def _forget(model: nn.Module) -> None:

@@ -12,9 +12,11 @@ from typing import Any
 
 from .errors import ConfigError, RegistryError
 
-__all__ = ["ReplaceConfig", "current_config", "using_config"]
+__all__ = ["CONFIG_VERSION", "ReplaceConfig", "current_config", "using_config"]
 
 _SCALARS = ("block", "tensor")
+# 2: ab_grad_sample may be "auto", its new default (version 1, replace_wrap 0.1 and 0.2: None, exact, by default).
+CONFIG_VERSION = 2
 _NEIGHBOUR_GRAD = ("detached", "coupled")
 
 
@@ -37,15 +39,27 @@ class ReplaceConfig:
             counterpart contributes zeros, and a tensor without a counterpart on either side stays the
             block's own parameter. ``False``: a block is only replaced when both neighbours supply every
             tensor with exactly its shape (otherwise it is skipped).
-        fast_path: Compute the ``nn.Linear`` and ``nn.Conv1d/2d/3d`` layers of replaced blocks with a custom
-            backward that takes the input gradient as a frozen layer would plus the scalars' gradient, without
-            a weight-gradient product (see :mod:`replace_wrap.leaves`). ``False``: every tensor goes through
-            ordinary autograd (the reference path). Outputs are the same either way.
-        ab_grad_sample: ``None`` (default): the scalars' gradient is exact. A fraction in ``(0, 1)``: estimate
-            it from that fraction of the rows (tokens of a linear layer, batch items of a convolution), drawn
-            uniformly each step and rescaled, so it is unbiased; cheaper in time and memory. Needs
-            ``fast_path=True``; with ``neighbour_grad="coupled"`` the gradient stays exact (the neighbours
-            need the full weight gradient anyway). ``1.0`` is the same as ``None``.
+        fast_path: Compute the layers of replaced blocks that have a layer kernel (``nn.Linear``,
+            ``nn.Conv1d/2d/3d``, Hugging Face ``Conv1D``, and any registered with
+            :func:`replace_wrap.register_layer_kernel`) with a custom backward that takes the input gradient as
+            a frozen layer would plus the scalars' gradient, without a weight-gradient product.
+            ``False``: every tensor goes through ordinary autograd (the reference path). Outputs are the same
+            either way.
+        ab_grad_sample: How layers with a layer kernel (``nn.Linear``, ``nn.Conv1d/2d/3d``, Hugging Face
+            ``Conv1D``) take the scalars' gradient. ``"auto"`` (default): each step, of a layer's ``N`` units
+            (rows of a linear layer's input, output positions of a convolution: batch items times spatial
+            positions) ``m = max(16, ceil(N / 64))`` are drawn uniformly and the sum over them is rescaled by
+            ``N / m``, an unbiased estimate; a layer with ``N <= 16`` units takes the exact gradient. Its
+            variance is ``N^2 (1/m - 1/N) S^2`` (``S^2``: the variance of the units' terms), so the relative
+            standard error is at most ``cv / sqrt(16) = cv / 4`` (``cv``: the terms' coefficient of variation) and the
+            variance added to the exact sum at most ``63`` times that sum's own unit-to-unit variance (see
+            :mod:`replace_wrap.synthesis.estimators`). The cost is one thin product of ``m`` units instead of a
+            full weight gradient. ``"exact"`` or ``None``: the exact gradient from every unit (``None`` is how
+            it is stored, and what configs written by replace_wrap 0.1/0.2 mean by it). A fraction in ``(0, 1)``:
+            ``m = ceil(f * N)`` units (no minimum); ``1.0`` is exact. A fraction needs ``fast_path=True``;
+            with ``neighbour_grad="coupled"`` the gradient stays exact (the neighbours need the full weight
+            gradient anyway). Layers without a kernel take the exact gradient through autograd:
+            :func:`replace_wrap.report` lists each replaced layer's path and estimator.
         recompute: Keep only the inputs of each replaced block for the backward and recompute the block
             there (``torch.utils.checkpoint``): less memory than freezing the block, one more forward of it.
             As with any checkpointing, BatchNorm statistics of the block update in both passes.
@@ -70,10 +84,10 @@ class ReplaceConfig:
     init: tuple[float, float] = (0.5, 0.5)
     adapt_shapes: bool = True
     fast_path: bool = True
-    ab_grad_sample: float | None = None
+    ab_grad_sample: float | str | None = "auto"
     recompute: bool = False
     plain_state_dict: bool = True
-    version: int = 1
+    version: int = CONFIG_VERSION
 
     def __post_init__(self) -> None:
         from .synthesis.rules import get_rule  # late: the rule registry is filled when synthesis is imported
@@ -104,20 +118,27 @@ class ReplaceConfig:
             if not isinstance(getattr(self, flag), bool):
                 raise ConfigError(f"{flag} must be True or False, got {getattr(self, flag)!r}")
         self._check_sample()
-        if self.version != 1:
+        if self.version != CONFIG_VERSION:
             raise ConfigError(
-                f"config version {self.version!r} is not supported by this replace_wrap (supports 1); "
-                "upgrade replace_wrap to read it"
+                f"config version {self.version!r} is not supported by this replace_wrap (supports "
+                f"{CONFIG_VERSION}; ReplaceConfig.from_dict reads version 1 too); upgrade replace_wrap to read it"
             )
 
     def _check_sample(self) -> None:
         sample = self.ab_grad_sample
-        if sample is None:
+        if sample is None or sample == "auto":
+            return
+        if sample == "exact":
+            object.__setattr__(self, "ab_grad_sample", None)  # stored as None, as 0.1/0.2 configs store it
             return
         if isinstance(sample, bool) or not isinstance(sample, (int, float)) or not 0.0 < sample <= 1.0:
             raise ConfigError(
-                f"ab_grad_sample must be None (exact) or a fraction in (0, 1], got {sample!r}; e.g. 1/16"
+                f"ab_grad_sample must be 'auto', 'exact' (or None) or a fraction in (0, 1], got {sample!r}; "
+                "e.g. 1/16"
             )
+        if float(sample) == 1.0:
+            object.__setattr__(self, "ab_grad_sample", None)
+            return
         if not self.fast_path:
             raise ConfigError(
                 f"ab_grad_sample={sample!r} needs fast_path=True (the generic path always computes the exact "
@@ -139,6 +160,11 @@ class ReplaceConfig:
         data = dict(data)
         if "init" in data:
             data["init"] = tuple(data["init"])
+        if data.get("version", 1) == 1:
+            # Version 1 (replace_wrap 0.1/0.2) defaulted to the exact scalar gradient: a record without the
+            # field meant exact, and null still does. Migrated to the current version with that meaning kept.
+            data.setdefault("ab_grad_sample", None)
+            data["version"] = CONFIG_VERSION
         return cls(**data)
 
 

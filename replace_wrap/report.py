@@ -10,9 +10,35 @@ from torch import nn
 
 from .config import ReplaceConfig
 
-__all__ = ["REPORT_ATTR", "BlockReport", "ConversionReport", "converted_module", "stored_report"]
+__all__ = ["REPORT_ATTR", "BlockReport", "ConversionReport", "LayerRoute", "converted_module", "stored_report"]
 
 REPORT_ATTR = "_replace_wrap_report"  # where a converted model keeps its report (see surgery.attachments)
+
+
+@dataclass
+class LayerRoute:
+    """How one layer of a replaced block computes: its forward path and its scalar-gradient estimator.
+
+    Attributes:
+        path: Path of the layer inside the block (``""`` for the block itself).
+        layer: The layer's class name.
+        tensors: Its synthesized tensors.
+        route: ``"kernel 'NAME'"`` (a layer kernel computes it with the lean backward) or ``"generic"``
+            (ordinary autograd through the synthesized tensors: a full weight gradient per step).
+        estimator: ``dL/da, dL/db`` in words: ``exact ...`` or ``sampled: ...`` with the rule, and for the
+            generic path why no kernel serves the layer.
+    """
+
+    path: str
+    layer: str
+    tensors: tuple[str, ...]
+    route: str
+    estimator: str
+
+    @property
+    def generic(self) -> bool:
+        """Whether the layer takes the generic path."""
+        return self.route == "generic"
 
 
 @dataclass
@@ -35,6 +61,9 @@ class BlockReport:
             module, or, with shape adaptation, without a usable counterpart in either neighbour).
         adapted: ``(path, how)`` of the synthesized tensors whose neighbour tensors are shape-adapted, e.g.
             ``("conv1.weight", "prev: as is; next: slice dim 0 128->64")``.
+        layers: For a replaced block, each layer holding synthesized tensors with its path and estimator
+            (:class:`LayerRoute`), as decided at conversion (a kernel registered later serves too; a kernel may
+            still decline single calls, e.g. under ``torch.no_grad``).
     """
 
     stack: str
@@ -49,6 +78,7 @@ class BlockReport:
     synthesized: tuple[str, ...] = ()
     kept_tensors: tuple[tuple[str, str], ...] = ()
     adapted: tuple[tuple[str, str], ...] = ()
+    layers: tuple[LayerRoute, ...] = ()
 
     @property
     def fused(self) -> tuple[str, ...]:
@@ -98,6 +128,26 @@ class ConversionReport:
             f"{_human(self.trainable_before)} ({100 * self.trainable_ratio:.1f}%); analysis: {self.route}"
         )
 
+    def layer_summary(self) -> str:
+        """One line on the replaced layers' paths and estimators, e.g. ``20 on kernels (linear x20: sampled ...)``."""
+        groups: dict[tuple[str, str, str], int] = {}
+        for b in self.replaced:
+            for r in b.layers:
+                key = (r.route, r.layer, r.estimator)
+                groups[key] = groups.get(key, 0) + 1
+        if not groups:
+            return ""
+        fast = [(k, n) for k, n in groups.items() if k[0] != "generic"]
+        slow = [(k, n) for k, n in groups.items() if k[0] == "generic"]
+        parts = []
+        if fast:
+            parts.append(f"{sum(n for _, n in fast)} on layer kernels (" + "; ".join(
+                f"{layer} x{n}: {est}" for (_, layer, est), n in fast) + ")")
+        if slow:
+            parts.append(f"{sum(n for _, n in slow)} on the generic path (" + "; ".join(
+                f"{layer} x{n}: {est}" for (_, layer, est), n in slow) + ")")
+        return "replaced layers: " + ", ".join(parts)
+
     def to_dict(self) -> dict[str, Any]:
         """Plain-JSON form."""
         d = dataclasses.asdict(self)
@@ -117,7 +167,8 @@ class ConversionReport:
         widths = [max(len(r[i]) for r in rows) for i in range(len(header) - 1)]
         lines = ["  ".join(c.ljust(w) for c, w in zip(r[:-1], widths)) + "  " + r[-1] for r in rows]
         lines.insert(1, "  ".join("-" * w for w in widths) + "  " + "-" * len(header[-1]))
-        tail = [self.summary()] + [f"note: {n}" for n in self.notes]
+        routes = self.layer_summary()
+        tail = [self.summary()] + ([routes] if routes else []) + [f"note: {n}" for n in self.notes]
         return "\n".join([*lines, *tail])
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import pathlib
+import statistics
 
 import pytest
 
@@ -49,7 +50,8 @@ def test_bench_json_end_to_end(toys_importable, capsys):
         assert row["saved_mib"] > 0
         # paired: every training variant timed in one process, as many steps as all its rounds together
         assert len(result["paired"][row["variant"]]["step_ms"]) == 2
-        assert row["vs_freeze"]["paired"] == pytest.approx(row["paired_ms"]["median"] / rows["freeze"]["paired_ms"]["median"])
+        steps = zip(result["paired"][row["variant"]]["step_ms"], result["paired"]["freeze"]["step_ms"])
+        assert row["vs_freeze"]["paired"] == pytest.approx(statistics.median(a / b for a, b in steps))
     assert rows["replace-sampled"]["convert_s"] is not None and rows["freeze"]["convert_s"] is None
     assert rows["freeze"]["vs_freeze"]["step"] == 1.0 and rows["end-to-end"]["vs_end_to_end"]["peak"] == 1.0
     assert len(result["loadavg"]) == len(variants.split(",")) + 1  # + the paired process
@@ -74,6 +76,7 @@ def test_bench_reports_child_failure(toys_importable):
         (["--set", "depth"], "--set expects KEY=VALUE"),
         (["--input-shape", "8,x"], "--input-shape expects comma-separated integers, got '8,x'"),
         (["--sample", "2"], "--sample must be a fraction in \\(0, 1\\], got 2.0"),
+        (["--child-env", "NOVALUE"], "--child-env expects KEY=VALUE, got 'NOVALUE'"),
     ],
 )
 def test_bench_argument_errors(argv, message, capsys):
@@ -87,3 +90,19 @@ def test_build_model_errors_name_the_spec():
     with pytest.raises(BenchError, match="cannot load 'no_such_module_xyz:f'.*package.module:factory"):
         build_model("no_such_module_xyz:f", 32, 10, {})
     assert issubclass(BenchError, ReplaceWrapError)
+
+
+def test_hf_decoder_specs_build_causal_lms_fed_with_tokens():
+    pytest.importorskip("transformers")
+    import torch
+
+    from replace_wrap.cli.bench_child import _loss, example_input
+
+    model = build_model("hf:gpt2", 32, 10, {"n_layer": 3, "n_embd": 16, "n_head": 2, "vocab_size": 50})
+    assert type(model).__name__ == "GPT2LMHeadModel"
+    x = example_input(model, {"batch": 2, "seq": 7, "input_shape": [3, 32, 32]}, "cpu")
+    assert x.dtype == torch.long and x.shape == (2, 7) and int(x.max()) < 50
+    assert torch.isfinite(_loss(model(x)))
+    vit = build_model("hf:vit", 32, 10, {"num_hidden_layers": 3, "hidden_size": 16, "num_attention_heads": 2,
+                                         "intermediate_size": 32, "patch_size": 8})
+    assert example_input(vit, {"batch": 2, "seq": 7, "input_shape": [3, 32, 32]}, "cpu").shape == (2, 3, 32, 32)

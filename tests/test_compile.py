@@ -73,3 +73,38 @@ def test_inductor_matches_eager():
         got = torch.compile(model)(pixel_values=x).logits
         want = model(pixel_values=x).logits
     torch.testing.assert_close(got, want, atol=TOL["oracle"], rtol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["timm_vit", "conv_bn"])
+def test_sampled_default_trains_compiled_without_breaks_or_recompiles(name):
+    """The default estimator samples rows / output positions inside the kernels' autograd Functions; under
+    torch.compile it must stay in one graph (no host read of the scalars), recompile never, and leave every
+    gradient but the scalars' (which are sampled) equal to eager's."""
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    factory, _ = MODELS[name]
+    example = lambda: torch.randn(8, 3, 16, 16)  # noqa: E731  8 images: more units than "auto" keeps exact
+    torch.manual_seed(0)
+    eager = replace_wrap.convert(factory(), every=2).train()
+    routes = [r.estimator for b in replace_wrap.report(eager).replaced for r in b.layers if not r.generic]
+    assert routes and all(e.startswith("sampled") for e in routes)
+    explained = torch._dynamo.explain(eager)(example())
+    assert explained.graph_break_count == 0, explained.break_reasons
+    model = replace_wrap.convert(factory(), every=2).train()
+    model.load_state_dict(eager.state_dict())
+    counter = CompileCounterWithBackend("aot_eager")
+    compiled = torch.compile(model, backend=counter)
+    x = example()
+    for m in (eager, compiled):
+        logits(m(x)).square().mean().backward()
+    for (n, p), (_, q) in zip(eager.named_parameters(), model.named_parameters()):
+        if ".replacement." in n:
+            assert torch.isfinite(q.grad).all() and q.grad.abs().sum() > 0, n
+        elif p.grad is not None:
+            torch.testing.assert_close(q.grad, p.grad, atol=TOL["oracle"], rtol=1e-4, msg=n)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    for _ in range(3):
+        opt.step()
+        opt.zero_grad()
+        logits(compiled(example())).square().mean().backward()
+    assert counter.frame_count == 1

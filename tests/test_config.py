@@ -20,7 +20,8 @@ from toys import ResidualMLP
         ({"init": (0.5,)}, r"init must be two finite numbers \(a, b\), got \(0.5,\)"),
         ({"init": (float("nan"), 0.5)}, r"init must be two finite numbers"),
         ({"rule": "convex", "init": (0.3, 0.3)}, r"rule='convex' needs init=\(a, 1 - a\)"),
-        ({"version": 2}, r"config version 2 is not supported"),
+        ({"version": 3}, r"config version 3 is not supported"),
+        ({"version": 1}, r"config version 1 is not supported.*from_dict reads version 1"),
     ],
 )
 def test_invalid_config(kwargs, message):

@@ -57,6 +57,9 @@ def test_torchtitan_loop_on_a_converted_llama_trains_like_one_process(llama2):
     # the user's own `for block in layers: fully_shard(block)`, then the root: nothing of replace_wrap called
     for res in llama2:
         _trained_like_reference(res["loop"], atol=1e-5)
+        # the sampled estimator cannot apply to sharded neighbours: said once, naming the default it replaces
+        said = [n for n in res["notes"] if "under FSDP2" in n]
+        assert len(said) == 1 and "ab_grad_sample='auto'" in said[0], res["notes"]
 
 
 def test_memory_scales_like_plain_fsdp(llama2):

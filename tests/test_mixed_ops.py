@@ -13,10 +13,10 @@ from hypothesis import strategies as st
 
 import replace_wrap
 from replace_wrap.surgery.apply import sites
-from replace_wrap.synthesis import estimators
 from replace_wrap.synthesis import kernels as mixed_ops
 from replace_wrap.synthesis.maths import mix
-from replace_wrap.synthesis.kernels import check_sample, mixed_conv, mixed_linear, sample_rows
+from replace_wrap.synthesis.estimators import check_sample, sample_units
+from replace_wrap.synthesis.kernels import mixed_conv, mixed_linear
 
 # The two ways of taking dL/da: thin row products (few rows) and one dW = dy^T x (many rows).
 BRANCHES = {"row-products": 10**9, "weight-gradient": 0}
@@ -168,7 +168,7 @@ def _assert_unbiased(draws: torch.Tensor, exact: torch.Tensor) -> None:
 def scalar_reads(request, monkeypatch):
     # the accelerator route (no host read of a, b) runs on CPU tensors too when told to
     if request.param == "device-scalars":
-        monkeypatch.setattr(estimators, "scalars_on_host", lambda t: False)
+        monkeypatch.setattr(mixed_ops, "scalars_on_host", lambda t: False)
     return request.param
 
 
@@ -257,7 +257,7 @@ def test_sample_one_is_exact_and_coupled_ignores_sampling():
 @settings(max_examples=40, deadline=None)
 @given(n=st.integers(1, 500), f=st.floats(1e-3, 1.0))
 def test_sample_rows_draws_distinct_rows_with_the_right_scale(n, f):
-    rows, scale = sample_rows(n, f, torch.device("cpu"))
+    rows, scale = sample_units(n, f, torch.device("cpu"))
     m = max(1, math.ceil(n * f))
     if m >= n:
         assert rows is None and scale == 1.0

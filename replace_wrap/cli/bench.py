@@ -1,9 +1,10 @@
 """``replace-wrap bench``: what does replacing blocks save on *my* model?
 
 Runs the model end-to-end, with the blocks that the policy would replace frozen (``requires_grad=False``,
-the floor a replaced block is measured against), and replaced (generic autograd, the fast path, the sampled
-estimator, the memory-lean mode), each in a fresh process, interleaved over several rounds so that drift in
-the machine's load hits every variant alike. Prints a table with, per variant:
+the floor a replaced block is measured against), and replaced (generic autograd, the fast path with the exact
+scalar gradient, the defaults of ``convert(model, every=2)``, the memory-lean mode), each in a fresh process,
+interleaved over several rounds so that drift in the machine's load hits every variant alike. Prints a table
+with, per variant:
 
 - trainable parameters;
 - step time: median, min and max over all timed steps of all rounds (wall clock), and the median process
@@ -15,16 +16,22 @@ the machine's load hits every variant alike. Prints a table with, per variant:
   storage (deterministic, allocator-independent);
 - and the ratios of step time and memory against end-to-end and against freezing;
 - with ``--paired``, one more process that holds every training variant and times them a step of each in
-  turn: the variants then share every moment of the machine's load, so those ratios hold on a busy machine.
+  turn: the variants then share every moment of the machine's load, so those ratios (medians of the per-step
+  ratios, wall clock and process CPU time) hold on a busy machine.
 
-Models: ``timm:NAME`` (or a bare timm name), ``hf:MODEL_TYPE`` (a transformers config for that model type,
-built with ``AutoModelForImageClassification.from_config``; ``--set key=value`` sets config fields) or
-``package.module:factory`` (called with the ``--set`` values as keyword arguments). Nothing is downloaded.
+Models: ``timm:NAME`` (or a bare timm name), ``hf:MODEL_TYPE`` (a transformers config for that model type:
+a decoder language model such as ``hf:llama`` or ``hf:gpt2`` is built with ``AutoModelForCausalLM`` and fed
+``--seq`` random tokens, anything else with ``AutoModelForImageClassification``; ``--set key=value`` sets config
+fields) or ``package.module:factory`` (called with the ``--set`` values as keyword arguments). Nothing is
+downloaded. ``--compile`` runs every variant under ``torch.compile`` and reports dynamo's graph, graph-break
+and recompile counts.
 
 Example:
     replace-wrap bench vit_small_patch16_224 --size 96 --batch 16 --every 2 --rounds 3
     replace-wrap bench hf:vit --set hidden_size=768 --set num_hidden_layers=12 --set num_attention_heads=12 \\
         --set intermediate_size=3072 --size 64 --batch 16 --json
+    replace-wrap bench hf:gpt2 --set n_layer=12 --set n_embd=384 --set n_head=6 --set vocab_size=8192 \\
+        --seq 128 --batch 8 --paired
 """
 
 from __future__ import annotations
@@ -41,7 +48,7 @@ from .bench_child import VARIANTS, BenchError, build_model
 
 __all__ = ["DEFAULT_VARIANTS", "VARIANTS", "BenchError", "add_parser", "build_model", "format_table", "run_bench"]
 
-DEFAULT_VARIANTS = ("end-to-end", "freeze", "replace-generic", "replace", "replace-sampled", "replace-lean")
+DEFAULT_VARIANTS = ("end-to-end", "freeze", "replace-generic", "replace-exact", "replace", "replace-lean")
 
 
 # --- command line ------------------------------------------------------------------------------------------
@@ -65,7 +72,9 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
     pol = p.add_mutually_exclusive_group()
     pol.add_argument("--every", type=int, default=None, help="replace every k-th block (default 2)")
     pol.add_argument("--pattern", default=None, help="replace the blocks whose path matches this regex")
-    p.add_argument("--sample", type=float, default=1 / 16, help="ab_grad_sample of the sampled variants (1/16)")
+    p.add_argument("--seq", type=int, default=128, help="tokens per sequence of a language model (default 128)")
+    p.add_argument("--sample", type=float, default=1 / 16, help="ab_grad_sample of the replace-sampled variant (1/16)")
+    p.add_argument("--compile", action="store_true", help="torch.compile every variant (default inductor)")
     p.add_argument("--variants", default=",".join(DEFAULT_VARIANTS),
                    help=f"comma-separated, from {', '.join(VARIANTS)} (default: {','.join(DEFAULT_VARIANTS)})")
     p.add_argument("--steps", type=int, default=10, help="timed steps per process (default 10)")
@@ -81,6 +90,9 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
                    help="also time every training variant in one process, one step of each in turn "
                         "(steps x rounds steps each): ratios that hold on a machine whose load varies")
     p.add_argument("--timeout", type=float, default=1800, help="seconds allowed per child process")
+    p.add_argument("--child-env", action="append", default=[], metavar="KEY=VALUE",
+                   help="environment of the child processes, e.g. GLIBC_TUNABLES=glibc.malloc.mmap_threshold=131072 "
+                        "(glibc then returns freed memory at once, so the RSS peak is the live memory's)")
     return p
 
 
@@ -93,6 +105,7 @@ def main_bench(args: argparse.Namespace) -> int:
             sample=args.sample, variants=[v.strip() for v in args.variants.split(",") if v.strip()],
             steps=args.steps, warmup=args.warmup, rounds=args.rounds, device=args.device, threads=args.threads,
             dtype=args.dtype, progress=not args.no_progress, timeout=args.timeout, paired=args.paired,
+            seq=args.seq, compile=args.compile, child_env=_parse_env(args.child_env),
         )
     except BenchError as exc:
         print(f"replace-wrap bench: error: {exc}", file=sys.stderr)
@@ -111,6 +124,16 @@ def _parse_sets(items: list[str]) -> dict[str, Any]:
             out[key] = json.loads(value)
         except json.JSONDecodeError:
             out[key] = value
+    return out
+
+
+def _parse_env(items: list[str]) -> dict[str, str]:
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise BenchError(f"--child-env expects KEY=VALUE, got {item!r}")
+        out[key] = value
     return out
 
 
@@ -150,6 +173,9 @@ def run_bench(
     progress: bool = True,
     timeout: float = 1800,
     paired: bool = False,
+    seq: int = 128,
+    compile: bool = False,
+    child_env: dict[str, str] | None = None,
 ) -> dict[str, Any]:
     """Run every variant ``rounds`` times, each in a fresh process, interleaved; return the aggregate.
 
@@ -168,7 +194,7 @@ def run_bench(
     if unknown or not variants:
         raise BenchError(f"unknown variant(s) {unknown}; choose from {', '.join(VARIANTS)}")
     for name, value, low in (("steps", steps, 1), ("rounds", rounds, 1), ("batch", batch, 1), ("size", size, 1),
-                             ("warmup", warmup, 0)):
+                             ("warmup", warmup, 0), ("seq", seq, 1)):
         if not isinstance(value, int) or value < low:
             raise BenchError(f"--{name} must be an integer >= {low}, got {value!r}")
     if not 0 < sample <= 1:
@@ -176,7 +202,8 @@ def run_bench(
     spec = {
         "model": model, "size": size, "batch": batch, "input_shape": input_shape or [3, size, size],
         "num_classes": num_classes, "sets": sets or {}, "every": every, "pattern": pattern, "sample": sample,
-        "steps": steps, "warmup": warmup, "device": device, "threads": threads, "dtype": dtype,
+        "steps": steps, "warmup": warmup, "device": device, "threads": threads, "dtype": dtype, "seq": seq,
+        "compile": compile, "child_env": child_env or {},
     }
     runs: dict[str, list[dict[str, Any]]] = {v: [] for v in variants}
     loads: list[float] = []
@@ -203,8 +230,9 @@ def run_bench(
 
 def _spawn(spec: dict[str, Any], timeout: float) -> dict[str, Any]:
     cmd = [sys.executable, "-m", "replace_wrap.cli.bench_child"]
+    env = dict(os.environ, **spec.get("child_env", {}))
     try:
-        proc = subprocess.run(cmd, input=json.dumps(spec), capture_output=True, text=True, timeout=timeout)
+        proc = subprocess.run(cmd, input=json.dumps(spec), capture_output=True, text=True, timeout=timeout, env=env)
     except subprocess.TimeoutExpired:
         raise BenchError(f"variant {spec['variant']!r} took longer than {timeout:.0f} s; raise --timeout or "
                          "lower --steps") from None
@@ -250,8 +278,9 @@ def _aggregate(runs: dict[str, list[dict[str, Any]]], paired: dict[str, Any] | N
             row[key] = None if base is None else {
                 "step": row["step_ms"]["median"] / base["step_ms"]["median"],
                 "cpu": row["cpu_ms"]["median"] / base["cpu_ms"]["median"],
-                "paired": row["paired_ms"]["median"] / base["paired_ms"]["median"]
-                if row["paired_ms"] and base["paired_ms"] else None,
+                # a step of each variant in turn: the median of the per-step ratios cancels the load's drift
+                "paired": _paired_ratio(paired, row["variant"], ref, "step_ms"),
+                "paired_cpu": _paired_ratio(paired, row["variant"], ref, "cpu_ms"),
                 "peak": row["peak_mib"] / base["peak_mib"],
                 "delta": row["delta_mib"] / base["delta_mib"] if base["delta_mib"] > 0 else None,
                 "saved": row["saved_mib"] / base["saved_mib"] if row["saved_mib"] and base["saved_mib"] else None,
@@ -259,12 +288,19 @@ def _aggregate(runs: dict[str, list[dict[str, Any]]], paired: dict[str, Any] | N
     return rows
 
 
+def _paired_ratio(paired: dict[str, Any] | None, name: str, ref: str, key: str) -> float | None:
+    if not paired or name not in paired or ref not in paired:
+        return None
+    return statistics.median(a / b for a, b in zip(paired[name][key], paired[ref][key]))
+
+
 def format_table(result: dict[str, Any]) -> str:
     """Render :func:`run_bench`'s result as a Markdown table with a header line and a load-average footer."""
     spec, rows = result["spec"], result["variants"]
     policy = f"pattern {spec['pattern']!r}" if spec["pattern"] else f"every={spec['every'] or 2}"
     mem = rows[0]["memory"]
-    head = (f"{spec['model']} · input {spec['batch']}x{'x'.join(map(str, spec['input_shape']))} · {policy} · "
+    shape = result["runs"][rows[0]["variant"]][0].get("input") or [spec["batch"], *spec["input_shape"]]
+    head = (f"{spec['model']} · input {'x'.join(map(str, shape))} · {policy} · "
             f"{spec['steps']} steps x {len(result['runs'][rows[0]['variant']])} rounds · {spec['device']} · "
             f"memory: {mem}")
     lines = [head, "",
@@ -273,15 +309,15 @@ def format_table(result: dict[str, Any]) -> str:
              "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     paired = any(row["paired_ms"] for row in rows)
     if paired:
-        lines[2] += " paired ms | x freeze |"
-        lines[3] += "---:|---:|"
+        lines[2] += " paired ms | x e2e | x freeze | paired CPU x freeze |"
+        lines[3] += "---:|---:|---:|---:|"
     for row in rows:
         e2e, frz = row["vs_end_to_end"] or {}, row["vs_freeze"] or {}
         st = row["step_ms"]
         extra = ""
         if paired:
-            extra = (f" {row['paired_ms']['median']:.1f} | {_ratio(frz.get('paired'))} |" if row["paired_ms"]
-                     else " - | - |")
+            extra = (f" {row['paired_ms']['median']:.1f} | {_ratio(e2e.get('paired'))} | {_ratio(frz.get('paired'))} "
+                     f"| {_ratio(frz.get('paired_cpu'))} |" if row["paired_ms"] else " - | - | - | - |")
         lines.append(
             f"| {row['variant']} | {_count(row['trainable'])} | {st['median']:.1f} ({st['min']:.1f}-{st['max']:.1f}) "
             f"| {_ratio(e2e.get('step'))} | {_ratio(frz.get('step'))} | {row['cpu_ms']['median']:.1f} "
@@ -298,6 +334,10 @@ def format_table(result: dict[str, Any]) -> str:
     if merged and original:
         lines.append(f"inference (no_grad forward): merged model {merged['step_ms']['median']:.1f} ms vs original "
                      f"{original['step_ms']['median']:.1f} ms (x {merged['vs_original']['step']:.3f})")
+    compiled = [(r["variant"], run["compile"]) for r in rows for run in result["runs"][r["variant"]][:1] if run.get("compile")]
+    if compiled:
+        lines.append("torch.compile (dynamo counters per process): " + "; ".join(
+            f"{v} {c['graphs']} graph(s), {c['breaks']} break(s), {c['recompiles']} recompile(s)" for v, c in compiled))
     converts = [row["convert_s"] for row in rows if row.get("convert_s") is not None]
     if converts:
         lines.append(f"convert: {max(converts):.2f} s")

@@ -16,7 +16,7 @@ from typing import Any
 
 from ..errors import ReplaceWrapError
 
-__all__ = ["SAMPLE", "VARIANTS", "BenchError", "build_model", "model_factory"]
+__all__ = ["SAMPLE", "VARIANTS", "BenchError", "build_model", "example_input", "model_factory"]
 
 # name -> how the child prepares the model. "convert" entries are ReplaceConfig options; SAMPLE is replaced
 # by --sample. Order is the default order of the table.
@@ -25,13 +25,14 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "end-to-end": {"kind": "plain"},
     "freeze": {"kind": "freeze"},
     "replace-generic": {"kind": "convert", "options": {"fast_path": False}},
-    "replace": {"kind": "convert", "options": {}},
+    "replace-exact": {"kind": "convert", "options": {"ab_grad_sample": "exact"}},
+    "replace": {"kind": "convert", "options": {}},  # the defaults: convert(model, every=2)
     "replace-sampled": {"kind": "convert", "options": {"ab_grad_sample": SAMPLE}},
-    "replace-lean": {"kind": "convert", "options": {"ab_grad_sample": SAMPLE, "recompute": True}},
+    "replace-lean": {"kind": "convert", "options": {"recompute": True}},
     "infer-original": {"kind": "infer"},
     "infer-merged": {"kind": "infer-merged"},
 }
-DEFAULT_VARIANTS = ("end-to-end", "freeze", "replace-generic", "replace", "replace-sampled", "replace-lean")
+DEFAULT_VARIANTS = ("end-to-end", "freeze", "replace-generic", "replace-exact", "replace", "replace-lean")
 
 
 class BenchError(ReplaceWrapError):
@@ -53,11 +54,11 @@ def _child(spec: dict[str, Any]) -> dict[str, Any]:
     _warm_libraries(device)
     rss_libs = _rss_mib()  # libraries loaded and paged in, nothing built: the CPU memory figures start here
     model = make(spec["size"], spec["num_classes"], spec["sets"]).to(device)
-    x = torch.randn(spec["batch"], *spec["input_shape"], device=device)
+    x = example_input(model, spec, device)
     variant = VARIANTS[spec["variant"]]
     convert_s = _prepare(model, spec["variant"], spec)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    opt = torch.optim.AdamW(replace_wrap.param_groups(model, weight_decay=0.01), lr=1e-4)  # no decay on a, b
     if variant["kind"] == "infer-merged":
         _train_steps(model, x, spec, 1, opt)  # the scalars move off their init, then materialize
         replace_wrap.merge(model)
@@ -67,6 +68,7 @@ def _child(spec: dict[str, Any]) -> dict[str, Any]:
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     cuda = device.type == "cuda"
     infer = variant["kind"] in ("infer", "infer-merged")
+    model = _compiled(model, spec)
     if infer:
         _infer_steps(model, x, spec, spec["warmup"])
     else:  # warm-up first: optimizer state, lazily loaded kernels and allocator pools are not step memory
@@ -83,7 +85,7 @@ def _child(spec: dict[str, Any]) -> dict[str, Any]:
         times = _infer_steps(model, x, spec, spec["steps"])
     else:
         times = _train_steps(model, x, spec, spec["steps"], opt)
-    saved = None if infer else _saved_mib(model, x, spec)
+    saved = None if infer or spec.get("compile") else _saved_mib(model, x, spec)
     if cuda:
         peak, memory = torch.cuda.max_memory_allocated(device) / 2**20, "torch.cuda.max_memory_allocated"
         step_peak = peak - before
@@ -92,7 +94,37 @@ def _child(spec: dict[str, Any]) -> dict[str, Any]:
         peak, step_peak = rss_peak - rss_libs, rss_peak - before
     return {"variant": spec["variant"], "trainable": trainable, "step_ms": [t[0] for t in times],
             "cpu_ms": [t[1] for t in times], "peak_mib": peak, "delta_mib": step_peak, "saved_mib": saved,
-            "convert_s": convert_s, "memory": memory}
+            "convert_s": convert_s, "memory": memory, "compile": _compile_stats(spec), "input": list(x.shape)}
+
+
+def example_input(model: Any, spec: dict[str, Any], device: Any) -> Any:
+    """Random token ids for a model that reads ``input_ids`` (an HF language model), else a float batch."""
+    import torch
+
+    g = torch.Generator().manual_seed(1)
+    if getattr(model, "main_input_name", None) == "input_ids":
+        vocab = model.config.vocab_size
+        return torch.randint(0, vocab, (spec["batch"], spec["seq"]), generator=g).to(device)
+    return torch.randn(spec["batch"], *spec["input_shape"], generator=g).to(device)
+
+
+def _compiled(model: Any, spec: dict[str, Any]) -> Any:
+    if not spec.get("compile"):
+        return model
+    import torch
+
+    torch._dynamo.utils.counters.clear()
+    return torch.compile(model)
+
+
+def _compile_stats(spec: dict[str, Any]) -> dict[str, int] | None:
+    """Graphs compiled, graph breaks and recompilations counted by dynamo (``None`` without ``--compile``)."""
+    if not spec.get("compile"):
+        return None
+    from torch._dynamo.utils import counters
+
+    return {"graphs": int(counters["stats"]["unique_graphs"]), "breaks": int(sum(counters["graph_break"].values())),
+            "recompiles": int(sum(counters["recompiles"].values()))}
 
 
 def _warm_libraries(device: Any) -> None:
@@ -131,15 +163,18 @@ def _paired(spec: dict[str, Any]) -> dict[str, Any]:
     """
     import torch
 
+    import replace_wrap
+
     device = torch.device(spec["device"])
     make = model_factory(spec["model"])
-    x = torch.randn(spec["batch"], *spec["input_shape"], device=device, generator=torch.Generator().manual_seed(1))
     runs = {}
     for name in spec["paired"]:
         torch.manual_seed(0)  # the same initial weights for every variant
         model = make(spec["size"], spec["num_classes"], spec["sets"]).to(device)
+        x = example_input(model, spec, device)
         _prepare(model, name, spec)
-        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+        opt = torch.optim.AdamW(replace_wrap.param_groups(model, weight_decay=0.01), lr=1e-4)  # no decay on a, b
+        model = _compiled(model, spec)
         _train_steps(model, x, spec, spec["warmup"], opt)
         runs[name] = (model, opt)
     times: dict[str, list[tuple[float, float]]] = {name: [] for name in runs}
@@ -173,15 +208,19 @@ def model_factory(name: str) -> Any:
 
         return make_timm
     if kind == "hf":
-        from transformers import AutoConfig, AutoModelForImageClassification
+        import transformers
+        from transformers import AutoConfig
 
         def make_hf(size: int, num_classes: int, sets: dict[str, Any]) -> Any:
             cfg = AutoConfig.for_model(rest, **sets)
-            if "image_size" not in sets and hasattr(cfg, "image_size"):
+            # a decoder language model (llama, gpt2 ...) is built for causal LM, anything else for images
+            causal = rest in transformers.models.auto.modeling_auto.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+            if not causal and "image_size" not in sets and hasattr(cfg, "image_size"):
                 cfg.image_size = size
-            if "num_labels" not in sets:
+            if not causal and "num_labels" not in sets:
                 cfg.num_labels = num_classes
-            return AutoModelForImageClassification.from_config(cfg)
+            auto = transformers.AutoModelForCausalLM if causal else transformers.AutoModelForImageClassification
+            return auto.from_config(cfg)
 
         return make_hf
     try:

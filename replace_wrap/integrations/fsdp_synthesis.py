@@ -32,6 +32,7 @@ by ``convert`` (:mod:`replace_wrap.integrations.fsdp`). Without FSDP both cost o
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator
 from typing import Any
 
@@ -58,6 +59,8 @@ from .fsdp_planning import (
 
 
 _ACTIVE = "_rw_fsdp_forwards"  # on a site: stack of _BlockForward, one per running forward of its block
+_logger = logging.getLogger("replace_wrap")
+_told_exact = False  # the sampled estimator steps aside under sharding: said once per process
 
 
 # --- entry points -----------------------------------------------------------------------------------------
@@ -91,7 +94,21 @@ def block_pre_forward(block: nn.Module, args: Any) -> None:
         return
     site = block._modules.get(SITE_ATTR)
     if site is not None:
+        if not _told_exact and getattr(site, "ab_grad_sample", None) is not None:
+            _say_exact(site.ab_grad_sample)
         site.__dict__.setdefault(_ACTIVE, []).append(_BlockForward(block, site))
+
+
+def _say_exact(sample: Any) -> None:
+    # The layer kernels need the full neighbours for a sampled scalar gradient; sharded, the gathered
+    # synthesis takes the exact one (its weight gradient is reduce-scattered anyway). An option that cannot
+    # apply says so.
+    global _told_exact
+    _told_exact = True
+    _logger.warning(
+        "replace_wrap: under FSDP2 the replaced layers take the generic path with the exact scalar gradient; "
+        "ab_grad_sample=%r applies only to unsharded neighbours (docs/distributed.md)", sample,
+    )
 
 
 def block_post_forward(block: nn.Module, args: Any, output: Any) -> None:

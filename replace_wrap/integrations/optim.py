@@ -7,11 +7,18 @@ Rebinding fixes both in place, as Composer's surgery does: every removed tensor 
 (and the optimizer's state), and each block's new tensors join the group that held the first of that block's
 removed ones. A block whose tensors the optimizer did not hold (a frozen part of the model) gets none of its
 new tensors in it either.
+
+Weight decay: a replaced block's scalars never join a decayed group. When the block's group decays, they join
+a group with ``weight_decay=0`` and otherwise the same options (Hugging Face's and timm's optimizers have one),
+or a new such group is added (and logged: a learning-rate scheduler built before it does not see it). On
+``merge``, restored tensors that decay by the usual convention (two or more dimensions, not a norm's or a
+bias) go back from a no-decay group to the decayed group with the same other options, if there is one.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import logging
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from torch import nn
@@ -19,6 +26,8 @@ from torch import nn
 from ..errors import ConfigError
 
 __all__ = ["as_optimizers", "check_holds", "rebind"]
+
+logger = logging.getLogger("replace_wrap")
 
 
 def as_optimizers(optimizers: Any) -> list[Any]:
@@ -54,17 +63,22 @@ Removed = list[nn.Parameter]
 Added = list[tuple[str, nn.Parameter]]
 
 
-def rebind(optimizers: Sequence[Any], blocks: Sequence[tuple[Removed, Added]]) -> None:
-    """Move each optimizer from the removed tensors to the scalars, in place.
+def rebind(
+    optimizers: Sequence[Any], blocks: Sequence[tuple[Removed, Added]],
+    decays: Callable[[str, nn.Parameter], bool] | None = None,
+) -> None:
+    """Move each optimizer from the removed tensors to the new ones, in place.
 
     Args:
         optimizers: Validated by :func:`as_optimizers`.
-        blocks: Per replaced block, its removed parameters and its new ``(name, parameter)`` scalars (names are
+        blocks: Per replaced block, its removed parameters and its new ``(name, parameter)`` tensors (names are
             full module paths, used where a group keeps ``param_names``).
+        decays: ``decays(name, tensor)``: whether a new tensor may take weight decay. ``None``: none may
+            (``convert``: the new tensors are scalars); ``merge`` passes the usual convention.
     """
     for opt in optimizers:
         removed = {id(p) for old, _ in blocks for p in old}
-        targets = []  # (group, scalars) decided before the groups change
+        targets = []  # (group, new tensors) decided before the groups change
         for old, new in blocks:
             group = next((g for p in old for g in opt.param_groups if any(q is p for q in g["params"])), None)
             if group is not None:
@@ -78,7 +92,36 @@ def rebind(optimizers: Sequence[Any], blocks: Sequence[tuple[Removed, Added]]) -
             for p in old:
                 opt.state.pop(p, None)
         for group, new in targets:
-            group["params"].extend(p for _, p in new)
-            if "param_names" in group:
-                group["param_names"].extend(n for n, _ in new)
+            for name, p in new:
+                dest = _group_for(opt, group, decays is not None and decays(name, p))
+                dest["params"].append(p)
+                if "param_names" in dest:
+                    dest["param_names"].append(name)
 
+
+def _options(group: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in group.items() if k not in ("params", "param_names", "weight_decay")}
+
+
+def _group_for(opt: Any, group: dict[str, Any], decay: bool) -> dict[str, Any]:
+    """The group a new tensor joins: ``group`` itself, unless that would decay a tensor that must not be
+    decayed (a scalar), or leave undecayed one that was decayed before conversion (a restored weight)."""
+    wd = group.get("weight_decay", 0.0)
+    if bool(wd) == decay:
+        return group
+    for other in opt.param_groups:
+        if bool(other.get("weight_decay", 0.0)) == decay and _options(other) == _options(group):
+            return other
+    if decay:
+        return group
+    twin = {**{k: v for k, v in group.items() if k not in ("params", "param_names")}, "weight_decay": 0.0, "params": []}
+    if "param_names" in group:
+        twin["param_names"] = []
+    opt.add_param_group(twin)
+    logger.warning(
+        "replace_wrap: added a parameter group with weight_decay=0 to %s for the replaced blocks' scalars (their "
+        "block's group decays by %s); a learning-rate scheduler created before this does not see the new group: "
+        "create schedulers after convert, or build the optimizer with replace_wrap.param_groups(model).",
+        type(opt).__name__, wd,
+    )
+    return opt.param_groups[-1]

@@ -27,8 +27,10 @@ from torch import nn
 from ..analysis.discovery import Stack, analyse
 from ..config import ReplaceConfig, using_config
 from ..errors import ConfigError, PolicyError
-from ..report import BlockReport, ConversionReport
-from ..synthesis.rules import IntegrationRule, get_rule
+from ..report import BlockReport, ConversionReport, LayerRoute
+from ..synthesis import builtin_kernels  # noqa: F401  the built-in kernels, registered before any route is decided
+from ..synthesis.layer_kernels import layer_route
+from ..synthesis.rules import IntegrationRule, get_rule, is_linear_mix
 from .matching import BlockMatch, Ownership, match_block
 from .site import SITE_ATTR
 
@@ -39,6 +41,7 @@ __all__ = [
     "assess",
     "build_plan",
     "candidates",
+    "layer_routes",
     "scalar_sets",
     "trainable_count",
     "validate_selection",
@@ -201,7 +204,7 @@ def build_plan(model: nn.Module, policy: Any, cfg: ReplaceConfig, example_inputs
             with torch.device("cpu"):
                 init = _initial_params(rule, cand.n_sets, cfg.init, coeffs, path)
                 entry.scalars = _preview_scalars(rule, init, cand.n_sets, cfg.init, coeffs)
-            _describe_replaced(entry, cand)
+            _describe_replaced(entry, cand, cfg)
             targets.append(Target(cand, coeffs))
     before = trainable_count(model)
     saved = sum(t.candidate.saved for t in targets)
@@ -219,15 +222,35 @@ def build_plan(model: nn.Module, policy: Any, cfg: ReplaceConfig, example_inputs
     return Plan(rep, targets)
 
 
-def _describe_replaced(entry: BlockReport, cand: Candidate) -> None:
+def _describe_replaced(entry: BlockReport, cand: Candidate, cfg: ReplaceConfig) -> None:
     m = cand.match
     entry.status = "replaced"
     entry.synthesized = tuple(t.rel for t in m.synthesized)
+    entry.layers = layer_routes(m, cfg)
     entry.params_saved = cand.saved
     entry.adapted = tuple((t.rel, t.describe()) for t in m.synthesized if t.adapted)
     entry.reason = f"{len(m.synthesized)} tensors synthesized" + (
         f" ({len(entry.adapted)} shape-adapted)" if entry.adapted else ""
     ) + (f"; {len(m.kept)} kept as its own ({m.kept[0][0]}: {m.kept[0][1]})" if m.kept else "")
+
+
+def layer_routes(match: BlockMatch, cfg: ReplaceConfig) -> tuple[LayerRoute, ...]:
+    """Each layer of a replaced block that holds synthesized tensors, with its path and estimator."""
+    by_layer: dict[int, list[Any]] = {}
+    for t in match.synthesized:
+        by_layer.setdefault(id(t.layer), []).append(t)
+    linear = is_linear_mix(get_rule(cfg.rule))
+    routes = []
+    for tensors in by_layer.values():
+        layer = tensors[0].layer
+        route, estimator = layer_route(
+            layer, tuple(t.name for t in tensors), fast_path=cfg.fast_path, linear_mix=linear,
+            adapted=tuple(t.name for t in tensors if t.adapted), coupled=cfg.neighbour_grad == "coupled",
+            sample=cfg.ab_grad_sample,
+        )
+        cls = type(layer).__dict__.get("_rw_base", type(layer))
+        routes.append(LayerRoute(tensors[0].layer_path, cls.__name__, tuple(t.name for t in tensors), route, estimator))
+    return tuple(routes)
 
 
 def nothing_message(model: nn.Module, rep: ConversionReport) -> str:

@@ -2,17 +2,21 @@
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Sequence
 from typing import Any
 
 import torch
 from torch import nn
 
-from ..synthesis.rules import IntegrationRule, get_rule
+from ..synthesis.rules import get_rule, is_linear_mix
 
-__all__ = ["SITE_ATTR", "ReplacementSite"]
+__all__ = ["LIVE_SITES", "SITE_ATTR", "ReplacementSite"]
 
 SITE_ATTR = "replacement"  # attribute under which a replaced block holds its ReplacementSite
+# Every site alive in the process (built, copied or unpickled), so that an optimizer step can tell which
+# parameters are replaced blocks' scalars (see replace_wrap.integrations.decay) without knowing the model.
+LIVE_SITES: weakref.WeakSet[ReplacementSite] = weakref.WeakSet()
 
 
 class ReplacementSite(nn.Module):
@@ -34,6 +38,8 @@ class ReplacementSite(nn.Module):
             :meth:`~replace_wrap.Policy.initial_scalars`); mapped to the rule's parameters by
             :meth:`~replace_wrap.IntegrationRule.params_from_coefficients`.
         own: The block's own tensors at conversion, for rules that start their state from them.
+        fast_path: Whether layer kernels may compute the block's layers (the config's ``fast_path``).
+        ab_grad_sample: The layer kernels' scalar-gradient estimator (the config's ``ab_grad_sample``).
     """
 
     def __init__(
@@ -49,7 +55,7 @@ class ReplacementSite(nn.Module):
         coefficients: tuple[torch.Tensor, torch.Tensor] | None = None,
         own: Sequence[torch.Tensor] = (),
         fast_path: bool = True,
-        ab_grad_sample: float | None = None,
+        ab_grad_sample: float | str | None = "auto",
     ):
         super().__init__()
         self.rule = rule
@@ -65,18 +71,19 @@ class ReplacementSite(nn.Module):
         self.detach = detach
         self.fast_path = fast_path
         self.ab_grad_sample = ab_grad_sample
-        # Leaf handlers compute with (a, b) directly; a rule with its own synthesis (a non-linear map, or
-        # per-tensor state like 'ema') keeps the generic path.
-        self.linear_mix = (
-            type(self._rule).synthesize is IntegrationRule.synthesize
-            and type(self._rule).synthesize_tensor is IntegrationRule.synthesize_tensor
-        )
+        # Layer kernels compute with (a, b) directly; a rule with its own synthesis keeps the generic path.
+        self.linear_mix = is_linear_mix(self._rule)
         self.prev_path, self.next_path = prev_path, next_path
         self.has_originals = originals is not None
         for i, t in enumerate(originals or []):
             self.register_buffer(f"original_{i}", t.detach().clone())
         for name, value in self._rule.init_buffers(self, list(own)).items():
             self.register_buffer(name, value)
+        LIVE_SITES.add(self)
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)  # copies and unpickled sites are sites too
+        LIVE_SITES.add(self)
 
     def forward(self, x: Any, *args: Any, **kwargs: Any) -> Any:
         """Identity: a block that is an ``nn.Sequential`` calls every child, the site included."""

@@ -30,6 +30,7 @@ from torch import nn
 from .._compat import is_fx_symbolic_tracing
 from ..errors import CompatibilityError
 from ..integrations import fsdp_synthesis
+from ..synthesis import builtin_kernels  # noqa: F401  registers the built-in layer kernels, in lookup order
 from ..synthesis.adapt import adapt_pair
 from ..synthesis.layer_kernels import CACHE_PREFIX, SOURCES_ATTR, TensorSource, kernel_for
 
@@ -110,7 +111,7 @@ def _swapped_class(base: type, names: tuple[str, ...], recompute: bool = False) 
     if cls is None:
         namespace: dict[str, Any] = {name: property(_synthesized(name)) for name in names}
         namespace.update(
-            forward=_forward(base, bool(names), recompute),
+            forward=_forward(base, names, recompute),
             _rw_base=base,
             # Not a torch.nn module for torch.fx, so that tracing enters its forward (see _fx_call_module). A
             # block swapped only for recompute keeps its own module name.
@@ -145,14 +146,16 @@ def _synthesized(name: str) -> Any:
     return fget
 
 
-def _forward(base: type, synthesized: bool, recompute: bool) -> Any:
+def _forward(base: type, names: tuple[str, ...], recompute: bool) -> Any:
     @functools.wraps(base.forward)  # keeps the base forward's signature for inspect.signature
     def run(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
-        if synthesized and is_fx_symbolic_tracing():
+        if not names:
+            return base.forward(self, *args, **kwargs)
+        if is_fx_symbolic_tracing():
             return _fx_call_module(self, base, args, kwargs)
-        # The kernel is looked up per call (a cached dict read), so one registered after this class was built
-        # serves it too.
-        kernel = kernel_for(base, tuple(sorted(self.__dict__[SOURCES_ATTR]))) if synthesized else None
+        # The kernel is looked up per call (a cached dict read; the class fixes the key), so one registered
+        # after this class was built serves it too.
+        kernel = kernel_for(base, names)
         if kernel is not None:
             out = kernel.forward(self, *args, **kwargs)
             if out is not NotImplemented:

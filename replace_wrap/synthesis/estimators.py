@@ -1,60 +1,106 @@
 """The scalar-gradient estimators of the layer kernels: exact and sampled ``dL/da``, ``dL/db``, and their helpers.
 
 Pure tensor functions, shared by the linear and convolution kernels (:mod:`replace_wrap.synthesis.kernels`).
+
+**Units.** A layer's scalar gradients are sums over *units*: ``dL/da = sum_i g_i`` with
+``g_i = <dy_i, x_i W_prev^T>`` for unit ``i``. A unit is a row of a linear layer's input (a token, all leading
+dimensions flattened) and an output position of a convolution (a batch item times a spatial position, whose
+input is the patch the kernel reads there).
+
+**The sampling rule** (``sample="auto"``, the default of :class:`~replace_wrap.ReplaceConfig`): of ``N`` units,
+``m = max(AUTO_MIN_UNITS, ceil(N * AUTO_FRACTION))`` are drawn uniformly without replacement each step, and
+``N / m * (sum over the sample)`` estimates the sum; when ``m >= N`` every unit is used and the gradient is exact.
+The estimator is unbiased, and its variance is the textbook one for sampling without replacement,
+
+    ``Var = N^2 * (1/m - 1/N) * S^2``,  ``S^2`` the variance of the ``g_i`` over the ``N`` units,
+
+so, with ``cv = S / |mean g_i|`` (how much the units disagree), the relative standard error is at most
+``cv / sqrt(AUTO_MIN_UNITS)`` (= cv / 4), and the variance it adds to the exact minibatch sum is at most
+``1 / AUTO_FRACTION - 1`` (= 63) times the sum's own unit-to-unit variance ``N * S^2``. A fraction ``f`` in
+``(0, 1)`` instead of ``"auto"`` draws ``m = ceil(N * f)`` units (the 0.1/0.2 meaning, no minimum).
 """
 
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Callable
 
 import torch
 
 from .maths import mix
 
 __all__ = [
+    "AUTO",
+    "AUTO_FRACTION",
+    "AUTO_MIN_UNITS",
     "ROW_PRODUCT_MAX",
     "ab_from_dw",
     "ab_from_one_product",
     "autocast_dtype",
     "bias_sources",
     "check_sample",
+    "describe_sample",
     "mix_bias",
-    "mix_weight",
     "needs_graph",
-    "reusable",
-    "sample_rows",
+    "sample_size",
+    "sample_units",
     "scalar_grads",
     "scalars_on_host",
+    "transposed",
 ]
 
-# Up to this many rows the scalar gradients are two thin products (2 * rows * in * out multiply-adds, reading
-# each neighbour weight once); above it one dW = dy^T x (rows * in * out) plus two weight-sized dot products
-# is cheaper. The crossover is about (matmul flop/s) / (memory bytes/s) * 8; measured near 40-100 on CPUs and
-# higher on GPUs, so 64 is a middle that is never far off.
+AUTO = "auto"
+# M and f of the rule. M bounds the relative standard error (cv / sqrt(M)); f bounds the added variance
+# (1/f - 1 times the unit-to-unit variance) on large layers. The estimate costs one thin product of m units,
+# m/(2N) of a frozen layer's forward and input gradient: 0.8% on large layers (f = 1/64; 1/32 measured about
+# 0.6% of a ViT-S step more), and M = 16 keeps it at 3% of a layer of only 272 units (HF ViT-B at 64 px, batch
+# 16), where M = 32 would double it (docs/benchmarks.md).
+AUTO_MIN_UNITS = 16
+AUTO_FRACTION = 1 / 64
+
+# Up to this many units the exact scalar gradients come from one thin product and the output (which the
+# forward computed); above it one dW = dy^T x (the same multiply-adds) keeps less memory: only x is saved.
 ROW_PRODUCT_MAX = 64
 
 
-def check_sample(sample: object) -> float | None:
-    """Validate a sampling fraction: ``None`` (exact) or a number in ``(0, 1]``; ``1`` means exact."""
-    if sample is None:
-        return None
+def check_sample(sample: object) -> float | str | None:
+    """Validate a sampling setting: ``None`` (exact), ``"auto"``, or a fraction in ``(0, 1]`` (``1`` is exact)."""
+    if sample is None or sample == AUTO:
+        return sample  # type: ignore[return-value]
     if isinstance(sample, bool) or not isinstance(sample, (int, float)) or not (0.0 < float(sample) <= 1.0):
-        raise ValueError(f"sample must be None (exact) or a fraction in (0, 1], got {sample!r}")
+        raise ValueError(f"sample must be None (exact), 'auto' or a fraction in (0, 1], got {sample!r}")
     return None if float(sample) == 1.0 else float(sample)
 
 
-def sample_rows(n: int, sample: float | None, device: torch.device) -> tuple[torch.Tensor | None, float]:
-    """Indices of ``m = ceil(n * sample)`` distinct rows drawn uniformly, and the rescale ``n / m``.
+def sample_size(n: int, sample: float | str | None) -> int:
+    """How many of ``n`` units the estimator reads: ``n`` means the exact gradient (see the module docstring)."""
+    if sample is None:
+        return n
+    if sample == AUTO:
+        m = max(AUTO_MIN_UNITS, (n + round(1 / AUTO_FRACTION) - 1) // round(1 / AUTO_FRACTION))
+    else:
+        m = max(1, math.ceil(n * float(sample)))
+    return min(m, n)
+
+
+def describe_sample(sample: float | str | None) -> str:
+    """The estimator in words, for reports: ``exact``, or how many units are sampled."""
+    if sample is None:
+        return "exact"
+    if sample == AUTO:
+        return f"sampled: m = max({AUTO_MIN_UNITS}, N/{round(1 / AUTO_FRACTION)}) of N units, exact when m >= N"
+    return f"sampled: m = ceil({sample:g} N) of N units"
+
+
+def sample_units(n: int, sample: float | str | None, device: torch.device) -> tuple[torch.Tensor | None, float]:
+    """Indices of ``m = sample_size(n, sample)`` distinct units drawn uniformly, and the rescale ``n / m``.
 
     Drawn without replacement from the default generator of ``device`` (so ``torch.manual_seed`` makes it
-    reproducible and checkpointing replays it). Each row is in the sample with probability ``m / n``, so
-    ``n / m * sum(sampled terms)`` is an unbiased estimate of the sum over all rows. ``None`` when every row
-    is used.
+    reproducible and checkpointing replays it). Each unit is in the sample with probability ``m / n``, so
+    ``n / m * sum(sampled terms)`` is an unbiased estimate of the sum over all units. ``None`` when every
+    unit is used.
     """
-    if sample is None:
-        return None, 1.0
-    m = max(1, math.ceil(n * sample))
+    m = sample_size(n, sample)
     if m >= n:
         return None, 1.0
     return torch.randperm(n, device=device)[:m], n / m
@@ -73,51 +119,74 @@ def needs_graph(*tensors: torch.Tensor | None) -> bool:
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
+def transposed(t: torch.Tensor) -> bool:
+    """A 2-d tensor stored as its transpose, e.g. HF ``Conv1D``'s ``(in, out)`` weight seen as ``(out, in)``."""
+    return t.dim() == 2 and not t.is_contiguous() and t.t().is_contiguous()
+
+
+def _dot(u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """``<u, v>`` over all elements of two tensors of one shape; no copy when both share a dense layout."""
+    if transposed(u) and transposed(v):
+        return torch.dot(u.t().reshape(-1), v.t().reshape(-1))
+    return torch.dot(u.reshape(-1), v.reshape(-1))
+
+
 def ab_from_dw(dw: torch.Tensor, prev: torch.Tensor, next: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    # <dW, W_prev> as one fused reduction: no product tensor of the weight's size is allocated.
-    dw, prev, next = dw.reshape(-1), prev.reshape(-1), next.reshape(-1)
+    """``<dW, W_prev>``, ``<dW, W_next>`` as fused reductions (no product tensor of the weight's size)."""
     if dw.dtype != prev.dtype:  # autocast: dW in the compute dtype, neighbours in the weights' dtype
         dw = dw.to(prev.dtype)
-    return torch.dot(dw, prev), torch.dot(dw, next)
+    return _dot(dw, prev), _dot(dw, next)
 
 
 def scalars_on_host(t: torch.Tensor) -> bool:
-    # Reading a CPU scalar costs nothing; on an accelerator it would wait for the device (a sync per layer).
-    return t.device.type == "cpu"
+    # Reading a CPU scalar costs nothing; on an accelerator it would wait for the device (a sync per layer), and
+    # under torch.compile it would break the graph.
+    return t.device.type == "cpu" and not torch.compiler.is_compiling()
+
+
+Product = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def linear_product(xs: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    # shape: (m, in) @ (in, out) -> (m, out)
+    return xs @ w.t()
 
 
 def ab_from_one_product(
     d: torch.Tensor, xs: torch.Tensor, xw: torch.Tensor, a: torch.Tensor, b: torch.Tensor,
     prev: torch.Tensor, next: torch.Tensor, bias_prev: torch.Tensor | None, bias_next: torch.Tensor | None,
+    host: bool, product: Product = linear_product,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Sampled-row sums ``G_a = <d, xs @ prev^T + bias_prev>``, ``G_b = <d, xs @ next^T + bias_next>`` for the
-    price of one thin product (the bias terms only when the bias is mixed with the same ``a, b``).
+    """Unit sums ``G_a = <d, xs (*) prev + bias_prev>``, ``G_b = <d, xs (*) next + bias_next>`` for the price of
+    one thin product (the bias terms only when the bias is mixed with the same ``a, b``).
 
-    The forward already gives ``xw = xs @ W^T (+ the mixed bias)``, so ``g_s = <d, xw> = a * G_a + b * G_b``
-    comes free and one product gives the other equation. Both sums are linear in the sampled rows, so the
-    estimate stays unbiased.
+    ``product(xs, w)`` is the layer's map of the units' inputs ``xs`` with weight ``w`` (``xs @ w^T`` for a
+    linear layer, a grouped product of patches for a convolution) and ``d`` the output gradient at the units,
+    of the product's shape. The forward already gives ``xw = product(xs, W) (+ the mixed bias)``, so
+    ``g_s = <d, xw> = a * G_a + b * G_b`` comes free and one product gives the other equation. Both sums are
+    linear in the units, so a sampled estimate stays unbiased.
 
-    - Scalars on the CPU (readable for free): the product is taken with the neighbour of the *smaller*
-      coefficient, and the other sum solved from ``g_s`` by dividing by the larger one, which loses no
-      precision (the error stays below machine epsilon times the gradients' size). At ``a = b = 0`` (``W = 0``,
-      ``g_s`` carries nothing) both products are taken.
-    - Scalars on an accelerator (reading them would synchronize): one product with ``W_c = -b * prev + a * next``
-      gives ``g_c = -b * G_a + a * G_b``; the 2x2 system is a rotation scaled by ``a^2 + b^2`` (condition
-      number 1). At ``a = b = 0`` the product is taken with ``prev``: ``G_a`` is exact there and ``G_b``
-      reads 0 for that step.
+    - ``host=True`` (scalars on the CPU, readable for free): the product is taken with the neighbour of the
+      *smaller* coefficient, and the other sum solved from ``g_s`` by dividing by the larger one, which loses
+      no precision (the error stays below machine epsilon times the gradients' size). At ``a = b = 0``
+      (``W = 0``, ``g_s`` carries nothing) both products are taken.
+    - ``host=False`` (an accelerator, or torch.compile: reading them would synchronize or break the graph): one
+      product with ``W_c = -b * prev + a * next`` gives ``g_c = -b * G_a + a * G_b``; the 2x2 system is a
+      rotation scaled by ``a^2 + b^2`` (condition number 1). At ``a = b = 0`` the product is taken with
+      ``prev``: ``G_a`` is exact there and ``G_b`` reads 0 for that step.
     """
     dt = prev.dtype
-    xs, d, xw = xs.to(dt), d.to(dt), xw.to(dt)
+    if xs.dtype != dt:  # autocast: the units were kept in the compute dtype
+        xs, d, xw = xs.to(dt), d.to(dt), xw.to(dt)
     d1 = d.reshape(-1)
     dsum = d.sum(0) if bias_prev is not None else None  # shape: (m, out) -> (out,)
 
     def side(w: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        # shape: (m, in) @ (in, out) -> (m, out), reduced against d (m, out)
-        g = torch.dot((xs @ w.t()).reshape(-1), d1)
-        return g if dsum is None or bias is None else g + torch.dot(dsum, bias.to(dt))
+        g = torch.dot(product(xs, w).reshape(-1), d1)
+        return g if dsum is None or bias is None else g + torch.dot(dsum, bias if bias.dtype == dt else bias.to(dt))
 
     g_s = torch.dot(xw.reshape(-1), d1)
-    if scalars_on_host(a):
+    if host:
         av, bv = float(a), float(b)
         if av == 0.0 and bv == 0.0:
             return side(prev, bias_prev), side(next, bias_next)
@@ -138,45 +207,31 @@ def ab_from_one_product(
 
 
 def scalar_grads(
-    ctx: Any, ga: torch.Tensor | None, gb: torch.Tensor | None, db: torch.Tensor | None,
-    bias_prev: torch.Tensor | None, bias_next: torch.Tensor | None, a: torch.Tensor, b: torch.Tensor,
+    need: tuple[bool, bool], scale: float, ga: torch.Tensor | None, gb: torch.Tensor | None,
+    db: torch.Tensor | None, bias_prev: torch.Tensor | None, bias_next: torch.Tensor | None,
+    a: torch.Tensor, b: torch.Tensor,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-    """dL/da, dL/db in the scalars' dtype and shape: the rescaled sampled part plus the exact bias part."""
-    need_a, need_b = ctx.needs_input_grad[1], ctx.needs_input_grad[2]
-    out = []
-    for need, g, bias_src, like in ((need_a, ga, bias_prev, a), (need_b, gb, bias_next, b)):
-        if not need:
+    """dL/da, dL/db in the scalars' dtype and shape: the rescaled unit sums plus the exact bias part.
+
+    ``db`` (the full bias gradient) is given when the mixed bias's share is exact rather than sampled.
+    """
+    out: list[torch.Tensor | None] = []
+    for wanted, g, bias_src, like in ((need[0], ga, bias_prev, a), (need[1], gb, bias_next, b)):
+        if not wanted:
             out.append(None)
             continue
         if g is None:
             total = torch.zeros((), dtype=torch.float32, device=like.device)
         else:
-            total = g.float() if ctx.scale == 1.0 else g.float() * ctx.scale
+            total = g if g.dtype == torch.float32 else g.float()
         if db is not None and bias_src is not None:
-            total = total + torch.dot(db.to(bias_src.dtype), bias_src).float()
-        out.append(total.to(like.dtype).reshape(like.shape))
+            total = total + torch.dot(db if db.dtype == bias_src.dtype else db.to(bias_src.dtype), bias_src).float()
+        if scale != 1.0:
+            total = total * scale
+        if total.dtype != like.dtype:
+            total = total.to(like.dtype)
+        out.append(total.view(like.shape))
     return out[0], out[1]
-
-
-def mix_weight(
-    a: torch.Tensor, b: torch.Tensor, prev: torch.Tensor, next: torch.Tensor, out: torch.Tensor | None
-) -> torch.Tensor:
-    if out is None:
-        return mix(a, b, prev, next)
-    # the same two passes as fusion.mix, into the caller's buffer: bitwise the same weight
-    torch.mul(prev, a.to(prev.dtype), out=out)
-    return out.addcmul_(next, b.to(prev.dtype))
-
-
-def reusable(buffer: torch.Tensor | None) -> bool:
-    """Whether ``buffer`` (held by exactly one Python reference, the caller's) is referenced by no live graph.
-
-    A tensor saved for the backward is held by the graph until the backward has run (or the graph is
-    dropped); ``Tensor._use_count`` counts those holders. Where that private counter does not exist the
-    answer is ``False``, and callers allocate afresh.
-    """
-    count = getattr(buffer, "_use_count", None)
-    return buffer is not None and count is not None and count() == 1
 
 
 def bias_sources(

@@ -5,19 +5,22 @@ generic path works for every module but pays, in the backward, a full weight-gra
 two scalar gradients. A *layer kernel* computes the layer's forward knowing that its weight is
 ``a * W_prev + b * W_next`` (see :mod:`replace_wrap.synthesis.kernels`).
 
-Lookup: kernels are tried in registration order and the first match wins. The built-ins are registered here,
-in this order: ``nn.Linear``, then ``nn.Conv1d`` / ``nn.Conv2d`` / ``nn.Conv3d``; kernels registered later by
-users come after them, so a user kernel serves layer types the built-ins do not claim. The lookup happens when
-a layer runs (cached per registry state), so a kernel registered after a model was converted serves it too.
+Lookup: kernels are tried in registration order and the first match wins. The built-ins are registered in
+:mod:`replace_wrap.synthesis.builtin_kernels`, in this order: ``nn.Linear``, ``nn.Conv1d`` / ``nn.Conv2d`` /
+``nn.Conv3d``, and Hugging Face's ``transformers.pytorch_utils.Conv1D`` (named by its import path, so that
+nothing here imports transformers); kernels registered later by users come after them, so a user kernel serves
+layer types the built-ins do not claim. The lookup happens when a layer runs (cached per registry state), so
+a kernel registered after a model was converted serves it too.
 
 A kernel serves a class when the class is (a subclass of) one of its types and overrides nothing that the type
 runs: a subclass that redefines ``forward``, ``_conv_forward`` or any other method of the type (a LoRA or
 quantized linear, a convolution with its own padding) computes something else and keeps the generic path. Only
 methods that run at construction (``__init__``, ``reset_parameters``, ``extra_repr``, ...) may differ. A kernel
 may also decline a single call by returning ``NotImplemented`` (then the base class's forward runs with the
-property path); the built-ins decline when the site has ``fast_path=False``, when the rule is not a linear mix,
-under ``torch.no_grad`` (nothing to save, the generic path is as fast) and for inputs or settings they do not
-cover (unbatched convolution input, string padding, non-zero padding modes).
+property path); the built-ins decline when :func:`mix_source` says so (``fast_path=False``, a rule that is not
+a linear mix, meta tensors), under ``torch.no_grad`` (nothing to save, the generic
+path is as fast) and for inputs or settings they do not cover (unbatched convolution input, string padding,
+non-zero padding modes). :func:`layer_route` says in advance which path a layer takes, for reports.
 
 Example:
     >>> import torch
@@ -29,9 +32,8 @@ Example:
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator
-from dataclasses import dataclass
+import sys
+from dataclasses import dataclass, field
 from typing import Any, Callable, NamedTuple
 
 import torch
@@ -39,7 +41,8 @@ from torch import nn
 
 from ..errors import RegistryError
 from ..integrations.fsdp_state import is_managed
-from .kernels import mixed_conv, mixed_linear, reusable
+from .adapt import adapt_pair
+from .estimators import describe_sample
 
 __all__ = [
     "CACHE_PREFIX",
@@ -48,10 +51,10 @@ __all__ = [
     "MixSource",
     "TensorSource",
     "kernel_for",
+    "layer_route",
     "list_layer_kernels",
     "mix_source",
     "register_layer_kernel",
-    "weight_buffer",
 ]
 
 KernelFn = Callable[..., Any]
@@ -59,6 +62,7 @@ KernelFn = Callable[..., Any]
 # The contract between a replaced layer and its kernels. The surgery stores, in the layer's __dict__ under
 # SOURCES_ATTR, one TensorSource per synthesized tensor name; kernels read them through mix_source().
 SOURCES_ATTR = "_rw_sources"
+CACHE_PREFIX = "_rw_cache_"  # layer attributes with this prefix are caches: not pickled, dropped on uninstall
 
 
 class TensorSource(NamedTuple):
@@ -97,30 +101,48 @@ def _computing_methods(t: type) -> frozenset[str]:
     return frozenset(names)
 
 
+def _resolve(t: type | str) -> type | None:
+    """A served type, or the class a ``"package.module.Class"`` path names once its module is imported."""
+    if isinstance(t, type):
+        return t
+    module, _, name = t.rpartition(".")
+    found = getattr(sys.modules.get(module), name, None)  # never imports: a class exists only once imported
+    return found if isinstance(found, type) else None
+
+
 @dataclass(frozen=True)
 class LayerKernel:
     """A fast forward for layers of the given types.
 
     Attributes:
         name: Unique name (for errors and listings).
-        types: The module types served (subclasses too, unless they redefine a method the type runs).
+        types: The module types served (subclasses too, unless they redefine a method the type runs), or
+            import paths ``"package.module.Class"`` of types resolved once their module is imported.
         requires: Tensor names that must be synthesized for the kernel to apply (e.g. ``("weight",)``).
         forward: ``forward(layer, *args, **kwargs)``; returns the output or ``NotImplemented`` to decline.
+        check: Optional ``check(layer) -> str | None``: why the kernel will decline every call of this layer
+            (e.g. ``"padding='same'"``), for reports; ``None`` when it serves it.
+        units: What the scalar-gradient estimator samples, in words (for reports).
     """
 
     name: str
-    types: tuple[type[nn.Module], ...]
+    types: tuple[type[nn.Module] | str, ...]
     requires: tuple[str, ...]
     forward: KernelFn
+    check: Callable[[nn.Module], str | None] | None = field(default=None, compare=False)
+    units: str = "units"
 
     def matches(self, cls: type, names: tuple[str, ...]) -> bool:
         """Whether this kernel serves a layer of class ``cls`` whose tensors ``names`` are synthesized."""
         if not set(self.requires) <= set(names):
             return False
-        return any(
-            issubclass(cls, t) and all(getattr(cls, n, None) is getattr(t, n) for n in _computing_methods(t))
-            for t in self.types
-        )
+        for spec in self.types:
+            t = _resolve(spec)
+            if t is not None and issubclass(cls, t) and all(
+                getattr(cls, n, None) is getattr(t, n) for n in _computing_methods(t)
+            ):
+                return True
+        return False
 
 
 _KERNELS: list[LayerKernel] = []  # registration order is lookup order: first match wins
@@ -128,18 +150,20 @@ _LOOKUP: dict[tuple[type, tuple[str, ...]], LayerKernel | None] = {}  # emptied 
 
 
 def register_layer_kernel(
-    *types: type[nn.Module], name: str | None = None, requires: tuple[str, ...] = ("weight",)
+    *types: type[nn.Module] | str, name: str | None = None, requires: tuple[str, ...] = ("weight",),
+    check: Callable[[nn.Module], str | None] | None = None, units: str = "units",
 ) -> Callable[[KernelFn], KernelFn]:
     """Register ``fn(layer, *args, **kwargs)`` as the forward of replaced layers of ``types``.
 
     Experimental. The kernel receives the replaced layer (its synthesized tensors readable as attributes,
     their sources through :func:`mix_source`) and the forward's arguments; it must return what the base
     forward would, or ``NotImplemented`` to fall back to it. It serves layers converted before or after
-    its registration.
+    its registration. A type may be named by its import path (``"package.module.Class"``): it is resolved
+    when a layer runs, only if that module is imported by then, so registering costs no import.
 
     Raises:
-        RegistryError: If no type is given, a type is not an ``nn.Module`` subclass, the name is taken, or a
-            type is already served by another kernel.
+        RegistryError: If no type is given, a type is neither an ``nn.Module`` subclass nor a dotted path,
+            the name is taken, or a type is already served by another kernel.
 
     Example:
         >>> class Scale(nn.Module):
@@ -154,8 +178,15 @@ def register_layer_kernel(
         >>> "doc_scale" in list_layer_kernels()
         True
     """
-    if not types or not all(isinstance(t, type) and issubclass(t, nn.Module) for t in types):
-        raise RegistryError(f"register_layer_kernel needs one or more nn.Module subclasses, got {types!r}")
+    def valid(t: object) -> bool:
+        if isinstance(t, str):
+            return "." in t and all(part.isidentifier() for part in t.split("."))
+        return isinstance(t, type) and issubclass(t, nn.Module)
+
+    if not types or not all(valid(t) for t in types):
+        raise RegistryError(
+            f"register_layer_kernel needs nn.Module subclasses or 'package.module.Class' paths, got {types!r}"
+        )
 
     def decorator(fn: KernelFn) -> KernelFn:
         kernel_name = name or fn.__name__
@@ -164,13 +195,13 @@ def register_layer_kernel(
                 return fn
             if k.name == kernel_name:
                 raise RegistryError(f"a layer kernel named {kernel_name!r} is already registered; choose another name")
-            taken = [t.__qualname__ for t in types if t in k.types]
+            taken = [t if isinstance(t, str) else t.__qualname__ for t in types if t in k.types]
             if taken:
                 raise RegistryError(
                     f"{', '.join(taken)} already has the layer kernel {k.name!r}; register a kernel for a "
                     "subclass instead (the first matching kernel in registration order wins)"
                 )
-        _KERNELS.append(LayerKernel(kernel_name, tuple(types), tuple(requires), fn))
+        _KERNELS.append(LayerKernel(kernel_name, tuple(types), tuple(requires), fn, check, units))
         _LOOKUP.clear()
         return fn
 
@@ -200,111 +231,109 @@ class MixSource(NamedTuple):
     b: torch.Tensor
     prev: torch.Tensor
     next: torch.Tensor
-    sample: float | None
+    sample: float | str | None
     bias: torch.Tensor | None  # the layer's bias when it is not mixed with the weight's scalars (else None)
     bias_mix: tuple[torch.Tensor, torch.Tensor] | None  # (prev, next) bias mixed with the weight's (a, b)
 
 
-def _same_shapes(source: TensorSource) -> bool:
-    """Whether neither side of a source needs shape adapting."""
-    return source.prev_adapter is None and source.next_adapter is None
+def _bias_is_mixed(sources: dict[str, TensorSource], src: TensorSource, bias: str | None) -> bool:
+    """Whether the bias is synthesized from the same neighbours with the weight's scalar set."""
+    bsrc = None if bias is None else sources.get(bias)
+    return (
+        bsrc is not None and bsrc.site is src.site and (bsrc.prev, bsrc.next) == (src.prev, src.next)
+        and src.site.index_of(bsrc.k) == src.site.index_of(src.k)
+    )
+
+
+def _sides(src: TensorSource, name: str, detach: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """The neighbours' current ``name`` tensors, in the replaced tensor's shape (adapted if need be)."""
+    p = None if src.prev is None else getattr(src.prev, name)
+    n = None if src.next is None else getattr(src.next, name)
+    if detach:
+        p = None if p is None else p.detach()
+        n = None if n is None else n.detach()
+    if src.prev_adapter is None and src.next_adapter is None:
+        return p, n  # type: ignore[return-value]  # both present when nothing is adapted
+    # A slice or zero-pad per side (an absent side: zeros). Detached, it is a copy the layer computes with;
+    # coupled, autograd takes the neighbours' gradients back through it.
+    return adapt_pair(p, n, src.prev_adapter, src.next_adapter)
 
 
 def mix_source(layer: nn.Module, name: str = "weight", bias: str | None = "bias") -> MixSource | None:
     """How ``layer.<name>`` (and its bias) are synthesized, or ``None`` when the fast path must not be used.
 
     ``None`` when the site has ``fast_path=False``, when its rule is not a linear mix of the neighbours, when
-    a neighbour's tensor needs shape adapting, or when ``name`` is not synthesized. ``prev`` and ``next`` are detached unless the site is coupled. A bias
-    synthesized with the same scalars as the weight (``scalars="block"``) comes back as ``bias_mix`` so the
-    layer can mix it itself; any other bias (the layer's own, or one with its own scalars) as ``bias``.
+    ``name`` is not synthesized, or for meta tensors. ``prev`` and ``next`` are the neighbours' tensors in the
+    replaced tensor's shape (shape-adapted ones mapped, an absent side as zeros), detached unless the site is
+    coupled. A bias synthesized with the same scalars as the weight (``scalars="block"``) comes back as
+    ``bias_mix`` so the layer can mix it itself; any other bias (the layer's own, or one with its own scalars)
+    as ``bias``.
     """
-    sources = layer.__dict__.get(SOURCES_ATTR, {})
-    src = sources.get(name)
-    if src is None:
+    state = layer.__dict__
+    key = _STATIC + name
+    static = state.get(key)
+    if static is None:  # what does not change while the layer is replaced, worked out once
+        sources = state.get(SOURCES_ATTR, {})
+        src = sources.get(name)
+        if src is None:
+            return None
+        static = state[key] = (src, src.site.index_of(src.k), sources[bias] if _bias_is_mixed(sources, src, bias) else None)
+    src, index, bias_src = static
+    site = src.site
+    if not site.fast_path or not site.linear_mix:
         return None
-    site, k, prev_layer, next_layer = src.site, src.k, src.prev, src.next
-    if not _same_shapes(src):  # a neighbour of another shape: the generic (adapted) path
+    if is_managed(src.prev) or is_managed(src.next):  # FSDP2 (integrations/fsdp_synthesis.py): the neighbours
+        return None  # may be sharded; the getter synthesizes from their shards, the generic path differentiates
+    detach = site.detach
+    prev, nxt = _sides(src, name, detach)
+    if prev.is_meta:  # meta init: shapes only, the generic path propagates them without the custom backward
         return None
-    if is_managed(prev_layer) or is_managed(next_layer):  # FSDP2 (integrations/fsdp_synthesis.py): the
-        return None  # neighbours may be sharded; the getter synthesizes from their shards, the generic path
-    if not getattr(site, "fast_path", False) or not getattr(site, "linear_mix", False):
-        return None
-    index = site.index_of(k)  # the scalar set of the k-th synthesized tensor
     a, b = site.coefficients()
     if a.numel() > 1:  # one set of shape (1,) broadcasts as it is (weights have dimensions): no select op
         a, b = a[index], b[index]
-    prev, nxt = getattr(prev_layer, name), getattr(next_layer, name)
-    if prev.is_meta:  # meta init: shapes only, the generic path propagates them without the custom backward
-        return None
-    if site.detach:
-        prev, nxt = prev.detach(), nxt.detach()
-    own_bias, bias_mix = None, None
-    if bias is not None:
-        bsrc = sources.get(bias)
-        if bsrc is not None and _same_shapes(bsrc) and bsrc.site is site and site.index_of(bsrc.k) == index:
-            bp, bn = getattr(prev_layer, bias), getattr(next_layer, bias)
-            bias_mix = (bp.detach(), bn.detach()) if site.detach else (bp, bn)
-        else:
-            own_bias = getattr(layer, bias)
-    return MixSource(a, b, prev, nxt, site.ab_grad_sample, own_bias, bias_mix)
+    if bias_src is not None:
+        return MixSource(a, b, prev, nxt, site.ab_grad_sample, None, _sides(bias_src, bias, detach))  # type: ignore[arg-type]
+    own_bias = None if bias is None else getattr(layer, bias)
+    return MixSource(a, b, prev, nxt, site.ab_grad_sample, own_bias, None)
 
 
-CACHE_PREFIX = "_rw_cache_"  # layer attributes with this prefix are caches: not pickled, dropped on uninstall
-_WEIGHT_CACHE = CACHE_PREFIX + "weight"
+_STATIC = CACHE_PREFIX + "static_"
 
 
-@contextlib.contextmanager
-def weight_buffer(layer: nn.Module, like: torch.Tensor) -> Iterator[torch.Tensor | None]:
-    """A buffer of the layer to synthesize its weight into, or ``None`` for a fresh tensor.
+def layer_route(
+    layer: nn.Module, names: tuple[str, ...], *, fast_path: bool, linear_mix: bool, adapted: tuple[str, ...],
+    coupled: bool, sample: float | str | None,
+) -> tuple[str, str]:
+    """``(path, estimator)`` a replaced layer takes, in words, e.g. ``("kernel 'linear'", "sampled: ...")``.
 
-    Only on the CPU: there a fresh weight-sized tensor per layer and step comes from the operating system
-    and is faulted in page by page (measured at a few percent of a ViT step), while accelerator allocators
-    cache blocks anyway. The buffer lives between steps, taking the memory a frozen layer's own weight
-    takes. It is handed out only when no graph holds it (:func:`replace_wrap.mixed_ops.reusable`), so two
-    forwards before a backward each get their own weight, and it leaves the layer while in use, so two
-    threads never share it. Not under ``torch.compile`` (a traced graph allocates its own).
+    Args:
+        layer: The layer (its class and settings decide; it need not be converted yet).
+        names: Its synthesized tensor names.
+        fast_path: The config's ``fast_path``.
+        linear_mix: Whether the rule is a linear mix of the neighbours.
+        adapted: Its synthesized tensors whose neighbour tensors are shape-adapted.
+        coupled: ``neighbour_grad="coupled"``.
+        sample: The config's ``ab_grad_sample``.
+
+    Returns:
+        For the generic path ``("generic", "exact (autograd): <why no kernel>")``.
     """
-    if like.device.type != "cpu" or torch.compiler.is_compiling():
-        yield None
-        return
-    buf = layer.__dict__.pop(_WEIGHT_CACHE, None)  # atomic: one caller at a time holds it
-    if buf is None or (buf.shape, buf.dtype, buf.device) != (like.shape, like.dtype, like.device):
-        buf = torch.empty(like.shape, dtype=like.dtype, device=like.device)
-    elif not reusable(buf):  # a live graph still needs it: it stays theirs, this call allocates afresh
-        buf = torch.empty(like.shape, dtype=like.dtype, device=like.device)
-    try:
-        yield buf
-    finally:
-        layer.__dict__.setdefault(_WEIGHT_CACHE, buf)
-
-
-@register_layer_kernel(nn.Linear, name="linear")
-def _linear_forward(layer: nn.Linear, input: torch.Tensor) -> Any:
-    if not torch.is_grad_enabled():
-        return NotImplemented
-    src = mix_source(layer)
-    if src is None:
-        return NotImplemented
-    with weight_buffer(layer, src.prev) as out:
-        return mixed_linear(input, src.a, src.b, src.prev, src.next, src.bias, bias_mix=src.bias_mix,
-                            sample=src.sample, out=out)
-
-
-@register_layer_kernel(nn.Conv1d, nn.Conv2d, nn.Conv3d, name="conv")
-def _conv_forward(layer: nn.modules.conv._ConvNd, input: torch.Tensor) -> Any:
-    dims = len(layer.kernel_size)
-    if (
-        not torch.is_grad_enabled()
-        or input.dim() != dims + 2  # unbatched input: no batch items to sample
-        or isinstance(layer.padding, str)  # "same" may pad asymmetrically; F.conv handles it
-        or layer.padding_mode != "zeros"
-    ):
-        return NotImplemented
-    src = mix_source(layer)
-    if src is None:
-        return NotImplemented
-    with weight_buffer(layer, src.prev) as out:
-        return mixed_conv(
-            input, src.a, src.b, src.prev, src.next, src.bias, bias_mix=src.bias_mix, stride=layer.stride,
-            padding=layer.padding, dilation=layer.dilation, groups=layer.groups, sample=src.sample, out=out,
-        )
+    cls = type(layer).__dict__.get("_rw_base", type(layer))
+    kernel = kernel_for(cls, tuple(sorted(names)))
+    why = None
+    if not fast_path:
+        why = "fast_path=False"
+    elif kernel is None:
+        served = [k for k in _KERNELS if any(isinstance(t, type) and issubclass(cls, t) for t in map(_resolve, k.types))]
+        why = (f"{cls.__name__} redefines a method that kernel {served[0].name!r} relies on" if served
+               else f"no layer kernel for {cls.__name__}")
+    elif not linear_mix:
+        why = "the rule is not a linear mix of the neighbours"
+    elif kernel.check is not None:
+        why = kernel.check(layer)
+    if why is not None:
+        return "generic", f"exact (autograd): {why}"
+    route = f"kernel {kernel.name!r}" + (" (shape-adapted neighbours)" if adapted else "")  # type: ignore[union-attr]
+    if coupled:
+        return route, "exact: neighbour_grad='coupled' needs the full weight gradient"
+    return route, describe_sample(sample).replace("units", kernel.units)  # type: ignore[union-attr]

@@ -38,9 +38,11 @@ def mix(a: torch.Tensor, b: torch.Tensor, prev: torch.Tensor, next: torch.Tensor
     # Two passes over the weights (a * prev, then next * b accumulated in place) instead of three; the
     # in-place step is autograd-safe: mul saves its inputs, not its output.
     dtype = prev.dtype
+    if a.dtype != dtype:  # no cast op at all when the dtypes agree (this runs per layer and step)
+        a, b = a.to(dtype), b.to(dtype)
     if prev.shape != next.shape:  # broadcasting sides: the in-place step could not take next's shape
-        return a.to(dtype) * prev + b.to(dtype) * next
-    return (prev * a.to(dtype)).addcmul_(next, b.to(dtype))
+        return a * prev + b * next
+    return (prev * a).addcmul_(next, b)
 
 
 class Fit(NamedTuple):

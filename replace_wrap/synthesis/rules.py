@@ -31,6 +31,7 @@ __all__ = [
     "IntegrationRule",
     "LinearRule",
     "get_rule",
+    "is_linear_mix",
     "list_rules",
     "register_rule",
     "state_frozen",
@@ -198,6 +199,17 @@ def get_rule(name: str) -> IntegrationRule:
             f"unknown integration rule {name!r}; registered rules: {', '.join(sorted(_RULES))}. "
             "Register your own with @replace_wrap.register_rule(name)."
         ) from None
+
+
+def is_linear_mix(rule: IntegrationRule) -> bool:
+    """Whether ``rule`` synthesizes ``a * prev + b * next`` from its coefficients (what layer kernels compute).
+
+    A rule with its own synthesis (a non-linear map, or per-tensor state like ``'ema'``) keeps the generic path.
+    """
+    return (
+        type(rule).synthesize is IntegrationRule.synthesize
+        and type(rule).synthesize_tensor is IntegrationRule.synthesize_tensor
+    )
 
 
 def list_rules() -> list[str]:

@@ -1,0 +1,71 @@
+"""The built-in layer kernels, registered in lookup order: ``nn.Linear``, ``nn.Conv1d/2d/3d``, HF ``Conv1D``.
+
+Each reads its synthesized weight's sources through :func:`~replace_wrap.synthesis.layer_kernels.mix_source`
+(which returns ``None`` where the fast path must not be used: then the kernel declines with
+``NotImplemented`` and the layer's own forward runs on the property path) and computes with
+:func:`~replace_wrap.synthesis.kernels.mixed_linear` / :func:`~replace_wrap.synthesis.kernels.mixed_conv`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from .kernels import mixed_conv, mixed_linear
+from .layer_kernels import mix_source, register_layer_kernel
+
+__all__: list[str] = []
+
+# What the kernels' estimators sample, in the words of reports.
+ROWS = "rows (tokens)"
+POSITIONS = "output positions (batch x spatial)"
+
+
+def _linear(layer: nn.Module, x: torch.Tensor, stored_transposed: bool) -> Any:
+    if not torch.is_grad_enabled():
+        return NotImplemented
+    src = mix_source(layer)
+    if src is None:
+        return NotImplemented
+    prev, nxt = (src.prev.t(), src.next.t()) if stored_transposed else (src.prev, src.next)
+    return mixed_linear(x, src.a, src.b, prev, nxt, src.bias, bias_mix=src.bias_mix, sample=src.sample)
+
+
+@register_layer_kernel(nn.Linear, name="linear", units=ROWS)
+def _linear_forward(layer: nn.Linear, input: torch.Tensor) -> Any:
+    return _linear(layer, input, stored_transposed=False)
+
+
+def _conv_check(layer: nn.Module) -> str | None:
+    if isinstance(layer.padding, str):  # type: ignore[attr-defined]
+        return f"padding={layer.padding!r} (may pad asymmetrically)"  # type: ignore[attr-defined]
+    if layer.padding_mode != "zeros":  # type: ignore[attr-defined]
+        return f"padding_mode={layer.padding_mode!r}"  # type: ignore[attr-defined]
+    return None
+
+
+@register_layer_kernel(nn.Conv1d, nn.Conv2d, nn.Conv3d, name="conv", check=_conv_check, units=POSITIONS)
+def _conv_forward(layer: nn.modules.conv._ConvNd, input: torch.Tensor) -> Any:
+    if (
+        not torch.is_grad_enabled()
+        or input.dim() != len(layer.kernel_size) + 2  # unbatched input: F.conv handles it
+        or _conv_check(layer) is not None
+    ):
+        return NotImplemented
+    src = mix_source(layer)
+    if src is None:
+        return NotImplemented
+    return mixed_conv(
+        input, src.a, src.b, src.prev, src.next, src.bias, bias_mix=src.bias_mix, stride=layer.stride,
+        padding=layer.padding, dilation=layer.dilation, groups=layer.groups, sample=src.sample,
+    )
+
+
+# GPT-2's (and GPT-1's, CTRL's ...) projection: y = x @ W + b with W stored as (in, out). Named by its import
+# path: it is resolved only once transformers has imported it, so `import replace_wrap` imports no transformers.
+@register_layer_kernel("transformers.pytorch_utils.Conv1D", name="hf_conv1d", units=ROWS)
+def _hf_conv1d_forward(layer: nn.Module, x: torch.Tensor) -> Any:
+    # (out, in) views of the (in, out) storage: no copy; the synthesized weight keeps that layout
+    return _linear(layer, x, stored_transposed=True)

@@ -1,0 +1,130 @@
+"""No weight decay on the replaced blocks' scalars: param_groups, convert/merge(optimizers=), timm's optimizer
+factory, Hugging Face's Trainer (whatever the import order), and a warning for a plain AdamW(model.parameters())."""
+
+from __future__ import annotations
+
+import logging
+import warnings
+
+import pytest
+import torch
+
+import replace_wrap
+from conftest import run_python
+from toys import ResidualMLP, tiny_hf_vit, tiny_timm_vit
+
+
+def _ids(ps):
+    return {id(p) for p in ps}
+
+
+def _scalars(model):
+    return [p for m in model.modules() if isinstance(m, replace_wrap.ReplacementSite) for p in m.parameters()]
+
+
+def test_param_groups_split_decay_norms_biases_and_scalars():
+    model = replace_wrap.convert(ResidualMLP(), every=2)
+    groups = replace_wrap.param_groups(model, weight_decay=0.05, scalar_lr=1e-2)
+    decayed, plain, scalars = groups
+    # independent of the rule's code: the toy's parameters by name
+    named = dict(model.named_parameters())
+    want_decay = {n for n in named if n.endswith(".weight") and ".fc" in n or n in ("head.weight", "proj.weight")}
+    assert _ids(decayed["params"]) == _ids(named[n] for n in want_decay) and decayed["weight_decay"] == 0.05
+    assert _ids(scalars["params"]) == _ids(_scalars(model)) and scalars["lr"] == 1e-2 and scalars["weight_decay"] == 0
+    assert _ids(plain["params"]) == _ids(p for n, p in named.items() if n not in want_decay and "replacement" not in n)
+    assert plain["weight_decay"] == 0.0 and "lr" not in plain
+    assert all(named[n].dim() >= 2 for n in want_decay)
+    opt = torch.optim.AdamW(groups, lr=1e-3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the decay watch has nothing to say
+        model(ResidualMLP.example()).square().mean().backward()
+        opt.step()
+
+
+def test_param_groups_follow_timm_no_weight_decay():
+    model = replace_wrap.convert(tiny_timm_vit(3), every=2)
+    decayed = _ids(replace_wrap.param_groups(model, weight_decay=0.1)[0]["params"])
+    assert id(model.pos_embed) not in decayed and id(model.cls_token) not in decayed  # model.no_weight_decay()
+    assert id(model.blocks[0].attn.qkv.weight) in decayed and id(model.blocks[0].norm1.weight) not in decayed
+
+
+def test_a_plain_adamw_that_decays_the_scalars_warns_once():
+    model = replace_wrap.convert(ResidualMLP(), every=2)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.01)
+    with pytest.warns(UserWarning, match=r"AdamW applies weight_decay=0.01 to 4 scalar\(s\) of replaced blocks.*"
+                                         r"replace_wrap.param_groups\(model, weight_decay=0.01\)"):
+        model(ResidualMLP.example()).square().mean().backward()
+        opt.step()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # once per optimizer
+        opt.step()
+
+
+def test_convert_with_optimizers_puts_the_scalars_in_a_group_without_decay(caplog):
+    model = ResidualMLP()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.1)
+    with caplog.at_level(logging.WARNING, logger="replace_wrap"):
+        replace_wrap.convert(model, every=2, optimizers=opt)
+    assert "added a parameter group with weight_decay=0" in caplog.text
+    assert len(opt.param_groups) == 2
+    new = opt.param_groups[1]
+    assert new["weight_decay"] == 0.0 and new["lr"] == 1e-3 and new["betas"] == opt.param_groups[0]["betas"]
+    assert _ids(new["params"]) == _ids(_scalars(model))
+    # merge: the restored matrices go back to the decayed group, the restored norms and biases stay undecayed
+    replace_wrap.merge(model, optimizers=opt)
+    block = model.blocks[1]
+    assert id(block.fc1.weight) in _ids(opt.param_groups[0]["params"])
+    assert id(block.fc1.bias) in _ids(opt.param_groups[1]["params"])
+    assert id(block.norm.weight) in _ids(opt.param_groups[1]["params"])
+    # an optimizer that already has a no-decay group (HF, timm): the scalars join it, no group is added
+    model = ResidualMLP()
+    opt = torch.optim.AdamW(replace_wrap.param_groups(model, weight_decay=0.1), lr=1e-3)
+    replace_wrap.convert(model, every=2, optimizers=opt)
+    assert len(opt.param_groups) == 2 and _ids(_scalars(model)) <= _ids(opt.param_groups[1]["params"])
+
+
+def test_timm_optimizer_factory_leaves_the_scalars_undecayed():
+    from timm.optim import create_optimizer_v2
+
+    model = replace_wrap.convert(tiny_timm_vit(3), every=2)
+    opt = create_optimizer_v2(model, "adamw", lr=1e-3, weight_decay=0.05)
+    for p in _scalars(model):
+        (group,) = [g for g in opt.param_groups if id(p) in _ids(g["params"])]
+        assert group["weight_decay"] == 0.0
+
+
+def _trainer_decay(model):
+    import tempfile
+
+    from transformers import Trainer, TrainingArguments
+
+    args = TrainingArguments(output_dir=tempfile.mkdtemp(), report_to=[], use_cpu=True, weight_decay=0.1)
+    trainer = Trainer(model=model, args=args)
+    opt = trainer.create_optimizer()
+    return {id(p): g["weight_decay"] for g in opt.param_groups for p in g["params"]}
+
+
+def test_hf_trainer_gives_the_scalars_no_decay():
+    pytest.importorskip("accelerate")
+    model = replace_wrap.convert(tiny_hf_vit(3), every=2)
+    decay = _trainer_decay(model)
+    assert all(decay[id(p)] == 0.0 for p in _scalars(model))
+    assert decay[id(model.get_parameter("vit.layers.0.attention.q_proj.weight"))] == 0.1  # the rest as before
+
+
+def test_hf_trainer_imported_after_convert_gives_the_scalars_no_decay(tmp_path, monkeypatch):
+    """In a fresh process: transformers' trainer module is imported only after convert (the import hook)."""
+    pytest.importorskip("accelerate")
+    code = (
+        "import sys, transformers, replace_wrap\n"
+        "from toys import tiny_hf_vit\n"
+        "assert 'transformers.trainer' not in sys.modules\n"
+        "model = replace_wrap.convert(tiny_hf_vit(3), every=2)\n"
+        "from test_weight_decay import _trainer_decay, _scalars\n"
+        "decay = _trainer_decay(model)\n"
+        "print(sorted({decay[id(p)] for p in _scalars(model)}), sorted(set(decay.values())))\n"
+    )
+    monkeypatch.setenv("PYTHONPATH", str(__import__("pathlib").Path(__file__).parent))  # toys, this module
+    out = run_python("-c", code, TMPDIR=str(tmp_path))
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip().splitlines()[-1] == "[0.0] [0.0, 0.1]"
