@@ -24,6 +24,7 @@ from .errors import (
     BudgetError,
     CompatibilityError,
     ConfigError,
+    IntegrationError,
     MergeError,
     NotConvertedError,
     NothingToReplaceError,
@@ -33,11 +34,15 @@ from .errors import (
     StateDictError,
     TracingError,
 )
+from .integrations import peft as _peft  # noqa: F401  registers the attachment that guards PEFT-wrapped models
 from .integrations.decay import param_groups
 from .integrations.fsdp import fsdp_units, shard
+from .integrations.fsdp_memory import FSDPMemory, fsdp_memory
 from .io.checkpoint import from_pretrained, load, save
 from .io.guard import load_state_dict
+from .io import plain as _plain  # noqa: F401  registers the plain_state_dict attachment
 from .io.record import ConversionRecord, RecordedBlock
+from .observe import print_trainable_parameters, scalars
 from .report import BlockReport, ConversionReport, LayerRoute
 from .selection.budget import Budget
 from .selection.policies import AllOf, AnyOf, Every, Filter, Indices, Paths, Pattern, Policy
@@ -72,8 +77,10 @@ __all__ = [
     "ConversionRecord",
     "ConversionReport",
     "Every",
+    "FSDPMemory",
     "Filter",
     "Indices",
+    "IntegrationError",
     "IntegrationRule",
     "LayerRoute",
     "MergeError",
@@ -95,6 +102,7 @@ __all__ = [
     "__version__",
     "convert",
     "from_pretrained",
+    "fsdp_memory",
     "fsdp_units",
     "list_rules",
     "load",
@@ -102,11 +110,13 @@ __all__ = [
     "merge",
     "param_groups",
     "plan",
+    "print_trainable_parameters",
     "register_layer_kernel",
     "register_leaf_module",
     "register_rule",
     "report",
     "revert",
     "save",
+    "scalars",
     "shard",
 ]

@@ -18,7 +18,8 @@ from torch import nn
 from .config import ReplaceConfig
 from .errors import AlreadyConvertedError, ConfigError, MergeError, NotConvertedError, NothingToReplaceError, PolicyError
 from .integrations import decay, optim
-from .report import BlockReport, ConversionReport, LayerRoute, stored_report
+from .integrations.fsdp_state import refuse_sharded
+from .report import BlockReport, ConversionReport, LayerRoute, converted_module, stored_report
 from .selection.policies import Every, Policy, PolicyLike, as_policy
 from .surgery import attachments, swap
 from .surgery.apply import apply_plan, restore_block, scalar_values, site_tensors, sites
@@ -130,21 +131,20 @@ def report(model: nn.Module) -> ConversionReport:
     """The report of a converted model, with the scalars' current values and live parameter counts.
 
     ``model`` may also be a module that holds the converted one (``report(hf_model)`` after
-    ``convert(hf_model.vit)``): block paths are then given from ``model``.
+    ``convert(hf_model.vit)``, a ``PeftModel``, a ``LightningModule``): block paths are then given from
+    ``model``, as ``model.get_submodule`` takes them.
 
     Raises:
-        NotConvertedError: If neither ``model`` nor exactly one module inside it was converted.
+        NotConvertedError: If neither ``model`` nor a module inside it was converted.
     """
-    stored, prefix = stored_report(model), ""
-    if stored is None:
-        inner = [(p, m) for p, m in model.named_modules() if p and stored_report(m) is not None]
-        if len(inner) == 1:
-            prefix, stored = f"{inner[0][0]}.", stored_report(inner[0][1])
+    holder = converted_module(model)
+    stored = None if holder is None else stored_report(holder)
     if stored is None:
         raise NotConvertedError(
             f"{type(model).__name__} has no conversion report: it was not converted with replace_wrap.convert "
             "(or was merged/reverted since). Use replace_wrap.plan(model) to preview a conversion."
         )
+    prefix = "" if holder is model else next(f"{p}." for p, m in model.named_modules() if m is holder)
     out = dataclasses.replace(stored, blocks=[_prefixed(b, prefix) for b in stored.blocks])
     live = {path: site for path, _, site in sites(model)}
     for b in out.blocks:
@@ -152,7 +152,7 @@ def report(model: nn.Module) -> ConversionReport:
             b.scalars = scalar_values(live[b.path])
     # Counted on the live model, not at conversion: weights tied after convert (Hugging Face ties embeddings
     # after construction, so from_pretrained converts before tying), or frozen since, change the count.
-    out.trainable_after = trainable_count(model)
+    out.trainable_after = trainable_count(holder)
     added = sum(p.numel() for s in live.values() for p in s.parameters() if p.requires_grad)
     out.trainable_before = out.trainable_after - added + sum(b.params_saved for b in out.replaced)
     return out
@@ -193,6 +193,7 @@ def merge(model: nn.Module, *, optimizers: Any = None) -> nn.Module:
         >>> sum(p.numel() for g in opt.param_groups for p in g["params"])  # every tensor of the plain model
         100
     """
+    refuse_sharded(model, "merge")  # FSDP2: each rank holds shards; gather first (issue 14)
     found = _require_sites(model, "merge")
     planned: list[tuple[str, nn.Module, ReplacementSite, list[tuple[nn.Module, str, torch.Tensor]]]] = []
     with torch.no_grad(), state_frozen():  # a rule's state (ema) is read as it is, never moved by the merge
@@ -224,6 +225,7 @@ def revert(model: nn.Module, *, optimizers: Any = None) -> nn.Module:
         NotConvertedError: If ``model`` has no replaced blocks.
         MergeError: If it was converted without ``keep_original=True``.
     """
+    refuse_sharded(model, "revert")
     found = _require_sites(model, "revert")
     missing = [path for path, _, site in found if not site.has_originals]
     if missing:
@@ -376,6 +378,7 @@ def _resolve_policy(every: Any, policy: PolicyLike | None) -> Policy:
 def _check_not_converted(model: nn.Module) -> None:
     if not isinstance(model, nn.Module):
         raise ConfigError(f"replace_wrap works on torch.nn.Module instances, got {type(model).__name__}")
+    refuse_sharded(model, "convert")  # FSDP2 shards: convert first, then shard (issue 14)
     for path, m in model.named_modules():
         if isinstance(m, ReplacementSite) or swap.is_swapped(m):
             raise AlreadyConvertedError(

@@ -63,6 +63,12 @@ class ReplaceConfig:
         recompute: Keep only the inputs of each replaced block for the backward and recompute the block
             there (``torch.utils.checkpoint``): less memory than freezing the block, one more forward of it.
             As with any checkpointing, BatchNorm statistics of the block update in both passes.
+        plain_state_dict: ``True`` (default): ``model.state_dict()`` also holds each replaced tensor's current
+            synthesized value under its original key, so every checkpoint written from the converted model
+            (``save_pretrained``, ``Trainer.save_model``, ``torch.save(model.state_dict())``) also loads as a
+            plain model of the original architecture that predicts the same (see :mod:`replace_wrap.io.plain`).
+            ``False``: the state dict holds the scalars instead of the replaced tensors only (smaller; only
+            ``replace_wrap.load`` / ``replace_wrap.from_pretrained`` can load it).
         version: Format version of this config, stored with saved conversions.
 
     Example:
@@ -80,6 +86,7 @@ class ReplaceConfig:
     fast_path: bool = True
     ab_grad_sample: float | str | None = "auto"
     recompute: bool = False
+    plain_state_dict: bool = True
     version: int = CONFIG_VERSION
 
     def __post_init__(self) -> None:
@@ -107,7 +114,7 @@ class ReplaceConfig:
             raise ConfigError(f"init must be two finite numbers (a, b), got {init!r}")
         object.__setattr__(self, "init", (float(init[0]), float(init[1])))
         rule.check_init(self.init)
-        for flag in ("fast_path", "recompute"):
+        for flag in ("fast_path", "recompute", "plain_state_dict"):
             if not isinstance(getattr(self, flag), bool):
                 raise ConfigError(f"{flag} must be True or False, got {getattr(self, flag)!r}")
         self._check_sample()

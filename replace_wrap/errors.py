@@ -13,6 +13,7 @@ __all__ = [
     "BudgetError",
     "CompatibilityError",
     "ConfigError",
+    "IntegrationError",
     "MergeError",
     "NotConvertedError",
     "NothingToReplaceError",
@@ -86,3 +87,8 @@ class CompatibilityError(ReplaceWrapError, RuntimeError):
 
 class StateDictError(ReplaceWrapError, RuntimeError):
     """A state dict does not fit the model (converted vs. unconverted)."""
+
+
+class IntegrationError(ReplaceWrapError, RuntimeError):
+    """A library combined with a converted model (PEFT, ...) is used in a way that would not give the trained
+    function; the message names the supported recipe."""

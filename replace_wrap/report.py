@@ -10,7 +10,7 @@ from torch import nn
 
 from .config import ReplaceConfig
 
-__all__ = ["REPORT_ATTR", "BlockReport", "ConversionReport", "LayerRoute", "stored_report"]
+__all__ = ["REPORT_ATTR", "BlockReport", "ConversionReport", "LayerRoute", "converted_module", "stored_report"]
 
 REPORT_ATTR = "_replace_wrap_report"  # where a converted model keeps its report (see surgery.attachments)
 
@@ -191,3 +191,14 @@ def _human(n: int) -> str:
 def stored_report(model: nn.Module) -> ConversionReport | None:
     """The report ``convert`` kept on ``model`` (scalars as at conversion), or ``None`` if not converted."""
     return model.__dict__.get(REPORT_ATTR)
+
+
+def converted_module(model: nn.Module) -> nn.Module | None:
+    """The module that ``convert`` was called on: ``model`` itself, or the first submodule that carries a report.
+
+    A converted model is often wrapped afterwards (PEFT's ``PeftModel``, a ``LightningModule``, DDP's
+    ``module``); the verbs that read the conversion accept the wrapper.
+    """
+    if REPORT_ATTR in model.__dict__:
+        return model
+    return next((m for m in model.modules() if REPORT_ATTR in m.__dict__), None)

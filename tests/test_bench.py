@@ -76,6 +76,7 @@ def test_bench_reports_child_failure(toys_importable):
         (["--set", "depth"], "--set expects KEY=VALUE"),
         (["--input-shape", "8,x"], "--input-shape expects comma-separated integers, got '8,x'"),
         (["--sample", "2"], "--sample must be a fraction in \\(0, 1\\], got 2.0"),
+        (["--child-env", "NOVALUE"], "--child-env expects KEY=VALUE, got 'NOVALUE'"),
     ],
 )
 def test_bench_argument_errors(argv, message, capsys):

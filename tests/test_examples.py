@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib.util
 import itertools
+import json
 import math
 import re
 import subprocess
@@ -178,6 +179,32 @@ def test_bench_profile_step_names_the_phases():
     assert "variant replace, 1 steps" in out
     for phase in ("forward", "backward", "optimizer"):
         assert re.search(rf"^\s*{phase}\s", out, flags=re.M), f"no {phase} row:\n{out}"
+
+
+@pytest.mark.timeout(240)
+def test_bench_fsdp_table_at_world_2(tmp_path):
+    pytest.importorskip("transformers")
+    out = tmp_path / "bench.json"
+    proc = run_example("bench_fsdp.py", "--world", "2", "--layers", "4", "--hidden", "32", "--steps", "1",
+                       "--rounds", "1", "--json", str(out))
+    assert "end-to-end |" in proc.stdout and "replace |" in proc.stdout
+    rows = {r["variant"]: r for r in json.loads(out.read_text())["rows"]}
+    e2e, freeze, rep = rows["end-to-end"], rows["freeze"], rows["replace"]
+    assert all(r["plan_matches"] for r in rows.values())  # fsdp_memory == what FSDP2 holds
+    assert rep["params_mib"] < e2e["params_mib"]
+    assert 0 < (rep["optim_mib"] - freeze["optim_mib"]) * 2**20 <= 32  # + the AdamW state of the scalars
+    assert abs(rep["comm_vs_e2e"] - 1) < 1e-3 and rep["comm_vs_freeze"] > 1  # freeze reduces less
+    assert rep["unsharded_peak_mib"] <= e2e["unsharded_peak_mib"] * 1.01
+
+
+def test_fsdp_memory_plan_prints_the_70b_table():
+    pytest.importorskip("transformers")
+    out = run_example("fsdp_memory_plan.py", "--world", "8").stdout
+    rows = {line.split(" | ")[1]: line.split(" | ") for line in out.splitlines() if line.startswith("8 | ")}
+    assert set(rows) == {"end-to-end", "freeze", "replace"}, out
+    # GiB per rank: replace stores the frozen baseline's trainable share, less than end-to-end in total
+    assert float(rows["replace"][-1]) < float(rows["freeze"][-1]) < float(rows["end-to-end"][-1])
+    assert rows["replace"][2] == rows["freeze"][2] == "37.18B" and rows["end-to-end"][2] == "70.55B"
 
 
 def test_bench_profile_step_prints_what_a_variant_adds_over_another():

@@ -13,7 +13,6 @@ from hypothesis import strategies as st
 
 import replace_wrap
 from replace_wrap.surgery.apply import sites
-from replace_wrap.synthesis import estimators
 from replace_wrap.synthesis import kernels as mixed_ops
 from replace_wrap.synthesis.maths import mix
 from replace_wrap.synthesis.estimators import check_sample, sample_units

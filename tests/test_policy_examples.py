@@ -9,7 +9,6 @@ from pathlib import Path
 import pytest
 import torch
 
-import replace_wrap
 
 ROOT = Path(__file__).resolve().parent.parent
 

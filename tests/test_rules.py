@@ -6,7 +6,6 @@ import copy
 
 import pytest
 import torch
-from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 import replace_wrap

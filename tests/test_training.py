@@ -99,19 +99,22 @@ def _count_forwards(block):
     return calls
 
 
-def _checkpointing_case(factory, enable, when, block_path):
+def _checkpointing_case(factory, enable, when, block_path, sample="exact"):
     torch.manual_seed(0)
-    reference = replace_wrap.convert(factory(), every=2).train()
+    reference = replace_wrap.convert(factory(), every=2, ab_grad_sample=sample).train()
     model = factory().train()
     if when == "before":
         enable(model)
-    replace_wrap.convert(model, every=2)
+    replace_wrap.convert(model, every=2, ab_grad_sample=sample)
     if when == "after":
         enable(model)
     model.load_state_dict(_set_scalars(reference, 0.2, 0.7).state_dict())
     calls = _count_forwards(model.get_submodule(block_path))
     x = torch.randn(4, 3, 16, 16)
-    got, want = _grads(model, x), _grads(reference, x)
+    torch.manual_seed(1)  # the sampled estimator draws from torch's generator: the same draws in both runs
+    got = _grads(model, x)
+    torch.manual_seed(1)
+    want = _grads(reference, x)
     assert len(calls) == 2  # forward + recomputation in backward: checkpointing is really on
     assert list(got) == list(want)
     for n in want:
@@ -131,6 +134,16 @@ def test_hf_gradient_checkpointing(when, reentrant):
 @pytest.mark.parametrize("when", ["before", "after"])
 def test_timm_grad_checkpointing(when):
     _checkpointing_case(tiny_timm_vit, lambda m: m.set_grad_checkpointing(True), when, "blocks.1")
+
+
+def test_non_reentrant_checkpointing_replays_the_sampled_estimators_draws():
+    # The default estimator samples in the forward; non-reentrant checkpointing restores the generator for the
+    # recomputation, so a checkpointed step draws the very rows an unchecked one draws: equal gradients.
+    # (Reentrant checkpointing runs the first forward without grad, where nothing is drawn: other draws.)
+    def enable(m):
+        m.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+    _checkpointing_case(tiny_hf_vit, enable, "after", "vit.layers.1", sample="auto")
 
 
 # --- devices and moves -------------------------------------------------------------------------------------

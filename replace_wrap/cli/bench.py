@@ -90,6 +90,9 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
                    help="also time every training variant in one process, one step of each in turn "
                         "(steps x rounds steps each): ratios that hold on a machine whose load varies")
     p.add_argument("--timeout", type=float, default=1800, help="seconds allowed per child process")
+    p.add_argument("--child-env", action="append", default=[], metavar="KEY=VALUE",
+                   help="environment of the child processes, e.g. GLIBC_TUNABLES=glibc.malloc.mmap_threshold=131072 "
+                        "(glibc then returns freed memory at once, so the RSS peak is the live memory's)")
     return p
 
 
@@ -102,7 +105,7 @@ def main_bench(args: argparse.Namespace) -> int:
             sample=args.sample, variants=[v.strip() for v in args.variants.split(",") if v.strip()],
             steps=args.steps, warmup=args.warmup, rounds=args.rounds, device=args.device, threads=args.threads,
             dtype=args.dtype, progress=not args.no_progress, timeout=args.timeout, paired=args.paired,
-            seq=args.seq, compile=args.compile,
+            seq=args.seq, compile=args.compile, child_env=_parse_env(args.child_env),
         )
     except BenchError as exc:
         print(f"replace-wrap bench: error: {exc}", file=sys.stderr)
@@ -121,6 +124,16 @@ def _parse_sets(items: list[str]) -> dict[str, Any]:
             out[key] = json.loads(value)
         except json.JSONDecodeError:
             out[key] = value
+    return out
+
+
+def _parse_env(items: list[str]) -> dict[str, str]:
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise BenchError(f"--child-env expects KEY=VALUE, got {item!r}")
+        out[key] = value
     return out
 
 
@@ -162,6 +175,7 @@ def run_bench(
     paired: bool = False,
     seq: int = 128,
     compile: bool = False,
+    child_env: dict[str, str] | None = None,
 ) -> dict[str, Any]:
     """Run every variant ``rounds`` times, each in a fresh process, interleaved; return the aggregate.
 
@@ -189,7 +203,7 @@ def run_bench(
         "model": model, "size": size, "batch": batch, "input_shape": input_shape or [3, size, size],
         "num_classes": num_classes, "sets": sets or {}, "every": every, "pattern": pattern, "sample": sample,
         "steps": steps, "warmup": warmup, "device": device, "threads": threads, "dtype": dtype, "seq": seq,
-        "compile": compile,
+        "compile": compile, "child_env": child_env or {},
     }
     runs: dict[str, list[dict[str, Any]]] = {v: [] for v in variants}
     loads: list[float] = []
@@ -216,8 +230,9 @@ def run_bench(
 
 def _spawn(spec: dict[str, Any], timeout: float) -> dict[str, Any]:
     cmd = [sys.executable, "-m", "replace_wrap.cli.bench_child"]
+    env = dict(os.environ, **spec.get("child_env", {}))
     try:
-        proc = subprocess.run(cmd, input=json.dumps(spec), capture_output=True, text=True, timeout=timeout)
+        proc = subprocess.run(cmd, input=json.dumps(spec), capture_output=True, text=True, timeout=timeout, env=env)
     except subprocess.TimeoutExpired:
         raise BenchError(f"variant {spec['variant']!r} took longer than {timeout:.0f} s; raise --timeout or "
                          "lower --steps") from None

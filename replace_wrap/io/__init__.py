@@ -2,5 +2,6 @@
 
 - :mod:`.record`: the :class:`~replace_wrap.ConversionRecord` saved next to the weights.
 - :mod:`.guard`: the state-dict guard and the Hugging Face config record (attachments of a conversion).
+- :mod:`.plain`: the synthesized values written into state dicts, so checkpoints also load plainly.
 - :mod:`.checkpoint`: ``save`` / ``load`` / ``from_pretrained``.
 """

@@ -8,6 +8,7 @@ is applied to a freshly built model first, then its weights are loaded strictly.
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, TypeVar
@@ -18,6 +19,7 @@ from torch import nn
 from ..errors import AlreadyConvertedError, ConfigError, StateDictError
 from ..surgery.site import SITE_ATTR
 from .guard import converted
+from .plain import converted_only
 from .record import RECORD_FILE, ConversionRecord, config_record, read_record
 
 __all__ = ["from_pretrained", "load", "save"]
@@ -155,9 +157,14 @@ def from_pretrained(cls: type[M], directory: str | Path, *, example_inputs: Any 
     record = read_record(d)
     want_info = kwargs.pop("output_loading_info", False)
     sub = _converting_subclass(cls, record, example_inputs)
-    model, info = sub.from_pretrained(d, output_loading_info=True, **kwargs)
+    # Hugging Face loads by the keys of the model's state dict: the converted model's own keys (scalars, no
+    # replaced tensors). The checkpoint's synthesized values (written for plain loaders) are derived data;
+    # the subclass lists them as keys to ignore, so they are neither loaded nor reported.
+    with converted_only():
+        model, info = sub.from_pretrained(d, output_loading_info=True, **kwargs)
     if type(model) is sub:
         model.__class__ = cls  # the subclass only hooked construction; the model is a plain cls again
+        model.__dict__.pop("_keys_to_ignore_on_load_unexpected", None)  # post_init copied the subclass's list
     missing = [k for k in info.get("missing_keys", ()) if f".{SITE_ATTR}." in f".{k}"]
     if missing:
         raise StateDictError(
@@ -210,5 +217,11 @@ def _converting_subclass(cls: type[M], record: ConversionRecord, example_inputs:
             )
         record.apply(self, example_inputs)
 
-    namespace = {"__init__": __init__, "__module__": cls.__module__, "__qualname__": cls.__qualname__}
+    synthesized = [f"{b.path}.{t}" if b.path else t for b in record.blocks for t in b.tensors]
+    ignore = list(getattr(cls, "_keys_to_ignore_on_load_unexpected", None) or ())
+    ignore += [rf"(^|\.){re.escape(k)}$" for k in synthesized]
+    namespace = {
+        "__init__": __init__, "__module__": cls.__module__, "__qualname__": cls.__qualname__,
+        "_keys_to_ignore_on_load_unexpected": ignore,
+    }
     return type(cls.__name__, (cls,), namespace)

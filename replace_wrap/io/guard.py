@@ -1,10 +1,19 @@
-"""The state-dict guard and the Hugging Face config record: the two attachments that io adds to a conversion.
+"""The state-dict guard and the Hugging Face config record: two attachments that io adds to a conversion.
 
-**The guard.** ``convert`` registers a ``load_state_dict`` pre-hook on the converted model. Loading a state
-dict that holds tensors for its replaced blocks (saved from an unconverted, merged or differently converted
-model) raises :class:`~replace_wrap.StateDictError` before any tensor is copied, naming the blocks and the
-fix. :func:`load_state_dict` gives the same clear error for the other direction (a converted state dict into a
-model not yet converted) and, with ``strict=False``, loads past the guard on purpose.
+**The guard.** ``convert`` registers a ``load_state_dict`` pre-hook on the converted model. It reads the state
+dict before any tensor is copied and tells three kinds apart by what it holds for the replaced blocks:
+
+- the scalars of exactly these blocks (a checkpoint of a model converted the same way): loaded. If it also
+  holds the replaced tensors' synthesized values (written by :mod:`replace_wrap.io.plain` so that plain loaders
+  work), those are derived data and are dropped on purpose, never compared: the scalars and the neighbours
+  define the replaced tensors;
+- tensors of the replaced blocks and no scalars (saved from an unconverted or merged model): refused with
+  :class:`~replace_wrap.StateDictError`, which names the blocks and the fix;
+- scalars of other blocks (a model converted differently): refused the same way.
+
+:func:`load_state_dict` covers the other direction (a converted state dict into a model not yet converted):
+one that carries the synthesized values loads as the plain model that predicts the same, one without them is
+refused with the blocks to convert first. With ``strict=False`` it loads past the guard on purpose.
 
 **The config record.** A converted Hugging Face model (one with a ``PretrainedConfig`` as ``model.config``)
 gets its :class:`~replace_wrap.ConversionRecord` as ``model.config.replace_wrap``, so that ``save_pretrained``
@@ -24,6 +33,7 @@ from ..report import ConversionReport
 from ..surgery.apply import sites
 from ..surgery.attachments import register_attachment
 from ..surgery.site import SITE_ATTR, ReplacementSite
+from .plain import synthesized_keys
 from .record import CONFIG_KEY, ConversionRecord
 
 __all__ = ["converted", "is_hf_config", "load_state_dict"]
@@ -32,23 +42,33 @@ __all__ = ["converted", "is_hf_config", "load_state_dict"]
 def load_state_dict(model: nn.Module, state_dict: Mapping[str, Any], strict: bool = True) -> Any:
     """``model.load_state_dict(state_dict, strict)`` that explains converted/unconverted mismatches.
 
-    A converted model refuses, by itself, a state dict that holds tensors for its replaced blocks (``convert``
-    registers a guard). This function adds the other direction, a state dict saved from a converted model
-    loaded into a model that is not converted yet, and with ``strict=False`` it is the deliberate way past
-    the guard: the replaced blocks' tensors are then dropped and listed as unexpected keys.
+    A converted model refuses, by itself, a state dict that holds tensors for its replaced blocks and no scalars
+    (``convert`` registers a guard). This function adds the other direction, a state dict saved from a
+    converted model loaded into a model that is not converted: if it holds every tensor of the replaced blocks
+    (their synthesized values, written by default, see :mod:`replace_wrap.io.plain`), ``model`` loads them and
+    becomes the plain model that predicts exactly as the converted one did (the scalar keys are dropped);
+    without them it is refused. With ``strict=False`` it is the deliberate way past the guard: the replaced
+    blocks' tensors of an unconverted state dict are then dropped and listed as unexpected keys.
 
     Returns:
         What ``nn.Module.load_state_dict`` returns (missing and unexpected keys).
 
     Raises:
-        StateDictError: With ``strict=True``, if ``state_dict`` comes from a converted model and ``model`` is
-            not converted (the message names the blocks to convert first), or the reverse.
+        StateDictError: With ``strict=True``, if ``state_dict`` comes from a converted model without the
+            replaced tensors and ``model`` is not converted (the message names the blocks to convert first),
+            or the reverse.
 
     Example:
         >>> import torch, replace_wrap
         >>> def make():
         ...     return torch.nn.Sequential(*[torch.nn.Linear(4, 4) for _ in range(5)])
-        >>> sd = replace_wrap.convert(make(), every=2).state_dict()
+        >>> net = replace_wrap.convert(make(), every=2)
+        >>> plain = make()
+        >>> _ = replace_wrap.load_state_dict(plain, net.state_dict())  # carries the replaced tensors' values
+        >>> x = torch.randn(2, 4)
+        >>> torch.allclose(plain(x), net(x))
+        True
+        >>> sd = replace_wrap.convert(make(), every=2, plain_state_dict=False).state_dict()
         >>> replace_wrap.load_state_dict(make(), sd)
         Traceback (most recent call last):
         ...
@@ -63,12 +83,21 @@ def load_state_dict(model: nn.Module, state_dict: Mapping[str, Any], strict: boo
     if not converted(model):
         theirs = _replaced_in(state_dict, model, "")
         if theirs:
+            scalars = {k for k in state_dict for b in theirs if k.startswith(f"{b}.{SITE_ATTR}." if b else f"{SITE_ATTR}.")}
+            absent = [
+                f"{b}.{n}" if b else n
+                for b in theirs
+                for n, _ in model.get_submodule(b).named_parameters()
+                if (f"{b}.{n}" if b else n) not in state_dict
+            ]
+            if not absent:  # a plain checkpoint plus the scalars: load the plain model it describes
+                return model.load_state_dict({k: v for k, v in state_dict.items() if k not in scalars}, strict=True)
             raise StateDictError(
-                f"this state dict was saved from a converted model (replaced blocks {theirs}), but this "
-                f"{type(model).__name__} is not converted. Convert it first, the same way: "
-                f"replace_wrap.convert(model, policy=replace_wrap.Paths({theirs}), <the original options>), then "
-                "load. replace_wrap.save/load and save_pretrained/replace_wrap.from_pretrained record the "
-                "conversion and do both."
+                f"this state dict was saved from a converted model (replaced blocks {theirs}) without the replaced "
+                f"tensors (e.g. {absent[0]!r}), but this {type(model).__name__} is not converted. Convert it "
+                f"first, the same way: replace_wrap.convert(model, policy=replace_wrap.Paths({theirs}), <the "
+                "original options>), then load. replace_wrap.save/load and save_pretrained/"
+                "replace_wrap.from_pretrained record the conversion and do both."
             )
     return model.load_state_dict(state_dict, strict=True)
 
@@ -114,27 +143,36 @@ def _guard(
     missing_keys: list[str], unexpected_keys: list[str], error_msgs: list[str],
 ) -> None:
     # The converted module's pre-hooks run before it or any child copies a tensor, so refusing here leaves
-    # the model untouched. torch passes strict=True to every pre-hook whatever the caller asked, so the guard
+    # the model untouched, and the children are handed copies filtered from this dict, so keys dropped here
+    # never reach them. torch passes strict=True to every pre-hook whatever the caller asked, so the guard
     # cannot tell strict=False apart: it refuses only the unmistakable case (tensors for blocks that have
     # none), and load_state_dict(..., strict=False) below is the deliberate way to drop them.
-    if not _GUARD_OFF.get():
-        problem = _mismatch(module, state_dict, prefix)
-        if problem:
-            raise StateDictError(problem)
+    problem = _mismatch(module, state_dict, prefix)
+    if problem and not _GUARD_OFF.get():
+        raise StateDictError(problem)
 
 
 _GUARD_OFF: contextvars.ContextVar[bool] = contextvars.ContextVar("replace_wrap_guard_off", default=False)
 
 
 def _mismatch(model: nn.Module, state: Mapping[str, Any], prefix: str) -> str | None:
-    """Why ``state`` cannot be loaded into the converted ``model``: it holds tensors of replaced blocks."""
+    """Why ``state`` cannot be loaded into the converted ``model``: it holds tensors of replaced blocks.
+
+    A checkpoint of this very conversion (the scalars of exactly these blocks) is no mismatch: its synthesized
+    values, if any, are removed from ``state`` here, so that no layer sees them as unexpected keys.
+    """
     sites = _sites(model)
-    own = [k for p, s in sites.items() for rel in s.tensor_names if (k := f"{prefix}{p}.{rel}") in state]
+    keys = {p: _keys(model, p, s, prefix) for p, s in sites.items()}
+    own = [k for p in sites for k in keys[p] if k in state]
     if not own:
         return None
     name, ours = type(model).__name__, sorted(sites)
-    blocks = sorted({p for p, s in sites.items() if any(f"{prefix}{p}.{rel}" in state for rel in s.tensor_names)})
     theirs = _replaced_in(state, model, prefix)
+    if theirs == ours:
+        for k in own:
+            del state[k]
+        return None
+    blocks = sorted({p for p in sites if any(k in state for k in keys[p])})
     hatch = (
         " To load the other tensors and drop those on purpose: replace_wrap.load_state_dict(model, state_dict, "
         "strict=False)."
@@ -152,6 +190,14 @@ def _mismatch(model: nn.Module, state: Mapping[str, Any], prefix: str) -> str | 
         f"policy=replace_wrap.Paths({theirs}), <the original options>)), or save and load with replace_wrap.save "
         "and replace_wrap.load, which record the conversion." + hatch
     )
+
+
+def _keys(model: nn.Module, path: str, site: ReplacementSite, prefix: str) -> set[str]:
+    """Keys under which ``state`` may hold the tensors of the replaced block ``path``: the recorded paths, and
+    where wrappers moved the layers since (PEFT's ``base_layer``)."""
+    block = model.get_submodule(path) if path else model
+    rels = set(site.tensor_names) | set(synthesized_keys(block))
+    return {f"{prefix}{path}.{rel}" if path else f"{prefix}{rel}" for rel in rels}
 
 
 def _replaced_in(state: Mapping[str, Any], model: nn.Module, prefix: str) -> list[str]:

@@ -210,8 +210,14 @@ class ConversionRecord:
         return found[0][1]
 
     def same_conversion(self, other: ConversionRecord) -> bool:
-        """Whether ``other`` replaces the same blocks from the same neighbours with the same options."""
-        return (self.config, self.blocks) == (other.config, other.blocks)
+        """Whether ``other`` replaces the same blocks from the same neighbours with the same options.
+
+        ``plain_state_dict`` is left out: it says how state dicts are written, not what the model computes.
+        """
+        def key(r: ConversionRecord) -> tuple[ReplaceConfig, tuple[RecordedBlock, ...]]:
+            return dataclasses.replace(r.config, plain_state_dict=True), r.blocks
+
+        return key(self) == key(other)
 
 
 def read_record(directory: str | Path) -> ConversionRecord:

@@ -20,13 +20,13 @@ blocks, so it never raises.
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING, Callable, Optional, Tuple, Union
 
 import torch
 from torch import nn
 
-from ..config import current_config, using_config
+from ..config import current_config
 from ..errors import PolicyError
 
 if TYPE_CHECKING:

@@ -15,13 +15,14 @@ from torch import nn
 
 from ..config import ReplaceConfig
 from ..errors import ConfigError
-from ..synthesis.layer_kernels import TensorSource
+from ..integrations.fsdp_state import held_values
+from ..synthesis.layer_kernels import SOURCES_ATTR, TensorSource
 from ..synthesis.rules import state_frozen
 from . import swap
 from .plan import Plan, Target
 from .site import SITE_ATTR, ReplacementSite
 
-__all__ = ["apply_plan", "restore_block", "scalar_values", "site_tensors", "sites"]
+__all__ = ["apply_plan", "located_tensors", "restore_block", "scalar_values", "site_tensors", "sites"]
 
 
 def sites(model: nn.Module) -> Iterator[tuple[str, nn.Module, ReplacementSite]]:
@@ -33,18 +34,36 @@ def sites(model: nn.Module) -> Iterator[tuple[str, nn.Module, ReplacementSite]]:
 
 
 def site_tensors(block: nn.Module, site: ReplacementSite) -> list[tuple[nn.Module, str]]:
-    """``(layer, name)`` of each synthesized tensor of a replaced block, in ``site.tensor_names`` order."""
+    """``(layer, name)`` of each synthesized tensor of a replaced block, in ``site.tensor_names`` order.
+
+    ``layer`` is the module that synthesizes the tensor. It is the module at the recorded path, or, when a
+    wrapper took that place after ``convert`` (PEFT's LoRA layers hold the original layer as ``base_layer``),
+    the module inside the wrapper that synthesizes it for this site.
+    """
+    return [(layer, name) for _, layer, name in located_tensors(block, site)]
+
+
+def located_tensors(block: nn.Module, site: ReplacementSite) -> list[tuple[str, nn.Module, str]]:
+    """``(key, layer, name)`` of each synthesized tensor: its state-dict key relative to ``block`` where its
+    layer is now (``site.tensor_names`` unless a wrapper moved the layer, e.g.
+    ``self_attn.q_proj.base_layer.weight`` under a LoRA layer), and the layer and name that synthesize it."""
     out = []
     for rel in site.tensor_names:
         layer_path, _, name = rel.rpartition(".")
-        out.append((block.get_submodule(layer_path) if layer_path else block, name))
+        layer = block.get_submodule(layer_path) if layer_path else block
+        for sub, module in layer.named_modules():
+            source = module.__dict__.get(SOURCES_ATTR, {}).get(name)
+            if source is not None and source.site is site:
+                layer, layer_path = module, ".".join(p for p in (layer_path, sub) if p)
+                break
+        out.append((f"{layer_path}.{name}" if layer_path else name, layer, name))
     return out
 
 
 def scalar_values(site: ReplacementSite) -> dict[str, list[float]]:
     """The site's current ``(a, b)`` as plain floats, for reports."""
-    a, b = site.coefficients()
-    return {"a": [float(v) for v in a.detach().float().flatten()], "b": [float(v) for v in b.detach().float().flatten()]}
+    a, b = (held_values(t.detach()) for t in site.coefficients())  # FSDP2 / meta: no collective, NaN if not here
+    return {"a": [float(v) for v in a.float().flatten()], "b": [float(v) for v in b.float().flatten()]}
 
 
 def apply_plan(model: nn.Module, plan: Plan, cfg: ReplaceConfig, undo: list[Callable[[], None]]) -> None:

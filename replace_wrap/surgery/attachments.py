@@ -1,10 +1,12 @@
 """Attachments: what rides along a converted model besides its rewritten blocks, and leaves with ``merge``.
 
 A conversion changes more than the blocks: the model keeps its report, refuses state dicts that do not fit
-(the state-dict guard), and a Hugging Face model records the conversion in its config so that
-``save_pretrained`` carries it. Each such concern is an *attachment*, registered by the stage that owns it
-(the guard and the config record belong to :mod:`replace_wrap.io`) and applied by ``convert`` in
-registration order. The registry keeps the pipeline acyclic: the core calls attachments without importing
+(the state-dict guard), writes its replaced tensors' values into its state dicts (plain-loadable
+checkpoints), a Hugging Face model records the conversion in its config so that ``save_pretrained`` carries
+it, and a PEFT wrapper that would lose the trained function is refused. Each such concern is an
+*attachment*, registered by the stage that owns it (the guard, the state-dict values and the config record
+belong to :mod:`replace_wrap.io`, the PEFT guard to :mod:`replace_wrap.integrations.peft`) and applied by
+``convert`` in registration order; an attachment that raises undoes the whole conversion. The registry keeps the pipeline acyclic: the core calls attachments without importing
 the stages that define them.
 
 An attachment is a pair of functions: ``attach(model, report)`` and ``detach(model)``. ``detach`` works on
@@ -79,9 +81,11 @@ def attach_all(model: nn.Module, report: Any) -> None:
 
 
 def detach_all(model: nn.Module) -> None:
-    """Remove every attachment from ``model``, in reverse order."""
-    for a in reversed(list(_ATTACHMENTS.values())):
-        a.detach(model)
+    """Remove every attachment from ``model`` (and from the converted module it wraps), in reverse order."""
+    holders = [model] + [m for m in model.modules() if m is not model and REPORT_ATTR in m.__dict__]
+    for holder in holders:
+        for a in reversed(list(_ATTACHMENTS.values())):
+            a.detach(holder)
 
 
 def _forget_report(model: nn.Module) -> None:

@@ -29,8 +29,9 @@ from torch import nn
 
 from .._compat import is_fx_symbolic_tracing
 from ..errors import CompatibilityError
-from ..synthesis.adapt import adapt_pair
+from ..integrations import fsdp_synthesis
 from ..synthesis import builtin_kernels  # noqa: F401  registers the built-in layer kernels, in lookup order
+from ..synthesis.adapt import adapt_pair
 from ..synthesis.layer_kernels import CACHE_PREFIX, SOURCES_ATTR, TensorSource, kernel_for
 
 __all__ = ["base_class", "install", "is_swapped", "set_recompute", "uninstall"]
@@ -131,6 +132,9 @@ def _synthesized(name: str) -> Any:
         src = state[SOURCES_ATTR][name]
         if _CHECK in state or "_is_replica" in state:  # a deep copy (checked once) or a DataParallel replica
             _check_copy(self)
+        sharded = fsdp_synthesis.synthesize(self, name, src)  # FSDP2 units: from the neighbours' shards
+        if sharded is not None:
+            return sharded
         site, k, prev, nxt, prev_adapter, next_adapter = src
         if prev_adapter is None and next_adapter is None:  # same shapes: no adapter call, nothing allocated
             return site.synthesize(k, getattr(prev, name), getattr(nxt, name))

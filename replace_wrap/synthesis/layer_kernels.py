@@ -40,6 +40,7 @@ import torch
 from torch import nn
 
 from ..errors import RegistryError
+from ..integrations.fsdp_state import is_managed
 from .adapt import adapt_pair
 from .estimators import describe_sample
 
@@ -281,6 +282,8 @@ def mix_source(layer: nn.Module, name: str = "weight", bias: str | None = "bias"
     site = src.site
     if not site.fast_path or not site.linear_mix:
         return None
+    if is_managed(src.prev) or is_managed(src.next):  # FSDP2 (integrations/fsdp_synthesis.py): the neighbours
+        return None  # may be sharded; the getter synthesizes from their shards, the generic path differentiates
     detach = site.detach
     prev, nxt = _sides(src, name, detach)
     if prev.is_meta:  # meta init: shapes only, the generic path propagates them without the custom backward

@@ -1,7 +1,7 @@
 """Writes tests/data/checkpoint_0_1: checkpoints saved by replace_wrap 0.1 (commit 3348fef, before the package layout
 change). Run with that release first on sys.path: PYTHONPATH=<0.1 checkout> <venv python> make.py tests/data/checkpoint_0_1
 """
-import sys, json, torch
+import sys, torch
 from pathlib import Path
 import replace_wrap
 out = Path(sys.argv[1])

@@ -1,0 +1,285 @@
+"""FSDP2 with one unit per block: a replaced block synthesized from its neighbours' shards (issue 14).
+
+The distributed checks run in one spawn per group (tests/_fsdp_worker.py, CPU/gloo): a tiny HF Llama-style
+decoder at world 2, a timm ViT, a shape-adapting CNN, HSDP and DDP at world 4. Each compares against a
+single-process run on the same full batches. The planning and bad-input checks below need no process group.
+"""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import torch
+import torch.distributed as dist
+
+import replace_wrap
+from conftest import run_python
+from toys import ResidualMLP
+
+pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
+
+LOSS_RTOL = 1e-4  # the issue's bound: loss equal to the single-process run, relative
+PARAM_ATOL = 1e-3  # AdamW divides near-zero gradients by their running RMS: DDP itself lands this far (see ddp)
+
+
+def _group(tmp_path_factory: pytest.TempPathFactory, group: str, world: int) -> list[dict]:
+    pytest.importorskip("transformers" if group == "llama" else "timm")
+    out = tmp_path_factory.mktemp(f"fsdp-{group}")
+    proc = run_python("tests/_fsdp_worker.py", group, str(world), str(out), timeout=280)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(world)]
+
+
+@pytest.fixture(scope="module", params=[2, pytest.param(3, marks=pytest.mark.slow), pytest.param(4, marks=pytest.mark.slow)])
+def llama2(request, tmp_path_factory):
+    """The Llama group at world 2 (default run); 3 (uneven shards) and 4 behind ``slow``."""
+    return _group(tmp_path_factory, "llama", request.param)
+
+
+@pytest.fixture(scope="module", params=[4, pytest.param(2, marks=pytest.mark.slow)])
+def vit4(request, tmp_path_factory):
+    """The ViT / CNN / DDP group at world 4 (default run; HSDP as 2 x 2); 2 behind ``slow``."""
+    return _group(tmp_path_factory, "vit", request.param)
+
+
+def _trained_like_reference(res: dict, loss_rtol: float = LOSS_RTOL, atol: float = PARAM_ATOL) -> None:
+    assert res["keys_equal"]
+    assert res["loss_gap"] <= loss_rtol, res
+    assert res["param_gap"] <= atol, res
+
+
+# --- world 2, tiny Llama ----------------------------------------------------------------------------------------
+
+
+@pytest.mark.timeout(300)
+def test_torchtitan_loop_on_a_converted_llama_trains_like_one_process(llama2):
+    # the user's own `for block in layers: fully_shard(block)`, then the root: nothing of replace_wrap called
+    for res in llama2:
+        _trained_like_reference(res["loop"], atol=1e-5)
+        # the sampled estimator cannot apply to sharded neighbours: said once, naming the default it replaces
+        said = [n for n in res["notes"] if "under FSDP2" in n]
+        assert len(said) == 1 and "ab_grad_sample='auto'" in said[0], res["notes"]
+
+
+def test_memory_scales_like_plain_fsdp(llama2):
+    world = len(llama2)
+    for res in llama2:
+        loop = res["loop"]
+        # at no time more than root + 3 blocks unsharded (the replaced block's tensors, never the stack)
+        assert loop["peak"] <= res["root_bytes"] + 3 * res["block_bytes"]
+        assert loop["peak"] <= res["e2e"]["peak"] + 2 * 4 * world  # + the scalars' unit (a, b padded to world)
+        # each rank stores its share of the converted parameters, gradients and AdamW state; a replaced block
+        # adds only its scalars (4 bytes each, held by rank 0) to what the frozen baseline trains
+        assert 0 <= loop["local"]["params"] - res["freeze"]["local"]["grads"] <= 4 * 2 * 2
+        assert loop["local"]["grads"] == loop["local"]["params"]
+        assert loop["local"]["optimizer"] == 2 * loop["local"]["params"]
+        assert loop["local"]["params"] <= 1.15 * res["converted_bytes"] / world  # torch.chunk rounds rows up
+    assert sum(r["loop"]["local"]["params"] for r in llama2) == llama2[0]["converted_bytes"]
+
+
+def test_memory_formula_is_what_fsdp_holds(llama2):
+    # replace_wrap.fsdp_memory (shapes only) against the bytes FSDP2 really holds on rank 0 (prefetch=0: gloo)
+    res = llama2[0]
+    for measured, formula in ((res["loop"], res["memory_formula"]), (res["e2e"], res["e2e"]["memory_formula"]),
+                              (res["freeze"], res["freeze"]["memory_formula"])):
+        assert measured["local"] == {k: formula[k] for k in ("params", "grads", "optimizer")}
+        assert measured["peak"] == formula["peak"]
+
+
+def test_communication_is_that_of_end_to_end_fsdp(llama2):
+    world = len(llama2)
+    for res in llama2:
+        loop, e2e, freeze = res["loop"], res["e2e"], res["freeze"]
+        # a replaced block gathers and reduce-scatters its synthesized tensors once, as an ordinary block does;
+        # the extra bytes are the scalars' own unit (a and b of 2 blocks, padded to one element per rank)
+        assert e2e["gathered"] <= loop["gathered"] <= e2e["gathered"] + 2 * 2 * 2 * 4 * world  # fwd + bwd
+        assert e2e["reduced"] <= loop["reduced"] <= e2e["reduced"] + 2 * 2 * 4 * world
+        # freeze gathers the frozen blocks as often but reduces nothing for them
+        assert freeze["gathered"] == e2e["gathered"] and freeze["reduced"] < loop["reduced"]
+
+
+def test_shard_with_activation_checkpointing_trains_like_one_process(llama2):
+    res = llama2[0]["shard_ckpt"]
+    _trained_like_reference(res, atol=1e-5)
+    assert res["units"] == [(f"model.layers.{i}",) for i in range(6)]  # one unit per block, never the stack
+
+
+def test_coupled_neighbours_recompute_and_no_reshard(llama2):
+    # neighbour gradients land in the neighbours' sharded gradients; recompute=True replays the synthesis
+    for res in llama2:
+        _trained_like_reference(res["coupled"], atol=1e-5)
+
+
+def test_mixed_precision_keeps_the_scalars_fp32(llama2):
+    res = llama2[0]["bf16"]
+    assert res["loss_gap"] < 2e-3  # bf16 compute against the fp32 run
+    assert res["scalar_dtypes"] == {"torch.float32"}  # sharded scalars and their AdamW state
+
+
+def test_dcp_resume_and_merge_from_a_gathered_checkpoint(llama2):
+    res = llama2[0]["dcp"]
+    assert res["resume_equal"]
+    assert "model.layers.1.replacement.a" in res["sharded_keys"]
+    assert not any(k.startswith("model.layers.1.mlp") for k in res["sharded_keys"])  # synthesized: not saved
+    for how in ("gathered", "dcp_to_torch_save"):
+        assert res[f"merged_plain_{how}"]
+        assert res[f"merge_gap_{how}"] <= 1e-5, how
+
+
+def test_accelerate_fsdp2_auto_wrap(llama2):
+    res = llama2[0]["accelerate"]
+    _trained_like_reference(res, atol=1e-5)
+    assert res["wrapped"] == ["FSDPLlamaDecoderLayer"] * 6
+
+
+def test_fsdp_private_state_is_where_replace_wrap_reads_it(llama2):
+    # a torch release that moves one of the FSDP2 internals listed in fsdp_state.PRIVATE_API fails here
+    assert llama2[0]["compat"] == "ok"
+
+
+def test_trainer_fsdp_args_on_cpu_fall_back_to_ddp(llama2):
+    # What stops HF Trainer(fsdp=...) from sharding here: Accelerate enables FSDP only on accelerators. The
+    # Trainer then trains the converted model with DDP (docs/distributed.md). If this starts to say FSDP, the
+    # Trainer path can be tested on the CPU: extend test_accelerate_fsdp2_auto_wrap to it.
+    res = llama2[0]["trainer"]
+    assert res["distributed_type"] == "DistributedType.MULTI_CPU" and res["wrapped"] == "DistributedDataParallel"
+    assert torch.isfinite(torch.tensor(res["loss"]))
+
+
+def test_read_between_steps_is_a_sharded_dtensor(llama2):
+    res = llama2[0]["outside_read"]
+    assert res["is_dtensor"] and res["gap"] <= 1e-6
+
+
+def test_bad_input_names_the_fix_and_leaves_the_model(llama2):
+    err = llama2[0]["errors"]
+    assert err["unconverted"].startswith("NotConvertedError") and err["unconverted_unchanged"]
+    assert err["convert_sharded"].startswith("ConfigError: cannot convert") and "Convert the unsharded model first" in err["convert_sharded"]
+    assert "got a 3-D DeviceMesh" in err["bad_mesh_3d"] and "got ProcessGroup" in err["bad_mesh_group"]
+    assert err["bad_mesh_unchanged"]
+    assert "already sharded" in err["twice"]
+    assert err["merge_sharded"].startswith("MergeError") and "full_state_dict=True" in err["merge_sharded"]
+    assert err["merge_unchanged"]
+
+
+# --- world 4: timm ViT, HSDP, a shape-adapting CNN, DDP ---------------------------------------------------------
+
+
+@pytest.mark.timeout(300)
+def test_vit_per_block_loop_at_world_4(vit4):
+    world = len(vit4)
+    for res in vit4:
+        _trained_like_reference(res["loop"])
+        assert res["loop"]["peak"] <= res["root_bytes"] + 3 * res["block_bytes"]
+        assert res["loop"]["local"]["params"] <= 1.1 * res["converted_bytes"] / world
+    assert sum(r["loop"]["local"]["params"] for r in vit4) == vit4[0]["converted_bytes"]
+
+
+def test_hsdp_replicas_of_shards(vit4):
+    if len(vit4) < 4:
+        pytest.skip("HSDP needs 2 x 2 ranks")
+    for res in vit4:
+        _trained_like_reference(res["hsdp"])
+
+
+def test_shape_adapted_blocks_gather_their_neighbours(vit4):
+    assert vit4[0]["cnn_adapted"]
+    for res in vit4:
+        _trained_like_reference(res["cnn"], atol=1e-5)
+
+
+def test_ddp_at_world_4_without_find_unused_parameters(vit4):
+    for res in vit4:
+        _trained_like_reference(res["ddp"])
+
+
+# --- no process group needed ------------------------------------------------------------------------------------
+
+
+def test_fsdp_units_are_one_per_block():
+    model = replace_wrap.convert(ResidualMLP(depth=6), every=2)
+    assert replace_wrap.fsdp_units(model) == [(f"blocks.{i}",) for i in range(6)]
+    with pytest.raises(replace_wrap.NotConvertedError):
+        replace_wrap.fsdp_units(ResidualMLP())
+
+
+def test_shard_refuses_bad_input_before_sharding():
+    model = ResidualMLP()
+    with pytest.raises(replace_wrap.NotConvertedError, match="replace_wrap.convert"):
+        replace_wrap.shard(model)
+    replace_wrap.convert(model, every=2)
+    with pytest.raises(replace_wrap.ConfigError, match="needs a 1-D DeviceMesh .* got int"):
+        replace_wrap.shard(model, mesh=2)
+    assert not any(hasattr(p, "full_tensor") for p in model.parameters())
+
+
+def test_replaced_blocks_carry_the_hooks_until_merge():
+    model = replace_wrap.convert(ResidualMLP(depth=5), every=2)
+    blocks = [model.blocks[i] for i in (1, 3)]
+    assert all(len(b._forward_pre_hooks) == 1 and len(b._forward_hooks) == 1 for b in blocks)
+    replace_wrap.merge(model)
+    assert all(not b._forward_pre_hooks and not b._forward_hooks for b in blocks)
+
+
+def _llama_70b_meta() -> torch.nn.Module:
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.LlamaConfig(vocab_size=128256, hidden_size=8192, intermediate_size=28672, num_hidden_layers=80,
+                                   num_attention_heads=64, num_key_value_heads=8, tie_word_embeddings=False)
+    with torch.device("meta"):
+        return transformers.LlamaForCausalLM(cfg)
+
+
+def test_a_70b_shaped_llama_converts_and_plans_on_meta_in_seconds():
+    model = _llama_70b_meta()
+    start = time.perf_counter()
+    replace_wrap.convert(model, every=2)
+    plan8 = replace_wrap.fsdp_memory(model, 8, param_dtype=torch.bfloat16)
+    assert time.perf_counter() - start < 20
+    assert all(p.is_meta for p in model.parameters())  # nothing allocated
+    # the oracle: the Llama-3-70B shapes by hand
+    h, f, v, kv = 8192, 28672, 128256, 1024
+    block = 2 * h * h + 2 * h * kv + 3 * h * f + 2 * h
+    root = 2 * v * h + h
+    replaced = len(range(1, 79, 2))
+    assert replaced == len(replace_wrap.report(model).replaced) == 39
+    trainable = root + (80 - replaced) * block + replaced * 2  # the scalars a, b of each replaced block
+    assert sum(p.numel() for p in model.parameters()) == trainable
+    # 8 ranks: every row count above divides by 8, so the shards are exact eighths (scalars: one row on rank 0)
+    assert plan8.params == 4 * (root + (80 - replaced) * block) // 8 + 4 * 2 * replaced
+    assert plan8.optimizer == 2 * plan8.grads == 2 * plan8.params
+    assert plan8.root == 2 * root  # bf16, unsharded
+    assert plan8.largest_unit == 2 * block + 2 * (8 * 2)  # a replaced block: its tensors and a, b (padded to 8)
+    assert plan8.unsharded_peak == plan8.root + 2 * plan8.largest_unit  # prefetch=1
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_memory_formula_matches_fsdp_layout_at_64_ranks():
+    # FSDP2 itself on the meta model over a fake process group of 64 ranks: rank 0's shards add up to the formula
+    proc = run_python("-c", _FAKE_64, timeout=500)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.strip().endswith("True True"), proc.stdout
+
+
+_FAKE_64 = """
+import torch, torch.distributed as dist, replace_wrap, transformers
+from torch.testing._internal.distributed.fake_pg import FakeStore
+from torch.distributed.device_mesh import init_device_mesh
+dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=64)
+cfg = transformers.LlamaConfig(vocab_size=128256, hidden_size=8192, intermediate_size=28672, num_hidden_layers=80,
+                               num_attention_heads=64, num_key_value_heads=8, tie_word_embeddings=False)
+out = []
+for convert in (False, True):
+    with torch.device("meta"):
+        m = transformers.LlamaForCausalLM(cfg)
+    if convert:
+        replace_wrap.convert(m, every=2)
+    plan = replace_wrap.fsdp_memory(m, 64)
+    from torch.distributed.fsdp import fully_shard
+    for b in m.model.layers:
+        fully_shard(b, mesh=init_device_mesh("cpu", (64,)))
+    fully_shard(m, mesh=init_device_mesh("cpu", (64,)))
+    out.append(sum(p.to_local().numel() * p.element_size() for p in m.parameters()) == plan.params)
+print(*out)
+"""
