@@ -94,7 +94,7 @@ def block_pre_forward(block: nn.Module, args: Any) -> None:
         return
     site = block._modules.get(SITE_ATTR)
     if site is not None:
-        if not _told_exact and getattr(site, "ab_grad_sample", None) is not None:
+        if not _told_exact and site.fast_path and getattr(site, "ab_grad_sample", None) is not None:
             _say_exact(site.ab_grad_sample)
         site.__dict__.setdefault(_ACTIVE, []).append(_BlockForward(block, site))
 
