@@ -8,6 +8,8 @@ from the same pretrained weights and sees the same batches with the same optimiz
 - ``full``: full fine-tuning.
 - ``freeze``: the blocks ``Every(2)`` would replace stay frozen at their pretrained values.
 - ``Every(2)``: ``convert(model, every=2)`` (scalars from ``(0.5, 0.5)``).
+- ``Every(2) lsq init``: the same blocks, scalars from the least-squares fit of each pretrained block to its
+  neighbours (the block's pretrained function, as near as a mix of its neighbours gets).
 - ``Budget(redundancy)``: ``Budget(trainable=f, prefer="redundancy")``, ``f`` the fraction ``Every(2)`` leaves.
 - ``Similarity``: ``Similarity(trainable=f)``: the same choice, scalars from the least-squares fit.
 - ``LoRA (same budget)``: PEFT LoRA on every linear / convolution layer of the blocks (base frozen, the
@@ -194,6 +196,10 @@ def _every2(model: nn.Module, task: qt.Task) -> nn.Module:
     return replace_wrap.convert(model, every=2)
 
 
+def _every2_fitted(model: nn.Module, task: qt.Task) -> nn.Module:
+    return qt.VARIANTS["lsq init"](model, task)
+
+
 def _budget(model: nn.Module, task: qt.Task) -> nn.Module:
     f = qt.every2_fraction(model)
     return replace_wrap.convert(model, policy=replace_wrap.Budget(trainable=f, prefer="redundancy"))
@@ -203,8 +209,8 @@ def _similarity(model: nn.Module, task: qt.Task) -> nn.Module:
     return replace_wrap.convert(model, policy=replace_wrap.Similarity(trainable=qt.every2_fraction(model)))
 
 
-TRANSFER_VARIANTS = ("full", "freeze", "Every(2)", "Budget(redundancy)", "Similarity", "LoRA (same budget)",
-                     "LoRA r=8", "learned")
+TRANSFER_VARIANTS = ("full", "freeze", "Every(2)", "Every(2) lsq init", "Budget(redundancy)", "Similarity",
+                     "LoRA (same budget)", "LoRA r=8", "learned")
 
 
 def run_transfer(base: str, variant: str, seed: int = 0, quick: bool = False, cache: Path | None = None,
@@ -230,6 +236,7 @@ def run_transfer(base: str, variant: str, seed: int = 0, quick: bool = False, ca
     else:
         prepare = {
             "full": qt.VARIANTS["end-to-end"], "freeze": qt.VARIANTS["freeze"], "Every(2)": _every2,
+            "Every(2) lsq init": _every2_fitted,
             "Budget(redundancy)": _budget, "Similarity": _similarity, "LoRA (same budget)": lora(None, head),
             "LoRA r=8": lora(8, head),
         }[variant]
