@@ -284,6 +284,10 @@ def _rewrite(model: nn.Module, planned: Plan, cfg: ReplaceConfig) -> None:
         raise
 
 
+# A fitted start below this (|a| + |b| of every scalar set) scales a block down to near nothing: said at convert.
+_SMALL_FIT = 0.25
+
+
 def _tell(planned: Plan, cfg: ReplaceConfig) -> None:
     """Say what the conversion did: a log line for the record, warnings for what the user should act on."""
     rep = planned.report
@@ -296,6 +300,21 @@ def _tell(planned: Plan, cfg: ReplaceConfig) -> None:
             "replace_wrap.report(model) lists every block.", len(rep.skipped), shown, more,
         )
     _tell_routes(planned, cfg)
+    starts = rep.init_summary()
+    if starts:
+        logger.info("replace_wrap.convert: %s", starts)
+    small = [
+        b for b in rep.replaced
+        if b.init == "fit" and b.scalars and max(abs(a) + abs(c) for a, c in zip(b.scalars["a"], b.scalars["b"])) < _SMALL_FIT
+    ]
+    if small:
+        shown = ", ".join(f"{b.path} (a={b.scalars['a'][0]:.3g}, b={b.scalars['b'][0]:.3g})" for b in small[:3])
+        logger.warning(
+            "replace_wrap.convert: init='fit' starts %d block(s) near zero, |a| + |b| < %g: %s%s. Their neighbours "
+            "explain little of them (fresh, untrained weights?); in a network without residual connections such "
+            "blocks pass almost no signal. For untrained weights start at init=(0.5, 0.5), the default.",
+            len(small), _SMALL_FIT, shown, " ..." if len(small) > 3 else "",
+        )
     if cfg.recompute:
         with_stats = sorted({
             t.candidate.path for t in planned.targets for m in t.candidate.block.modules()

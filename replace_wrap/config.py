@@ -16,7 +16,11 @@ __all__ = ["CONFIG_VERSION", "ReplaceConfig", "current_config", "using_config"]
 
 _SCALARS = ("block", "tensor")
 # 2: ab_grad_sample may be "auto", its new default (version 1, replace_wrap 0.1 and 0.2: None, exact, by default).
-CONFIG_VERSION = 2
+# 3: init may be "fit" (a replace_wrap that reads version 2 would reject it).
+CONFIG_VERSION = 3
+# Where a block starts when its scalars are not fitted: the default init, and where a load that supplies the
+# scalars starts a conversion recorded with init="fit".
+UNFITTED_INIT = (0.5, 0.5)
 _NEIGHBOUR_GRAD = ("detached", "coupled")
 
 
@@ -33,7 +37,18 @@ class ReplaceConfig:
             site's scalars learn there; ``"coupled"``: gradient also flows into the neighbours.
         keep_original: Keep a frozen copy of each replaced tensor (as buffers) so that
             :func:`replace_wrap.revert` can restore the block.
-        init: Initial ``(a, b)``. Rules that parametrize differently map it to their own parameters.
+        init: How each replaced block's scalars start. ``(a, b)`` (default ``(0.5, 0.5)``): those two numbers
+            for every block (rules that parametrize differently map them to their own parameters). ``"fit"``:
+            the least-squares fit of the block's own tensors (their values at conversion) to its neighbours',
+            ``min ||a W_prev + b W_next - W||`` over all of the block's synthesized tensors jointly (per tensor
+            with ``scalars="tensor"``; on ``a + b = 1`` for the convex rule), so that the converted block
+            starts as the nearest neighbour mix to what it replaced: the start for *trained* weights (fine-tuning
+            a pretrained model). On fresh weights the neighbours explain little of a block and the fit is near
+            zero (a warning names such blocks): in a network without residual connections that silences them
+            (docs/quality.md measures it), so ``(0.5, 0.5)`` stays the default. ``"fit"`` needs tensors with
+            values (a ConfigError names a block on the meta device). A policy's own
+            :meth:`~replace_wrap.Policy.initial_scalars` (e.g. :class:`~replace_wrap.Similarity`'s) comes
+            first; loading a checkpoint replaces the start with the saved scalars (nothing is fitted there).
         adapt_shapes: Shape-adapting fusion. ``True``: a neighbour tensor of another shape is sliced or
             zero-padded to the replaced block's shape (kernel dimensions centred), a side without a
             counterpart contributes zeros, and a tensor without a counterpart on either side stays the
@@ -81,7 +96,7 @@ class ReplaceConfig:
     scalars: str = "block"
     neighbour_grad: str = "detached"
     keep_original: bool = False
-    init: tuple[float, float] = (0.5, 0.5)
+    init: tuple[float, float] | str = (0.5, 0.5)
     adapt_shapes: bool = True
     fast_path: bool = True
     ab_grad_sample: float | str | None = "auto"
@@ -104,16 +119,7 @@ class ReplaceConfig:
             raise ConfigError(f"keep_original must be True or False, got {self.keep_original!r}")
         if not isinstance(self.adapt_shapes, bool):
             raise ConfigError(f"adapt_shapes must be True or False, got {self.adapt_shapes!r}")
-        init = self.init
-        if (
-            not isinstance(init, (tuple, list))
-            or len(init) != 2
-            or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in init)
-            or not all(math.isfinite(v) for v in init)
-        ):
-            raise ConfigError(f"init must be two finite numbers (a, b), got {init!r}")
-        object.__setattr__(self, "init", (float(init[0]), float(init[1])))
-        rule.check_init(self.init)
+        self._check_init(rule)
         for flag in ("fast_path", "recompute", "plain_state_dict"):
             if not isinstance(getattr(self, flag), bool):
                 raise ConfigError(f"{flag} must be True or False, got {getattr(self, flag)!r}")
@@ -121,8 +127,31 @@ class ReplaceConfig:
         if self.version != CONFIG_VERSION:
             raise ConfigError(
                 f"config version {self.version!r} is not supported by this replace_wrap (supports "
-                f"{CONFIG_VERSION}; ReplaceConfig.from_dict reads version 1 too); upgrade replace_wrap to read it"
+                f"{CONFIG_VERSION}; ReplaceConfig.from_dict reads versions 1 and 2 too); upgrade replace_wrap to read it"
             )
+
+    def _check_init(self, rule: Any) -> None:
+        init = self.init
+        if isinstance(init, str):
+            if init != "fit":
+                raise ConfigError(f"init must be 'fit' or two finite numbers (a, b), got {init!r}")
+            rule.check_init(UNFITTED_INIT)
+            return
+        if (
+            not isinstance(init, (tuple, list))
+            or len(init) != 2
+            or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in init)
+            or not all(math.isfinite(v) for v in init)
+        ):
+            raise ConfigError(f"init must be 'fit' or two finite numbers (a, b), got {init!r}")
+        object.__setattr__(self, "init", (float(init[0]), float(init[1])))
+        rule.check_init(self.init)
+
+    @property
+    def constant_init(self) -> tuple[float, float]:
+        """The ``(a, b)`` a block starts from when its scalars are not fitted: ``init`` itself when it is a
+        pair, ``(0.5, 0.5)`` for ``"fit"`` (where a load supplies the scalars, nothing is fitted)."""
+        return UNFITTED_INIT if isinstance(self.init, str) else self.init
 
     def _check_sample(self) -> None:
         sample = self.ab_grad_sample
@@ -148,7 +177,7 @@ class ReplaceConfig:
 
     def to_dict(self) -> dict[str, Any]:
         """Plain-JSON form, for saving next to weights."""
-        return dataclasses.asdict(self) | {"init": list(self.init)}
+        return dataclasses.asdict(self) | {"init": self.init if isinstance(self.init, str) else list(self.init)}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ReplaceConfig:
@@ -158,12 +187,16 @@ class ReplaceConfig:
         if unknown:
             raise ConfigError(f"unknown ReplaceConfig field(s) {unknown}; known fields: {sorted(known)}")
         data = dict(data)
-        if "init" in data:
+        if isinstance(data.get("init"), list):
             data["init"] = tuple(data["init"])
-        if data.get("version", 1) == 1:
+        version = data.get("version", 1)
+        if version == 1:
             # Version 1 (replace_wrap 0.1/0.2) defaulted to the exact scalar gradient: a record without the
             # field meant exact, and null still does. Migrated to the current version with that meaning kept.
             data.setdefault("ab_grad_sample", None)
+        if version in (1, 2):
+            # Versions 1 and 2 started every block at init, (0.5, 0.5) unless stated (records always state it).
+            data.setdefault("init", UNFITTED_INIT)
             data["version"] = CONFIG_VERSION
         return cls(**data)
 

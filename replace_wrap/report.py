@@ -61,6 +61,9 @@ class BlockReport:
             module, or, with shape adaptation, without a usable counterpart in either neighbour).
         adapted: ``(path, how)`` of the synthesized tensors whose neighbour tensors are shape-adapted, e.g.
             ``("conv1.weight", "prev: as is; next: slice dim 0 128->64")``.
+        init: For a replaced block, how its scalars started: ``"fit"`` (least squares to its neighbours,
+            ``init="fit"``/``"auto"``), ``"policy"`` (the policy's :meth:`~replace_wrap.Policy.initial_scalars`),
+            or the constant ``"(a, b)"``, with the reason when a fit was asked for but not made.
         layers: For a replaced block, each layer holding synthesized tensors with its path and estimator
             (:class:`LayerRoute`), as decided at conversion (a kernel registered later serves too; a kernel may
             still decline single calls, e.g. under ``torch.no_grad``).
@@ -79,6 +82,7 @@ class BlockReport:
     kept_tensors: tuple[tuple[str, str], ...] = ()
     adapted: tuple[tuple[str, str], ...] = ()
     layers: tuple[LayerRoute, ...] = ()
+    init: str = ""
 
     @property
     def fused(self) -> tuple[str, ...]:
@@ -148,6 +152,15 @@ class ConversionReport:
                 f"{layer} x{n}: {est}" for (_, layer, est), n in slow) + ")")
         return "replaced layers: " + ", ".join(parts)
 
+    def init_summary(self) -> str:
+        """One line on how the replaced blocks' scalars started, e.g. ``scalars start: fit x3``."""
+        groups: dict[str, int] = {}
+        for b in self.replaced:
+            groups[b.init] = groups.get(b.init, 0) + 1
+        if not groups:
+            return ""
+        return "scalars start: " + "; ".join(f"{how} x{n}" for how, n in groups.items())
+
     def to_dict(self) -> dict[str, Any]:
         """Plain-JSON form."""
         d = dataclasses.asdict(self)
@@ -167,8 +180,8 @@ class ConversionReport:
         widths = [max(len(r[i]) for r in rows) for i in range(len(header) - 1)]
         lines = ["  ".join(c.ljust(w) for c, w in zip(r[:-1], widths)) + "  " + r[-1] for r in rows]
         lines.insert(1, "  ".join("-" * w for w in widths) + "  " + "-" * len(header[-1]))
-        routes = self.layer_summary()
-        tail = [self.summary()] + ([routes] if routes else []) + [f"note: {n}" for n in self.notes]
+        extra = [line for line in (self.layer_summary(), self.init_summary()) if line]
+        tail = [self.summary()] + extra + [f"note: {n}" for n in self.notes]
         return "\n".join([*lines, *tail])
 
 

@@ -17,11 +17,12 @@ from toys import ResidualMLP
         ({"scalars": "layer"}, r"scalars must be one of 'block', 'tensor'; got 'layer'"),
         ({"neighbour_grad": "both"}, r"neighbour_grad must be one of 'detached', 'coupled'; got 'both'"),
         ({"keep_original": 1}, r"keep_original must be True or False, got 1"),
-        ({"init": (0.5,)}, r"init must be two finite numbers \(a, b\), got \(0.5,\)"),
-        ({"init": (float("nan"), 0.5)}, r"init must be two finite numbers"),
+        ({"init": (0.5,)}, r"init must be 'fit' or two finite numbers \(a, b\), got \(0.5,\)"),
+        ({"init": (float("nan"), 0.5)}, r"init must be 'fit' or two finite numbers"),
+        ({"init": "auto"}, r"init must be 'fit' or two finite numbers \(a, b\), got 'auto'"),
         ({"rule": "convex", "init": (0.3, 0.3)}, r"rule='convex' needs init=\(a, 1 - a\)"),
-        ({"version": 3}, r"config version 3 is not supported"),
-        ({"version": 1}, r"config version 1 is not supported.*from_dict reads version 1"),
+        ({"version": 4}, r"config version 4 is not supported"),
+        ({"version": 2}, r"config version 2 is not supported.*from_dict reads versions 1 and 2"),
     ],
 )
 def test_invalid_config(kwargs, message):
@@ -32,6 +33,8 @@ def test_invalid_config(kwargs, message):
 def test_round_trip():
     cfg = ReplaceConfig(rule="convex", scalars="tensor", neighbour_grad="coupled", keep_original=True, init=(0.25, 0.75))
     assert ReplaceConfig.from_dict(cfg.to_dict()) == cfg
+    cfg = ReplaceConfig(init="fit")
+    assert cfg.to_dict()["init"] == "fit" and ReplaceConfig.from_dict(cfg.to_dict()) == cfg
     with pytest.raises(ConfigError, match=r"unknown ReplaceConfig field\(s\) \['colour'\]"):
         ReplaceConfig.from_dict({**cfg.to_dict(), "colour": 1})
 

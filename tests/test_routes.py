@@ -123,9 +123,9 @@ def test_version_1_configs_keep_their_meaning():
     del old["ab_grad_sample"]
     assert ReplaceConfig.from_dict(old).ab_grad_sample is None  # a v1 record without the field: v1's default
     sampled = ReplaceConfig.from_dict(old | {"ab_grad_sample": 0.0625})
-    assert sampled.ab_grad_sample == 0.0625 and sampled.version == 2
-    with pytest.raises(replace_wrap.ConfigError, match="config version 3 is not supported"):
-        ReplaceConfig.from_dict(old | {"version": 3})
+    assert sampled.ab_grad_sample == 0.0625 and sampled.version == 3
+    with pytest.raises(replace_wrap.ConfigError, match="config version 4 is not supported"):
+        ReplaceConfig.from_dict(old | {"version": 4})
 
 
 def test_a_0_1_checkpoint_loads_with_the_exact_estimator():
@@ -133,7 +133,8 @@ def test_a_0_1_checkpoint_loads_with_the_exact_estimator():
 
     data = Path(__file__).resolve().parent / "data" / "checkpoint_0_1" / "sequential"
     record = replace_wrap.ConversionRecord.from_dict(json.loads((data / "replace_wrap.json").read_text()))
-    assert record.config.ab_grad_sample is None and record.config.version == 2
+    assert record.config.ab_grad_sample is None and record.config.version == 3
+    assert record.config.init == (0.5, 0.5)
 
     def make():
         torch.manual_seed(0)

@@ -238,7 +238,7 @@ def test_rule_that_cannot_start_from_the_scalars(monkeypatch):
 
 def test_fit_reads_neighbour_tensors_through_their_adapters():
     """At CNN stage boundaries the synthesis mixes sliced / zero-padded neighbours: so does the fit."""
-    from replace_wrap.selection._fits import block_fits, relative_residual
+    from replace_wrap.surgery.fits import block_fits, relative_residual
     from replace_wrap.synthesis.adapt import ShapeAdapter
     from replace_wrap.surgery.matching import BlockMatch, TensorMatch
 

@@ -31,6 +31,7 @@ from ..config import ReplaceConfig
 from ..errors import ConfigError, PolicyError, StateDictError
 from ..report import ConversionReport
 from ..selection.policies import Paths
+from ..surgery.fits import scalars_from_checkpoint
 
 __all__ = ["CONFIG_KEY", "RECORD_FILE", "ConversionRecord", "RecordedBlock", "read_record"]
 
@@ -155,6 +156,10 @@ class ConversionRecord:
     def apply(self, model: M, example_inputs: Any = None) -> M:
         """Convert ``model`` (of the saved architecture, not yet converted) exactly as recorded; return it.
 
+        This is the first half of a load: the scalars start at the config's constant ``init`` (with
+        ``init="fit"``/``"auto"`` nothing is fitted: the checkpoint supplies them, and the model may be on the
+        meta device), so load the checkpoint's state dict next.
+
         The plan is checked block by block before anything changes: each recorded block must be replaceable
         with the recorded neighbours and tensors.
 
@@ -172,7 +177,8 @@ class ConversionRecord:
         options["trace"] = self.route != "structural"
         name = type(target).__name__
         try:
-            planned = api.plan(target, **options)
+            with scalars_from_checkpoint():
+                planned = api.plan(target, **options)
         except PolicyError as exc:
             raise StateDictError(f"cannot re-apply the saved conversion to {name}: {exc}") from None
         got = {b.path: b for b in planned.blocks}
@@ -191,7 +197,8 @@ class ConversionRecord:
                     f"({len(b.synthesized)} tensors). Pass the example_inputs= of the original conversion, or check "
                     "that the model is built with the same configuration."
                 )
-        api.convert(target, **options)
+        with scalars_from_checkpoint():
+            api.convert(target, **options)
         return model
 
     def _converted_module(self, model: nn.Module) -> nn.Module:
@@ -212,10 +219,11 @@ class ConversionRecord:
     def same_conversion(self, other: ConversionRecord) -> bool:
         """Whether ``other`` replaces the same blocks from the same neighbours with the same options.
 
-        ``plain_state_dict`` is left out: it says how state dicts are written, not what the model computes.
+        ``plain_state_dict`` and ``init`` are left out: they say how state dicts are written and where the
+        scalars started, not what the model computes.
         """
         def key(r: ConversionRecord) -> tuple[ReplaceConfig, tuple[RecordedBlock, ...]]:
-            return dataclasses.replace(r.config, plain_state_dict=True), r.blocks
+            return dataclasses.replace(r.config, plain_state_dict=True, init=(0.5, 0.5)), r.blocks
 
         return key(self) == key(other)
 

@@ -12,7 +12,7 @@ from ..config import current_config
 from ..errors import BudgetError, PolicyError
 from ..surgery.plan import Candidate, candidates, trainable_count
 from ..synthesis.rules import get_rule
-from ._fits import block_fits, relative_residual
+from ..surgery.fits import block_fits, relative_residual
 from ._solvers import adjacency, max_weight_independent, min_cost_cover
 from .policies import Policy, PolicyLike, as_policy
 

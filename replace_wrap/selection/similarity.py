@@ -14,7 +14,7 @@ from ..errors import PolicyError
 from ..surgery.matching import BlockMatch
 from ..surgery.plan import Candidate, candidates, scalar_sets, trainable_count
 from ..synthesis.rules import get_rule
-from ._fits import block_fits, relative_residual
+from ..surgery.fits import block_fits, relative_residual
 from ._solvers import adjacency, max_weight_independent, min_cost_cover
 from .budget import Budget, as_sets, solve_budget
 from .policies import Every, Policy, Scalars

@@ -94,7 +94,7 @@ def _make_site(t: Target, cfg: ReplaceConfig) -> ReplacementSite:
     site = ReplacementSite(
         cfg.rule,
         c.n_sets,
-        cfg.init,
+        cfg.constant_init,
         tuple(f.rel for f in c.match.synthesized),
         detach=cfg.neighbour_grad == "detached",
         prev_path=c.prev_path,

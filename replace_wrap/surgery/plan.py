@@ -31,6 +31,7 @@ from ..report import BlockReport, ConversionReport, LayerRoute
 from ..synthesis import builtin_kernels  # noqa: F401  the built-in kernels, registered before any route is decided
 from ..synthesis.layer_kernels import layer_route
 from ..synthesis.rules import IntegrationRule, get_rule, is_linear_mix
+from .fits import start_coefficients
 from .matching import BlockMatch, Ownership, match_block
 from .site import SITE_ATTR
 
@@ -86,7 +87,7 @@ class Candidate:
 
 @dataclass
 class Target:
-    """A selected candidate, with its initial scalars (``None``: the config's ``init``)."""
+    """A selected candidate, with its initial scalars (``None``: the config's constant ``init``)."""
 
     candidate: Candidate
     coefficients: tuple[torch.Tensor, torch.Tensor] | None = None
@@ -126,7 +127,7 @@ def assess(stack: Stack, index: int, owners: Ownership, cfg: ReplaceConfig) -> B
 
 def _candidate(si: int, stack: Stack, i: int, match: BlockMatch, cfg: ReplaceConfig) -> Candidate:
     n_sets = scalar_sets(match, cfg)
-    scalars = sum(t.numel() for t in get_rule(cfg.rule).init_params(n_sets, cfg.init).values())
+    scalars = sum(t.numel() for t in get_rule(cfg.rule).init_params(n_sets, cfg.constant_init).values())
     return Candidate(si, i, stack.paths[i], stack.paths[i - 1], stack.paths[i + 1], stack.modules[i], match,
                      n_sets, scalars)
 
@@ -199,11 +200,14 @@ def build_plan(model: nn.Module, policy: Any, cfg: ReplaceConfig, example_inputs
             cand = _candidate(si, stack, i, match, cfg)
             with using_config(cfg):
                 coeffs = _policy_scalars(policy, stack, i, match, cand.n_sets, path)
+            entry.init = "policy"
             # The preview reads a few scalars as floats: build them on the CPU, whatever default device is
             # active (a meta-device init context, as in Hugging Face's from_pretrained, cannot be read).
             with torch.device("cpu"):
-                init = _initial_params(rule, cand.n_sets, cfg.init, coeffs, path)
-                entry.scalars = _preview_scalars(rule, init, cand.n_sets, cfg.init, coeffs)
+                if coeffs is None:
+                    coeffs, entry.init = start_coefficients(match, cand.n_sets, cfg, path)
+                init = _initial_params(rule, cand.n_sets, cfg.constant_init, coeffs, path, entry.init)
+                entry.scalars = _preview_scalars(rule, init, cand.n_sets, cfg.constant_init, coeffs)
             _describe_replaced(entry, cand, cfg)
             targets.append(Target(cand, coeffs))
     before = trainable_count(model)
@@ -302,13 +306,18 @@ def _policy_scalars(
 
 
 def _initial_params(
-    rule: IntegrationRule, n_sets: int, init: tuple[float, float], coeffs: Any, path: str
+    rule: IntegrationRule, n_sets: int, init: tuple[float, float], coeffs: Any, path: str, source: str
 ) -> dict[str, torch.Tensor]:
     if coeffs is None:
         return rule.init_params(n_sets, init)
     try:
         return rule.params_from_coefficients(*coeffs)
     except ConfigError as exc:
+        if source == "fit":
+            raise ConfigError(
+                f"rule {rule.name!r} cannot start block {path!r} from its least-squares fit (init='fit'/'auto'): "
+                f"{exc}. Pass init=(a, b) that the rule accepts."
+            ) from None
         raise ConfigError(
             f"rule {rule.name!r} cannot start block {path!r} from the policy's scalars: {exc}. Use a rule "
             "that can express them, or a policy without initial scalars."
