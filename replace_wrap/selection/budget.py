@@ -10,9 +10,9 @@ from torch import nn
 from ..analysis.discovery import Stack
 from ..config import current_config
 from ..errors import BudgetError, PolicyError
+from ..surgery.fits import block_fits, relative_residual
 from ..surgery.plan import Candidate, candidates, trainable_count
 from ..synthesis.rules import get_rule
-from ..surgery.fits import block_fits, relative_residual
 from ._solvers import adjacency, max_weight_independent, min_cost_cover
 from .policies import Policy, PolicyLike, as_policy
 

@@ -11,10 +11,10 @@ from torch import nn
 from ..analysis.discovery import Stack, analyse
 from ..config import ReplaceConfig, current_config, using_config
 from ..errors import PolicyError
+from ..surgery.fits import block_fits, relative_residual
 from ..surgery.matching import BlockMatch
 from ..surgery.plan import Candidate, candidates, scalar_sets, trainable_count
 from ..synthesis.rules import get_rule
-from ..surgery.fits import block_fits, relative_residual
 from ._solvers import adjacency, max_weight_independent, min_cost_cover
 from .budget import Budget, as_sets, solve_budget
 from .policies import Every, Policy, Scalars

@@ -6,5 +6,6 @@
 - :mod:`.site`: the :class:`~replace_wrap.ReplacementSite` holding a replaced block's scalars.
 - :mod:`.swap`: the class swap that makes a layer's tensors synthesized properties.
 - :mod:`.apply`: applying a plan atomically, and restoring blocks (merge, revert).
+- :mod:`.notices`: what ``convert`` logs and warns about the conversion it made.
 - :mod:`.attachments`: what rides along a converted model (report, guard, config record).
 """
