@@ -17,10 +17,21 @@ from typing import Any
 __all__ = ["compare", "report"]
 
 MAIN = ("digits_vit", "digits_cnn", "char_lm")
+# The main tables use seeds 0-2 (every variant ran them); the start study (init_table) ran more seeds of fewer
+# variants, and a plain MLP where the fitted start fails.
+MAIN_SEEDS = 3
+INIT_TASKS = ("digits_vit", "digits_cnn", "char_lm", "digits_mlp")
+INIT = ("end-to-end", "default", "lsq init")
+# The log's variant names, as the tables show them.
+SHOWN = {"lsq init": 'init="fit"', "Every(2) lsq init": 'Every(2), init="fit"'}
 SCRATCH = ("end-to-end", "freeze", "drop", "default", "exact", "budget", "similarity", "adapt_shapes=False")
 DEEP = ("end-to-end", "default", "offset1", "offset1, adapt_shapes=False", "budget at the adapt_shapes=False fraction")
 ABLATION = ("default", "scalar_lr x10", "scalars=tensor", "coupled", "lsq init", "rule=convex", "rule=ema")
-TRANSFER = ("full", "freeze", "Every(2)", "Budget(redundancy)", "Similarity", "LoRA (same budget)", "LoRA r=8", "learned")
+TRANSFER = ("full", "freeze", "Every(2)", "Every(2) lsq init", "Budget(redundancy)", "Similarity", "LoRA (same budget)", "LoRA r=8", "learned")
+
+
+def _shown(variant: str) -> str:
+    return SHOWN.get(variant, variant)
 
 
 def _higher(task: str) -> bool:
@@ -92,7 +103,7 @@ def scratch_table(rows: list[dict], task: str, variants: tuple[str, ...], refere
         trainable = next(iter(runs.values()))["trainable"]
         frac = f" ({trainable / full:.2f}×)" if full else ""
         delta = "reference" if v == reference else _delta(task, compare(task, runs, ref))
-        lines.append(f"| {v} | {trainable:,}{frac} | {_stats(task, runs)} | {_seeds(task, runs)} | {delta} | "
+        lines.append(f"| {_shown(v)} | {trainable:,}{frac} | {_stats(task, runs)} | {_seeds(task, runs)} | {delta} | "
                      f"{_mean(runs, 'train_s'):.0f} |")
     return "\n".join(lines)
 
@@ -106,7 +117,7 @@ def ablation_table(rows: list[dict], task: str) -> str:
         if not runs:
             continue
         delta = "reference" if v == "default" else _delta(task, compare(task, runs, ref))
-        lines.append(f"| {v} | {next(iter(runs.values()))['trainable']:,} | {_stats(task, runs)} | {_seeds(task, runs)} "
+        lines.append(f"| {_shown(v)} | {next(iter(runs.values()))['trainable']:,} | {_stats(task, runs)} | {_seeds(task, runs)} "
                      f"| {delta} | {_delta(task, compare(task, runs, e2e))} | {_mean(runs, 'train_s'):.0f} |")
     return "\n".join(lines)
 
@@ -121,7 +132,7 @@ def ablation_verdicts(rows: list[dict]) -> str:
             cells.append(_delta(task, c))
             ok = ok and c is not None and c["verdict"] in ("better", "within noise")
             wins += c is not None and c["verdict"] == "better"
-        lines.append(f"| {v} | " + " | ".join(cells) + f" | {'yes' if ok and wins else 'ties only' if ok else 'no'} |")
+        lines.append(f"| {_shown(v)} | " + " | ".join(cells) + f" | {'yes' if ok and wins else 'ties only' if ok else 'no'} |")
     return "\n".join(lines)
 
 
@@ -154,8 +165,24 @@ def transfer_table(rows: list[dict], task: str) -> str:
         delta = "reference" if v == "full" else _delta(task, compare(task, runs, ref))
         mem = statistics.mean(r["memory"]["total"] for r in runs.values())
         saved = statistics.mean(r["memory"]["saved"] for r in runs.values())
-        lines.append(f"| {v} | {blocks} | {first['trainable']:,}{frac} | {_stats(task, runs)} | {_seeds(task, runs)} "
+        lines.append(f"| {_shown(v)} | {blocks} | {first['trainable']:,}{frac} | {_stats(task, runs)} | {_seeds(task, runs)} "
                      f"| {delta} | {mem:.1f} ({saved:.1f}) | {_mean(runs, 'time_s'):.0f} |")
+    return "\n".join(lines)
+
+
+def init_table(rows: list[dict], task: str) -> str:
+    """End-to-end, the default start (0.5, 0.5) and the fitted start over every seed the log has."""
+    e2e, default = _select(rows, "scratch", task, "end-to-end"), _select(rows, "scratch", task, "default")
+    lines = ["| variant | seeds | metric (mean ± std) | per seed | Δ vs end-to-end (paired ± SE) | Δ vs default |",
+             "|---|---:|---:|---|---|---|"]
+    for v in INIT:
+        runs = _select(rows, "scratch", task, v)
+        if not runs:
+            continue
+        vs_e2e = "reference" if v == "end-to-end" else _delta(task, compare(task, runs, e2e))
+        vs_default = "reference" if v == "default" else _delta(task, compare(task, runs, default))
+        lines.append(f"| {_shown(v)} | {len(runs)} | {_stats(task, runs)} | {_seeds(task, runs)} | {vs_e2e} | "
+                     f"{vs_default} |")
     return "\n".join(lines)
 
 
@@ -171,6 +198,10 @@ def wall_times(rows: list[dict]) -> str:
 def report(rows: list[dict], plots: Path | None = None) -> str:
     """Every table of docs/quality.md from the log's rows (and the plots, written into ``plots``)."""
     out = [f"{len(rows)} runs; single-thread run time per study (summed): {wall_times(rows)}", ""]
+    for task in INIT_TASKS:
+        out += [f"## start: {task} (all seeds)", "", init_table(rows, task), ""]
+    rows = [r for r in rows if r["seed"] < MAIN_SEEDS]
+    out += [f"(the tables below: seeds 0-{MAIN_SEEDS - 1})", ""]
     for task in MAIN:
         out += [f"## scratch: {task}", "", scratch_table(rows, task, SCRATCH), ""]
     out += ["## scratch: digits_cnn_deep", "", scratch_table(rows, "digits_cnn_deep", DEEP), ""]

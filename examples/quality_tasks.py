@@ -129,6 +129,12 @@ def build_digits_cnn(channels: tuple[int, ...] = (16, 32, 64, 128), layers: tupl
     return model
 
 
+def build_digits_mlp(depth: int = 8, width: int = 128) -> nn.Module:
+    """A plain MLP: ``depth`` blocks of ``Linear + ReLU``, no residual connection and no normalization layer."""
+    blocks = nn.Sequential(*[nn.Sequential(nn.Linear(width, width), nn.ReLU()) for _ in range(depth)])
+    return nn.Sequential(nn.Flatten(), nn.Linear(3 * 8 * 8, width), nn.ReLU(), blocks, nn.Linear(width, 10))
+
+
 def build_char_lm(layers: int = 6, width: int = 128, context: int = 128) -> nn.Module:
     from transformers import GPT2Config, GPT2LMHeadModel
 
@@ -174,7 +180,10 @@ TASKS: dict[str, Task] = {
 # Tasks of the study that bench_accuracy.py does not run by default. ``digits_cnn_deep``: four BasicBlocks per
 # stage, so that some blocks have neighbours of their own shape (adapt_shapes=False can replace them) and
 # ``Every(2, offset=1)`` replaces the stage-boundary blocks (downsampling, another width) too.
+# ``digits_mlp``: a plain MLP (no residual connection, no normalization): where a replaced block's scale
+# reaches the output undamped, unlike in the residual, normalized blocks of the three main tasks.
 MORE_TASKS: dict[str, Task] = {
+    "digits_mlp": Task("digits_mlp", build_digits_mlp, "classify", steps=460, quick_steps=25, batch=64, lr=1e-3),
     "digits_cnn_deep": Task("digits_cnn_deep", lambda: build_digits_cnn(layers=(4, 4, 4, 4)), "classify", steps=460,
                             quick_steps=25, batch=64, lr=3e-3),
 }

@@ -247,9 +247,12 @@ def test_quality_study_quick_runs_every_study_resumes_and_reports(tmp_path):
     assert by["scratch", "digits_cnn", "default", 2.0]["steps"] == 2 * default["steps"]
     assert default["memory"]["optimizer"] < e2e["memory"]["optimizer"]  # no AdamW state for replaced tensors
     transfer = {k[2]: r for k, r in by.items() if k[0] == "transfer"}
-    assert set(transfer) == {"full", "freeze", "Every(2)", "Budget(redundancy)", "Similarity", "LoRA (same budget)",
-                             "LoRA r=8", "learned"}
+    assert set(transfer) == {"full", "freeze", "Every(2)", "Every(2) lsq init", "Budget(redundancy)", "Similarity",
+                             "LoRA (same budget)", "LoRA r=8", "learned"}
     every2 = transfer["Every(2)"]["trainable"]
+    fitted = transfer["Every(2) lsq init"]  # the same blocks and parameters, another start
+    assert (fitted["trainable"], fitted["blocks"]) == (every2, transfer["Every(2)"]["blocks"])
+    assert fitted["first_loss"] != transfer["Every(2)"]["first_loss"]
     assert abs(transfer["LoRA (same budget)"]["trainable"] - every2) / every2 < 0.02
     for name in ("Budget(redundancy)", "Similarity", "learned"):
         assert transfer[name]["trainable"] <= every2  # at most the fraction every=2 leaves
@@ -263,6 +266,21 @@ def test_quality_study_quick_runs_every_study_resumes_and_reports(tmp_path):
     assert "| Budget(redundancy) |" in report and "| rule=ema |" in report
     for name in ("quality_length", "quality_scratch", "quality_ablation", "quality_transfer"):
         assert (plots / f"{name}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_quality_start_study_on_the_plain_mlp_reports_all_seeds(tmp_path):
+    log = tmp_path / "q.jsonl"
+    run_example("quality_study.py", "run", "--quick", "--seeds", "2", "--tasks", "digits_mlp", "--study",
+                "scratch,ablation", "--variants", "end-to-end,default,lsq init", "--log", str(log))
+    rows = _jsonl(log)
+    assert sorted((r["variant"], r["seed"]) for r in rows) == sorted(
+        (v, s) for v in ("end-to-end", "default", "lsq init") for s in (0, 1))
+    # a plain MLP: 8 blocks Linear(128, 128) + ReLU, every=2 replaces blocks 1, 3, 5 (3 x 16,512 parameters)
+    by = {(r["variant"], r["seed"]): r for r in rows}
+    assert by["end-to-end", 0]["trainable"] - by["default", 0]["trainable"] == 3 * (128 * 128 + 128) - 3 * 2
+    report = run_example("quality_study.py", "report", "--quick", "--log", str(log)).stdout
+    assert "## start: digits_mlp (all seeds)" in report
+    assert re.search(r'^\| init="fit" \| 2 \| ', report, flags=re.M), report
 
 
 def test_quality_transfer_quick_lm_lora_and_learned_selection(tmp_path):
