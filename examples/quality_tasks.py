@@ -322,17 +322,11 @@ def _scalar_lr(model: nn.Module, task: Task) -> tuple[nn.Module, list[dict[str, 
     return model, replace_wrap.param_groups(model, weight_decay=task.weight_decay, scalar_lr=10 * task.lr)
 
 
-class EveryFitted(replace_wrap.Every):
-    """``Every(k)``'s blocks, each block's scalars started at the least-squares fit of its own (fresh) tensors to
-    its neighbours' (what :class:`replace_wrap.Similarity` starts from), instead of ``(0.5, 0.5)``."""
-
-    def initial_scalars(self, stack: Any, index: int, match: Any, n_sets: int) -> Any:
-        return replace_wrap.Similarity().initial_scalars(stack, index, match, n_sets)
-
-
 @register_variant("lsq init")
 def _lsq_init(model: nn.Module, task: Task) -> nn.Module:
-    return replace_wrap.convert(model, policy=EveryFitted(2))
+    """``every=2`` with ``init="fit"``: each block's scalars start at the least-squares fit of its own (fresh)
+    tensors to its neighbours' (what :class:`replace_wrap.Similarity` starts from), not at ``(0.5, 0.5)``."""
+    return replace_wrap.convert(model, every=2, init="fit")
 
 
 # --- digits_cnn_deep: replacing stage-boundary blocks (adapted shapes) or keeping them -----------------------
