@@ -157,8 +157,8 @@ class ConversionRecord:
         """Convert ``model`` (of the saved architecture, not yet converted) exactly as recorded; return it.
 
         This is the first half of a load: the scalars start at the config's constant ``init`` (with
-        ``init="fit"``/``"auto"`` nothing is fitted: the checkpoint supplies them, and the model may be on the
-        meta device), so load the checkpoint's state dict next.
+        ``init="fit"`` nothing is fitted: the checkpoint supplies them, and the model may be on the meta
+        device), so load the checkpoint's state dict next.
 
         The plan is checked block by block before anything changes: each recorded block must be replaceable
         with the recorded neighbours and tensors.
