@@ -62,7 +62,7 @@ class BlockReport:
         adapted: ``(path, how)`` of the synthesized tensors whose neighbour tensors are shape-adapted, e.g.
             ``("conv1.weight", "prev: as is; next: slice dim 0 128->64")``.
         init: For a replaced block, how its scalars started: ``"fit"`` (least squares to its neighbours,
-            ``init="fit"``/``"auto"``), ``"policy"`` (the policy's :meth:`~replace_wrap.Policy.initial_scalars`),
+            ``init="fit"``), ``"policy"`` (the policy's :meth:`~replace_wrap.Policy.initial_scalars`),
             or the constant ``"(a, b)"``, with the reason when a fit was asked for but not made.
         layers: For a replaced block, each layer holding synthesized tensors with its path and estimator
             (:class:`LayerRoute`), as decided at conversion (a kernel registered later serves too; a kernel may
