@@ -63,7 +63,8 @@ class BlockReport:
             ``("conv1.weight", "prev: as is; next: slice dim 0 128->64")``.
         init: For a replaced block, how its scalars started: ``"fit"`` (least squares to its neighbours,
             ``init="fit"``), ``"policy"`` (the policy's :meth:`~replace_wrap.Policy.initial_scalars`),
-            or the constant ``"(a, b)"``, with the reason when a fit was asked for but not made.
+            or the constant ``"(a, b)"`` (followed by ``", then the checkpoint's scalars"`` where a load
+            re-applied a fitted conversion and fitted nothing).
         layers: For a replaced block, each layer holding synthesized tensors with its path and estimator
             (:class:`LayerRoute`), as decided at conversion (a kernel registered later serves too; a kernel may
             still decline single calls, e.g. under ``torch.no_grad``).
