@@ -211,7 +211,7 @@ def report(rows: list[dict], plots: Path | None = None) -> str:
     for task in MAIN:
         out += [f"## ablation: {task}", "", ablation_table(rows, task), ""]
     out += ["## ablation verdicts vs default", "", ablation_verdicts(rows), ""]
-    for task in MAIN:
+    for task in (*MAIN, "digits_mlp"):
         out += [f"## length: {task}", "", length_table(rows, task), ""]
     for task in MAIN:
         out += [f"## transfer: {task}", "", transfer_table(rows, task), ""]
