@@ -21,16 +21,24 @@ backward, the graph is cacheable, and outputs, gradients and random draws are ea
 An operator takes tensors, numbers, strings and lists only: ``sample`` travels as a string, the ``needs_input_grad``
 flags as a list, and a kept tensor that would be ``None`` or the operator's own input comes back as an empty
 placeholder, which ``setup_context`` replaces by ``None`` or the input, knowing the plan from shapes.
+
+AOTAutograd caches a compiled graph under the graph that dynamo traced, which holds the forward operators only:
+the backward traced from their autograd formula, and the shape functions, are no part of the key. So each forward
+operator also takes a digest of this subpackage's code (:data:`CODE`), and a cached graph never outlives the
+code it was traced from (a new release, an edited checkout).
 """
 
 from __future__ import annotations
 
+import hashlib
 import math
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
 
+from .._version import __version__
 from .estimators import AUTO, scalars_on_host
 from .lean_layers import (
     INPUT,
@@ -45,13 +53,23 @@ from .lean_layers import (
     linear_plan,
 )
 
-__all__ = ["compiled_conv", "compiled_linear"]
+__all__ = ["CODE", "compiled_conv", "compiled_linear"]
 
 Tensor = torch.Tensor
 _TENSORS = "Tensor x, Tensor a, Tensor b, Tensor prev, Tensor next, Tensor? bias, Tensor? bias_prev, Tensor? bias_next"
 _SAVED = "Tensor? keep, Tensor? units, Tensor? xw, Tensor a, Tensor b, Tensor prev, Tensor next, Tensor? bias_prev, " \
          "Tensor? bias_next"
 _GEOMETRY = "int[] stride, int[] padding, int[] dilation, int groups"
+
+
+def _digest() -> str:
+    code = hashlib.sha256(__version__.encode())
+    for path in sorted(Path(__file__).parent.glob("*.py")):  # none when imported from an archive: the version
+        code.update(path.read_bytes())
+    return code.hexdigest()[:16]
+
+
+CODE = _digest()  # what the compiled graphs were traced from; see the module docstring
 
 
 def _encode(sample: float | str | None) -> str | None:
@@ -93,7 +111,7 @@ def _kept(kind: str, sampled: bool, with_output: bool, x: Tensor, dtype: torch.d
 
 def _linear(x: Tensor, a: Tensor, b: Tensor, prev: Tensor, next: Tensor, bias: Tensor | None,
             bias_prev: Tensor | None, bias_next: Tensor | None, sample: str | None, dtype: torch.dtype | None,
-            needs: list[bool], fake: bool = False) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+            needs: list[bool], code: str, fake: bool = False) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     y, keep, rows, xw, _ = linear_forward(x, a, b, prev, next, bias, bias_prev, bias_next, _decode(sample), dtype,
                                           needs, scratch=not fake)
     return y, _out(keep, y, x), _out(rows, y), _out(xw, y)
@@ -109,7 +127,7 @@ def _linear_backward(dy: Tensor, keep: Tensor | None, rows: Tensor | None, xw: T
 
 
 def _linear_setup(ctx: Any, inputs: tuple[Any, ...], output: tuple[Tensor, ...]) -> None:
-    x, a, b, prev, next, _, bias_prev, bias_next, sample, dtype, needs = inputs
+    x, a, b, prev, next, _, bias_prev, bias_next, sample, dtype, needs, _ = inputs
     y, keep, rows, xw = output
     kind, with_output = linear_plan(x.shape[0], _decode(sample), needs)
     kept = _kept(kind, kind == SAMPLE, with_output, x, dtype, keep, rows, xw)
@@ -121,7 +139,7 @@ def _linear_setup(ctx: Any, inputs: tuple[Any, ...], output: tuple[Tensor, ...])
 
 def _linear_autograd(ctx: Any, dy: Tensor, *_: Any) -> tuple[Tensor | None, ...]:
     grads = torch.ops.replace_wrap.lean_linear_backward(dy, *ctx.saved_tensors, ctx.dtype, ctx.needs)
-    return *(g if need else None for g, need in zip(grads, ctx.needs)), None, None, None
+    return *(g if need else None for g, need in zip(grads, ctx.needs)), None, None, None, None
 
 
 def compiled_linear(x: Tensor, a: Tensor, b: Tensor, prev: Tensor, next: Tensor, bias: Tensor | None,
@@ -130,14 +148,14 @@ def compiled_linear(x: Tensor, a: Tensor, b: Tensor, prev: Tensor, next: Tensor,
     """:func:`~replace_wrap.synthesis.kernels.mixed_linear`'s Function as the operator: ``x`` of shape ``(N, in)``."""
     needs = _needs(x, a, b, prev, next, bias, bias_prev, bias_next)
     return torch.ops.replace_wrap.lean_linear(x, a, b, prev, next, bias, bias_prev, bias_next, _encode(sample),
-                                              dtype, needs)[0]
+                                              dtype, needs, CODE)[0]
 
 
 # --- convolution ----------------------------------------------------------------------------------------------
 
 def _conv(x: Tensor, a: Tensor, b: Tensor, prev: Tensor, next: Tensor, bias: Tensor | None,
           bias_prev: Tensor | None, bias_next: Tensor | None, sample: str | None, dtype: torch.dtype | None,
-          stride: list[int], padding: list[int], dilation: list[int], groups: int, needs: list[bool],
+          stride: list[int], padding: list[int], dilation: list[int], groups: int, needs: list[bool], code: str,
           fake: bool = False) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     geometry = (stride, padding, dilation, groups)
     y, keep, units, xw, _ = conv_forward(x, a, b, prev, next, bias, bias_prev, bias_next, _decode(sample), dtype,
@@ -157,7 +175,7 @@ def _conv_backward(dy: Tensor, keep: Tensor | None, units: Tensor | None, xw: Te
 
 
 def _conv_setup(ctx: Any, inputs: tuple[Any, ...], output: tuple[Tensor, ...]) -> None:
-    x, a, b, prev, next, _, bias_prev, bias_next, sample, dtype, stride, padding, dilation, groups, needs = inputs
+    x, a, b, prev, next, _, bias_prev, bias_next, sample, dtype, stride, padding, dilation, groups, needs, _ = inputs
     y, keep, units, xw = output
     kind, with_output = conv_plan(x.shape, y.shape, prev.shape, groups, _decode(sample), needs)
     kept = _kept(kind, with_output, with_output, x, dtype, keep, units, xw)  # sampled: the output there is kept
@@ -170,7 +188,7 @@ def _conv_setup(ctx: Any, inputs: tuple[Any, ...], output: tuple[Tensor, ...]) -
 
 def _conv_autograd(ctx: Any, dy: Tensor, *_: Any) -> tuple[Tensor | None, ...]:
     grads = torch.ops.replace_wrap.lean_conv_backward(dy, *ctx.saved_tensors, *ctx.args)
-    return *(g if need else None for g, need in zip(grads, ctx.needs)), *([None] * 7)
+    return *(g if need else None for g, need in zip(grads, ctx.needs)), *([None] * 8)
 
 
 def compiled_conv(x: Tensor, a: Tensor, b: Tensor, prev: Tensor, next: Tensor, bias: Tensor | None,
@@ -179,19 +197,19 @@ def compiled_conv(x: Tensor, a: Tensor, b: Tensor, prev: Tensor, next: Tensor, b
     """:func:`~replace_wrap.synthesis.kernels.mixed_conv`'s Function as the operator."""
     needs = _needs(x, a, b, prev, next, bias, bias_prev, bias_next)
     return torch.ops.replace_wrap.lean_conv(x, a, b, prev, next, bias, bias_prev, bias_next, _encode(sample), dtype,
-                                            *geometry, needs)[0]
+                                            *geometry, needs, CODE)[0]
 
 
 # --- registration: each operator's shape function is the operator itself on fake tensors ----------------------
 
 _FORWARD = "(Tensor, Tensor, Tensor, Tensor)"  # y, then the kept tensors (or placeholders)
 _OPS = (
-    ("lean_linear", f"({_TENSORS}, str? sample, ScalarType? dtype, bool[] needs) -> {_FORWARD}", _linear,
+    ("lean_linear", f"({_TENSORS}, str? sample, ScalarType? dtype, bool[] needs, str code) -> {_FORWARD}", _linear,
      (_linear_autograd, _linear_setup)),
     ("lean_linear_backward", f"(Tensor dy, {_SAVED}, ScalarType? dtype, bool[] needs) -> Tensor[]",
      _linear_backward, None),
-    ("lean_conv", f"({_TENSORS}, str? sample, ScalarType? dtype, {_GEOMETRY}, bool[] needs) -> {_FORWARD}", _conv,
-     (_conv_autograd, _conv_setup)),
+    ("lean_conv", f"({_TENSORS}, str? sample, ScalarType? dtype, {_GEOMETRY}, bool[] needs, str code) -> {_FORWARD}",
+     _conv, (_conv_autograd, _conv_setup)),
     ("lean_conv_backward", f"(Tensor dy, {_SAVED}, ScalarType? dtype, bool[] needs, {_GEOMETRY}, "
                            "SymInt[] x_shape, bool patches) -> Tensor[]", _conv_backward, None),
 )
