@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 import replace_wrap
 from replace_wrap.surgery.apply import sites
 from replace_wrap.synthesis import kernels as mixed_ops
+from replace_wrap.synthesis import lean_layers
 from replace_wrap.synthesis.maths import mix
 from replace_wrap.synthesis.estimators import check_sample, sample_units
 from replace_wrap.synthesis.kernels import mixed_conv, mixed_linear
@@ -27,7 +28,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 @pytest.fixture(params=sorted(BRANCHES))
 def branch(request, monkeypatch):
-    monkeypatch.setattr(mixed_ops, "ROW_PRODUCT_MAX", BRANCHES[request.param])
+    monkeypatch.setattr(lean_layers, "ROW_PRODUCT_MAX", BRANCHES[request.param])
     return request.param
 
 
