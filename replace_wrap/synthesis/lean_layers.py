@@ -16,6 +16,7 @@ from __future__ import annotations
 import math
 import threading
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -91,6 +92,18 @@ def _coupled_grads(dw: torch.Tensor, a: torch.Tensor, b: torch.Tensor, prev: tor
     return (dw * a.to(dw.dtype) if need_p else None), (dw * b.to(dw.dtype) if need_n else None)
 
 
+def _finish(needs: Sequence[bool], scale: float, ga: torch.Tensor | None, gb: torch.Tensor | None,
+            db: torch.Tensor | None, sampled: bool, a: torch.Tensor, b: torch.Tensor,
+            bias_prev: torch.Tensor | None, bias_next: torch.Tensor | None) -> tuple[tuple[Any, Any], tuple[Any, ...]]:
+    """Both layers' last step: ``(ga, gb)`` (rescaled, with the mixed bias's share) and the biases' gradients
+    ``(own bias, bias_prev, bias_next)``, each ``None`` where not needed."""
+    need_a, need_b, need_bias, need_bp, need_bn = needs[1], needs[2], needs[5], needs[6], needs[7]
+    ga, gb = scalar_grads((need_a, need_b), scale, ga, gb, None if sampled else db, bias_prev, bias_next, a, b)
+    gbp = (db.to(bias_prev.dtype) * a.to(bias_prev.dtype)) if need_bp else None
+    gbn = (db.to(bias_next.dtype) * b.to(bias_next.dtype)) if need_bn else None
+    return (ga, gb), (db if need_bias else None, gbp, gbn)
+
+
 def linear_plan(n: int, sample: float | str | None, needs: Sequence[bool]) -> tuple[str, bool]:
     """What a linear layer of ``n`` rows keeps: ``(NONE | INPUT | SAMPLE, whether the output at the units)``."""
     need_a, need_b, need_p, need_n = needs[1:5]
@@ -158,11 +171,8 @@ def linear_backward(
         ga, gb = ab_from_dw(dw, prev, next)
         if need_p or need_n:
             gp, gn = _coupled_grads(dw, a, b, prev, need_p, need_n)
-    ga, gb = scalar_grads((need_a, need_b), scale, ga, gb, None if xw is not None else db, bias_prev,
-                          bias_next, a, b)
-    gbp = (db.to(bias_prev.dtype) * a.to(bias_prev.dtype)) if need_bp else None
-    gbn = (db.to(bias_next.dtype) * b.to(bias_next.dtype)) if need_bn else None
-    return gx, ga, gb, gp, gn, db if need_bias else None, gbp, gbn
+    (ga, gb), biases = _finish(needs, scale, ga, gb, db, xw is not None, a, b, bias_prev, bias_next)
+    return gx, ga, gb, gp, gn, *biases
 
 
 def conv_plan(x_shape: Sequence[int], y_shape: Sequence[int], w_shape: Sequence[int], groups: int,
@@ -243,11 +253,8 @@ def conv_backward(
         ga, gb = ab_from_dw(dw, prev, next)
         if need_p or need_n:
             gp, gn = _coupled_grads(dw, a, b, prev, need_p, need_n)
-    ga, gb = scalar_grads((need_a, need_b), scale, ga, gb, None if xw is not None else db, bias_prev,
-                          bias_next, a, b)
-    gbp = (db.to(bias_prev.dtype) * a.to(bias_prev.dtype)) if need_bp else None
-    gbn = (db.to(bias_next.dtype) * b.to(bias_next.dtype)) if need_bn else None
-    return gx, ga, gb, gp, gn, db if need_bias else None, gbp, gbn
+    (ga, gb), biases = _finish(needs, scale, ga, gb, db, xw is not None, a, b, bias_prev, bias_next)
+    return gx, ga, gb, gp, gn, *biases
 
 
 def _input_grad(dy: torch.Tensor, w: torch.Tensor, x_shape: Sequence[int], stride: Sequence[int],
