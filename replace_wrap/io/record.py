@@ -27,7 +27,7 @@ from torch import nn
 
 from .. import api
 from .._version import __version__
-from ..config import ReplaceConfig
+from ..config import UNFITTED_INIT, ReplaceConfig
 from ..errors import ConfigError, PolicyError, StateDictError
 from ..report import ConversionReport
 from ..selection.policies import Paths
@@ -223,7 +223,7 @@ class ConversionRecord:
         scalars started, not what the model computes.
         """
         def key(r: ConversionRecord) -> tuple[ReplaceConfig, tuple[RecordedBlock, ...]]:
-            return dataclasses.replace(r.config, plain_state_dict=True, init=(0.5, 0.5)), r.blocks
+            return dataclasses.replace(r.config, plain_state_dict=True, init=UNFITTED_INIT), r.blocks
 
         return key(self) == key(other)
 

@@ -5,13 +5,12 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-import torch
 from torch import nn
 
 from ..analysis.discovery import Stack, analyse
 from ..config import ReplaceConfig, current_config, using_config
 from ..errors import PolicyError
-from ..surgery.fits import block_fits, relative_residual
+from ..surgery.fits import block_fits, fitted_scalars, relative_residual
 from ..surgery.matching import BlockMatch
 from ..surgery.plan import Candidate, candidates, scalar_sets, trainable_count
 from ..synthesis.rules import get_rule
@@ -121,8 +120,7 @@ class Similarity(Policy):
     # -- initial scalars --------------------------------------------------------------------------------
 
     def initial_scalars(self, stack: Stack, index: int, match: BlockMatch, n_sets: int) -> Scalars:
-        fits = block_fits(match, n_sets, get_rule(current_config().rule).affine)
-        return torch.tensor([f.a for f in fits]), torch.tensor([f.b for f in fits])
+        return fitted_scalars(match, n_sets, current_config().rule)
 
     # -- inspection -------------------------------------------------------------------------------------
 

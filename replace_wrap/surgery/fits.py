@@ -15,7 +15,7 @@ from ..synthesis.maths import Fit, fit_coefficients
 from ..synthesis.rules import get_rule
 from .matching import BlockMatch
 
-__all__ = ["block_fits", "relative_residual", "scalars_from_checkpoint", "start_coefficients"]
+__all__ = ["block_fits", "fitted_scalars", "relative_residual", "scalars_from_checkpoint", "start_coefficients"]
 
 
 def block_fits(match: BlockMatch, n_sets: int, affine: bool) -> list[Fit]:
@@ -79,5 +79,10 @@ def start_coefficients(
             "meta device (no values to fit). Convert after the weights are loaded or materialized, or pass "
             "init=(a, b)."
         )
-    fits = block_fits(match, n_sets, get_rule(cfg.rule).affine)
-    return (torch.tensor([f.a for f in fits]), torch.tensor([f.b for f in fits])), "fit"
+    return fitted_scalars(match, n_sets, cfg.rule), "fit"
+
+
+def fitted_scalars(match: BlockMatch, n_sets: int, rule: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """The least-squares ``(a, b)`` of each scalar set, shaped ``(n_sets,)`` (constrained as ``rule`` needs)."""
+    fits = block_fits(match, n_sets, get_rule(rule).affine)
+    return torch.tensor([f.a for f in fits]), torch.tensor([f.b for f in fits])
