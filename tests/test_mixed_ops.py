@@ -299,3 +299,38 @@ def test_hf_swinv2_with_windows_of_two_trains():
     model = replace_wrap.convert(transformers.Swinv2ForImageClassification(cfg), every=2)
     model(pixel_values=torch.randn(2, 3, 32, 32)).logits.sum().backward()
     assert all(s.a.grad is not None for _, _, s in sites(model))
+
+
+def test_layers_of_every_layout_share_one_scratch_buffer_and_compute_exactly():
+    # One flat scratch buffer per dtype, as large as the largest weight, serves layers of any memory layout
+    # (contiguous, a transposed HF Conv1D-style view, a channels_last convolution weight; a layout that is
+    # not dense, a strided slice, is made contiguous there). Each layer's output and gradients are those of plain autograd on
+    # the mixed weight, whatever ran before it in the same buffer.
+    torch.manual_seed(0)
+    a = torch.tensor(0.3, requires_grad=True)
+    b = torch.tensor(-0.8, requires_grad=True)
+    big = (torch.randn(48, 40), torch.randn(48, 40))
+    small = (torch.randn(5, 40), torch.randn(5, 40))
+    transposed = (torch.randn(40, 12).t(), torch.randn(40, 12).t())  # (12, 40) stored as (40, 12)
+    strided = (torch.randn(12, 80)[:, ::2], torch.randn(12, 80)[:, ::2])  # not dense: contiguous in the scratch
+    conv = tuple(torch.randn(6, 40, 3, 3).to(memory_format=torch.channels_last) for _ in range(2))
+    lean_layers._SCRATCH.__dict__.pop("flat", None)
+    for prev, nxt in (small, big, transposed, strided, small, big):
+        x = torch.randn(7, 40, requires_grad=True)
+        dy = torch.randn(7, prev.shape[0])
+        ref_y, ref = _plain_grads(lambda x, a, b: F.linear(x, a * prev + b * nxt), (x, a, b), dy)
+        y, got = _plain_grads(lambda x, a, b: mixed_linear(x, a, b, prev, nxt, sample=None), (x, a, b), dy)
+        torch.testing.assert_close(y, ref_y, rtol=1e-6, atol=1e-6)
+        for r, g in zip(ref, got):
+            torch.testing.assert_close(g, r, rtol=1e-5, atol=1e-5)
+    x = torch.randn(2, 40, 5, 5, requires_grad=True)
+    dy = torch.randn(2, 6, 5, 5)
+    geo = dict(stride=(1, 1), padding=(1, 1), dilation=(1, 1))
+    ref_y, ref = _plain_grads(lambda x, a, b: F.conv2d(x, a * conv[0] + b * conv[1], padding=1), (x, a, b), dy)
+    y, got = _plain_grads(lambda x, a, b: mixed_conv(x, a, b, *conv, sample=None, **geo), (x, a, b), dy)
+    torch.testing.assert_close(y, ref_y, rtol=1e-5, atol=1e-5)
+    for r, g in zip(ref, got):
+        torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-4)
+    buffers = lean_layers._SCRATCH.flat
+    assert list(buffers) == [torch.float32]  # one buffer, not one per layout
+    assert buffers[torch.float32].numel() == max(48 * 40, 6 * 40 * 9)

@@ -151,3 +151,38 @@ def test_swin_shifted_window_blocks_keep_their_shift():
         mine = model.get_submodule(b.path).shift_size
         assert mine == shifts[b.path] and mine != model.get_submodule(b.prev).shift_size
     _check_against_oracle(original, model, torch.randn(2, 3, 112, 112))
+
+
+@pytest.mark.parametrize("coupled", [False, True], ids=["detached", "coupled"])
+def test_adapted_neighbours_are_remade_in_the_backward_not_kept(coupled):
+    # Zero-padded neighbours and an absent side's zeros are weight-sized copies. Detached, the layer kernels
+    # keep the neighbours' own tensors (held by their blocks anyway) and remake the copies in the backward:
+    # nothing weight-sized outlives the forward. Gradients equal the generic path's, with and without it.
+    x = torch.randn(2, 4, 8, 8)
+    grads, saved_shapes = {}, {}
+    for fast in (True, False):
+        torch.manual_seed(0)
+        model = _projecting_stack()
+        replace_wrap.convert(model, policy=replace_wrap.Indices([1]), ab_grad_sample="exact", fast_path=fast,
+                             neighbour_grad="coupled" if coupled else "detached")
+        with torch.no_grad():
+            model[1].replacement.a.fill_(0.7), model[1].replacement.b.fill_(-0.4)
+        params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+        shapes = []
+
+        def pack(t, shapes=shapes, params=params):
+            if t.untyped_storage().data_ptr() not in params:
+                shapes.append(tuple(t.shape))
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            loss = model(x).square().mean()
+        loss.backward()
+        grads[fast] = {n: p.grad.clone() for n, p in model.named_parameters()}
+        saved_shapes[fast] = shapes
+    assert grads[True].keys() == grads[False].keys()
+    for name, g in grads[False].items():
+        torch.testing.assert_close(grads[True][name], g, rtol=1e-5, atol=1e-6, msg=name)
+    weights = {(8, 6, 3, 3), (8, 8, 3, 3), (8, 6, 1, 1)}  # conv1, conv2, proj of the replaced block
+    kept = weights & set(saved_shapes[True])
+    assert kept == (weights if coupled else set())  # coupled: autograd needs the copies for the neighbours

@@ -29,8 +29,20 @@ def _linear(layer: nn.Module, x: torch.Tensor, stored_transposed: bool) -> Any:
     src = mix_source(layer)
     if src is None:
         return NotImplemented
-    prev, nxt = (src.prev.t(), src.next.t()) if stored_transposed else (src.prev, src.next)
-    return mixed_linear(x, src.a, src.b, prev, nxt, src.bias, bias_mix=src.bias_mix, sample=src.sample)
+    prev, nxt, remake = src.prev, src.next, src.remake
+    if stored_transposed:
+        prev, nxt = prev.t(), nxt.t()
+        if remake is not None:
+            remake = (*remake[:2], _transposed(remake[2]))
+    return mixed_linear(x, src.a, src.b, prev, nxt, src.bias, bias_mix=src.bias_mix, sample=src.sample, remake=remake)
+
+
+def _transposed(fn: Any) -> Any:
+    def remake(p: torch.Tensor | None, n: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        p, n = fn(p, n)
+        return p.t(), n.t()
+
+    return remake
 
 
 @register_layer_kernel(nn.Linear, name="linear", units=ROWS)
@@ -59,7 +71,7 @@ def _conv_forward(layer: nn.modules.conv._ConvNd, input: torch.Tensor) -> Any:
         return NotImplemented
     return mixed_conv(
         input, src.a, src.b, src.prev, src.next, src.bias, bias_mix=src.bias_mix, stride=layer.stride,
-        padding=layer.padding, dilation=layer.dilation, groups=layer.groups, sample=src.sample,
+        padding=layer.padding, dilation=layer.dilation, groups=layer.groups, sample=src.sample, remake=src.remake,
     )
 
 

@@ -28,7 +28,7 @@ In eager mode a layer is an autograd Function; under ``torch.compile`` it is a p
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -42,28 +42,49 @@ from .maths import mix
 __all__ = ["PATCH_KEEP_MAX", "mixed_conv", "mixed_linear"]
 
 
+# (source prev, source next, remake): remake(source prev, source next) -> (prev, next), see mixed_linear
+Remake = tuple[Optional[torch.Tensor], Optional[torch.Tensor], Callable[..., tuple[torch.Tensor, torch.Tensor]]]
+
+
+def _save(ctx: Any, remake: Remake | None, keep: Any, units: Any, xw: Any, a: torch.Tensor, b: torch.Tensor,
+          prev: torch.Tensor, next: torch.Tensor, bias_prev: Any, bias_next: Any) -> None:
+    if remake is not None and (ctx.needs_input_grad[3] or ctx.needs_input_grad[4]):
+        remake = None  # coupled: autograd takes the neighbours' gradients back through the copies
+    if remake is not None:  # keep the sources, which their blocks hold anyway, rather than adapted copies
+        prev, next = remake[0], remake[1]
+    ctx.remake = None if remake is None else remake[2]
+    ctx.save_for_backward(keep, units, xw, a, b, prev, next, bias_prev, bias_next)
+
+
+def _saved(ctx: Any) -> tuple[Any, ...]:
+    keep, units, xw, a, b, prev, next, bias_prev, bias_next = ctx.saved_tensors
+    if ctx.remake is not None:
+        prev, next = ctx.remake(prev, next)
+    return keep, units, xw, a, b, prev, next, bias_prev, bias_next
+
+
 class _MixedLinear(torch.autograd.Function):
     # Eager mode only; compiled, the layer is the operator of compiled_ops (see the module docstring).
     @staticmethod
     def forward(  # type: ignore[override]
         ctx: Any, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, prev: torch.Tensor, next: torch.Tensor,
         bias: torch.Tensor | None, bias_prev: torch.Tensor | None, bias_next: torch.Tensor | None,
-        sample: float | str | None, dtype: torch.dtype | None,
+        sample: float | str | None, dtype: torch.dtype | None, remake: Remake | None,
     ) -> torch.Tensor:
         y, keep, rows, xw, scale = linear_forward(x, a, b, prev, next, bias, bias_prev, bias_next, sample, dtype,
                                                   ctx.needs_input_grad)
         # Everything through save_for_backward, so checkpointing (recompute=True) can drop and replay it. The
         # synthesized weight is not kept: the backward makes it again (one pass over the weights), so between
         # forward and backward a replaced layer holds no weight at all, where a frozen one holds its own.
-        ctx.save_for_backward(keep, rows, xw, a, b, prev, next, bias_prev, bias_next)
+        _save(ctx, remake, keep, rows, xw, a, b, prev, next, bias_prev, bias_next)
         ctx.scale, ctx.host, ctx.dtype = scale, scalars_on_host(a), dtype
         return y
 
     @staticmethod
     @once_differentiable
     def backward(ctx: Any, dy: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        grads = linear_backward(dy, *ctx.saved_tensors, ctx.scale, ctx.host, ctx.dtype, ctx.needs_input_grad)
-        return *grads, None, None
+        grads = linear_backward(dy, *_saved(ctx), ctx.scale, ctx.host, ctx.dtype, ctx.needs_input_grad)
+        return *grads, None, None, None
 
 
 def mixed_linear(
@@ -76,6 +97,7 @@ def mixed_linear(
     *,
     bias_mix: tuple[torch.Tensor, torch.Tensor] | None = None,
     sample: float | str | None = None,
+    remake: Remake | None = None,
 ) -> torch.Tensor:
     """``F.linear(x, a * prev + b * next, bias)`` with the lean backward described in the module docstring.
 
@@ -92,6 +114,10 @@ def mixed_linear(
         sample: ``None`` for exact ``dL/da, dL/db``; ``"auto"`` or a fraction in ``(0, 1]`` of the rows of
             ``x`` (all leading dimensions flattened) to estimate them from (a ``bias_mix`` share included),
             by the rule of :mod:`replace_wrap.synthesis.estimators`.
+        remake: For ``prev``, ``next`` that are detached copies made from other tensors (shape-adapted
+            neighbours: zero-padded, or zeros for an absent side): ``(source_prev, source_next, fn)`` with
+            ``fn(source_prev, source_next) == (prev, next)``. The layer then keeps the sources for its
+            backward, which remakes the copies, so no weight-sized copy is held between forward and backward.
 
     Returns:
         The output, as ``F.linear`` would give it.
@@ -118,7 +144,7 @@ def mixed_linear(
     if torch.compiler.is_compiling():
         y = compiled_linear(rows, a, b, prev, next, bias, bp, bn, sample, autocast_dtype(x))
     else:
-        y = _MixedLinear.apply(rows, a, b, prev, next, bias, bp, bn, sample, autocast_dtype(x))
+        y = _MixedLinear.apply(rows, a, b, prev, next, bias, bp, bn, sample, autocast_dtype(x), remake)
     return y if x.dim() == 2 else y.view(*x.shape[:-1], y.shape[-1])
 
 
@@ -128,11 +154,11 @@ class _MixedConv(torch.autograd.Function):
         ctx: Any, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, prev: torch.Tensor, next: torch.Tensor,
         bias: torch.Tensor | None, bias_prev: torch.Tensor | None, bias_next: torch.Tensor | None,
         sample: float | str | None, dtype: torch.dtype | None,
-        geometry: tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...], int],
+        geometry: tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...], int], remake: Remake | None,
     ) -> torch.Tensor:
         y, keep, units, xw, scale = conv_forward(x, a, b, prev, next, bias, bias_prev, bias_next, sample, dtype,
                                                  geometry, ctx.needs_input_grad)
-        ctx.save_for_backward(keep, units, xw, a, b, prev, next, bias_prev, bias_next)  # no weight: see _MixedLinear
+        _save(ctx, remake, keep, units, xw, a, b, prev, next, bias_prev, bias_next)  # no weight: see _MixedLinear
         ctx.patches = conv_plan(x.shape, y.shape, prev.shape, geometry[3], sample, ctx.needs_input_grad)[0] == SAMPLE
         ctx.scale, ctx.geometry, ctx.x_shape, ctx.host, ctx.dtype = scale, geometry, x.shape, scalars_on_host(a), dtype
         return y
@@ -140,9 +166,9 @@ class _MixedConv(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx: Any, dy: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        grads = conv_backward(dy, *ctx.saved_tensors, ctx.scale, ctx.host, ctx.dtype, ctx.needs_input_grad,
+        grads = conv_backward(dy, *_saved(ctx), ctx.scale, ctx.host, ctx.dtype, ctx.needs_input_grad,
                               ctx.geometry, ctx.x_shape, ctx.patches)
-        return *grads, None, None, None
+        return *grads, None, None, None, None
 
 
 def mixed_conv(
@@ -159,6 +185,7 @@ def mixed_conv(
     groups: int = 1,
     bias_mix: tuple[torch.Tensor, torch.Tensor] | None = None,
     sample: float | str | None = None,
+    remake: Remake | None = None,
 ) -> torch.Tensor:
     """A batched N-d convolution with weight ``a * prev + b * next`` and the lean backward.
 
@@ -176,6 +203,7 @@ def mixed_conv(
         bias_mix: Instead of ``bias``: ``(bias_prev, bias_next)``, mixed with the same ``a, b``.
         sample: ``None`` for exact ``dL/da, dL/db``; ``"auto"`` or a fraction in ``(0, 1]`` of the output
             positions (batch items times spatial positions) to estimate them from.
+        remake: As for :func:`mixed_linear`.
 
     Example:
         >>> x = torch.randn(2, 3, 5, 5)
@@ -192,7 +220,7 @@ def mixed_conv(
         return _plain_conv(x, mix(a, b, prev, next), mix_bias(a, b, bias, bp, bn), geometry)
     if torch.compiler.is_compiling():
         return compiled_conv(x, a, b, prev, next, bias, bp, bn, sample, autocast_dtype(x), geometry)
-    return _MixedConv.apply(x, a, b, prev, next, bias, bp, bn, sample, autocast_dtype(x), geometry)
+    return _MixedConv.apply(x, a, b, prev, next, bias, bp, bn, sample, autocast_dtype(x), geometry, remake)
 
 
 def _plain_conv(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, geometry: Any) -> torch.Tensor:

@@ -32,6 +32,7 @@ Example:
 
 from __future__ import annotations
 
+import functools
 import sys
 from dataclasses import dataclass, field
 from typing import Any, Callable, NamedTuple
@@ -234,6 +235,10 @@ class MixSource(NamedTuple):
     sample: float | str | None
     bias: torch.Tensor | None  # the layer's bias when it is not mixed with the weight's scalars (else None)
     bias_mix: tuple[torch.Tensor, torch.Tensor] | None  # (prev, next) bias mixed with the weight's (a, b)
+    # Shape-adapted, detached neighbours: (source prev, source next, remake), remake(p, n) -> (prev, next).
+    # The layer keeps the sources (the neighbours' own tensors, held anyway) instead of the adapted copies
+    # (zero-padded, or zeros for an absent side: weight-sized tensors) and remakes them in its backward.
+    remake: tuple[torch.Tensor | None, torch.Tensor | None, Callable[..., Any]] | None = None
 
 
 def _bias_is_mixed(sources: dict[str, TensorSource], src: TensorSource, bias: str | None) -> bool:
@@ -257,6 +262,15 @@ def _sides(src: TensorSource, name: str, detach: bool) -> tuple[torch.Tensor, to
     # A slice or zero-pad per side (an absent side: zeros). Detached, it is a copy the layer computes with;
     # coupled, autograd takes the neighbours' gradients back through it.
     return adapt_pair(p, n, src.prev_adapter, src.next_adapter)
+
+
+def _remake(src: TensorSource, name: str) -> tuple[torch.Tensor | None, torch.Tensor | None, Callable[..., Any]] | None:
+    """For detached, shape-adapted neighbours: their own tensors and the map to the adapted pair (see MixSource)."""
+    if src.prev_adapter is None and src.next_adapter is None:
+        return None
+    p = None if src.prev is None else getattr(src.prev, name).detach()
+    n = None if src.next is None else getattr(src.next, name).detach()
+    return p, n, functools.partial(adapt_pair, prev_adapter=src.prev_adapter, next_adapter=src.next_adapter)
 
 
 def mix_source(layer: nn.Module, name: str = "weight", bias: str | None = "bias") -> MixSource | None:
@@ -286,15 +300,16 @@ def mix_source(layer: nn.Module, name: str = "weight", bias: str | None = "bias"
         return None  # may be sharded; the getter synthesizes from their shards, the generic path differentiates
     detach = site.detach
     prev, nxt = _sides(src, name, detach)
+    remake = _remake(src, name) if detach else None
     if prev.is_meta:  # meta init: shapes only, the generic path propagates them without the custom backward
         return None
     a, b = site.coefficients()
     if a.numel() > 1:  # one set of shape (1,) broadcasts as it is (weights have dimensions): no select op
         a, b = a[index], b[index]
     if bias_src is not None:
-        return MixSource(a, b, prev, nxt, site.ab_grad_sample, None, _sides(bias_src, bias, detach))  # type: ignore[arg-type]
+        return MixSource(a, b, prev, nxt, site.ab_grad_sample, None, _sides(bias_src, bias, detach), remake)  # type: ignore[arg-type]
     own_bias = None if bias is None else getattr(layer, bias)
-    return MixSource(a, b, prev, nxt, site.ab_grad_sample, own_bias, None)
+    return MixSource(a, b, prev, nxt, site.ab_grad_sample, own_bias, None, remake)
 
 
 _STATIC = CACHE_PREFIX + "static_"
