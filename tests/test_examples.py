@@ -181,6 +181,28 @@ def test_bench_profile_step_names_the_phases():
         assert re.search(rf"^\s*{phase}\s", out, flags=re.M), f"no {phase} row:\n{out}"
 
 
+def test_bench_floor_counts_every_replaced_layer_and_its_units():
+    # vit_tiny: every=2 replaces 5 of 12 blocks, 4 weight matrices each; 32 px, batch 2: 2 x 5 tokens = 10 rows,
+    # fewer than the estimator's 16, so no layer samples (exact, no thin product) and the floor is synthesis
+    spec = importlib.util.spec_from_file_location("bench_floor", EXAMPLES / "bench_floor.py")
+    bench_floor = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench_floor)
+    import timm
+
+    model = timm.create_model("vit_tiny_patch16_224", img_size=32, num_classes=10)
+    layers = bench_floor.replaced_layers(model, torch.randn(2, 3, 32, 32))
+    assert len(layers) == 20 and {r["units"] for r in layers} == {10}
+    qkv = next(r for r in layers if r["name"].endswith("attn.qkv.weight"))
+    assert qkv["shape"] == (576, 192) and qkv["inner"] == 192
+    blocks = {r["name"].split(".")[1] for r in layers}
+    assert all(not model.get_parameter(r["name"]).requires_grad for r in layers) and len(blocks) == 5
+    synth, product = bench_floor.floor(layers, repeats=1)
+    assert synth > 0 and product == 0
+    out = run_example("bench_floor.py", "resnet18", "--size", "32", "--batch", "2", "--steps", "1",
+                      "--repeats", "1").stdout
+    assert re.search(r"^least replace / freeze at the default: 1\.\d{3}$", out, flags=re.M), out
+
+
 @pytest.mark.timeout(240)
 def test_bench_fsdp_table_at_world_2(tmp_path):
     pytest.importorskip("transformers")

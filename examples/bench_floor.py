@@ -1,0 +1,129 @@
+"""The floor under the default's step time: what a replaced layer computes that a frozen one does not.
+
+    bash .ci/venv python examples/bench_floor.py hf:vit --size 64 --batch 16 --threads 1
+    bash .ci/venv python examples/bench_floor.py resnet50 --size 128 --batch 16 --threads 1
+
+With no options a replaced layer synthesizes its weight ``W = a * W_prev + b * W_next`` twice per step (in the
+forward, and again in the backward, so that no weight is held between the two: the memory goal) and the
+default estimator of ``dL/da, dL/db`` takes one thin product of ``m = max(16, N/64)`` of the layer's ``N`` units
+(rows or output positions). Everything else a frozen layer computes too. This times exactly those operations,
+alone, at the shapes of every replaced linear and convolution layer of the model (the units counted by one
+forward of the freeze model), and freeze's whole training step; ``1 + floor`` is the least that
+``replace / freeze`` can be at the default settings, whatever the implementation around them costs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import statistics
+import sys
+import time
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+import replace_wrap
+from replace_wrap.cli.bench import _parse_sets
+from replace_wrap.cli.bench_child import _loss, build_model, example_input
+from replace_wrap.synthesis.estimators import sample_size
+
+
+def _timed_ms(fn: Callable[[], Any], repeats: int, stat: Callable[[list[float]], float]) -> float:
+    fn()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return stat(times) * 1e3
+
+
+def replaced_layers(model: nn.Module, x: Any) -> list[dict[str, Any]]:
+    """Every replaced block's synthesized layer weights: shape, units per step, inner size (freeze model)."""
+    layers: list[dict[str, Any]] = []
+    hooks = []
+    for block in replace_wrap.plan(model, every=2).replaced:
+        for rel in block.synthesized:
+            weight = model.get_parameter(f"{block.path}.{rel}")
+            if not rel.endswith("weight") or weight.dim() < 2:
+                continue  # norms' and biases' vectors: nothing weight-sized
+            weight.requires_grad_(False)
+            layer = model.get_submodule(f"{block.path}.{rel.rsplit('.', 1)[0]}") if "." in rel else model
+            row = {"name": f"{block.path}.{rel}", "shape": tuple(weight.shape)}
+            layers.append(row)
+
+            def record(mod: nn.Module, args: tuple, out: Any, row: dict = row, weight: torch.Tensor = weight) -> None:
+                if isinstance(mod, nn.modules.conv._ConvNd):  # units: output positions, inner: C/groups * kernel
+                    row["units"], row["inner"] = out.shape[0] * math.prod(out.shape[2:]), weight[0].numel()
+                else:  # units: rows of the input, all leading dimensions flattened
+                    row["inner"] = args[0].shape[-1]
+                    row["units"] = args[0].numel() // row["inner"]
+
+            hooks.append(layer.register_forward_hook(record))
+    with torch.no_grad():
+        model(x)
+    for h in hooks:
+        h.remove()
+    return [r for r in layers if "units" in r]
+
+
+def floor(layers: list[dict[str, Any]], repeats: int) -> tuple[float, float]:
+    """Milliseconds per step of the two syntheses and of the estimator's thin products, over all layers.
+
+    Each operation's fastest of ``repeats`` runs: a floor, not what a loaded machine makes of it.
+    """
+    a, b = torch.tensor(0.5), torch.tensor(0.5)
+    synth = product = 0.0
+    for row in layers:
+        prev, nxt, out = torch.randn(row["shape"]), torch.randn(row["shape"]), torch.empty(row["shape"])
+        synth += 2 * _timed_ms(lambda: torch.mul(prev, a, out=out).addcmul_(nxt, b), repeats, min)
+        m = sample_size(row["units"], "auto")
+        if m < row["units"]:  # the layer samples: one product of the m units with a neighbour's weight
+            xs, w = torch.randn(m, row["inner"]), prev.reshape(prev.shape[0], -1)
+            if w.shape[1] != row["inner"]:  # HF Conv1D stores (in, out)
+                w = w.t()
+            d = torch.randn(m, w.shape[0])
+            product += _timed_ms(lambda: torch.dot((xs @ w.t()).reshape(-1), d.reshape(-1)), repeats, min)
+    return synth, product
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("model")
+    p.add_argument("--size", type=int, default=96)
+    p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--seq", type=int, default=128, help="tokens per sequence of a language model")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="model config override")
+    p.add_argument("--steps", type=int, default=5, help="timed training steps of the freeze model")
+    p.add_argument("--repeats", type=int, default=20, help="timed repeats of each operation (the fastest counts)")
+    p.add_argument("--threads", type=int, default=None)
+    args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    sets = _parse_sets(args.set)
+    torch.manual_seed(0)
+    model = build_model(args.model, args.size, 10, sets)
+    x = example_input(model, {"batch": args.batch, "seq": args.seq, "input_shape": [3, args.size, args.size]}, "cpu")
+    layers = replaced_layers(model, x)  # also freezes them: the model is now the freeze baseline
+    opt = torch.optim.AdamW([q for q in model.parameters() if q.requires_grad], lr=1e-4)
+
+    def step() -> None:
+        _loss(model.train()(x)).backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    step_ms = _timed_ms(step, args.steps, statistics.median)
+    synth, product = floor(layers, args.repeats)
+    total = synth + product
+    print(f"{args.model}: {len(layers)} replaced layers, {torch.get_num_threads()} thread(s)")
+    print("| freeze step ms | synthesis x2 ms | estimator product ms | floor ms | floor / freeze step |")
+    print("|---:|---:|---:|---:|---:|")
+    print(f"| {step_ms:.1f} | {synth:.1f} | {product:.1f} | {total:.1f} | {total / step_ms:.2%} |")
+    print(f"least replace / freeze at the default: {1 + total / step_ms:.3f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
