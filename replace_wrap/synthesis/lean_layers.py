@@ -60,6 +60,7 @@ NONE, INPUT, SAMPLE = "none", "input", "sample"
 Geometry = tuple[Sequence[int], Sequence[int], Sequence[int], int]  # stride, padding, dilation, groups
 
 _SCRATCH = threading.local()
+_LAYOUTS: dict[tuple[torch.Size, tuple[int, ...]], tuple[int, ...]] = {}  # a weight layout -> the scratch's
 
 
 def _weight(a: torch.Tensor, b: torch.Tensor, prev: torch.Tensor, next: torch.Tensor,
@@ -91,12 +92,16 @@ def _scratch_like(t: torch.Tensor) -> torch.Tensor:
     buffer per weight layout held the sum of the distinct layouts instead: 21 MiB for the fourteen of
     ResNet-50's replaced blocks, against 9 MiB for the largest.
     """
-    stride, expected = t.stride(), 1  # dense: the strides, smallest first, are the running products of the sizes
-    for size, st in sorted(((s, st) for s, st in zip(t.shape, stride) if s != 1), key=lambda p: p[1]):
-        if st != expected:
-            stride = _contiguous(t.shape)  # as empty_like would lay it out
-            break
-        expected *= size
+    key = (t.shape, t.stride())
+    stride = _LAYOUTS.get(key)
+    if stride is None:
+        stride, expected = t.stride(), 1  # dense: the strides, smallest first, are running products of sizes
+        for size, st in sorted(((s, st) for s, st in zip(t.shape, stride) if s != 1), key=lambda p: p[1]):
+            if st != expected:
+                stride = _contiguous(t.shape)  # as empty_like would lay it out
+                break
+            expected *= size
+        _LAYOUTS[key] = stride
     buffers = _SCRATCH.__dict__.setdefault("flat", {})
     n = t.numel()
     flat = buffers.get(t.dtype)

@@ -24,9 +24,9 @@ def locate(units: torch.Tensor, out_spatial: tuple[int, ...]) -> Positions:
     """Batch item and output coordinates of flat unit indices into ``(batch, *out_spatial)``."""
     coords = []
     rest = units
-    for size in reversed(out_spatial):
-        coords.append(rest % size)
-        rest = rest // size
+    for size in reversed(out_spatial):  # the torch functions, not the operators' Python wrappers
+        coords.append(torch.remainder(rest, size))
+        rest = torch.div(rest, size, rounding_mode="floor")
     return rest, tuple(reversed(coords))
 
 
@@ -47,6 +47,8 @@ def gather_patches(
     """
     n, coords = where
     dims = len(kernel)
+    if all(k == 1 for k in kernel) and not any(padding):  # a 1x1 kernel reads one position: half the time
+        return x[(n, slice(None), *[c * s for c, s in zip(coords, stride)])]  # shape: (m, C)
     # kernel offsets of every patch element, per dimension: shape (K,) each, K = prod(kernel)
     grid = torch.meshgrid(*[torch.arange(k, device=x.device) for k in kernel], indexing="ij")
     index, valid = [], None
@@ -59,7 +61,7 @@ def gather_patches(
     # shape: x (N, C, *S) indexed by (m, 1) items and (m, K) coordinates -> (m, K, C)
     patches = x[(n[:, None], slice(None), *index)]
     if any(p > 0 for p in padding):
-        patches = patches * valid[:, :, None].to(patches.dtype)  # the zero padding
+        patches.mul_(valid[:, :, None])  # the zero padding
     return patches.transpose(1, 2).reshape(n.shape[0], -1)  # shape: (m, C, K) -> (m, C * K)
 
 
