@@ -59,6 +59,9 @@ def test_bench_json_end_to_end(toys_importable, capsys):
     table = format_table(result)
     assert "| replace-sampled |" in table and "load average" in table and "paired ms" in table
     assert "inference (no_grad forward): merged model" in table
+    assert "mmap threshold" not in table
+    result["spec"]["child_env"] = {"GLIBC_TUNABLES": "glibc.malloc.mmap_threshold=131072"}
+    assert "time: with glibc's mmap threshold lowered" in format_table(result)  # its times include page faults
 
 
 def test_bench_reports_child_failure(toys_importable):

@@ -92,7 +92,8 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
     p.add_argument("--timeout", type=float, default=1800, help="seconds allowed per child process")
     p.add_argument("--child-env", action="append", default=[], metavar="KEY=VALUE",
                    help="environment of the child processes, e.g. GLIBC_TUNABLES=glibc.malloc.mmap_threshold=131072 "
-                        "(glibc then returns freed memory at once, so the RSS peak is the live memory's)")
+                        "(glibc then returns freed memory at once, so the RSS peak is the live memory's; the "
+                        "step times then include faulting that memory in again: time without it)")
     return p
 
 
@@ -330,6 +331,10 @@ def format_table(result: dict[str, Any]) -> str:
     if loads:
         lines += ["", f"1-min load average before each process: min {min(loads):.2f}, median "
                       f"{statistics.median(loads):.2f}, max {max(loads):.2f}"]
+    if "mmap_threshold" in spec.get("child_env", {}).get("GLIBC_TUNABLES", ""):
+        lines.append("time: with glibc's mmap threshold lowered every larger allocation is faulted in again each "
+                     "step, in every variant alike, which pulls the time ratios toward 1; for step times as a "
+                     "training script sees them run without --child-env (the peak column needs it)")
     merged, original = (next((r for r in rows if r["variant"] == v), None) for v in ("infer-merged", "infer-original"))
     if merged and original:
         lines.append(f"inference (no_grad forward): merged model {merged['step_ms']['median']:.1f} ms vs original "
