@@ -50,7 +50,7 @@ def replaced_layers(model: nn.Module, x: Any) -> list[dict[str, Any]]:
             if not rel.endswith("weight") or weight.dim() < 2:
                 continue  # norms' and biases' vectors: nothing weight-sized
             weight.requires_grad_(False)
-            layer = model.get_submodule(f"{block.path}.{rel.rsplit('.', 1)[0]}") if "." in rel else model
+            layer = model.get_submodule(f"{block.path}.{rel.rsplit('.', 1)[0]}" if "." in rel else block.path)
             row = {"name": f"{block.path}.{rel}", "shape": tuple(weight.shape)}
             layers.append(row)
 

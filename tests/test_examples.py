@@ -198,6 +198,10 @@ def test_bench_floor_counts_every_replaced_layer_and_its_units():
     assert all(not model.get_parameter(r["name"]).requires_grad for r in layers) and len(blocks) == 5
     synth, product = bench_floor.floor(layers, repeats=1)
     assert synth > 0 and product == 0
+    # blocks that are layers themselves: the units and sizes are the block's own input's, not the model's
+    stack = torch.nn.Sequential(torch.nn.Flatten(), *[torch.nn.Linear(12, 12) for _ in range(5)])
+    bare = bench_floor.replaced_layers(stack, torch.randn(3, 2, 6))
+    assert bare and all((r["units"], r["inner"]) == (3, 12) for r in bare)
     out = run_example("bench_floor.py", "resnet18", "--size", "32", "--batch", "2", "--steps", "1",
                       "--repeats", "1").stdout
     assert re.search(r"^least replace / freeze at the default: 1\.\d{3}$", out, flags=re.M), out

@@ -333,4 +333,7 @@ def test_layers_of_every_layout_share_one_scratch_buffer_and_compute_exactly():
         torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-4)
     buffers = lean_layers._SCRATCH.flat
     assert list(buffers) == [torch.float32]  # one buffer, not one per layout
+    cl_crop = torch.randn(6, 40, 3, 3).to(memory_format=torch.channels_last)[:, :20]  # not dense, channels-last
+    for t in (big[0], transposed[0], strided[0], conv[0], cl_crop):  # laid out as empty_like lays it out
+        assert lean_layers._scratch_like(t).stride() == torch.empty_like(t).stride()
     assert buffers[torch.float32].numel() == max(48 * 40, 6 * 40 * 9)

@@ -186,3 +186,31 @@ def test_adapted_neighbours_are_remade_in_the_backward_not_kept(coupled):
     weights = {(8, 6, 3, 3), (8, 8, 3, 3), (8, 6, 1, 1)}  # conv1, conv2, proj of the replaced block
     kept = weights & set(saved_shapes[True])
     assert kept == (weights if coupled else set())  # coupled: autograd needs the copies for the neighbours
+
+
+def test_fast_path_reads_a_parametrized_adapted_neighbour_once_per_forward():
+    # A parametrized weight is computed on every read (spectral_norm even advances its power iteration), so
+    # the layer kernel reads the adapted neighbour's tensor once, as the generic path does, and remakes the
+    # adapted copy in the backward from that one read.
+    from torch.nn.utils import parametrize
+
+    class Counted(nn.Module):
+        calls = 0
+
+        def forward(self, w):
+            Counted.calls += 1
+            return w * 1.0
+
+    x = torch.randn(2, 4, 8, 8)
+    counts = {}
+    for fast in (True, False):
+        torch.manual_seed(0)
+        model = _projecting_stack()
+        replace_wrap.convert(model, policy=replace_wrap.Indices([1]), fast_path=fast)
+        assert dict(replace_wrap.report(model).replaced[0].adapted)["conv1.weight"].startswith("prev: zero-pad")
+        # after convert (a parametrized tensor is no counterpart at convert time): block 1's previous side
+        parametrize.register_parametrization(model[0].conv1, "weight", Counted())
+        Counted.calls = 0
+        model(x).square().mean().backward()
+        counts[fast] = Counted.calls
+    assert counts[True] == counts[False] == 2  # the neighbour's own forward and the replaced block's synthesis

@@ -252,25 +252,25 @@ def _bias_is_mixed(sources: dict[str, TensorSource], src: TensorSource, bias: st
 
 def _sides(src: TensorSource, name: str, detach: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """The neighbours' current ``name`` tensors, in the replaced tensor's shape (adapted if need be)."""
+    return _adapted(src, *_own(src, name, detach))
+
+
+def _own(src: TensorSource, name: str, detach: bool) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """The neighbours' own ``name`` tensors, read once (a parametrized one is computed on every read)."""
     p = None if src.prev is None else getattr(src.prev, name)
     n = None if src.next is None else getattr(src.next, name)
     if detach:
         p = None if p is None else p.detach()
         n = None if n is None else n.detach()
+    return p, n
+
+
+def _adapted(src: TensorSource, p: torch.Tensor | None, n: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
     if src.prev_adapter is None and src.next_adapter is None:
         return p, n  # type: ignore[return-value]  # both present when nothing is adapted
     # A slice or zero-pad per side (an absent side: zeros). Detached, it is a copy the layer computes with;
     # coupled, autograd takes the neighbours' gradients back through it.
     return adapt_pair(p, n, src.prev_adapter, src.next_adapter)
-
-
-def _remake(src: TensorSource, name: str) -> tuple[torch.Tensor | None, torch.Tensor | None, Callable[..., Any]] | None:
-    """For detached, shape-adapted neighbours: their own tensors and the map to the adapted pair (see MixSource)."""
-    if src.prev_adapter is None and src.next_adapter is None:
-        return None
-    p = None if src.prev is None else getattr(src.prev, name).detach()
-    n = None if src.next is None else getattr(src.next, name).detach()
-    return p, n, functools.partial(adapt_pair, prev_adapter=src.prev_adapter, next_adapter=src.next_adapter)
 
 
 def mix_source(layer: nn.Module, name: str = "weight", bias: str | None = "bias") -> MixSource | None:
@@ -299,8 +299,11 @@ def mix_source(layer: nn.Module, name: str = "weight", bias: str | None = "bias"
     if is_managed(src.prev) or is_managed(src.next):  # FSDP2 (integrations/fsdp_synthesis.py): the neighbours
         return None  # may be sharded; the getter synthesizes from their shards, the generic path differentiates
     detach = site.detach
-    prev, nxt = _sides(src, name, detach)
-    remake = _remake(src, name) if detach else None
+    own = _own(src, name, detach)
+    prev, nxt = _adapted(src, *own)
+    remake = None
+    if detach and (src.prev_adapter is not None or src.next_adapter is not None):  # see MixSource.remake
+        remake = (*own, functools.partial(adapt_pair, prev_adapter=src.prev_adapter, next_adapter=src.next_adapter))
     if prev.is_meta:  # meta init: shapes only, the generic path propagates them without the custom backward
         return None
     a, b = site.coefficients()

@@ -84,8 +84,8 @@ def _weight(a: torch.Tensor, b: torch.Tensor, prev: torch.Tensor, next: torch.Te
 
 
 def _scratch_like(t: torch.Tensor) -> torch.Tensor:
-    """An uninitialized tensor of ``t``'s shape and dtype in this thread's scratch memory, in ``t``'s memory
-    layout when that is dense (a transposed HF ``Conv1D`` weight, a channels-last kernel), else contiguous.
+    """An uninitialized tensor of ``t``'s shape and dtype in this thread's scratch memory, laid out as
+    ``torch.empty_like(t)`` would be (a transposed HF ``Conv1D`` weight, a channels-last kernel keep theirs).
 
     One flat buffer per dtype, as large as the largest weight seen, serves every layer and step: each layer
     uses it only within one call (one layer at a time per thread), so its views never overlap in time. One
@@ -94,28 +94,14 @@ def _scratch_like(t: torch.Tensor) -> torch.Tensor:
     """
     key = (t.shape, t.stride())
     stride = _LAYOUTS.get(key)
-    if stride is None:
-        stride, expected = t.stride(), 1  # dense: the strides, smallest first, are running products of sizes
-        for size, st in sorted(((s, st) for s, st in zip(t.shape, stride) if s != 1), key=lambda p: p[1]):
-            if st != expected:
-                stride = _contiguous(t.shape)  # as empty_like would lay it out
-                break
-            expected *= size
-        _LAYOUTS[key] = stride
+    if stride is None:  # empty_like's choice: the same strides when dense, else the layout they suggest
+        stride = _LAYOUTS[key] = torch.empty_like(t, device="meta").stride()
     buffers = _SCRATCH.__dict__.setdefault("flat", {})
     n = t.numel()
     flat = buffers.get(t.dtype)
     if flat is None or flat.numel() < n:
-        flat = buffers[t.dtype] = torch.empty(n, dtype=t.dtype)
+        flat = buffers[t.dtype] = torch.empty(n, dtype=t.dtype, device="cpu")  # whatever device context is active
     return flat[:n].as_strided(t.shape, stride)
-
-
-def _contiguous(shape: Sequence[int]) -> tuple[int, ...]:
-    strides, step = [], 1
-    for size in reversed(shape):
-        strides.append(step)
-        step *= max(size, 1)
-    return tuple(reversed(strides))
 
 
 def _coupled_grads(dw: torch.Tensor, a: torch.Tensor, b: torch.Tensor, prev: torch.Tensor, need_p: bool,
