@@ -136,7 +136,7 @@ def _synthesized(name: str) -> Any:
         if sharded is not None:
             return sharded
         site, k, prev, nxt, prev_adapter, next_adapter = src
-        if prev_adapter is None and next_adapter is None:  # same shapes: no adapter call, nothing allocated
+        if not src.adapted:  # same shapes: no adapter call, nothing allocated
             return site.synthesize(k, getattr(prev, name), getattr(nxt, name))
         p = None if prev is None else getattr(prev, name)
         n = None if nxt is None else getattr(nxt, name)

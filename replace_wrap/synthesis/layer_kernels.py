@@ -80,6 +80,11 @@ class TensorSource(NamedTuple):
     prev_adapter: Any = None  # replace_wrap.synthesis.adapt.ShapeAdapter or None (same shape)
     next_adapter: Any = None
 
+    @property
+    def adapted(self) -> bool:
+        """Whether either side is mapped to the replaced tensor's shape (else both are used as they are)."""
+        return self.prev_adapter is not None or self.next_adapter is not None
+
 
 # Methods a subclass may redefine and still be served: they run when the layer is built or printed, not in
 # its forward.
@@ -266,7 +271,7 @@ def _own(src: TensorSource, name: str, detach: bool) -> tuple[torch.Tensor | Non
 
 
 def _adapted(src: TensorSource, p: torch.Tensor | None, n: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-    if src.prev_adapter is None and src.next_adapter is None:
+    if not src.adapted:
         return p, n  # type: ignore[return-value]  # both present when nothing is adapted
     # A slice or zero-pad per side (an absent side: zeros). Detached, it is a copy the layer computes with;
     # coupled, autograd takes the neighbours' gradients back through it.
@@ -291,8 +296,11 @@ def mix_source(layer: nn.Module, name: str = "weight", bias: str | None = "bias"
         src = sources.get(name)
         if src is None:
             return None
-        static = state[key] = (src, src.site.index_of(src.k), sources[bias] if _bias_is_mixed(sources, src, bias) else None)
-    src, index, bias_src = static
+        # the map remaking adapted neighbours in the backward (see MixSource.remake), made once
+        adapt = functools.partial(adapt_pair, prev_adapter=src.prev_adapter, next_adapter=src.next_adapter)
+        bias_src = sources[bias] if _bias_is_mixed(sources, src, bias) else None
+        static = state[key] = (src, src.site.index_of(src.k), bias_src, adapt if src.adapted else None)
+    src, index, bias_src, adapt = static
     site = src.site
     if not site.fast_path or not site.linear_mix:
         return None
@@ -301,9 +309,7 @@ def mix_source(layer: nn.Module, name: str = "weight", bias: str | None = "bias"
     detach = site.detach
     own = _own(src, name, detach)
     prev, nxt = _adapted(src, *own)
-    remake = None
-    if detach and (src.prev_adapter is not None or src.next_adapter is not None):  # see MixSource.remake
-        remake = (*own, functools.partial(adapt_pair, prev_adapter=src.prev_adapter, next_adapter=src.next_adapter))
+    remake = (*own, adapt) if detach and adapt is not None else None
     if prev.is_meta:  # meta init: shapes only, the generic path propagates them without the custom backward
         return None
     a, b = site.coefficients()

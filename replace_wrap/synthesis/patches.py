@@ -48,7 +48,7 @@ def gather_patches(
     n, coords = where
     dims = len(kernel)
     if all(k == 1 for k in kernel) and not any(padding):  # a 1x1 kernel reads one position: half the time
-        return x[(n, slice(None), *[c * s for c, s in zip(coords, stride)])]  # shape: (m, C)
+        return gather_at(x, (n, tuple(c * s for c, s in zip(coords, stride))))  # shape: (m, C)
     # kernel offsets of every patch element, per dimension: shape (K,) each, K = prod(kernel)
     grid = torch.meshgrid(*[torch.arange(k, device=x.device) for k in kernel], indexing="ij")
     index, valid = [], None
