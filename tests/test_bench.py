@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import pathlib
 import statistics
@@ -11,7 +12,8 @@ import pytest
 
 from replace_wrap import ReplaceWrapError
 from replace_wrap.cli import main
-from replace_wrap.cli.bench import BenchError, build_model, format_table, run_bench
+from replace_wrap.cli.bench import BenchError, build_model, format_table, median_interval, run_bench
+from replace_wrap.cli.bench_child import paired_order
 
 TESTS = str(pathlib.Path(__file__).parent)
 
@@ -60,6 +62,9 @@ def test_bench_json_end_to_end(toys_importable, capsys):
     assert "| replace-sampled |" in table and "load average" in table and "paired ms" in table
     assert "inference (no_grad forward): merged model" in table
     assert "mmap threshold" not in table
+    assert rows["replace-sampled"]["vs_freeze"]["paired_ci"] is None  # 2 paired steps: too few for 95%
+    rows["replace-sampled"]["vs_freeze"]["paired_ci"] = [0.97, 1.04]
+    assert "| 0.97 [0.97-1.04] |" not in table and " [0.97-1.04] |" in format_table(result)
     result["spec"]["child_env"] = {"GLIBC_TUNABLES": "glibc.malloc.mmap_threshold=131072"}
     assert "time: with glibc's mmap threshold lowered" in format_table(result)  # its times include page faults
 
@@ -109,3 +114,44 @@ def test_hf_decoder_specs_build_causal_lms_fed_with_tokens():
     vit = build_model("hf:vit", 32, 10, {"num_hidden_layers": 3, "hidden_size": 16, "num_attention_heads": 2,
                                          "intermediate_size": 32, "patch_size": 8})
     assert example_input(vit, {"batch": 2, "seq": 7, "input_shape": [3, 32, 32]}, "cpu").shape == (2, 3, 32, 32)
+
+
+def test_median_interval_is_the_order_statistic_interval_of_the_binomial():
+    from scipy.stats import binom
+
+    for n in range(1, 61):
+        values = [float(v) for v in range(n, 0, -1)]  # unsorted on purpose: n, n-1, ..., 1
+        # the largest k with P(X <= k - 1) <= 2.5% for X ~ Binomial(n, 1/2), by scipy's cdf
+        k = max((j for j in range(1, n + 1) if binom.cdf(j - 1, n, 0.5) <= 0.025), default=0)
+        got = median_interval(values)
+        if k == 0:
+            assert got is None, n
+        else:
+            assert got == [float(k), float(n + 1 - k)], n
+    assert median_interval([1.0] * 5) is None and median_interval([3.0, 1.0, 2.0, 5.0, 4.0, 6.0]) == [1.0, 6.0]
+    assert median_interval(list(range(20))) == [5, 14]  # P(X <= 5) = 2.07% for n = 20, P(X <= 6) = 5.77%
+
+
+def test_median_interval_covers_the_median_at_least_95_percent_of_the_time():
+    import random
+
+    rng = random.Random(0)
+    for n in (8, 20, 41):
+        # a skewed distribution of known median: exp(N(0, 1)) has median 1
+        hits = 0
+        for _ in range(2000):
+            lo, hi = median_interval([math.exp(rng.gauss(0.0, 1.0)) for _ in range(n)])
+            hits += lo <= 1.0 <= hi
+        assert hits / 2000 >= 0.94, (n, hits)  # >= 95% in expectation; 0.94 leaves the Monte Carlo error
+
+
+def test_paired_order_rotates_so_each_variant_takes_each_place_equally_often():
+    names = ["end-to-end", "freeze", "replace"]
+    orders = [paired_order(names, step) for step in range(6)]
+    assert orders[0] == names and orders[1] == ["freeze", "replace", "end-to-end"] and orders[3] == names
+    for place in range(3):
+        assert sorted(o[place] for o in orders) == sorted(names * 2)
+    # in the sequence of all steps, replace no longer always runs right after freeze
+    sequence = [name for o in orders for name in o]
+    before = {sequence[i - 1] for i in range(1, len(sequence)) if sequence[i] == "replace"}
+    assert before == {"freeze", "end-to-end"}

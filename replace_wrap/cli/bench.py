@@ -16,8 +16,10 @@ with, per variant:
   storage (deterministic, allocator-independent);
 - and the ratios of step time and memory against end-to-end and against freezing;
 - with ``--paired``, one more process that holds every training variant and times them a step of each in
-  turn: the variants then share every moment of the machine's load, so those ratios (medians of the per-step
-  ratios, wall clock and process CPU time) hold on a busy machine.
+  turn, the order rotated by one each step: the variants then share every moment of the machine's load, so
+  those ratios (medians of the per-step ratios, wall clock and process CPU time) hold on a busy machine; the
+  ratio to freeze comes with a distribution-free 95% confidence interval for that median (from 6 paired
+  steps up; 20 or more give a usefully narrow one).
 
 Models: ``timm:NAME`` (or a bare timm name), ``hf:MODEL_TYPE`` (a transformers config for that model type:
 a decoder language model such as ``hf:llama`` or ``hf:gpt2`` is built with ``AutoModelForCausalLM`` and fed
@@ -38,6 +40,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import statistics
 import subprocess
@@ -46,7 +49,7 @@ from typing import Any
 
 from .bench_child import VARIANTS, BenchError, build_model
 
-__all__ = ["DEFAULT_VARIANTS", "VARIANTS", "BenchError", "add_parser", "build_model", "format_table", "run_bench"]
+__all__ = ["DEFAULT_VARIANTS", "VARIANTS", "BenchError", "add_parser", "build_model", "format_table", "median_interval", "run_bench"]
 
 DEFAULT_VARIANTS = ("end-to-end", "freeze", "replace-generic", "replace-exact", "replace", "replace-lean")
 
@@ -282,6 +285,7 @@ def _aggregate(runs: dict[str, list[dict[str, Any]]], paired: dict[str, Any] | N
                 # a step of each variant in turn: the median of the per-step ratios cancels the load's drift
                 "paired": _paired_ratio(paired, row["variant"], ref, "step_ms"),
                 "paired_cpu": _paired_ratio(paired, row["variant"], ref, "cpu_ms"),
+                "paired_ci": _paired_interval(paired, row["variant"], ref),
                 "peak": row["peak_mib"] / base["peak_mib"],
                 "delta": row["delta_mib"] / base["delta_mib"] if base["delta_mib"] > 0 else None,
                 "saved": row["saved_mib"] / base["saved_mib"] if row["saved_mib"] and base["saved_mib"] else None,
@@ -293,6 +297,33 @@ def _paired_ratio(paired: dict[str, Any] | None, name: str, ref: str, key: str) 
     if not paired or name not in paired or ref not in paired:
         return None
     return statistics.median(a / b for a, b in zip(paired[name][key], paired[ref][key]))
+
+
+def _paired_interval(paired: dict[str, Any] | None, name: str, ref: str) -> list[float] | None:
+    if not paired or name not in paired or ref not in paired:
+        return None
+    return median_interval([a / b for a, b in zip(paired[name]["step_ms"], paired[ref]["step_ms"])])
+
+
+def median_interval(values: list[float], level: float = 0.95) -> list[float] | None:
+    """A distribution-free confidence interval for the median of ``values``: ``[v_(k), v_(n+1-k)]`` of the
+    sorted values, ``k`` the largest with ``P(Binomial(n, 1/2) < k) <= (1 - level) / 2``.
+
+    It assumes only that the values are independent draws of one distribution (each paired step's ratio); it
+    covers the median with probability at least ``level``. ``None`` when ``n`` is too small for that (fewer
+    than 6 values at 95%).
+    """
+    n = len(values)
+    tail, k = 0.0, 0
+    while k < n:  # tail = P(X <= k - 1) for X ~ Binomial(n, 1/2)
+        tail_next = tail + math.comb(n, k) / 2 ** n
+        if tail_next > (1 - level) / 2:
+            break
+        tail, k = tail_next, k + 1
+    if k == 0:
+        return None
+    ordered = sorted(values)
+    return [ordered[k - 1], ordered[n - k]]
 
 
 def format_table(result: dict[str, Any]) -> str:
@@ -310,15 +341,16 @@ def format_table(result: dict[str, Any]) -> str:
              "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     paired = any(row["paired_ms"] for row in rows)
     if paired:
-        lines[2] += " paired ms | x e2e | x freeze | paired CPU x freeze |"
+        lines[2] += " paired ms | x e2e | x freeze [95% CI] | paired CPU x freeze |"
         lines[3] += "---:|---:|---:|---:|"
     for row in rows:
         e2e, frz = row["vs_end_to_end"] or {}, row["vs_freeze"] or {}
         st = row["step_ms"]
         extra = ""
         if paired:
-            extra = (f" {row['paired_ms']['median']:.1f} | {_ratio(e2e.get('paired'))} | {_ratio(frz.get('paired'))} "
-                     f"| {_ratio(frz.get('paired_cpu'))} |" if row["paired_ms"] else " - | - | - | - |")
+            extra = (f" {row['paired_ms']['median']:.1f} | {_ratio(e2e.get('paired'))} | {_ratio(frz.get('paired'))}"
+                     f"{_interval(frz.get('paired_ci'))} | {_ratio(frz.get('paired_cpu'))} |"
+                     if row["paired_ms"] else " - | - | - | - |")
         lines.append(
             f"| {row['variant']} | {_count(row['trainable'])} | {st['median']:.1f} ({st['min']:.1f}-{st['max']:.1f}) "
             f"| {_ratio(e2e.get('step'))} | {_ratio(frz.get('step'))} | {row['cpu_ms']['median']:.1f} "
@@ -355,6 +387,10 @@ def _count(n: int) -> str:
 
 def _ratio(value: float | None) -> str:
     return "-" if value is None else f"{value:.2f}"
+
+
+def _interval(ci: list[float] | None) -> str:
+    return "" if not ci else f" [{ci[0]:.2f}-{ci[1]:.2f}]"
 
 
 def _loadavg() -> float:

@@ -16,7 +16,7 @@ from typing import Any
 
 from ..errors import ReplaceWrapError
 
-__all__ = ["SAMPLE", "VARIANTS", "BenchError", "build_model", "example_input", "model_factory"]
+__all__ = ["SAMPLE", "VARIANTS", "BenchError", "build_model", "example_input", "model_factory", "paired_order"]
 
 # name -> how the child prepares the model. "convert" entries are ReplaceConfig options; SAMPLE is replaced
 # by --sample. Order is the default order of the table.
@@ -156,7 +156,7 @@ def _prepare(model: Any, name: str, spec: dict[str, Any]) -> float | None:
 
 
 def _paired(spec: dict[str, Any]) -> dict[str, Any]:
-    """Every training variant in one process, one step of each in turn.
+    """Every training variant in one process, one step of each in turn (in the order of :func:`paired_order`).
 
     The variants share every moment of the machine's load, so their time ratios hold even when other
     processes come and go (the memory figures need one process per variant and come from there).
@@ -178,11 +178,20 @@ def _paired(spec: dict[str, Any]) -> dict[str, Any]:
         _train_steps(model, x, spec, spec["warmup"], opt)
         runs[name] = (model, opt)
     times: dict[str, list[tuple[float, float]]] = {name: [] for name in runs}
-    for _ in range(spec["steps"]):
-        for name, (model, opt) in runs.items():
+    for step in range(spec["steps"]):
+        for name in paired_order(list(runs), step):
+            model, opt = runs[name]
             times[name] += _train_steps(model, x, spec, 1, opt)
     return {"paired": {name: {"step_ms": [t[0] for t in ts], "cpu_ms": [t[1] for t in ts]}
                        for name, ts in times.items()}}
+
+
+def paired_order(names: list[str], step: int) -> list[str]:
+    """The order of the variants in paired step ``step``: rotated by one each step, so that over any
+    ``len(names)`` steps each variant takes each place once. A fixed order would time a variant always right
+    after the same other one, in the caches and the allocator state that one leaves."""
+    k = step % len(names)
+    return names[k:] + names[:k]
 
 
 def build_model(name: str, size: int, num_classes: int, sets: dict[str, Any]) -> Any:
