@@ -196,15 +196,20 @@ def test_bench_floor_counts_every_replaced_layer_and_its_units():
     assert qkv["shape"] == (576, 192) and qkv["inner"] == 192
     blocks = {r["name"].split(".")[1] for r in layers}
     assert all(not model.get_parameter(r["name"]).requires_grad for r in layers) and len(blocks) == 5
-    synth, product = bench_floor.floor(layers, repeats=1)
-    assert synth > 0 and product == 0
+    floors = bench_floor.floor(layers, repeats=1)
+    assert set(floors) == {"warm", "step"}
+    for synth, product in floors.values():
+        assert synth > 0 and product == 0
     # blocks that are layers themselves: the units and sizes are the block's own input's, not the model's
     stack = torch.nn.Sequential(torch.nn.Flatten(), *[torch.nn.Linear(12, 12) for _ in range(5)])
     bare = bench_floor.replaced_layers(stack, torch.randn(3, 2, 6))
     assert bare and all((r["units"], r["inner"]) == (3, 12) for r in bare)
     out = run_example("bench_floor.py", "resnet18", "--size", "32", "--batch", "2", "--steps", "1",
                       "--repeats", "1").stdout
-    assert re.search(r"^least replace / freeze at the default: 1\.\d{3}$", out, flags=re.M), out
+    for what in ("the arithmetic alone, warm caches", "in step order"):
+        assert re.search(rf"^least replace / freeze at the default \({what}\): 1\.\d{{3}}$", out, flags=re.M), out
+    # the table has both rows, the in-step one with its own synthesis and product times
+    assert re.search(r"^\| in step order, each layer's tensors \| [\d.]+ \| [\d.]+ \| [\d.]+ \|", out, flags=re.M), out
 
 
 @pytest.mark.timeout(240)
