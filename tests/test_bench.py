@@ -50,13 +50,16 @@ def test_bench_json_end_to_end(toys_importable, capsys):
             continue
         assert row["vs_freeze"]["step"] == pytest.approx(row["step_ms"]["median"] / rows["freeze"]["step_ms"]["median"])
         assert row["saved_mib"] > 0
-        # paired: every training variant timed in one process, as many steps as all its rounds together
+        # paired: every training variant timed a step of each in turn, as many steps as all its rounds
+        # together, split between the two paired processes (one step each here)
         assert len(result["paired"][row["variant"]]["step_ms"]) == 2
         steps = zip(result["paired"][row["variant"]]["step_ms"], result["paired"]["freeze"]["step_ms"])
         assert row["vs_freeze"]["paired"] == pytest.approx(statistics.median(a / b for a, b in steps))
     assert rows["replace-sampled"]["convert_s"] is not None and rows["freeze"]["convert_s"] is None
     assert rows["freeze"]["vs_freeze"]["step"] == 1.0 and rows["end-to-end"]["vs_end_to_end"]["peak"] == 1.0
-    assert len(result["loadavg"]) == len(variants.split(",")) + 1  # + the paired process
+    assert len(result["loadavg"]) == len(variants.split(",")) + 2  # + the two paired processes
+    training = ["end-to-end", "freeze", "replace-sampled"]
+    assert result["paired_orders"] == [training, training[::-1]]  # built and stepped in opposite orders
     assert "[" in out.err  # the progress bar
     table = format_table(result)
     assert "| replace-sampled |" in table and "load average" in table and "paired ms" in table

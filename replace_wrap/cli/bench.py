@@ -15,11 +15,13 @@ with, per variant:
 - params+saved: the parameters plus what autograd keeps from one forward for the backward, counted by
   storage (deterministic, allocator-independent);
 - and the ratios of step time and memory against end-to-end and against freezing;
-- with ``--paired``, one more process that holds every training variant and times them a step of each in
+- with ``--paired``, two more processes that hold every training variant and time them a step of each in
   turn, the order rotated by one each step: the variants then share every moment of the machine's load, so
-  those ratios (medians of the per-step ratios, wall clock and process CPU time) hold on a busy machine; the
-  ratio to freeze comes with a distribution-free 95% confidence interval for that median (from 6 paired
-  steps up; 20 or more give a usefully narrow one).
+  those ratios (medians of the per-step ratios, wall clock and process CPU time) hold on a busy machine. The
+  two processes build the variants in opposite orders (a model's place in a process moves its step time
+  by about 1%) and share the ``steps x rounds`` paired steps. The ratio to freeze comes with a
+  distribution-free 95% confidence interval for that median (from 6 paired steps up; 20 or more give a
+  usefully narrow one).
 
 Models: ``timm:NAME`` (or a bare timm name), ``hf:MODEL_TYPE`` (a transformers config for that model type:
 a decoder language model such as ``hf:llama`` or ``hf:gpt2`` is built with ``AutoModelForCausalLM`` and fed
@@ -90,8 +92,9 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the results as JSON instead of a table")
     p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
     p.add_argument("--paired", action="store_true",
-                   help="also time every training variant in one process, one step of each in turn "
-                        "(steps x rounds steps each): ratios that hold on a machine whose load varies")
+                   help="also time every training variant a step of each in turn, in two processes that "
+                        "build them in opposite orders (steps x rounds steps each in all): ratios that hold "
+                        "on a machine whose load varies")
     p.add_argument("--timeout", type=float, default=1800, help="seconds allowed per child process")
     p.add_argument("--child-env", action="append", default=[], metavar="KEY=VALUE",
                    help="environment of the child processes, e.g. GLIBC_TUNABLES=glibc.malloc.mmap_threshold=131072 "
@@ -188,8 +191,9 @@ def run_bench(
         ``trainable``, ``step_ms`` {median, min, max}, ``peak_mib``, ``delta_mib``, ``convert_s`` and the
         ratios ``vs_end_to_end`` / ``vs_freeze``), ``runs`` (every child's raw result) and ``loadavg``
         (1-minute load averages sampled before each child). With ``paired=True`` every training variant
-        is also timed in one process, a step of each in turn (``steps * rounds`` steps each), into
-        ``paired_ms`` and the ratios' ``paired`` entries.
+        is also timed a step of each in turn, ``steps * rounds`` steps each, split between two processes
+        that build and step the variants in opposite orders (``paired_orders``), into ``paired``, each
+        row's ``paired_ms`` and the ratios' ``paired``, ``paired_cpu`` and ``paired_ci`` entries.
 
     Raises:
         BenchError: For an unknown variant or invalid numbers, or when a child fails (with its stderr).
@@ -212,7 +216,11 @@ def run_bench(
     runs: dict[str, list[dict[str, Any]]] = {v: [] for v in variants}
     loads: list[float] = []
     training = [v for v in variants if not VARIANTS[v]["kind"].startswith("infer")]
-    total, done = rounds * len(variants) + bool(paired and training), 0
+    total_paired = steps * rounds
+    # two paired processes, the variants built and stepped in opposite orders: where a model sits in a process
+    # matters (two identical freeze models in one process differed by 1% by which was built first)
+    orders = [training, training[::-1]][: 1 + (total_paired > 1 and len(training) > 1)] if paired and training else []
+    total, done = rounds * len(variants) + len(orders), 0
     for r in range(rounds):
         order = list(variants[r % len(variants):]) + list(variants[: r % len(variants)])  # rotate per round
         for name in order:
@@ -220,16 +228,20 @@ def run_bench(
             loads.append(_loadavg())
             runs[name].append(_spawn(dict(spec, variant=name), timeout))
             done += 1
-    pair_times = None
-    if paired and training:
-        _progress(progress, done, total, f"paired: {len(training)} variants in one process")
+    pair_times: dict[str, dict[str, list[float]]] | None = None
+    for i, order in enumerate(orders):
+        _progress(progress, done, total, f"paired {i + 1}/{len(orders)}: {len(training)} variants in one process")
         loads.append(_loadavg())
-        pair_spec = dict(spec, variant="paired", paired=training, steps=steps * rounds)
-        pair_times = _spawn(pair_spec, timeout * len(training))["paired"]
+        share = (total_paired + len(orders) - 1 - i) // len(orders)  # the steps split between the processes
+        got = _spawn(dict(spec, variant="paired", paired=order, steps=share), timeout * len(training))["paired"]
+        pair_times = pair_times or {name: {"step_ms": [], "cpu_ms": []} for name in training}
+        for name in training:  # each process's steps in turn: position i of every list is one paired step
+            for key in ("step_ms", "cpu_ms"):
+                pair_times[name][key] += got[name][key]
         done += 1
     _progress(progress, done, total, "done", end=True)
     return {"spec": spec, "variants": _aggregate(runs, pair_times), "runs": runs, "paired": pair_times,
-            "loadavg": loads, "environment": _environment(device)}
+            "paired_orders": orders, "loadavg": loads, "environment": _environment(device)}
 
 
 def _spawn(spec: dict[str, Any], timeout: float) -> dict[str, Any]:
