@@ -70,6 +70,10 @@ def test_bench_json_end_to_end(toys_importable, capsys):
     assert "| 0.97 [0.97-1.04] |" not in table and " [0.97-1.04] |" in format_table(result)
     result["spec"]["child_env"] = {"GLIBC_TUNABLES": "glibc.malloc.mmap_threshold=131072"}
     assert "time: with glibc's mmap threshold lowered" in format_table(result)  # its times include page faults
+    # raised (nothing mapped, nothing faulted in again): no such note
+    result["spec"]["child_env"] = {"GLIBC_TUNABLES": "glibc.malloc.trim_threshold=4294967296:"
+                                                     "glibc.malloc.mmap_threshold=4294967296"}
+    assert "mmap threshold" not in format_table(result)
 
 
 def test_bench_reports_child_failure(toys_importable):
