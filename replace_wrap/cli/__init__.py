@@ -6,7 +6,6 @@ Not imported by ``import replace_wrap``: the demo and the benchmark are tools ar
 from __future__ import annotations
 
 import argparse
-import sys
 from collections.abc import Sequence
 
 __all__ = ["main"]
