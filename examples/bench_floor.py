@@ -92,8 +92,9 @@ def floor(layers: list[dict[str, Any]], repeats: int) -> dict[str, tuple[float, 
       the caches: the least the arithmetic takes;
     - ``"step"``: as a step meets them: every layer's own tensors, the syntheses of all layers in forward order
       into one scratch buffer (as the layers do on the CPU), then in backward order each synthesis with its
-      thin product; the median of ``repeats`` such sweeps. Once a model's replaced weights outgrow the
-      caches, each synthesis reads its neighbours from memory, as in training.
+      thin product; medians over ``repeats`` sweeps with and without the thin products, timed in turn (the
+      products' time is the median of the per-repeat differences; 0 when no layer samples). Once a model's
+      replaced weights outgrow the caches, each synthesis reads its neighbours from memory, as in training.
     """
     a, b = torch.tensor(0.5), torch.tensor(0.5)
     synth = product = 0.0
@@ -122,9 +123,21 @@ def floor(layers: list[dict[str, Any]], repeats: int) -> dict[str, tuple[float, 
             if thin is not None:
                 thin()
 
-    step_synth = _timed_ms(synth_sweep, repeats, statistics.median)
-    step_total = _timed_ms(full_sweep, repeats, statistics.median)
-    return {"warm": (synth, product), "step": (step_synth, max(step_total - step_synth, 0.0))}
+    # the two sweeps in turn, so each thin-product time is the difference of two sweeps that met the same load
+    synth_sweep()
+    full_sweep()
+    synths, products = [], []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        synth_sweep()
+        t1 = time.perf_counter()
+        full_sweep()
+        t2 = time.perf_counter()
+        synths.append(t1 - t0)
+        products.append((t2 - t1) - (t1 - t0))
+    sampled = any(thin is not None for *_, thin in tensors)
+    step_product = max(statistics.median(products), 0.0) * 1e3 if sampled else 0.0
+    return {"warm": (synth, product), "step": (statistics.median(synths) * 1e3, step_product)}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -74,6 +74,8 @@ def test_bench_json_end_to_end(toys_importable, capsys):
     result["spec"]["child_env"] = {"GLIBC_TUNABLES": "glibc.malloc.trim_threshold=4294967296:"
                                                      "glibc.malloc.mmap_threshold=4294967296"}
     assert "mmap threshold" not in format_table(result)
+    result["spec"]["child_env"] = {"GLIBC_TUNABLES": "glibc.malloc.mmap_threshold=0x20000"}  # hex: 128 KiB
+    assert "time: with glibc's mmap threshold lowered" in format_table(result)
 
 
 def test_bench_reports_child_failure(toys_importable):
@@ -92,6 +94,7 @@ def test_bench_reports_child_failure(toys_importable):
         (["--input-shape", "8,x"], "--input-shape expects comma-separated integers, got '8,x'"),
         (["--sample", "2"], "--sample must be a fraction in \\(0, 1\\], got 2.0"),
         (["--child-env", "NOVALUE"], "--child-env expects KEY=VALUE, got 'NOVALUE'"),
+        (["--variants", "freeze,replace,freeze"], "variant\\(s\\) \\['freeze'\\] given more than once"),
     ],
 )
 def test_bench_argument_errors(argv, message, capsys):

@@ -203,6 +203,9 @@ def run_bench(
     unknown = [v for v in variants if v not in VARIANTS]
     if unknown or not variants:
         raise BenchError(f"unknown variant(s) {unknown}; choose from {', '.join(VARIANTS)}")
+    repeated = sorted({v for v in variants if variants.count(v) > 1})
+    if repeated:  # one result per name: a repeat would pair steps of different moments
+        raise BenchError(f"variant(s) {repeated} given more than once in --variants; name each once")
     for name, value, low in (("steps", steps, 1), ("rounds", rounds, 1), ("batch", batch, 1), ("size", size, 1),
                              ("warmup", warmup, 0), ("seq", seq, 1)):
         if not isinstance(value, int) or value < low:
@@ -238,7 +241,7 @@ def run_bench(
         share = (total_paired + len(orders) - 1 - i) // len(orders)  # the steps split between the processes
         got = _spawn(dict(spec, variant="paired", paired=order, steps=share), timeout * len(training))["paired"]
         pair_times = pair_times or {name: {"step_ms": [], "cpu_ms": []} for name in training}
-        for name in training:  # each process's steps in turn: position i of every list is one paired step
+        for name in got:  # each process's steps in turn: position i of every list is one paired step
             for key in ("step_ms", "cpu_ms"):
                 pair_times[name][key] += got[name][key]
         done += 1

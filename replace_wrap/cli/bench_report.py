@@ -80,9 +80,10 @@ def median_interval(values: list[float], level: float = 0.95) -> list[float] | N
     """A distribution-free confidence interval for the median of ``values``: ``[v_(k), v_(n+1-k)]`` of the
     sorted values, ``k`` the largest with ``P(Binomial(n, 1/2) < k) <= (1 - level) / 2``.
 
-    It assumes only that the values are independent draws of one distribution (each paired step's ratio); it
-    covers the median with probability at least ``level``. ``None`` when ``n`` is too small for that (fewer
-    than 6 values at 95%).
+    For independent draws of one distribution it covers the median with probability at least ``level``.
+    ``None`` when ``n`` is too small for that (fewer than 6 values at 95%). The paired steps are that only
+    approximately: neighbouring steps share the machine's load, and the two paired processes differ a little
+    (by about 1%), so read the interval as the spread of the steps, not as an exact guarantee.
     """
     n = len(values)
     tail, k = 0.0, 0
@@ -155,8 +156,8 @@ def format_table(result: dict[str, Any]) -> str:
 def _lowered_mmap_threshold(tunables: str) -> bool:
     # glibc's own threshold adapts up to 32 MiB on 64-bit; a fixed one below that maps (and faults in) every
     # larger allocation afresh, a raised one (4 GiB: nothing mapped) does the opposite
-    match = re.search(r"glibc\.malloc\.mmap_threshold=(\d+)", tunables)
-    return match is not None and int(match.group(1)) < 32 * 1024 * 1024
+    match = re.search(r"glibc\.malloc\.mmap_threshold=(0[xX][0-9a-fA-F]+|\d+)", tunables)
+    return match is not None and int(match.group(1), 0) < 32 * 1024 * 1024
 
 
 def _count(n: int) -> str:
