@@ -97,6 +97,10 @@ def floor(layers: list[dict[str, Any]], repeats: int) -> dict[str, tuple[float, 
       replaced weights outgrow the caches, each synthesis reads its neighbours from memory, as in training.
     """
     a, b = torch.tensor(0.5), torch.tensor(0.5)
+
+    def synthesize(prev: torch.Tensor, nxt: torch.Tensor, out: torch.Tensor) -> None:
+        torch.mul(prev, a, out=out).addcmul_(nxt, b)  # the layers' two passes (lean_layers._weight)
+
     synth = product = 0.0
     tensors = []
     scratch = torch.empty(max(math.prod(r["shape"]) for r in layers))
@@ -105,33 +109,27 @@ def floor(layers: list[dict[str, Any]], repeats: int) -> dict[str, tuple[float, 
         out = scratch[: prev.numel()].view(row["shape"])
         thin = _thin(row, prev)
         tensors.append((prev, nxt, out, thin))
-        synth += 2 * _timed_ms(lambda: torch.mul(prev, a, out=out).addcmul_(nxt, b), repeats, min)
+        synth += 2 * _timed_ms(lambda: synthesize(prev, nxt, out), repeats, min)
         if thin is not None:
             product += _timed_ms(thin, repeats, min)
 
-    def synth_sweep() -> None:
+    def sweep(products: bool) -> None:  # a step's forward, then its backward
         for prev, nxt, out, _ in tensors:
-            torch.mul(prev, a, out=out).addcmul_(nxt, b)
-        for prev, nxt, out, _ in reversed(tensors):
-            torch.mul(prev, a, out=out).addcmul_(nxt, b)
-
-    def full_sweep() -> None:
-        for prev, nxt, out, _ in tensors:
-            torch.mul(prev, a, out=out).addcmul_(nxt, b)
+            synthesize(prev, nxt, out)
         for prev, nxt, out, thin in reversed(tensors):
-            torch.mul(prev, a, out=out).addcmul_(nxt, b)
-            if thin is not None:
+            synthesize(prev, nxt, out)
+            if products and thin is not None:
                 thin()
 
     # the two sweeps in turn, so each thin-product time is the difference of two sweeps that met the same load
-    synth_sweep()
-    full_sweep()
+    sweep(False)
+    sweep(True)
     synths, products = [], []
     for _ in range(repeats):
         t0 = time.perf_counter()
-        synth_sweep()
+        sweep(False)
         t1 = time.perf_counter()
-        full_sweep()
+        sweep(True)
         t2 = time.perf_counter()
         synths.append(t1 - t0)
         products.append((t2 - t1) - (t1 - t0))

@@ -47,7 +47,7 @@ import subprocess
 import sys
 from typing import Any
 
-from .bench_child import VARIANTS, BenchError, build_model
+from .bench_child import VARIANTS, BenchError, build_model, paired_order
 from .bench_report import aggregate, format_table, median_interval
 
 __all__ = [
@@ -224,12 +224,12 @@ def run_bench(
     total_paired = steps * rounds
     # two paired processes, the variants built and stepped in opposite orders: where a model sits in a process
     # matters (two identical freeze models in one process differed by 1% by which was built first)
-    orders = [] if not (paired and training) else [training, training[::-1]] if total_paired > 1 < len(training) \
-        else [training]
+    orders: list[list[str]] = []
+    if paired and training:
+        orders = [training, training[::-1]] if total_paired > 1 and len(training) > 1 else [training]
     total, done = rounds * len(variants) + len(orders), 0
     for r in range(rounds):
-        order = list(variants[r % len(variants):]) + list(variants[: r % len(variants)])  # rotate per round
-        for name in order:
+        for name in paired_order(list(variants), r):  # rotated per round
             _progress(progress, done, total, f"round {r + 1}/{rounds}: {name}")
             loads.append(_loadavg())
             runs[name].append(_spawn(dict(spec, variant=name), timeout))

@@ -31,8 +31,8 @@ def aggregate(runs: dict[str, list[dict[str, Any]]], paired: dict[str, Any] | No
             "paired_ms": _stats(paired[name]["step_ms"]) if paired and name in paired else None,
             "variant": name,
             "trainable": results[0]["trainable"],
-            "step_ms": {"median": statistics.median(times), "min": min(times), "max": max(times)},
-            "cpu_ms": {"median": statistics.median(cpu), "min": min(cpu), "max": max(cpu)},
+            "step_ms": _stats(times),
+            "cpu_ms": _stats(cpu),
             "round_medians_ms": [statistics.median(res["step_ms"]) for res in results],
             "peak_mib": statistics.median(res["peak_mib"] for res in results),
             "delta_mib": statistics.median(res["delta_mib"] for res in results),
@@ -50,13 +50,15 @@ def aggregate(runs: dict[str, list[dict[str, Any]]], paired: dict[str, Any] | No
             row[key] = None
         for ref, key in refs:
             base = by_name.get(ref)
+            step_ratios = _paired_ratios(paired, row["variant"], ref, "step_ms")
+            cpu_ratios = _paired_ratios(paired, row["variant"], ref, "cpu_ms")
             row[key] = None if base is None else {
                 "step": row["step_ms"]["median"] / base["step_ms"]["median"],
                 "cpu": row["cpu_ms"]["median"] / base["cpu_ms"]["median"],
                 # a step of each variant in turn: the median of the per-step ratios cancels the load's drift
-                "paired": _paired_ratio(paired, row["variant"], ref, "step_ms"),
-                "paired_cpu": _paired_ratio(paired, row["variant"], ref, "cpu_ms"),
-                "paired_ci": _paired_interval(paired, row["variant"], ref),
+                "paired": None if step_ratios is None else statistics.median(step_ratios),
+                "paired_cpu": None if cpu_ratios is None else statistics.median(cpu_ratios),
+                "paired_ci": None if step_ratios is None else median_interval(step_ratios),
                 "peak": row["peak_mib"] / base["peak_mib"],
                 "delta": row["delta_mib"] / base["delta_mib"] if base["delta_mib"] > 0 else None,
                 "saved": row["saved_mib"] / base["saved_mib"] if row["saved_mib"] and base["saved_mib"] else None,
@@ -64,16 +66,11 @@ def aggregate(runs: dict[str, list[dict[str, Any]]], paired: dict[str, Any] | No
     return rows
 
 
-def _paired_ratio(paired: dict[str, Any] | None, name: str, ref: str, key: str) -> float | None:
+def _paired_ratios(paired: dict[str, Any] | None, name: str, ref: str, key: str) -> list[float] | None:
+    """The per-step ratios of ``name`` to ``ref`` (step ``i`` of each is one paired step), or ``None``."""
     if not paired or name not in paired or ref not in paired:
         return None
-    return statistics.median(a / b for a, b in zip(paired[name][key], paired[ref][key]))
-
-
-def _paired_interval(paired: dict[str, Any] | None, name: str, ref: str) -> list[float] | None:
-    if not paired or name not in paired or ref not in paired:
-        return None
-    return median_interval([a / b for a, b in zip(paired[name]["step_ms"], paired[ref]["step_ms"])])
+    return [a / b for a, b in zip(paired[name][key], paired[ref][key])]
 
 
 def median_interval(values: list[float], level: float = 0.95) -> list[float] | None:
