@@ -122,20 +122,41 @@ def _conv_case(name, batch=6):
     return x, prev, nxt, geom, dims
 
 
+@pytest.mark.parametrize("cache", [True, False], ids=["table", "computed"])
 @pytest.mark.parametrize("name", sorted(GEOMETRIES))
-def test_patches_are_what_the_convolution_reads(name):
+def test_patches_are_what_the_convolution_reads(name, cache):
     x, prev, _, geom, dims = _conv_case(name)
     y = _conv(dims)(x, prev, **geom)
     units = torch.randperm(y.shape[0] * math.prod(y.shape[2:]))[:40]
     where = locate(units, tuple(y.shape[2:]))
-    patches = gather_patches(x, where, tuple(prev.shape[2:]), geom["stride"], geom["padding"], geom["dilation"])
+    patches = gather_patches(x, where, tuple(prev.shape[2:]), geom["stride"], geom["padding"], geom["dilation"],
+                             tuple(y.shape[2:]), cache=cache)
     assert patches.shape == (units.numel(), x.shape[1] * math.prod(prev.shape[2:]))  # m x C*k^d: never the whole input
     # the layer's product on the patches is the convolution's output at those positions
     torch.testing.assert_close(grouped_product(geom["groups"])(patches, prev), gather_at(y, where))
     if dims == 2 and geom["groups"] == 1:  # and, in 2d, exactly the columns of F.unfold (im2col)
         cols = F.unfold(x, prev.shape[2:], dilation=geom["dilation"], padding=geom["padding"], stride=geom["stride"])
-        n, (r, c) = where
-        torch.testing.assert_close(patches, cols[n, :, r * y.shape[3] + c])
+        n, pos = where  # flat output positions, row-major: the columns' order
+        torch.testing.assert_close(patches, cols[n, :, pos])
+
+
+@pytest.mark.parametrize("name", ["2d-3x3-pad", "2d-stride2-dilated-grouped", "2d-1x1"])
+def test_patches_of_a_channels_last_or_strided_input_are_the_same(name):
+    # The gathers index the input with its spatial dimensions merged (a view for channels-last tensors), or per
+    # dimension for layouts whose spatial dimensions do not merge (a spatially transposed view, a crop): the
+    # same values.
+    x, prev, _, geom, dims = _conv_case(name)
+    y = _conv(dims)(x, prev, **geom)
+    units = torch.randperm(y.shape[0] * math.prod(y.shape[2:]))[:40]
+    where = locate(units, tuple(y.shape[2:]))
+    args = (tuple(prev.shape[2:]), geom["stride"], geom["padding"], geom["dilation"], tuple(y.shape[2:]))
+    expected = gather_patches(x, where, *args)
+    swapped = x.transpose(2, 3).contiguous().transpose(2, 3)  # the same values, W-major storage
+    crop = torch.nn.functional.pad(x, (1, 2, 3, 0))[:, :, 3:, 1:-2]  # the same values, a view into a larger input
+    for other in (x.contiguous(memory_format=torch.channels_last), swapped, crop):
+        torch.testing.assert_close(gather_patches(other, where, *args), expected, rtol=0, atol=0)
+    torch.testing.assert_close(gather_at(y.contiguous(memory_format=torch.channels_last), where), gather_at(y, where),
+                               rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("name", ["2d-3x3-pad", "2d-stride2-dilated-grouped", "2d-depthwise", "1d", "3d"])

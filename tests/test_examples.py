@@ -181,6 +181,31 @@ def test_bench_profile_step_names_the_phases():
         assert re.search(rf"^\s*{phase}\s", out, flags=re.M), f"no {phase} row:\n{out}"
 
 
+def _load_example(name: str):
+    spec = importlib.util.spec_from_file_location(name, EXAMPLES / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_bench_overhead_counts_the_operator_calls_of_a_replaced_layer():
+    bench = _load_example("bench_overhead")
+    for kind in ("linear", "conv"):
+        freeze, replace, layers = bench.models(kind, 5)
+        assert layers == 2  # every=2 on 5 blocks: blocks 1 and 3
+        x = torch.randn(bench.SIZES[kind][0], requires_grad=True)
+        frozen = [p for p in freeze.parameters() if not p.requires_grad]
+        assert len(frozen) == 2 * layers  # weight and bias of each would-be replaced layer
+        extra = (bench.operator_calls(replace, x) - bench.operator_calls(freeze, x)) / layers
+        # A regression guard on the fixed cost (a count, not a time): the kernel's forward and backward call
+        # 28 (linear) and 47 (convolution, sampled positions) operators more than a frozen layer's
+        # (the torch of .ci/constraints.txt; 36 and 79 before the calls were cut).
+        assert 0 < extra <= {"linear": 30, "conv": 50}[kind], (kind, extra)
+    out = run_example("bench_overhead.py", "--blocks", "3", "--steps", "1", "--repeats", "1").stdout
+    for kind in ("linear", "conv"):
+        assert re.search(rf"^\| {kind} \| 1 \| \d+ \| \d+ \| -?\d+ \(-?\d+--?\d+\) \| \d+\.\d \|$", out, flags=re.M), out
+
+
 def test_bench_floor_counts_every_replaced_layer_and_its_units():
     # vit_tiny: every=2 replaces 5 of 12 blocks, 4 weight matrices each; 32 px, batch 2: 2 x 5 tokens = 10 rows,
     # fewer than the estimator's 16, so no layer samples (exact, no thin product) and the floor is synthesis

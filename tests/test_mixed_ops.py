@@ -315,6 +315,7 @@ def test_layers_of_every_layout_share_one_scratch_buffer_and_compute_exactly():
     strided = (torch.randn(12, 80)[:, ::2], torch.randn(12, 80)[:, ::2])  # not dense: contiguous in the scratch
     conv = tuple(torch.randn(6, 40, 3, 3).to(memory_format=torch.channels_last) for _ in range(2))
     lean_layers._SCRATCH.__dict__.pop("flat", None)
+    lean_layers._SCRATCH.__dict__.pop("views", None)
     for prev, nxt in (small, big, transposed, strided, small, big):
         x = torch.randn(7, 40, requires_grad=True)
         dy = torch.randn(7, prev.shape[0])
@@ -334,6 +335,9 @@ def test_layers_of_every_layout_share_one_scratch_buffer_and_compute_exactly():
     buffers = lean_layers._SCRATCH.flat
     assert list(buffers) == [torch.float32]  # one buffer, not one per layout
     cl_crop = torch.randn(6, 40, 3, 3).to(memory_format=torch.channels_last)[:, :20]  # not dense, channels-last
-    for t in (big[0], transposed[0], strided[0], conv[0], cl_crop):  # laid out as empty_like lays it out
-        assert lean_layers._scratch_like(t).stride() == torch.empty_like(t).stride()
+    for t in (small[0], big[0], transposed[0], strided[0], conv[0], cl_crop):  # laid out as empty_like lays it out
+        view = lean_layers._scratch_like(t)
+        assert view.stride() == torch.empty_like(t).stride()
+        # in the one buffer: the views made before it grew (small's) were made again in the grown one
+        assert view.untyped_storage().data_ptr() == buffers[torch.float32].untyped_storage().data_ptr()
     assert buffers[torch.float32].numel() == max(48 * 40, 6 * 40 * 9)

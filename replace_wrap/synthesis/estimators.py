@@ -144,27 +144,27 @@ def scalars_on_host(t: torch.Tensor) -> bool:
     return t.device.type == "cpu" and not torch.compiler.is_compiling()
 
 
-Product = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+Product = Callable[..., torch.Tensor]  # product(xs, w, bias=None) -> the layer's output at the units
 
 
-def linear_product(xs: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    # shape: (m, in) @ (in, out) -> (m, out)
-    return xs @ w.t()
+def linear_product(xs: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    # shape: (m, in) @ (in, out) (+ (out,)) -> (m, out); the bias added inside the product (addmm)
+    return xs @ w.t() if bias is None else torch.addmm(bias, xs, w.t())
 
 
 def ab_from_one_product(
     d: torch.Tensor, xs: torch.Tensor, xw: torch.Tensor, a: torch.Tensor, b: torch.Tensor,
     prev: torch.Tensor, next: torch.Tensor, bias_prev: torch.Tensor | None, bias_next: torch.Tensor | None,
-    host: bool, product: Product = linear_product,
+    host: bool, product: Product = linear_product, scale: float = 1.0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Unit sums ``G_a = <d, xs (*) prev + bias_prev>``, ``G_b = <d, xs (*) next + bias_next>`` for the price of
-    one thin product (the bias terms only when the bias is mixed with the same ``a, b``).
+    """``scale`` times the unit sums ``G_a = <d, xs (*) prev + bias_prev>``, ``G_b = <d, xs (*) next + bias_next>``
+    for the price of one thin product (the bias terms only when the bias is mixed with the same ``a, b``).
 
-    ``product(xs, w)`` is the layer's map of the units' inputs ``xs`` with weight ``w`` (``xs @ w^T`` for a
-    linear layer, a grouped product of patches for a convolution) and ``d`` the output gradient at the units,
-    of the product's shape. The forward already gives ``xw = product(xs, W) (+ the mixed bias)``, so
-    ``g_s = <d, xw> = a * G_a + b * G_b`` comes free and one product gives the other equation. Both sums are
-    linear in the units, so a sampled estimate stays unbiased.
+    ``product(xs, w, bias)`` is the layer's map of the units' inputs ``xs`` with weight ``w`` (``xs @ w^T`` for a
+    linear layer, a grouped product of patches for a convolution), plus ``bias``, and ``d`` the output gradient
+    at the units, of the product's shape. The forward already gives ``xw = product(xs, W) (+ the mixed bias)``,
+    so ``g_s = <d, xw> = a * G_a + b * G_b`` comes free and one product gives the other equation. Both sums are
+    linear in the units, so a sampled estimate (``scale = N / m``) stays unbiased.
 
     - ``host=True`` (scalars on the CPU, readable for free): the product is taken with the neighbour of the
       *smaller* coefficient, and the other sum solved from ``g_s`` by dividing by the larger one, which loses
@@ -174,27 +174,30 @@ def ab_from_one_product(
       product with ``W_c = -b * prev + a * next`` gives ``g_c = -b * G_a + a * G_b``; the 2x2 system is a
       rotation scaled by ``a^2 + b^2`` (condition number 1). At ``a = b = 0`` the product is taken with
       ``prev``: ``G_a`` is exact there and ``G_b`` reads 0 for that step.
+
+    Every step is one operation where it can be (the bias inside the product, the solve and the rescale as one
+    fused add and one multiply): on small layers the number of operations, not their arithmetic, is the cost.
     """
     dt = prev.dtype
     if xs.dtype != dt:  # autocast: the units were kept in the compute dtype
         xs, d, xw = xs.to(dt), d.to(dt), xw.to(dt)
     d1 = d.reshape(-1)
-    dsum = d.sum(0) if bias_prev is not None else None  # shape: (m, out) -> (out,)
 
     def side(w: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        g = torch.dot(product(xs, w).reshape(-1), d1)
-        return g if dsum is None or bias is None else g + torch.dot(dsum, bias if bias.dtype == dt else bias.to(dt))
+        if bias is not None and bias.dtype != dt:
+            bias = bias.to(dt)
+        return torch.dot(product(xs, w, bias).reshape(-1), d1)
 
     g_s = torch.dot(xw.reshape(-1), d1)
     if host:
         av, bv = float(a), float(b)
         if av == 0.0 and bv == 0.0:
-            return side(prev, bias_prev), side(next, bias_next)
+            return _scaled(side(prev, bias_prev), scale), _scaled(side(next, bias_next), scale)
         if abs(av) >= abs(bv):
             g_b = side(next, bias_next)
-            return (g_s - bv * g_b) / av, g_b
+            return torch.add(g_s, g_b, alpha=-bv).mul_(scale / av), _scaled(g_b, scale)  # (g_s - b G_b) / a
         g_a = side(prev, bias_prev)
-        return g_a, (g_s - av * g_a) / bv
+        return _scaled(g_a, scale), torch.add(g_s, g_a, alpha=-av).mul_(scale / bv)
     a, b = a.to(dt), b.to(dt)
     det = a * a + b * b
     degenerate = det == 0
@@ -203,17 +206,21 @@ def ab_from_one_product(
     safe = torch.where(degenerate, torch.ones_like(det), det)
     g_a = torch.where(degenerate, g_c, (a * g_s - b * g_c) / safe)
     g_b = torch.where(degenerate, torch.zeros_like(g_c), (b * g_s + a * g_c) / safe)
-    return g_a, g_b
+    return _scaled(g_a, scale), _scaled(g_b, scale)
+
+
+def _scaled(g: torch.Tensor, scale: float) -> torch.Tensor:
+    return g if scale == 1.0 else g * scale
 
 
 def scalar_grads(
-    need: tuple[bool, bool], scale: float, ga: torch.Tensor | None, gb: torch.Tensor | None,
+    need: tuple[bool, bool], ga: torch.Tensor | None, gb: torch.Tensor | None,
     db: torch.Tensor | None, bias_prev: torch.Tensor | None, bias_next: torch.Tensor | None,
     a: torch.Tensor, b: torch.Tensor,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-    """dL/da, dL/db in the scalars' dtype and shape: the rescaled unit sums plus the exact bias part.
+    """dL/da, dL/db in the scalars' dtype and shape: the unit sums (already rescaled) plus the exact bias part.
 
-    ``db`` (the full bias gradient) is given when the mixed bias's share is exact rather than sampled.
+    ``db`` (the full bias gradient) is given when the mixed bias's share is not yet in the sums.
     """
     out: list[torch.Tensor | None] = []
     for wanted, g, bias_src, like in ((need[0], ga, bias_prev, a), (need[1], gb, bias_next, b)):
@@ -226,11 +233,9 @@ def scalar_grads(
             total = g if g.dtype == torch.float32 else g.float()
         if db is not None and bias_src is not None:
             total = total + torch.dot(db if db.dtype == bias_src.dtype else db.to(bias_src.dtype), bias_src).float()
-        if scale != 1.0:
-            total = total * scale
         if total.dtype != like.dtype:
             total = total.to(like.dtype)
-        out.append(total.view(like.shape))
+        out.append(total if total.shape == like.shape else total.view(like.shape))
     return out[0], out[1]
 
 

@@ -59,8 +59,7 @@ NONE, INPUT, SAMPLE = "none", "input", "sample"
 
 Geometry = tuple[Sequence[int], Sequence[int], Sequence[int], int]  # stride, padding, dilation, groups
 
-_SCRATCH = threading.local()
-_LAYOUTS: dict[tuple[torch.Size, tuple[int, ...]], tuple[int, ...]] = {}  # a weight layout -> the scratch's
+_SCRATCH = threading.local()  # per thread: "flat" (dtype -> buffer), "views" ((shape, stride, dtype) -> view)
 
 
 def _weight(a: torch.Tensor, b: torch.Tensor, prev: torch.Tensor, next: torch.Tensor,
@@ -90,18 +89,25 @@ def _scratch_like(t: torch.Tensor) -> torch.Tensor:
     One flat buffer per dtype, as large as the largest weight seen, serves every layer and step: each layer
     uses it only within one call (one layer at a time per thread), so its views never overlap in time. One
     buffer per weight layout held the sum of the distinct layouts instead: 21 MiB for the fourteen of
-    ResNet-50's replaced blocks, against 9 MiB for the largest.
+    ResNet-50's replaced blocks, against 9 MiB for the largest. The view for each layout is made once (and
+    again when the buffer grows): two operations fewer per synthesis.
     """
-    key = (t.shape, t.stride())
-    stride = _LAYOUTS.get(key)
-    if stride is None:  # empty_like's choice: the same strides when dense, else the layout they suggest
-        stride = _LAYOUTS[key] = torch.empty_like(t, device="meta").stride()
-    buffers = _SCRATCH.__dict__.setdefault("flat", {})
+    key = (t.shape, t.stride(), t.dtype)
+    scratch = _SCRATCH.__dict__
+    views = scratch.setdefault("views", {})
+    view = views.get(key)
+    if view is not None:
+        return view
+    buffers = scratch.setdefault("flat", {})
     n = t.numel()
     flat = buffers.get(t.dtype)
     if flat is None or flat.numel() < n:
         flat = buffers[t.dtype] = torch.empty(n, dtype=t.dtype, device="cpu")  # whatever device context is active
-    return flat[:n].as_strided(t.shape, stride)
+        for old in [k for k in views if k[2] == t.dtype]:  # views of the old buffer: it is freed once they go
+            del views[old]
+    stride = torch.empty_like(t, device="meta").stride()  # empty_like's choice: the same strides when dense
+    view = views[key] = flat[:n].as_strided(t.shape, stride)
+    return view
 
 
 def _coupled_grads(dw: torch.Tensor, a: torch.Tensor, b: torch.Tensor, prev: torch.Tensor, need_p: bool,
@@ -110,13 +116,13 @@ def _coupled_grads(dw: torch.Tensor, a: torch.Tensor, b: torch.Tensor, prev: tor
     return (dw * a.to(dw.dtype) if need_p else None), (dw * b.to(dw.dtype) if need_n else None)
 
 
-def _finish(needs: Sequence[bool], scale: float, ga: torch.Tensor | None, gb: torch.Tensor | None,
-            db: torch.Tensor | None, sampled: bool, a: torch.Tensor, b: torch.Tensor,
+def _finish(needs: Sequence[bool], ga: torch.Tensor | None, gb: torch.Tensor | None,
+            db: torch.Tensor | None, one_product: bool, a: torch.Tensor, b: torch.Tensor,
             bias_prev: torch.Tensor | None, bias_next: torch.Tensor | None) -> tuple[tuple[Any, Any], tuple[Any, ...]]:
-    """Both layers' last step: ``(ga, gb)`` (rescaled, with the mixed bias's share) and the biases' gradients
-    ``(own bias, bias_prev, bias_next)``, each ``None`` where not needed."""
+    """Both layers' last step: ``(ga, gb)`` (with the mixed bias's share, which the one-product estimator already
+    has) and the biases' gradients ``(own bias, bias_prev, bias_next)``, each ``None`` where not needed."""
     need_a, need_b, need_bias, need_bp, need_bn = needs[1], needs[2], needs[5], needs[6], needs[7]
-    ga, gb = scalar_grads((need_a, need_b), scale, ga, gb, None if sampled else db, bias_prev, bias_next, a, b)
+    ga, gb = scalar_grads((need_a, need_b), ga, gb, None if one_product else db, bias_prev, bias_next, a, b)
     gbp = (db.to(bias_prev.dtype) * a.to(bias_prev.dtype)) if need_bp else None
     gbn = (db.to(bias_next.dtype) * b.to(bias_next.dtype)) if need_bn else None
     return (ga, gb), (db if need_bias else None, gbp, gbn)
@@ -181,15 +187,15 @@ def linear_backward(
         db = dy.sum(0)  # the bias's gradient, over all rows
     if xw is not None:  # the mixed bias's share of dL/da, dL/db is taken over the same units
         d = dy if rows is None else dy.index_select(0, rows)
-        ga, gb = ab_from_one_product(d, keep, xw, a, b, prev, next, bias_prev, bias_next, host)
-    elif keep is not None:
+        ga, gb = ab_from_one_product(d, keep, xw, a, b, prev, next, bias_prev, bias_next, host, scale=scale)
+    elif keep is not None:  # exact (the plan samples only with the output kept): no rescale
         d = dy.to(keep.dtype)
         # dW in the memory layout of the neighbours' weights (no copy for the dot products)
         dw = (keep.t() @ d).t() if transposed(prev) else d.t() @ keep  # shape: (out, N) @ (N, in)
         ga, gb = ab_from_dw(dw, prev, next)
         if need_p or need_n:
             gp, gn = _coupled_grads(dw, a, b, prev, need_p, need_n)
-    (ga, gb), biases = _finish(needs, scale, ga, gb, db, xw is not None, a, b, bias_prev, bias_next)
+    (ga, gb), biases = _finish(needs, ga, gb, db, xw is not None, a, b, bias_prev, bias_next)
     return gx, ga, gb, gp, gn, *biases
 
 
@@ -232,12 +238,13 @@ def conv_forward(
         keep = x
     if with_output:  # units: output positions of every batch item, shape (N, out, *spatial)
         units, scale = sample_units(y.shape[0] * math.prod(y.shape[2:]), sample, x.device)
-        where = locate(units, tuple(y.shape[2:]))
+        where = locate(units, y.shape[2:])
         xw = gather_at(y, where)  # shape: (m, out): the forward's output at the sampled positions
         if bias is not None and bias_prev is None:
             xw.sub_(bias)
         if kind == SAMPLE:
-            keep = gather_patches(x, where, tuple(prev.shape[2:]), stride, padding, dilation)
+            keep = gather_patches(x, where, tuple(prev.shape[2:]), stride, padding, dilation, tuple(y.shape[2:]),
+                                  cache=scratch)
     return y, keep, units, xw, scale
 
 
@@ -259,19 +266,20 @@ def conv_backward(
     if need_bias or need_bp or need_bn or (bias_prev is not None and (need_a or need_b) and xw is None):
         db = dy.sum([d for d in range(dy.dim()) if d != 1])
     if xw is not None:
-        where = locate(units, tuple(dy.shape[2:]))
+        where = locate(units, dy.shape[2:])
         d = gather_at(dy, where)  # shape: (m, out)
-        xs = keep if patches else gather_patches(keep, where, tuple(prev.shape[2:]), stride, padding, dilation)
+        xs = keep if patches else gather_patches(keep, where, tuple(prev.shape[2:]), stride, padding, dilation,
+                                                 tuple(dy.shape[2:]), cache=scratch)
         ga, gb = ab_from_one_product(d, xs, xw, a, b, prev, next, bias_prev, bias_next, host,
-                                     grouped_product(groups))
-    elif keep is not None:
+                                     grouped_product(groups), scale)
+    elif keep is not None:  # exact (the plan samples only with the output kept): no rescale
         d = dy.to(keep.dtype)
         # the weight argument only lends its shape to the weight gradient
         dw = torch.ops.aten.convolution_backward(d, keep, prev.to(keep.dtype), *args, (False, True, False))[1]
         ga, gb = ab_from_dw(dw, prev, next)
         if need_p or need_n:
             gp, gn = _coupled_grads(dw, a, b, prev, need_p, need_n)
-    (ga, gb), biases = _finish(needs, scale, ga, gb, db, xw is not None, a, b, bias_prev, bias_next)
+    (ga, gb), biases = _finish(needs, ga, gb, db, xw is not None, a, b, bias_prev, bias_next)
     return gx, ga, gb, gp, gn, *biases
 
 
