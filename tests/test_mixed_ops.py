@@ -245,6 +245,62 @@ def test_sampled_conv_is_unbiased():
     _assert_unbiased(_estimates(lambda: grads(0.25), 300), exact)
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("kind", ["linear", "conv"])
+def test_sampled_grads_of_half_precision_weights_are_rescaled_in_fp32(dtype, kind):
+    # The sampled sums come in the weights' dtype; times N/m they can exceed fp16's 65504 where the sums do not.
+    # Same rows drawn (same seed) with the same values held in fp32: the half-precision result is finite and
+    # agrees to the half-precision sums' own rounding.
+    g = torch.Generator().manual_seed(0)
+    if kind == "linear":
+        x = torch.randn(200, 64, generator=g)
+        w = torch.randn(2, 16, 64, generator=g)
+        dy = 200 * torch.randn(200, 16, generator=g)
+    else:
+        x = torch.randn(2, 4, 20, 20, generator=g)
+        w = torch.randn(2, 8, 4, 3, 3, generator=g)
+        dy = 200 * torch.randn(2, 8, 20, 20, generator=g)
+
+    def grads(dt):
+        a = torch.tensor(0.7, requires_grad=True)
+        b = torch.tensor(-0.3, requires_grad=True)
+        xs, (wp, wn) = x.to(dt).requires_grad_(), w.to(dt)
+        torch.manual_seed(1)
+        if kind == "linear":
+            y = mixed_linear(xs, a, b, wp, wn, sample="auto")
+        else:
+            y = mixed_conv(xs, a, b, wp, wn, stride=(1, 1), padding=(1, 1), dilation=(1, 1), sample="auto")
+        return torch.stack(torch.autograd.grad(y, [a, b], dy.to(dt)))
+
+    half, full = grads(dtype), grads(torch.float32)
+    assert torch.isfinite(half).all() and full.abs().max() > 65504  # the rescaled gradient is beyond fp16
+    torch.testing.assert_close(half, full, rtol=5e-2, atol=0)
+
+
+def test_sampled_grads_stay_finite_when_the_larger_coefficient_is_subnormal():
+    # The solve divides by the larger |coefficient|; with a subnormal one, scale / a overflows fp32 by itself.
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(200, 64, generator=g, requires_grad=True)
+    prev, nxt = torch.randn(2, 16, 64, generator=g)
+    a = torch.tensor(3e-39, requires_grad=True)
+    b = torch.tensor(1e-40, requires_grad=True)
+    y = mixed_linear(x, a, b, prev, nxt, sample="auto")
+    ga, gb = torch.autograd.grad(y, [a, b], torch.randn(200, 16, generator=g))
+    assert torch.isfinite(ga) and torch.isfinite(gb)
+
+
+def test_sampled_conv_runs_on_meta_tensors():
+    # Shapes only (meta init): the padded kernel's reads are computed, never read back to the host.
+    x = torch.empty(2, 4, 9, 9, device="meta", requires_grad=True)
+    a = torch.empty((), device="meta", requires_grad=True)
+    b = torch.empty((), device="meta", requires_grad=True)
+    prev = nxt = torch.empty(6, 4, 3, 3, device="meta")
+    y = mixed_conv(x, a, b, prev, nxt, stride=(1, 1), padding=(1, 1), dilation=(1, 1), sample="auto")
+    assert y.shape == (2, 6, 9, 9) and y.is_meta
+    gx, ga = torch.autograd.grad(y, [x, a], torch.empty_like(y))
+    assert gx.shape == x.shape and ga.shape == a.shape
+
+
 def test_sample_one_is_exact_and_coupled_ignores_sampling():
     x, a, b, prev, nxt, bias = _linear_inputs(True, dtype=torch.float64, shape=(5, 40, 4))
     dy = torch.randn(5, 40, 5, dtype=torch.float64)

@@ -186,19 +186,21 @@ def ab_from_one_product(
     def side(w: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         if bias is not None and bias.dtype != dt:
             bias = bias.to(dt)
-        return torch.dot(product(xs, w, bias).reshape(-1), d1)
+        return _wide(torch.dot(product(xs, w, bias).reshape(-1), d1))
 
-    g_s = torch.dot(xw.reshape(-1), d1)
+    # The sums come in the weights' dtype; the solve and the rescale N/m run in at least fp32 (a half-precision
+    # sum times N/m could overflow where the sum does not).
+    g_s = _wide(torch.dot(xw.reshape(-1), d1))
     if host:
         av, bv = float(a), float(b)
         if av == 0.0 and bv == 0.0:
             return _scaled(side(prev, bias_prev), scale), _scaled(side(next, bias_next), scale)
         if abs(av) >= abs(bv):
             g_b = side(next, bias_next)
-            return torch.add(g_s, g_b, alpha=-bv).mul_(scale / av), _scaled(g_b, scale)  # (g_s - b G_b) / a
+            return _solve(g_s, g_b, bv, av, scale), _scaled(g_b, scale)
         g_a = side(prev, bias_prev)
-        return _scaled(g_a, scale), torch.add(g_s, g_a, alpha=-av).mul_(scale / bv)
-    a, b = a.to(dt), b.to(dt)
+        return _scaled(g_a, scale), _solve(g_s, g_a, av, bv, scale)
+    a, b = a.to(g_s.dtype), b.to(g_s.dtype)  # mix() casts them to the weights' dtype for the product
     det = a * a + b * b
     degenerate = det == 0
     c1 = torch.where(degenerate, torch.ones_like(b), -b)
@@ -207,6 +209,21 @@ def ab_from_one_product(
     g_a = torch.where(degenerate, g_c, (a * g_s - b * g_c) / safe)
     g_b = torch.where(degenerate, torch.zeros_like(g_c), (b * g_s + a * g_c) / safe)
     return _scaled(g_a, scale), _scaled(g_b, scale)
+
+
+def _wide(g: torch.Tensor) -> torch.Tensor:
+    """``g`` in at least fp32 (fp64 stays fp64)."""
+    return g.float() if g.dtype in (torch.float16, torch.bfloat16) else g
+
+
+def _solve(g_s: torch.Tensor, g_o: torch.Tensor, o: float, c: float, scale: float) -> torch.Tensor:
+    """``(g_s - o * g_o) * scale / c``: the unknown sum of ``g_s = c * G + o * G_o``, rescaled, in two operations
+    (three when ``scale / c`` itself overflows the dtype: ``c`` subnormal)."""
+    out = torch.add(g_s, g_o, alpha=-o)
+    factor = scale / c
+    if abs(factor) <= torch.finfo(out.dtype).max:
+        return out.mul_(factor)
+    return out.div_(c).mul_(scale)
 
 
 def _scaled(g: torch.Tensor, scale: float) -> torch.Tensor:

@@ -6,11 +6,12 @@ is a sum over output positions of every batch item, like a linear layer's sum ov
 ``(m, C * prod(kernel))``, straight from the input by one indexing operation: no unfold (``im2col``) of the whole
 input and no padded copy of it; positions in the zero padding read zeros.
 
-Where each patch element reads depends only on the layer's geometry, so it is tabulated once per geometry (an
-``(output positions, kernel elements)`` table of flat input positions, cached) and a call only looks the
-sampled positions up in it: a handful of operations per call rather than a few per spatial dimension, which on
-small layers cost more than the gather itself. Geometries whose table would be large are computed for the
-sampled positions only, with the same formula.
+Where each patch element reads depends only on the layer's geometry, so on the CPU it is tabulated once per
+geometry (an ``(output positions, kernel elements)`` table of flat input positions, cached) and a call only
+looks the sampled positions up in it: a handful of operations per call rather than a few per spatial
+dimension, which on small layers cost more than the gather itself. Geometries whose table would be large, and
+tensors on accelerators (a cached device tensor would outlive CUDA graph captures and the streams that used
+it), compute the reads for the sampled positions only, with the same formula.
 
 Any number of spatial dimensions, stride, zero padding, dilation and groups (depthwise included).
 """
@@ -28,9 +29,10 @@ __all__ = ["Positions", "gather_at", "gather_patches", "grouped_product", "locat
 Positions = tuple[torch.Tensor, torch.Tensor]  # (batch item, flat output position) of each sampled unit
 
 # Largest table cached (positions x kernel elements; int64 plus a bool mask: 9 bytes each, 2.25 MiB) and how
-# many geometries are kept: a model has a handful (ResNet-50: 7), so the cache stays a few MiB.
+# many geometries are kept (least recently used first out): a model at one input size has a handful
+# (ResNet-50: 7, well under 1 MiB each at 224 px), so the cache holds a few MiB, 36 MiB at most.
 TABLE_MAX = 1 << 18
-_TABLES = 32
+_TABLES = 16
 
 
 def locate(units: torch.Tensor, out_spatial: Sequence[int]) -> Positions:
@@ -66,14 +68,15 @@ def gather_patches(
 
     The layout is the weight's ``(C_in, *kernel)`` flattened, so ``patch @ W.reshape(out, -1).T`` is the
     convolution's output at that position (per group: see :func:`grouped_product`). ``cache=False`` (tensors
-    being traced, whose tables must not outlive the trace) computes the reads without the table cache.
+    being traced, whose tables must not outlive the trace) computes the reads without the table cache, as
+    every tensor not on the CPU does.
     """
     n, pos = where
     in_spatial = tuple(x.shape[2:])
     if all(k == 1 for k in kernel) and all(s == 1 for s in stride) and not any(padding):
         return gather_at(x, where)  # a 1x1 kernel at stride 1 reads its own position: shape (m, C)
     geometry = (in_spatial, tuple(out_spatial), tuple(kernel), tuple(stride), tuple(padding), tuple(dilation))
-    if cache and math.prod(out_spatial) * math.prod(kernel) <= TABLE_MAX:
+    if cache and x.device.type == "cpu" and math.prod(out_spatial) * math.prod(kernel) <= TABLE_MAX:
         table, inside = _table(*geometry, x.device)
         flat = table.index_select(0, pos)
         valid = None if inside is None else inside.index_select(0, pos)
@@ -109,7 +112,7 @@ def _reads(
     for d, size in enumerate(in_spatial):
         # shape: (M, 1) * s + (1, K) * dilation -> (M, K): the input coordinate each patch element reads
         i = coords[d][:, None] * stride[d] - padding[d] + offsets[d].reshape(1, -1) * dilation[d]
-        if padding[d] > 0:  # without padding every read is inside (the output size is the input's fit)
+        if padding[d] > 0:  # then the first position's first element reads the padding; without, all are inside
             inside = (i >= 0) & (i < size)
             valid = inside if valid is None else valid & inside
             i = i.clamp(0, size - 1)
@@ -124,10 +127,7 @@ def _table(
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """:func:`_reads` for every output position, ``(P, K)``: the table the sampled positions are looked up in."""
     pos = torch.arange(math.prod(out_spatial), device=device)
-    flat, valid = _reads(_coordinates(pos, out_spatial), in_spatial, kernel, stride, padding, dilation)
-    if valid is not None and bool(valid.all()):
-        valid = None
-    return flat, valid
+    return _reads(_coordinates(pos, out_spatial), in_spatial, kernel, stride, padding, dilation)
 
 
 def grouped_product(groups: int):  # noqa: ANN201 - returns an estimators.Product
