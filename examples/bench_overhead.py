@@ -10,6 +10,10 @@ layer is what the replaced layer's path costs in Python and operator calls (the 
 estimator's small operations): the part of the step time that does not shrink with the model. Big models
 hide it (ViT-S/16 at 96 px: 20 replaced layers in an 800 ms step); small ones show it.
 
+With ``--accelerator-route`` the layers compute as they do on a GPU, where the estimator never reads the
+scalars on the host: its operator count is the number of small calls (most of them kernel launches there) a
+replaced layer adds on an accelerator.
+
 The two variants are stepped in alternating order, ``--repeats`` times ``--steps`` steps each; the table gives
 the median step of each and the median per replaced layer of the paired differences, with its spread
 (min-max over the repeats). On shared cores the times drift by tens of percent between processes; the last
@@ -103,8 +107,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--steps", type=int, default=100, help="steps per timed repeat")
     parser.add_argument("--repeats", type=int, default=15)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--accelerator-route", action="store_true",
+                        help="compute as on an accelerator, where the kernels never read the scalars on the host "
+                             "(a read would wait for the device): counts that route's operator calls on the CPU")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
+    if args.accelerator_route:
+        from replace_wrap.synthesis import kernels
+
+        kernels.scalars_on_host = lambda t: False  # what the layer kernels ask before reading a, b
     print("| layer | replaced layers | freeze step us | replace step us | per replaced layer us (min-max) "
           "| operator calls per replaced layer |")
     print("|---|---:|---:|---:|---:|---:|")

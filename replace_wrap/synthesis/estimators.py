@@ -170,13 +170,15 @@ def ab_from_one_product(
       *smaller* coefficient, and the other sum solved from ``g_s`` by dividing by the larger one, which loses
       no precision (the error stays below machine epsilon times the gradients' size). At ``a = b = 0``
       (``W = 0``, ``g_s`` carries nothing) both products are taken.
-    - ``host=False`` (an accelerator, or torch.compile: reading them would synchronize or break the graph): one
-      product with ``W_c = -b * prev + a * next`` gives ``g_c = -b * G_a + a * G_b``; the 2x2 system is a
-      rotation scaled by ``a^2 + b^2`` (condition number 1). At ``a = b = 0`` the product is taken with
-      ``prev``: ``G_a`` is exact there and ``G_b`` reads 0 for that step.
+    - ``host=False`` (an accelerator, or torch.compile's shape functions: reading the scalars would synchronize
+      or break the graph): both products are taken, each sum directly. A second thin product costs an
+      accelerator next to nothing; a solve without reading the scalars (a product with the synthesized
+      ``-b * W_prev + a * W_next`` and a rotation, as before) took a weight-sized synthesis and some twenty
+      small operations, each a kernel launch, and special-cased ``a = b = 0``.
 
     Every step is one operation where it can be (the bias inside the product, the solve and the rescale as one
     fused add and one multiply): on small layers the number of operations, not their arithmetic, is the cost.
+    Both routes give the same unit sums up to rounding, so the estimate and its variance are the same.
     """
     dt = prev.dtype
     if xs.dtype != dt:  # autocast: the units were kept in the compute dtype
@@ -188,27 +190,17 @@ def ab_from_one_product(
             bias = bias.to(dt)
         return _wide(torch.dot(product(xs, w, bias).reshape(-1), d1))
 
+    av, bv = (float(a), float(b)) if host else (0.0, 0.0)
+    if av == 0.0 and bv == 0.0:  # an accelerator, or W = 0: both sums, each from its own product
+        return _scaled(side(prev, bias_prev), scale), _scaled(side(next, bias_next), scale)
     # The sums come in the weights' dtype; the solve and the rescale N/m run in at least fp32 (a half-precision
     # sum times N/m could overflow where the sum does not).
     g_s = _wide(torch.dot(xw.reshape(-1), d1))
-    if host:
-        av, bv = float(a), float(b)
-        if av == 0.0 and bv == 0.0:
-            return _scaled(side(prev, bias_prev), scale), _scaled(side(next, bias_next), scale)
-        if abs(av) >= abs(bv):
-            g_b = side(next, bias_next)
-            return _solve(g_s, g_b, bv, av, scale), _scaled(g_b, scale)
-        g_a = side(prev, bias_prev)
-        return _scaled(g_a, scale), _solve(g_s, g_a, av, bv, scale)
-    a, b = a.to(g_s.dtype), b.to(g_s.dtype)  # mix() casts them to the weights' dtype for the product
-    det = a * a + b * b
-    degenerate = det == 0
-    c1 = torch.where(degenerate, torch.ones_like(b), -b)
-    g_c = side(mix(c1, a, prev, next), None if bias_prev is None else mix(c1, a, bias_prev, bias_next))
-    safe = torch.where(degenerate, torch.ones_like(det), det)
-    g_a = torch.where(degenerate, g_c, (a * g_s - b * g_c) / safe)
-    g_b = torch.where(degenerate, torch.zeros_like(g_c), (b * g_s + a * g_c) / safe)
-    return _scaled(g_a, scale), _scaled(g_b, scale)
+    if abs(av) >= abs(bv):
+        g_b = side(next, bias_next)
+        return _solve(g_s, g_b, bv, av, scale), _scaled(g_b, scale)
+    g_a = side(prev, bias_prev)
+    return _scaled(g_a, scale), _solve(g_s, g_a, av, bv, scale)
 
 
 def _wide(g: torch.Tensor) -> torch.Tensor:
