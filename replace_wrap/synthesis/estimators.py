@@ -158,7 +158,8 @@ def ab_from_one_product(
     host: bool, product: Product = linear_product, scale: float = 1.0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``scale`` times the unit sums ``G_a = <d, xs (*) prev + bias_prev>``, ``G_b = <d, xs (*) next + bias_next>``
-    for the price of one thin product (the bias terms only when the bias is mixed with the same ``a, b``).
+    for the price of one thin product where the scalars can be read (the bias terms only when the bias is mixed
+    with the same ``a, b``).
 
     ``product(xs, w, bias)`` is the layer's map of the units' inputs ``xs`` with weight ``w`` (``xs @ w^T`` for a
     linear layer, a grouped product of patches for a convolution), plus ``bias``, and ``d`` the output gradient

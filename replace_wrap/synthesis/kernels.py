@@ -10,7 +10,7 @@ layer, output positions of a convolution; see :mod:`replace_wrap.synthesis.estim
 - ``sample="auto"`` or a fraction: estimated from a uniform sample of the units, rescaled so the estimate is
   unbiased. Only the sampled units' inputs (rows of ``x``; a convolution's patches at the sampled positions)
   and the forward's output there are kept: the output gives one of the two sums for free, so the estimate
-  costs one thin product.
+  costs one thin product (two on an accelerator, where the scalars are not read on the host).
 
 When the neighbours receive gradient too (``neighbour_grad="coupled"``), ``dW`` is needed anyway: it is formed
 from all units and the scalar gradients are exact whatever ``sample`` says.
