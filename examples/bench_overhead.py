@@ -3,7 +3,7 @@
     bash .ci/venv python examples/bench_overhead.py                 # linear and convolution layers
     bash .ci/venv python examples/bench_overhead.py --kind conv --blocks 25 --repeats 15
 
-A stack of tiny residual blocks (one ``nn.Linear(16, 16)`` or one 3x3 ``nn.Conv2d(8, 8)`` each), converted with
+A stack of tiny residual blocks (one ``nn.Linear(16, 16)`` on 8 or 64 rows, or one 3x3 ``nn.Conv2d(8, 8)`` each), converted with
 ``every=2`` and nothing else, against the same stack with those blocks frozen (``requires_grad=False``). A step
 is one forward and backward; at these sizes the products take microseconds, so the difference per replaced
 layer is what the replaced layer's path costs in Python and operator calls (the layer kernel, its sample, its
@@ -33,7 +33,14 @@ from torch import nn
 
 import replace_wrap
 
-SIZES = {"linear": ((8, 16), lambda: nn.Linear(16, 16)), "conv": ((2, 8, 8, 8), lambda: nn.Conv2d(8, 8, 3, padding=1))}
+# kind -> (input shape, layer). 8 rows are fewer than the estimator's minimum sample of 16: exact, one thin
+# product; 64 rows are sampled (16 of them), as a layer in training is; the convolution's 128 output
+# positions are sampled too.
+SIZES = {
+    "linear": ((8, 16), lambda: nn.Linear(16, 16)),
+    "linear-sampled": ((64, 16), lambda: nn.Linear(16, 16)),
+    "conv": ((2, 8, 8, 8), lambda: nn.Conv2d(8, 8, 3, padding=1)),
+}
 
 
 class Block(nn.Module):
@@ -102,7 +109,7 @@ def measure(kind: str, blocks: int, steps: int, repeats: int) -> dict[str, float
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--kind", choices=[*SIZES, "both"], default="both")
+    parser.add_argument("--kind", choices=[*SIZES, "all"], default="all")
     parser.add_argument("--blocks", type=int, default=25)
     parser.add_argument("--steps", type=int, default=100, help="steps per timed repeat")
     parser.add_argument("--repeats", type=int, default=15)
@@ -119,7 +126,7 @@ def main(argv: list[str] | None = None) -> None:
     print("| layer | replaced layers | freeze step us | replace step us | per replaced layer us (min-max) "
           "| operator calls per replaced layer |")
     print("|---|---:|---:|---:|---:|---:|")
-    for kind in SIZES if args.kind == "both" else (args.kind,):
+    for kind in SIZES if args.kind == "all" else (args.kind,):
         r = measure(kind, args.blocks, args.steps, args.repeats)
         print(f"| {kind} | {r['layers']} | {r['freeze_us']:.0f} | {r['replace_us']:.0f} | "
               f"{r['per_layer_us']:.0f} ({r['per_layer_min']:.0f}-{r['per_layer_max']:.0f}) | {r['calls']:.1f} |")
