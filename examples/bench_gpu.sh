@@ -25,3 +25,5 @@ bench llama $LLAMA --dtype bfloat16 $V
 bench vitb16-compile vit_base_patch16_224 --size 224 --batch 64 --dtype bfloat16 --compile \
   --variants end-to-end,freeze,replace
 bench llama-compile $LLAMA --dtype bfloat16 --compile --variants end-to-end,freeze,replace
+# the fixed cost of a replaced layer where a step is launch-bound (tiny layers; docs/benchmarks.md)
+bash .ci/venv python examples/bench_overhead.py --device cuda --repeats 11 | tee "$out/overhead.md"

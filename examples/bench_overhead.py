@@ -12,7 +12,8 @@ hide it (ViT-S/16 at 96 px: 20 replaced layers in an 800 ms step); small ones sh
 
 With ``--accelerator-route`` the layers compute as they do on a GPU, where the estimator never reads the
 scalars on the host: its operator count is the number of small calls (most of them kernel launches there) a
-replaced layer adds on an accelerator.
+replaced layer adds on an accelerator. With ``--device cuda`` (a GPU machine) the same stacks run there, where
+a step of such layers is bound by kernel launches: the fixed cost on a GPU.
 
 The two variants are stepped in alternating order, ``--repeats`` times ``--steps`` steps each; the table gives
 the median step of each and the median per replaced layer of the paired differences, with its spread
@@ -79,15 +80,19 @@ def operator_calls(model: nn.Module, x: torch.Tensor) -> int:
     )
 
 
-def measure(kind: str, blocks: int, steps: int, repeats: int) -> dict[str, float]:
+def measure(kind: str, blocks: int, steps: int, repeats: int, device: str = "cpu") -> dict[str, float]:
     """Median step (us) of each variant and the median / min / max per-layer difference over paired repeats."""
     freeze, replace, layers = models(kind, blocks)
-    x = torch.randn(SIZES[kind][0], requires_grad=True)
+    freeze, replace = freeze.to(device), replace.to(device)
+    x = torch.randn(SIZES[kind][0], device=device, requires_grad=True)
+    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
 
-    def run(model: nn.Module) -> float:
+    def run(model: nn.Module) -> float:  # on a GPU: until the device is done (launches are asynchronous)
+        sync()
         t0 = time.perf_counter()
         for _ in range(steps):
             model(x).sum().backward()
+        sync()
         return (time.perf_counter() - t0) / steps * 1e6
 
     for model in (freeze, replace):  # warm-up: first-call costs, caches, the allocator
@@ -114,6 +119,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--steps", type=int, default=100, help="steps per timed repeat")
     parser.add_argument("--repeats", type=int, default=15)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--device", default="cpu", help="cpu or cuda: on a GPU the layers take the accelerator "
+                                                         "route by themselves, and a step is launch-bound")
     parser.add_argument("--accelerator-route", action="store_true",
                         help="compute as on an accelerator, where the kernels never read the scalars on the host "
                              "(a read would wait for the device): counts that route's operator calls on the CPU")
@@ -127,7 +134,7 @@ def main(argv: list[str] | None = None) -> None:
           "| operator calls per replaced layer |")
     print("|---|---:|---:|---:|---:|---:|")
     for kind in SIZES if args.kind == "all" else (args.kind,):
-        r = measure(kind, args.blocks, args.steps, args.repeats)
+        r = measure(kind, args.blocks, args.steps, args.repeats, args.device)
         print(f"| {kind} | {r['layers']} | {r['freeze_us']:.0f} | {r['replace_us']:.0f} | "
               f"{r['per_layer_us']:.0f} ({r['per_layer_min']:.0f}-{r['per_layer_max']:.0f}) | {r['calls']:.1f} |")
 

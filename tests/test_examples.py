@@ -213,6 +213,17 @@ def test_bench_overhead_counts_the_operator_calls_of_a_replaced_layer():
         assert 0 < calls <= most, (kind, calls, out)
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_bench_overhead_runs_on_a_gpu():
+    # What bench_gpu.sh records: the stacks on CUDA, timed to the device's end; the layers take the accelerator
+    # route by themselves there (their counts differ from the CPU's: no scratch buffer, no cached tables).
+    out = run_example("bench_overhead.py", "--device", "cuda", "--blocks", "5", "--steps", "2", "--repeats", "1").stdout
+    for kind in ("linear", "linear-sampled", "conv"):
+        row = re.search(rf"^\| {kind} \| 2 \| (\d+) \| (\d+) \| -?\d+ \(.*\) \| (\d+\.\d) \|$", out, flags=re.M)
+        assert row and int(row.group(1)) > 0 and int(row.group(2)) > 0 and float(row.group(3)) > 0, out
+
+
 def test_bench_floor_counts_every_replaced_layer_and_its_units():
     # vit_tiny: every=2 replaces 5 of 12 blocks, 4 weight matrices each; 32 px, batch 2: 2 x 5 tokens = 10 rows,
     # fewer than the estimator's 16, so no layer samples (exact, no thin product) and the floor is synthesis
