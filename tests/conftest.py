@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import copy
+import importlib.util
 import os
 import random
 import subprocess
 import sys
 from pathlib import Path
+from types import ModuleType
 
 import pytest
 import torch
@@ -50,6 +52,14 @@ def rule_registry():
 
 
 ROOT = Path(__file__).resolve().parent.parent
+
+
+def load_example(name: str) -> ModuleType:
+    """The script ``examples/<name>.py`` imported as a module (its ``main`` not run), to call its functions."""
+    spec = importlib.util.spec_from_file_location(name, ROOT / "examples" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def run_python(*args: str, timeout: float = 300, **env: str) -> subprocess.CompletedProcess:

@@ -16,7 +16,7 @@ import subprocess
 import pytest
 import torch
 
-from conftest import ROOT, run_python
+from conftest import ROOT, load_example, run_python
 
 pytest.importorskip("timm")
 pytest.importorskip("sklearn")
@@ -181,15 +181,8 @@ def test_bench_profile_step_names_the_phases():
         assert re.search(rf"^\s*{phase}\s", out, flags=re.M), f"no {phase} row:\n{out}"
 
 
-def _load_example(name: str):
-    spec = importlib.util.spec_from_file_location(name, EXAMPLES / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_bench_overhead_counts_the_operator_calls_of_a_replaced_layer():
-    bench = _load_example("bench_overhead")
+    bench = load_example("bench_overhead")
     for kind in ("linear", "linear-sampled", "conv"):
         freeze, replace, layers = bench.models(kind, 5)
         assert layers == 2  # every=2 on 5 blocks: blocks 1 and 3
@@ -227,9 +220,7 @@ def test_bench_overhead_runs_on_a_gpu():
 def test_bench_floor_counts_every_replaced_layer_and_its_units():
     # vit_tiny: every=2 replaces 5 of 12 blocks, 4 weight matrices each; 32 px, batch 2: 2 x 5 tokens = 10 rows,
     # fewer than the estimator's 16, so no layer samples (exact, no thin product) and the floor is synthesis
-    spec = importlib.util.spec_from_file_location("bench_floor", EXAMPLES / "bench_floor.py")
-    bench_floor = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench_floor)
+    bench_floor = load_example("bench_floor")
     import timm
 
     model = timm.create_model("vit_tiny_patch16_224", img_size=32, num_classes=10)
@@ -375,9 +366,7 @@ def test_quality_transfer_quick_lm_lora_and_learned_selection(tmp_path):
 
 
 def test_quality_report_pairs_differences_by_seed():
-    spec = importlib.util.spec_from_file_location("quality_report", EXAMPLES / "quality_report.py")
-    qr = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(qr)
+    qr = load_example("quality_report")
     ref = {s: {"value": v} for s, v in enumerate([0.90, 0.80, 0.85])}
     mine = {s: {"value": v} for s, v in enumerate([0.91, 0.81, 0.87])}  # +0.01, +0.01, +0.02 per seed
     c = qr.compare("digits_vit", mine, ref)

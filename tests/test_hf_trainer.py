@@ -5,25 +5,18 @@ Runs examples/hf_vit_trainer.py (the documented example) with small-data flags.
 
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
 
-from conftest import TOL
-
-EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "hf_vit_trainer.py"
+from conftest import TOL, load_example
 
 
 def _example():
     pytest.importorskip("transformers")
     pytest.importorskip("accelerate")
     pytest.importorskip("sklearn")
-    spec = importlib.util.spec_from_file_location("hf_vit_trainer_example", EXAMPLE)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_example("hf_vit_trainer")
 
 
 def test_trainer_trains_saves_and_reloads_converted_vit(tmp_path):

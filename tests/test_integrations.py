@@ -4,7 +4,6 @@ loaders and resume, Lightning (1 process and DDP on 2), Accelerate (1 process an
 from __future__ import annotations
 
 import csv
-import importlib.util
 import math
 import types
 
@@ -12,17 +11,10 @@ import pytest
 import torch
 
 import replace_wrap
-from conftest import ROOT, run_python
+from conftest import ROOT, load_example, run_python
 from toys import ResidualMLP
 
 EXAMPLES = ROOT / "examples"
-
-
-def _example(name: str):
-    spec = importlib.util.spec_from_file_location(name.removesuffix(".py"), EXAMPLES / name)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 # --- scalars / print_trainable_parameters ----------------------------------------------------------------
@@ -189,7 +181,7 @@ def _same_states(a: dict, b: dict) -> None:
 def test_lightning_trains_logs_checkpoints_and_resumes_exactly(tmp_path, one_thread):
     pytest.importorskip("lightning")
     pytest.importorskip("sklearn")
-    result = _example("lightning_train.py").main(["--epochs", "2", "--limit", "256", "--out", str(tmp_path)])
+    result = load_example("lightning_train").main(["--epochs", "2", "--limit", "256", "--out", str(tmp_path)])
     continuous = torch.load(tmp_path / "continuous.pt", weights_only=True)
     _same_states(continuous, torch.load(tmp_path / "resumed.pt", weights_only=True))
     assert "model.2.fc1.weight" in continuous and "model.2.replacement.a" in continuous  # plain + scalars
@@ -232,7 +224,7 @@ def test_accelerate_prepare_trains_and_resumes(tmp_path, one_thread):
     from accelerate.state import AcceleratorState
 
     try:
-        result = _example("accelerate_ddp.py").main(["--steps", "6", "--out", str(tmp_path)])
+        result = load_example("accelerate_ddp").main(["--steps", "6", "--out", str(tmp_path)])
     finally:
         AcceleratorState._reset_state(True)  # the Accelerator's state is a process-wide singleton
     assert result["world"] == 1 and result["losses"][-1] < result["losses"][0]

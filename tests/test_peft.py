@@ -162,13 +162,9 @@ def test_get_peft_model_needs_a_converted_model():
 
 
 def test_recipe_example(tmp_path):
-    import importlib.util
+    from conftest import load_example
 
-    from conftest import ROOT
-
-    spec = importlib.util.spec_from_file_location("peft_recipe", ROOT / "examples" / "peft_recipe.py")
-    example = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(example)
+    example = load_example("peft_recipe")
     result = example.main(["--steps", "3", "--layers", "5", "--hidden", "64", "--vocab", "128"])
     assert result["merged_type"] == "LlamaForCausalLM"
     assert result["diffs"]["replace_wrap.integrations.peft.from_pretrained"] == 0.0

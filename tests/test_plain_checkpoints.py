@@ -159,13 +159,9 @@ dist.destroy_process_group()
 
 def test_checkpoint_sizes_example():
     pytest.importorskip("transformers")
-    import importlib.util
+    from conftest import load_example
 
-    from conftest import ROOT
-
-    spec = importlib.util.spec_from_file_location("checkpoint_sizes", ROOT / "examples" / "checkpoint_sizes.py")
-    example = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(example)
+    example = load_example("checkpoint_sizes")
     for row in example.main(["--small"]):
         # the plain-loadable checkpoint is the original one plus a few scalars; the converted-only one smaller
         assert abs(row["plain"] - row["original"]) < 0.01 and row["converted_only"] < 0.9 * row["original"]
