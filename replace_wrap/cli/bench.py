@@ -47,15 +47,13 @@ import subprocess
 import sys
 from typing import Any
 
-from .bench_child import VARIANTS, BenchError, build_model, paired_order
+from .bench_child import DEFAULT_VARIANTS, VARIANTS, BenchError, build_model, paired_order
 from .bench_report import aggregate, format_table, median_interval
 
 __all__ = [
     "DEFAULT_VARIANTS", "VARIANTS", "BenchError", "add_parser", "build_model", "format_table", "median_interval",
     "run_bench",
 ]
-
-DEFAULT_VARIANTS = ("end-to-end", "freeze", "replace-generic", "replace-exact", "replace", "replace-lean")
 
 
 # --- command line ------------------------------------------------------------------------------------------
