@@ -77,7 +77,7 @@ def gather_patches(
         return gather_at(x, where)  # a 1x1 kernel at stride 1 reads its own position: shape (m, C)
     geometry = (in_spatial, tuple(out_spatial), tuple(kernel), tuple(stride), tuple(padding), tuple(dilation))
     if cache and x.device.type == "cpu" and math.prod(out_spatial) * math.prod(kernel) <= TABLE_MAX:
-        table, inside = _table(*geometry, x.device)
+        table, inside = _table(*geometry)
         flat = table.index_select(0, pos)
         valid = None if inside is None else inside.index_select(0, pos)
     else:
@@ -123,10 +123,11 @@ def _reads(
 @functools.lru_cache(maxsize=_TABLES)
 def _table(
     in_spatial: tuple[int, ...], out_spatial: tuple[int, ...], kernel: tuple[int, ...], stride: tuple[int, ...],
-    padding: tuple[int, ...], dilation: tuple[int, ...], device: torch.device,
+    padding: tuple[int, ...], dilation: tuple[int, ...],
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """:func:`_reads` for every output position, ``(P, K)``: the table the sampled positions are looked up in."""
-    pos = torch.arange(math.prod(out_spatial), device=device)
+    """:func:`_reads` for every output position, ``(P, K)``: the table the sampled positions are looked up in
+    (CPU tensors only, see the module docstring)."""
+    pos = torch.arange(math.prod(out_spatial), device="cpu")
     return _reads(_coordinates(pos, out_spatial), in_spatial, kernel, stride, padding, dilation)
 
 
