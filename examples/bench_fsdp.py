@@ -11,7 +11,9 @@ included); on CUDA also the allocator's ``max_memory_allocated``, and prints the
     python examples/bench_fsdp.py --world 2 --layers 4 --hidden 32 --steps 1 --json out.json   # a quick run
 
 Variants: ``end-to-end`` (every block trained), ``freeze`` (the blocks ``convert(every=2)`` would replace are
-frozen: gathered, never reduced) and ``replace`` (converted with ``every=2``). Ratios are to end-to-end and to
+frozen: gathered, never reduced), ``replace-exact`` (converted with ``every=2, ab_grad_sample="exact"``: the
+replaced linear layers' weight gradients are computed and reduce-scattered) and ``replace`` (converted with
+``every=2``: the default sampled scalar gradient, no weight gradient for the replaced linear layers). Ratios are to end-to-end and to
 freeze, measured in the same processes, variants interleaved over ``--rounds``.
 """
 
@@ -32,7 +34,7 @@ import torch.distributed as dist
 import replace_wrap
 from replace_wrap.integrations.fsdp_measure import FSDPMeter, local_bytes
 
-VARIANTS = ("end-to-end", "freeze", "replace")
+VARIANTS = ("end-to-end", "freeze", "replace-exact", "replace")
 MIB = 2**20
 
 
@@ -48,6 +50,8 @@ def build(args: argparse.Namespace, variant: str, device: torch.device) -> torch
         model = LlamaForCausalLM(cfg)
     if variant == "replace":
         replace_wrap.convert(model, every=2)
+    elif variant == "replace-exact":  # the exact scalar gradient: the full weight gradient, reduce-scattered
+        replace_wrap.convert(model, every=2, ab_grad_sample="exact")
     elif variant == "freeze":
         for b in replace_wrap.plan(model, every=2).replaced:
             model.get_submodule(b.path).requires_grad_(False)

@@ -7,6 +7,7 @@ full batch; each rank takes its slice), with AdamW, so equal losses mean equal g
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 import os
@@ -28,12 +29,20 @@ from replace_wrap.integrations.fsdp_measure import FSDPMeter, local_bytes  # noq
 
 STEPS = 3
 BATCH = 12  # divisible by 2, 3 and 4 ranks
+# Tokens per rank of the transformer groups: with at most 16 the sampled default reads every row (m = N) and
+# is exact, so a sharded run can equal the single-process exact one while it runs the sampled machinery.
+EXACT_ROWS = 16
+
+
+def _world() -> int:
+    return dist.get_world_size() if dist.is_initialized() else 1
 
 
 # --- models: (model, blocks, batch(generator) -> full batch, loss(model, batch)) ------------------------------
 
 
-def llama() -> tuple[torch.nn.Module, Any, Callable, Callable]:
+def llama(seqs_per_rank: int = EXACT_ROWS // 8) -> tuple[torch.nn.Module, Any, Callable, Callable]:
+    """A 6-layer Llama; batches of ``seqs_per_rank`` sequences of 8 tokens for every rank."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     cfg = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=6, num_attention_heads=4,
@@ -42,21 +51,23 @@ def llama() -> tuple[torch.nn.Module, Any, Callable, Callable]:
     model = LlamaForCausalLM(cfg)
 
     def batch(g: torch.Generator) -> dict:
-        ids = torch.randint(0, 64, (BATCH, 8), generator=g)
+        ids = torch.randint(0, 64, (seqs_per_rank * _world(), 8), generator=g)
         return {"input_ids": ids, "labels": ids}
 
     return model, model.model.layers, batch, lambda m, b: m(**b).loss
 
 
 def vit() -> tuple[torch.nn.Module, Any, Callable, Callable]:
+    """A 6-block timm ViT at 16 px (5 tokens an image), 3 images for every rank (15 tokens: exact rows)."""
     import timm
 
     torch.manual_seed(0)
-    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8, depth=6,
+    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=16, patch_size=8, depth=6,
                               embed_dim=48, num_heads=3, num_classes=5)
 
     def batch(g: torch.Generator) -> tuple:
-        return torch.randn(BATCH, 3, 32, 32, generator=g), torch.randint(0, 5, (BATCH,), generator=g)
+        n = 3 * _world()
+        return torch.randn(n, 3, 16, 16, generator=g), torch.randint(0, 5, (n,), generator=g)
 
     return model, model.blocks, batch, lambda m, b: F.cross_entropy(m(b[0]), b[1])
 
@@ -135,8 +146,7 @@ def per_block_loop(model: torch.nn.Module, blocks: Any, **kw: Any) -> None:
 
 def reference(make: Callable, **convert: Any) -> dict:
     model, _, batch, loss_fn = make()
-    # Sharded replaced layers take the exact scalar gradient (the sampled default needs the full neighbours):
-    # the single-process reference does too, so the two can agree to rounding.
+    # Exact: the sharded runs read every row (EXACT_ROWS), so the two agree to rounding.
     replace_wrap.convert(model, every=2, **{"ab_grad_sample": "exact", **convert})
     run = train(model, batch, loss_fn, sharded=False)
     return {"losses": run["losses"], "state": full_state(model)}
@@ -160,6 +170,19 @@ def unit_bytes(model: torch.nn.Module, blocks: Any) -> tuple[int, int]:
 # --- groups ---------------------------------------------------------------------------------------------------
 
 
+@contextlib.contextmanager
+def _notes() -> Any:
+    """What the library logs meanwhile (e.g. an option that cannot apply under sharding)."""
+    notes: list[str] = []
+    handler = logging.Handler()
+    handler.emit = lambda record: notes.append(record.getMessage())  # type: ignore[method-assign]
+    logging.getLogger("replace_wrap").addHandler(handler)
+    try:
+        yield notes
+    finally:
+        logging.getLogger("replace_wrap").removeHandler(handler)
+
+
 def group_llama(mesh: Any, out: Path) -> dict:
     from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
     from torch.distributed.fsdp import MixedPrecisionPolicy
@@ -176,13 +199,15 @@ def group_llama(mesh: Any, out: Path) -> dict:
     unsharded_converted = copy.deepcopy(model)
     res["converted_bytes"] = sum(p.numel() * p.element_size() for p in model.parameters())
     per_block_loop(model, blocks, mesh=mesh)
-    notes: list[str] = []  # what the library says about options that cannot apply under sharding
-    handler = logging.Handler()
-    handler.emit = lambda record: notes.append(record.getMessage())  # type: ignore[method-assign]
-    logging.getLogger("replace_wrap").addHandler(handler)
-    run = train(model, batch, loss_fn, meter_step=1)
-    logging.getLogger("replace_wrap").removeHandler(handler)
+    with _notes() as notes:
+        run = train(model, batch, loss_fn, meter_step=1)
     res["notes"] = notes
+    # what a replaced block's sampled linear weights would reduce-scatter (padded as FSDP pads), and the rows
+    # each of them all-gathers instead (16 a rank: x, dy and the rescale)
+    world = dist.get_world_size()
+    linears = [m for i in (1, 3) for m in plain_blocks[i].modules() if isinstance(m, torch.nn.Linear)]
+    res["linear_bytes"] = sum(-(-m.out_features // world) * world * m.in_features * 4 for m in linears)
+    res["rows_bytes"] = sum(EXACT_ROWS * (m.in_features + m.out_features + 1) * 4 * world for m in linears)
     res["loop"] = {**compare(run, model, ref), **{k: run[k] for k in ("gathered", "reduced", "peak", "local", "local_after_step")}}
     mem = replace_wrap.fsdp_memory(unsharded_converted, dist.get_world_size(), prefetch=0)
     res["memory_formula"] = {"params": mem.params, "grads": mem.grads, "optimizer": mem.optimizer, "peak": mem.unsharded_peak}
@@ -251,7 +276,119 @@ def group_llama(mesh: Any, out: Path) -> dict:
 
     # 10. HF Trainer with fsdp= on the CPU: what it really does with a converted model
     res["trainer"] = _trainer(out)
+
+    # 11. the sampled default with fewer sampled rows than rows (m < N): many draws on one batch
+    res["sampled"] = _sampled(mesh)
+
+    # 12. a sampled weight also read outside its layer, on one rank only
+    res["dense_read"] = _dense_read(mesh)
+
+    # 13. HF GPT-2: Conv1D stores its weight (in, out), so a rank's shard holds input features
+    res["gpt2"] = _gpt2(mesh)
     return res
+
+
+def _gpt2(mesh: Any) -> dict:
+    """A tiny GPT-2's scalar gradients, 16 tokens a rank (every row read), sharded against one process."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    def make() -> torch.nn.Module:
+        torch.manual_seed(0)
+        cfg = GPT2Config(vocab_size=64, n_positions=16, n_embd=32, n_layer=5, n_head=4, resid_pdrop=0.0,
+                         embd_pdrop=0.0, attn_pdrop=0.0)
+        return GPT2LMHeadModel(cfg)
+
+    world, rank = dist.get_world_size(), dist.get_rank()
+    ids = torch.randint(0, 64, (2 * world, 8), generator=torch.Generator().manual_seed(7))
+    ref = make()
+    replace_wrap.convert(ref, every=2, ab_grad_sample="exact")
+    ref(input_ids=ids, labels=ids).loss.backward()
+    model = make()
+    replace_wrap.convert(model, every=2)
+    per_block_loop(model, model.transformer.h, mesh=mesh)
+    mine = ids.chunk(world)[rank]
+    with FSDPMeter(model, sample=False) as meter:
+        model(input_ids=mine, labels=mine).loss.backward()
+    exact = make()
+    replace_wrap.convert(exact, every=2, ab_grad_sample="exact")
+    per_block_loop(exact, exact.transformer.h, mesh=mesh)
+    with FSDPMeter(exact, sample=False) as meter_exact:
+        exact(input_ids=mine, labels=mine).loss.backward()
+    plain = make()  # the replaced blocks' Conv1D weights, (in, out), padded on dim 0 as FSDP pads
+    conv1d = [m.weight for b in replace_wrap.report(ref).replaced for m in plain.get_submodule(b.path).modules()
+              if type(m).__name__ == "Conv1D"]
+    return {"exact": scalar_grads(ref), "sharded": scalar_grads(model), "reduced": meter.reduced,
+            "reduced_exact": meter_exact.reduced, "conv1d_bytes": sum(-(-w.shape[0] // world) * world * w.shape[1] * 4 for w in conv1d)}
+
+
+class _ReadBlock(torch.nn.Module):
+    """A residual MLP block that, while ``read`` is set, also uses its ``fc1.weight`` outside ``fc1``."""
+
+    read = False
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1, self.fc2 = torch.nn.Linear(16, 32), torch.nn.Linear(32, 16)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = x + self.fc2(F.gelu(self.fc1(x)))
+        if _ReadBlock.read:
+            y = y + 0.1 * F.linear(x, self.fc1.weight)[..., :16]
+        return y
+
+
+def _dense_read(mesh: Any) -> dict:
+    """Rank 0 reads a replaced block's fc1.weight outside fc1 (a dense gradient for it), the others do not: every
+    rank must reduce-scatter that weight's gradient, and the scalars' gradient is the single process's."""
+    def make() -> torch.nn.Module:
+        torch.manual_seed(0)
+        return torch.nn.Sequential(*[_ReadBlock() for _ in range(5)], torch.nn.Linear(16, 1))
+
+    world, rank = dist.get_world_size(), dist.get_rank()
+    xs = torch.randn(world, 8, 16, generator=torch.Generator().manual_seed(6))  # 8 rows a rank: all read
+    ref = make()
+    replace_wrap.convert(ref, every=2, ab_grad_sample="exact")
+    for k in range(world):
+        _ReadBlock.read = k == 0
+        (ref(xs[k]).pow(2).mean() / world).backward()
+    model = make()
+    replace_wrap.convert(model, every=2)
+    per_block_loop(model, list(model)[:5], mesh=mesh)
+    _ReadBlock.read = rank == 0
+    with FSDPMeter(model, sample=False) as meter:
+        model(xs[rank]).pow(2).mean().backward()
+    _ReadBlock.read = False
+    return {"exact": scalar_grads(ref), "sharded": scalar_grads(model), "reduced": meter.reduced}
+
+
+def scalar_grads(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The replaced blocks' scalar gradients, gathered (FSDP shards them with their block)."""
+    return {n: (p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad).detach().clone().reshape(-1)
+            for n, p in model.named_parameters() if n.endswith(("replacement.a", "replacement.b"))}
+
+
+def _sampled(mesh: Any, draws: int = 60) -> dict:
+    """The sharded default's scalar gradients against the exact ones of the same batch from one process: with
+    16 tokens a rank (every row read), and over ``draws`` seeds with 48 (16 of 48 rows sampled a layer and rank)."""
+    out: dict = {}
+    for key, seqs in (("all_rows", EXACT_ROWS // 8), ("draws", 6)):
+        model, _, batch, loss_fn = llama(seqs_per_rank=seqs)
+        full = batch(torch.Generator().manual_seed(4))
+        replace_wrap.convert(model, every=2, ab_grad_sample="exact")
+        loss_fn(model, full).backward()
+        exact = scalar_grads(model)
+        model, blocks, _, loss_fn = llama(seqs_per_rank=seqs)
+        replace_wrap.convert(model, every=2)
+        per_block_loop(model, blocks, mesh=mesh)
+        mine = _slice(full, dist.get_rank(), dist.get_world_size())
+        estimates = []
+        for d in range(draws if key == "draws" else 1):
+            torch.manual_seed(1000 * dist.get_rank() + d)  # each rank draws its own rows
+            loss_fn(model, mine).backward()
+            estimates.append(scalar_grads(model))
+            model.zero_grad()
+        out[key] = {"exact": exact, "estimates": {k: torch.cat([e[k] for e in estimates]) for k in exact}}
+    return out
 
 
 def _dcp(mesh: Any, out: Path) -> dict:
@@ -393,13 +530,20 @@ def group_vit(mesh: Any, out: Path) -> dict:
     run = train(model, batch, loss_fn, meter_step=1)
     res["loop"] = {**compare(run, model, ref), **{k: run[k] for k in ("gathered", "reduced", "peak", "local")}}
 
-    # HSDP: 2 replicas of 2 shards (a replaced block's gradient is reduce-scattered, then all-reduced)
+    # HSDP: 2 replicas of 2 shards (a replaced block's gradient is reduce-scattered, then all-reduced; its
+    # sampled rows gathered over the shard group, the scalars' gradient summed over all ranks by FSDP)
     world = dist.get_world_size()
     if world >= 4:
+        hsdp = init_device_mesh("cpu", (2, world // 2), mesh_dim_names=("replicate", "shard"))
         model, blocks, batch, loss_fn = vit()
         replace_wrap.convert(model, every=2)
-        replace_wrap.shard(model, mesh=init_device_mesh("cpu", (2, world // 2), mesh_dim_names=("replicate", "shard")))
+        replace_wrap.shard(model, mesh=hsdp)
         res["hsdp"] = compare(train(model, batch, loss_fn), model, ref)
+        ref_llama = reference(llama)
+        model, blocks, batch, loss_fn = llama()
+        replace_wrap.convert(model, every=2)
+        replace_wrap.shard(model, mesh=hsdp)
+        res["hsdp_llama"] = compare(train(model, batch, loss_fn), model, ref_llama)
 
     # a CNN whose replaced blocks have shape-adapted tensors: the gathered-neighbour path
     ref_cnn = reference(cnn)
@@ -407,7 +551,9 @@ def group_vit(mesh: Any, out: Path) -> dict:
     replace_wrap.convert(model, every=2)
     res["cnn_adapted"] = any(b.adapted for b in replace_wrap.report(model).replaced)
     per_block_loop(model, blocks, mesh=mesh)
-    res["cnn"] = compare(train(model, batch, loss_fn), model, ref_cnn)
+    with _notes() as notes:
+        res["cnn"] = compare(train(model, batch, loss_fn), model, ref_cnn)
+    res["cnn"]["notes"] = notes
 
     # DDP on the converted model, no find_unused_parameters. Exact estimator: with the sampled default each rank
     # estimates its own part of the scalar gradient (DDP averages unbiased estimates: unbiased, not equal).

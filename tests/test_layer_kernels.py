@@ -147,6 +147,13 @@ def test_registry_errors():
         leaves.register_layer_kernel(OwnForwardLinear, name="conv")(lambda leaf, x: NotImplemented)
     with pytest.raises(RegistryError, match="nn.Module subclasses"):
         leaves.register_layer_kernel(int)
+    # the sampled estimator under FSDP2 reads a linear map's weight in one of two layouts; nothing else is one
+    before = leaves.list_layer_kernels()
+    with pytest.raises(RegistryError, match=r"sharded must be one of \(None, 'out_in', 'in_out'\), got 'rows'"):
+        leaves.register_layer_kernel(OwnForwardLinear, name="bad_layout", sharded="rows")(lambda leaf, x: NotImplemented)
+    assert leaves.list_layer_kernels() == before  # nothing registered
+    assert leaves.kernel_for(nn.Linear, ("bias", "weight")).sharded == "out_in"
+    assert leaves.kernel_for(nn.Conv2d, ("weight",)).sharded is None  # convolutions: exact under FSDP2
 
 
 def _gate_class() -> type[nn.Module]:

@@ -20,7 +20,10 @@ from torch import nn
 
 from . import fsdp_state
 
-__all__ = ["Computed", "Gather", "GatherShards", "ScaleGrad", "in_backward", "live_bytes", "saved_tensor_hooks_active"]
+__all__ = [
+    "Computed", "Gather", "GatherShards", "ScaleGrad", "all_gather_flat", "in_backward", "live_bytes",
+    "saved_tensor_hooks_active",
+]
 
 _OWNERS: weakref.WeakSet[torch.Tensor] = weakref.WeakSet()  # every full tensor gathered here (for live_bytes)
 
@@ -104,10 +107,13 @@ class Gather(_Releasable):
         self.recompute = recompute
         self.owners: list[torch.Tensor] = []  # the full tensors (padded), each its own storage
         self.track = _tracked()
+        self.extra: list[torch.Tensor] = []  # further inputs whose gradient backward() gives (the scalars)
+        self.device = torch.device("cpu")  # the shards' (known once run)
 
     def run(self, locals_: list[torch.Tensor]) -> list[torch.Tensor]:
         """All-gather the local shards (cast to the gather dtype); the full tensors, views of :attr:`owners`."""
-        flat = torch.empty(sum(self.padded), dtype=self.comm_dtype, device=locals_[0].device)
+        self.device = locals_[0].device
+        flat = torch.empty(sum(self.padded), dtype=self.comm_dtype, device=self.device)
         off = 0
         for x, pn, r, q in zip(locals_, self.padded, self.rows, self.inner):
             flat[off : off + r * q].copy_(x.reshape(-1))  # copy_ casts: mixed in fp32, gathered in param_dtype
@@ -117,18 +123,22 @@ class Gather(_Releasable):
             self.owners = [torch.empty(self.world * pn, dtype=self.comm_dtype, device=flat.device) for pn in self.padded]
             _OWNERS.update(self.owners)
         out = torch.empty(self.world * flat.numel(), dtype=flat.dtype, device=flat.device)
-        _all_gather(out, flat, self.group)
+        all_gather_flat(out, flat, self.group)
         views = [o.view(self.world, pn) for o, pn in zip(self.owners, self.padded)]
         torch.split_with_sizes_copy(out.view(self.world, -1), self.padded, dim=1, out=views)
         return [o.view(self.world * c, *s[1:]).narrow(0, 0, s[0]) for o, c, s in zip(self.owners, self.chunks, self.shapes)]
 
-    def reduce(self, grads: tuple[torch.Tensor | None, ...]) -> list[torch.Tensor]:
-        """Reduce-scatter the full gradients (``None``: zero) and divide: each rank's shard of the mean."""
-        like = next(g for g in grads if g is not None)
-        rdtype = self.reduce_dtype or like.dtype
-        send = torch.zeros(self.world, sum(self.padded), dtype=rdtype, device=like.device)
+    def reduce(self, grads: tuple[torch.Tensor | None, ...], which: list[int] | None = None) -> list[torch.Tensor | None]:
+        """Reduce-scatter the full gradients (``None``: zero) and divide: each rank's shard of the mean.
+
+        ``which``: the tensors to reduce (default: all), the same on every rank; the others' shards are ``None``.
+        """
+        which = list(range(len(self.shapes))) if which is None else which
+        rdtype = self.reduce_dtype or self.comm_dtype  # a full tensor's gradient comes in its dtype
+        send = torch.zeros(self.world, sum(self.padded[i] for i in which), dtype=rdtype, device=self.device)
         off = 0
-        for g, s, c, pn in zip(grads, self.shapes, self.chunks, self.padded):
+        for i in which:
+            g, s, c, pn = grads[i], self.shapes[i], self.chunks[i], self.padded[i]
             if g is not None:
                 if s[0] != self.world * c:  # pad the last chunk, as FSDP does
                     g = torch.cat([g.reshape(s[0], -1), g.new_zeros(self.world * c - s[0], math.prod(s[1:]))])
@@ -140,11 +150,19 @@ class Gather(_Releasable):
             dist.all_reduce(recv, group=group)
         recv.div_(self.divide)
         self.owners = []  # every consumer of the full tensors has run: their storage leaves with the graph
-        out, off = [], 0
-        for s, r, q, pn in zip(self.shapes, self.rows, self.inner, self.padded):
-            out.append(recv[off : off + r * q].view(r, *s[1:]))
+        out: list[torch.Tensor | None] = [None] * len(self.shapes)
+        off = 0
+        for i in which:
+            s, r, q, pn = self.shapes[i], self.rows[i], self.inner[i], self.padded[i]
+            out[i] = recv[off : off + r * q].view(r, *s[1:])
             off += pn
         return out
+
+    def backward(self, grads: tuple[torch.Tensor | None, ...]) -> tuple[list[torch.Tensor | None], list[torch.Tensor | None]]:
+        """The gradients of the local shards and of :attr:`extra` (none here: see the sampled gather)."""
+        if all(g is None for g in grads):
+            return [None] * len(grads), []
+        return self.reduce(grads), []
 
     def _refill(self) -> None:
         self.run(self.recompute())
@@ -185,12 +203,17 @@ class Computed(_Releasable):
 
 
 class GatherShards(torch.autograd.Function):
-    """``Gather.run`` in the forward, ``Gather.reduce`` in the backward."""
+    """``Gather.run`` in the forward, ``Gather.backward`` in the backward.
+
+    Inputs: the gather, the local shards, then the gather's :attr:`~Gather.extra` tensors (which receive the
+    gradient its backward computes for them, e.g. a sampled scalar gradient).
+    """
 
     @staticmethod
-    def forward(ctx: Any, gather: Gather, *locals_: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    def forward(ctx: Any, gather: Gather, *inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
         ctx.set_materialize_grads(False)  # an unused output's gradient stays None (no full-size zeros)
         ctx.gather = gather
+        locals_ = inputs[: len(gather.shapes)]
         ctx.dtypes = [x.dtype for x in locals_]
         out = tuple(gather.run(list(locals_)))
         if not gather.track:
@@ -199,10 +222,9 @@ class GatherShards(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, *grads: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]:
-        if all(g is None for g in grads):
-            return (None,) * (1 + len(grads))
-        out = ctx.gather.reduce(grads)
-        return (None, *[g.to(d) for g, d in zip(out, ctx.dtypes)])
+        shards, extra = ctx.gather.backward(grads)
+        extra = extra + [None] * (len(ctx.gather.extra) - len(extra))
+        return (None, *[None if g is None else g.to(d) for g, d in zip(shards, ctx.dtypes)], *extra)
 
 
 class ScaleGrad(torch.autograd.Function):
@@ -224,9 +246,10 @@ class ScaleGrad(torch.autograd.Function):
         return (grad if ctx.scale == 1 else grad * ctx.scale), None, None
 
 
-def _all_gather(out: torch.Tensor, inp: torch.Tensor, group: Any) -> None:
+def all_gather_flat(out: torch.Tensor, inp: torch.Tensor, group: Any, async_op: bool = False) -> Any:
+    """All-gather equal 1-d tensors into ``out`` (rank after rank); with ``async_op`` the work handle."""
     fn = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor  # renamed in torch 2.14
-    fn(out, inp, group=group)
+    return fn(out, inp, group=group, async_op=async_op)
 
 
 def _reduce_scatter(out: torch.Tensor, inp: torch.Tensor, group: Any) -> None:

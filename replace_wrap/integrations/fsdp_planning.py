@@ -7,6 +7,7 @@ from the gathered neighbours (another shape, a rule with its own synthesis). See
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -16,7 +17,7 @@ from torch import nn
 
 from ..errors import ConfigError
 from ..synthesis.adapt import adapt_pair
-from ..synthesis.layer_kernels import CACHE_PREFIX, SOURCES_ATTR, TensorSource
+from ..synthesis.layer_kernels import CACHE_PREFIX, SOURCES_ATTR, TensorSource, kernel_for
 from ..synthesis.maths import mix
 from ..synthesis.rules import IntegrationRule, get_rule
 from . import fsdp_state
@@ -55,6 +56,7 @@ class Plan:
     mesh: Any  # the neighbours' DeviceMesh
     shard_dim: int  # the mesh dimension that shards dim 0
     replicate_dims: tuple[int, ...]  # HSDP: mesh dimensions holding replicas
+    sampled: str | None = None  # the layer kernel's sharded layout: its scalar gradient is sampled (fsdp_sampled)
 
 
 # --- planning ---------------------------------------------------------------------------------------------
@@ -117,7 +119,41 @@ def _make_plan(leaf: nn.Module, name: str, src: TensorSource) -> Plan | None:
         and nxt.param.device_mesh == mesh
         and tuple(nxt.param.placements) == placements
     )
-    return Plan(leaf, name, src, prev, nxt, site_unit, local, mesh, shard_dim, replicate_dims)
+    sampled = _sampled_layout(leaf, name, site, local)
+    return Plan(leaf, name, src, prev, nxt, site_unit, local, mesh, shard_dim, replicate_dims, sampled)
+
+
+def _sampled_layout(leaf: nn.Module, name: str, site: nn.Module, local: bool) -> str | None:
+    """The layout the sampled estimator reads ``leaf.<name>`` in, or ``None`` when its scalar gradient is exact.
+
+    Decided from the layer's type and the site's settings alone, so every rank decides alike (the sampled
+    gradient takes other collectives than the exact one). A layer whose kernel would sample without sharding
+    but cannot here is named in a warning (once per reason and process): an option that cannot apply says so.
+    """
+    if not (site.fast_path and site.detach and getattr(site, "ab_grad_sample", None) is not None):
+        return None  # exact by the user's choice, which the report already says
+    names = tuple(sorted(leaf.__dict__.get(SOURCES_ATTR, {})))
+    kernel = kernel_for(type(leaf).__dict__.get("_rw_base", type(leaf)), names)
+    if kernel is None or kernel.requires[:1] != (name,) or (kernel.check is not None and kernel.check(leaf)):
+        return None  # the generic path without sharding too (the report says why)
+    if kernel.sharded is None:
+        why = f"kernel {kernel.name!r} has no estimator for sharded neighbours"
+    elif not local:
+        why = "its neighbours are gathered in full (another shape or rule)"
+    else:
+        return kernel.sharded
+    if why not in _TOLD:
+        _TOLD.add(why)
+        _logger.warning(
+            "replace_wrap: under FSDP2, %s of the replaced block after %r takes the generic path with the exact "
+            "scalar gradient (ab_grad_sample=%r does not apply): %s (docs/distributed.md)",
+            type(leaf).__name__, site.prev_path, site.ab_grad_sample, why,
+        )
+    return None
+
+
+_TOLD: set[str] = set()  # reasons already warned about in this process
+_logger = logging.getLogger("replace_wrap")
 
 
 def _fsdp_placements(placements: tuple[Any, ...], leaf: nn.Module, name: str) -> tuple[int, tuple[int, ...]]:

@@ -11,8 +11,9 @@ synthesized tensor. The replaced block then does what FSDP does for an ordinary 
   all-gathered in one collective (the bytes FSDP gathers for an ordinary block). The full tensors are freed
   when the block's forward ends (unless the unit has ``reshard_after_forward=False``) and gathered again from
   the shards when the gradient reaches the block's outputs, so at most this block's tensors are unsharded.
-- **backward**: the full gradient of every synthesized tensor (each rank's, from its own data) is
-  reduce-scattered in one collective in the unit's ``reduce_dtype`` and divided like FSDP's (by the data
+- **backward**: the full gradient of every synthesized tensor (each rank's, from its own data; under the
+  sampled default not the replaced linear layers' weights, whose scalar gradient :mod:`.fsdp_sampled` estimates
+  from all-gathered rows) is reduce-scattered in one collective in the unit's ``reduce_dtype`` and divided like FSDP's (by the data
   parallel size, or the unit's gradient divide factor): each rank holds the shard ``g_r`` of the averaged
   gradient ``g``. A coupled neighbour receives ``a * g_r`` straight into its sharded gradient, which FSDP
   accumulates with its own reduced gradient. The scalar ``a`` receives ``F / R * <g_r, P_r>`` on each rank
@@ -32,7 +33,6 @@ by ``convert`` (:mod:`replace_wrap.integrations.fsdp`). Without FSDP both cost o
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Iterator
 from typing import Any
 
@@ -43,6 +43,7 @@ from ..surgery.site import SITE_ATTR
 from ..synthesis.layer_kernels import TensorSource
 from . import fsdp_state
 from .fsdp_collectives import Computed, Gather, GatherShards, ScaleGrad, in_backward, saved_tensor_hooks_active
+from .fsdp_sampled import SLOT_ATTR, SampledGather, note_read
 from .fsdp_planning import (
     Plan,
     block_plans,
@@ -59,8 +60,6 @@ from .fsdp_planning import (
 
 
 _ACTIVE = "_rw_fsdp_forwards"  # on a site: stack of _BlockForward, one per running forward of its block
-_logger = logging.getLogger("replace_wrap")
-_told_exact = False  # the sampled estimator steps aside under sharding: said once per process
 
 
 # --- entry points -----------------------------------------------------------------------------------------
@@ -80,11 +79,11 @@ def synthesize(leaf: nn.Module, name: str, src: TensorSource) -> torch.Tensor | 
     stack = src.site.__dict__.get(_ACTIVE)
     checkpointed = saved_tensor_hooks_active()
     if stack and (stack[-1].checkpointed or not checkpointed):
-        return stack[-1].get(plan)
+        return note_read(stack[-1].get(plan))
     if stack or checkpointed or in_backward():
         # Activation checkpointing that starts inside the block (recompute=True) replays the forward without
         # the block's hooks: one gather per read, in the forward as in the replay, so both save alike.
-        return _BlockForward(None, src.site).get(plan)
+        return note_read(_BlockForward(None, src.site).get(plan))
     return outside_forward(plan)
 
 
@@ -94,21 +93,7 @@ def block_pre_forward(block: nn.Module, args: Any) -> None:
         return
     site = block._modules.get(SITE_ATTR)
     if site is not None:
-        if not _told_exact and site.fast_path and getattr(site, "ab_grad_sample", None) is not None:
-            _say_exact(site.ab_grad_sample)
         site.__dict__.setdefault(_ACTIVE, []).append(_BlockForward(block, site))
-
-
-def _say_exact(sample: Any) -> None:
-    # The layer kernels need the full neighbours for a sampled scalar gradient; sharded, the gathered
-    # synthesis takes the exact one (its weight gradient is reduce-scattered anyway). An option that cannot
-    # apply says so.
-    global _told_exact
-    _told_exact = True
-    _logger.warning(
-        "replace_wrap: under FSDP2 the replaced layers take the generic path with the exact scalar gradient; "
-        "ab_grad_sample=%r applies only to unsharded neighbours (docs/distributed.md)", sample,
-    )
 
 
 def block_post_forward(block: nn.Module, args: Any, output: Any) -> None:
@@ -164,15 +149,19 @@ class _BlockForward:
         dtype = first.prev.param.dtype
         if settings.param_dtype is not None and dtype.is_floating_point:
             dtype = settings.param_dtype  # mixed in the shards' dtype, gathered in param_dtype
-        gather = Gather(
-            [p.prev.param.shape for p in plans], *groups(first), dtype, settings.reduce_dtype,
-            divide_factor(first, settings), recompute=lambda: [local_mix(p, a, b) for p, (a, b) in zip(plans, saved)],
-        )
+        recompute = lambda: [local_mix(p, a, b) for p, (a, b) in zip(plans, saved)]  # noqa: E731
+        args = (*groups(first), dtype, settings.reduce_dtype, divide_factor(first, settings))
+        if any(p.sampled is not None for p in plans):  # linear layers whose scalar gradient is sampled
+            gather: Gather = SampledGather(plans, coeffs, *args, recompute=recompute)
+        else:
+            gather = Gather([p.prev.param.shape for p in plans], *args, recompute=recompute)
         scale = scalar_scale(first, settings)
         locals_ = [local_mix(p, ScaleGrad.apply(a, scale), ScaleGrad.apply(b, scale)) for p, (a, b) in zip(plans, coeffs)]
-        fulls = GatherShards.apply(gather, *locals_)
+        fulls = GatherShards.apply(gather, *locals_, *gather.extra)
         self.gathers.append(gather)
-        for p, full in zip(plans, fulls):
+        for i, (p, full) in enumerate(zip(plans, fulls)):
+            if p.sampled is not None:
+                full.__dict__[SLOT_ATTR] = (gather, i)  # the layer's kernel hands its sampled rows to the gather
             self.cache[(id(p.leaf), p.name)] = full
 
     def _gather_one(self, plan: Plan) -> torch.Tensor:
@@ -186,10 +175,15 @@ class _BlockForward:
         return computed.run()
 
     def finish(self, output: Any) -> None:
-        """End of the block's forward: free what the backward will gather again."""
+        """End of the block's forward: free what the backward will gather again; tell the other ranks now
+        (asynchronously) what the sampled gradient's collectives will carry."""
         self.cache.clear()
         if not self.gathers:
             return
+        if not in_backward():  # not a checkpoint's replay, whose gathers take no backward
+            for g in self.gathers:
+                if isinstance(g, SampledGather):
+                    g.announce()
         reshard = fsdp_state.unit_settings(self.unit).reshard_after_forward
         freed = [g for g in self.gathers if g.track and reshard]
         for g in self.gathers:

@@ -13,6 +13,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..integrations.fsdp_sampled import sharded_linear
 from .kernels import mixed_conv, mixed_linear
 from .layer_kernels import mix_source, register_layer_kernel
 
@@ -27,8 +28,8 @@ def _linear(layer: nn.Module, x: torch.Tensor, stored_transposed: bool) -> Any:
     if not torch.is_grad_enabled():
         return NotImplemented
     src = mix_source(layer)
-    if src is None:
-        return NotImplemented
+    if src is None:  # FSDP2 shards: the gathered weight with a sampled scalar gradient, or the generic path
+        return sharded_linear(layer, x, stored_transposed)
     prev, nxt, remake = src.prev, src.next, src.remake
     if stored_transposed:
         prev, nxt = prev.t(), nxt.t()
@@ -45,7 +46,7 @@ def _transposed(fn: Any) -> Any:
     return remake
 
 
-@register_layer_kernel(nn.Linear, name="linear", units=ROWS)
+@register_layer_kernel(nn.Linear, name="linear", units=ROWS, sharded="out_in")
 def _linear_forward(layer: nn.Linear, input: torch.Tensor) -> Any:
     return _linear(layer, input, stored_transposed=False)
 
@@ -77,7 +78,7 @@ def _conv_forward(layer: nn.modules.conv._ConvNd, input: torch.Tensor) -> Any:
 
 # GPT-2's (and GPT-1's, CTRL's ...) projection: y = x @ W + b with W stored as (in, out). Named by its import
 # path: it is resolved only once transformers has imported it, so `import replace_wrap` imports no transformers.
-@register_layer_kernel("transformers.pytorch_utils.Conv1D", name="hf_conv1d", units=ROWS)
+@register_layer_kernel("transformers.pytorch_utils.Conv1D", name="hf_conv1d", units=ROWS, sharded="in_out")
 def _hf_conv1d_forward(layer: nn.Module, x: torch.Tensor) -> Any:
     # (out, in) views of the (in, out) storage: no copy; the synthesized weight keeps that layout
     return _linear(layer, x, stored_transposed=True)

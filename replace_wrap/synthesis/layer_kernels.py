@@ -59,6 +59,7 @@ __all__ = [
 ]
 
 KernelFn = Callable[..., Any]
+SHARDED_LAYOUTS = (None, "out_in", "in_out")  # LayerKernel.sharded
 
 # The contract between a replaced layer and its kernels. The surgery stores, in the layer's __dict__ under
 # SOURCES_ATTR, one TensorSource per synthesized tensor name; kernels read them through mix_source().
@@ -129,6 +130,10 @@ class LayerKernel:
         check: Optional ``check(layer) -> str | None``: why the kernel will decline every call of this layer
             (e.g. ``"padding='same'"``), for reports; ``None`` when it serves it.
         units: What the scalar-gradient estimator samples, in words (for reports).
+        sharded: How the sampled estimator reads the layer's ``requires[0]`` tensor when its neighbours are
+            FSDP2 shards (:mod:`replace_wrap.integrations.fsdp_sampled`): ``"out_in"`` for a linear map stored
+            as ``(out, in)`` (``nn.Linear``), ``"in_out"`` for one stored as ``(in, out)`` (HF ``Conv1D``);
+            ``None``: under sharding the layer takes the generic path with the exact scalar gradient.
     """
 
     name: str
@@ -137,6 +142,11 @@ class LayerKernel:
     forward: KernelFn
     check: Callable[[nn.Module], str | None] | None = field(default=None, compare=False)
     units: str = "units"
+    sharded: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.sharded not in SHARDED_LAYOUTS:
+            raise RegistryError(f"sharded must be one of {SHARDED_LAYOUTS}, got {self.sharded!r}")
 
     def matches(self, cls: type, names: tuple[str, ...]) -> bool:
         """Whether this kernel serves a layer of class ``cls`` whose tensors ``names`` are synthesized."""
@@ -157,7 +167,7 @@ _LOOKUP: dict[tuple[type, tuple[str, ...]], LayerKernel | None] = {}  # emptied 
 
 def register_layer_kernel(
     *types: type[nn.Module] | str, name: str | None = None, requires: tuple[str, ...] = ("weight",),
-    check: Callable[[nn.Module], str | None] | None = None, units: str = "units",
+    check: Callable[[nn.Module], str | None] | None = None, units: str = "units", sharded: str | None = None,
 ) -> Callable[[KernelFn], KernelFn]:
     """Register ``fn(layer, *args, **kwargs)`` as the forward of replaced layers of ``types``.
 
@@ -166,10 +176,12 @@ def register_layer_kernel(
     forward would, or ``NotImplemented`` to fall back to it. It serves layers converted before or after
     its registration. A type may be named by its import path (``"package.module.Class"``): it is resolved
     when a layer runs, only if that module is imported by then, so registering costs no import.
+    ``sharded`` names the layout of a linear map's weight for the sampled estimator under FSDP2 (see
+    :class:`LayerKernel`); leave it ``None`` for any other layer.
 
     Raises:
         RegistryError: If no type is given, a type is neither an ``nn.Module`` subclass nor a dotted path,
-            the name is taken, or a type is already served by another kernel.
+            the name is taken, a type is already served by another kernel, or ``sharded`` is not a layout.
 
     Example:
         >>> class Scale(nn.Module):
@@ -207,7 +219,7 @@ def register_layer_kernel(
                     f"{', '.join(taken)} already has the layer kernel {k.name!r}; register a kernel for a "
                     "subclass instead (the first matching kernel in registration order wins)"
                 )
-        _KERNELS.append(LayerKernel(kernel_name, tuple(types), tuple(requires), fn, check, units))
+        _KERNELS.append(LayerKernel(kernel_name, tuple(types), tuple(requires), fn, check, units, sharded))
         _LOOKUP.clear()
         return fn
 
