@@ -146,6 +146,7 @@ def worker(rank: int, world: int, args: argparse.Namespace) -> None:
         dist.all_gather_object(everyone, merged)
         if rank == 0:
             report(everyone, args)
+        dist.barrier()  # no rank tears its connections down while another still uses them (gloo aborts then)
     finally:
         dist.destroy_process_group()
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import logging
+import math
 import os
 import socket
 import sys
@@ -171,6 +172,20 @@ def unit_bytes(model: torch.nn.Module, blocks: Any) -> tuple[int, int]:
 
 
 @contextlib.contextmanager
+def _rows_rule(value: float) -> Any:
+    """Gather the sampled rows while they cost at most ``value`` times a weight's shard (inf: always; 0: never,
+    a sampled weight gradient is reduce-scattered instead). The groups run with inf, the rows path: the tiny
+    models here have layers so narrow that the default rule (1.0) takes the other path for most of them."""
+    from replace_wrap.integrations import fsdp_sampled
+
+    before, fsdp_sampled.ROWS_PER_SHARD_MAX = fsdp_sampled.ROWS_PER_SHARD_MAX, value
+    try:
+        yield
+    finally:
+        fsdp_sampled.ROWS_PER_SHARD_MAX = before
+
+
+@contextlib.contextmanager
 def _notes() -> Any:
     """What the library logs meanwhile (e.g. an option that cannot apply under sharding)."""
     notes: list[str] = []
@@ -208,6 +223,7 @@ def group_llama(mesh: Any, out: Path) -> dict:
     linears = [m for i in (1, 3) for m in plain_blocks[i].modules() if isinstance(m, torch.nn.Linear)]
     res["linear_bytes"] = sum(-(-m.out_features // world) * world * m.in_features * 4 for m in linears)
     res["rows_bytes"] = sum(EXACT_ROWS * (m.in_features + m.out_features + 1) * 4 * world for m in linears)
+    res["linear_shapes"] = [(m.out_features, m.in_features) for m in linears]
     res["loop"] = {**compare(run, model, ref), **{k: run[k] for k in ("gathered", "reduced", "peak", "local", "local_after_step")}}
     mem = replace_wrap.fsdp_memory(unsharded_converted, dist.get_world_size(), prefetch=0)
     res["memory_formula"] = {"params": mem.params, "grads": mem.grads, "optimizer": mem.optimizer, "peak": mem.unsharded_peak}
@@ -247,6 +263,12 @@ def group_llama(mesh: Any, out: Path) -> dict:
     replace_wrap.shard(model, mesh=mesh, reshard_after_forward=False)
     res["coupled"] = compare(train(model, batch, loss_fn), model, ref_c)
 
+    # 4b. recompute=True with the sampled default: gathers made per read, announced by their reader
+    model, blocks, batch, loss_fn = llama()
+    replace_wrap.convert(model, every=2, recompute=True)
+    replace_wrap.shard(model, mesh=mesh)
+    res["recompute_sampled"] = compare(train(model, batch, loss_fn), model, ref)
+
     # 5. mixed precision: mixed in fp32 on the shards, gathered in bf16; the scalars stay fp32
     model, blocks, batch, loss_fn = llama()
     replace_wrap.convert(model, every=2)
@@ -282,6 +304,7 @@ def group_llama(mesh: Any, out: Path) -> dict:
 
     # 12. a sampled weight also read outside its layer, on one rank only
     res["dense_read"] = _dense_read(mesh)
+    res["default_rule"] = _default_rule(mesh)
 
     # 13. HF GPT-2: Conv1D stores its weight (in, out), so a rank's shard holds input features
     res["gpt2"] = _gpt2(mesh)
@@ -339,7 +362,8 @@ class _ReadBlock(torch.nn.Module):
 
 def _dense_read(mesh: Any) -> dict:
     """Rank 0 reads a replaced block's fc1.weight outside fc1 (a dense gradient for it), the others do not: every
-    rank must reduce-scatter that weight's gradient, and the scalars' gradient is the single process's."""
+    rank of the mesh (HSDP replicas too) must reduce-scatter that weight's gradient, and the scalars' gradient is
+    the single process's."""
     def make() -> torch.nn.Module:
         torch.manual_seed(0)
         return torch.nn.Sequential(*[_ReadBlock() for _ in range(5)], torch.nn.Linear(16, 1))
@@ -369,26 +393,40 @@ def scalar_grads(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 def _sampled(mesh: Any, draws: int = 60) -> dict:
     """The sharded default's scalar gradients against the exact ones of the same batch from one process: with
-    16 tokens a rank (every row read), and over ``draws`` seeds with 48 (16 of 48 rows sampled a layer and rank)."""
+    16 tokens a rank (every row read), and over ``draws`` seeds with 48 (16 of 48 rows sampled a layer and rank);
+    the rows gathered (``rows``) and a sampled weight gradient reduce-scattered (``dw``)."""
     out: dict = {}
-    for key, seqs in (("all_rows", EXACT_ROWS // 8), ("draws", 6)):
-        model, _, batch, loss_fn = llama(seqs_per_rank=seqs)
-        full = batch(torch.Generator().manual_seed(4))
-        replace_wrap.convert(model, every=2, ab_grad_sample="exact")
-        loss_fn(model, full).backward()
-        exact = scalar_grads(model)
-        model, blocks, _, loss_fn = llama(seqs_per_rank=seqs)
-        replace_wrap.convert(model, every=2)
-        per_block_loop(model, blocks, mesh=mesh)
-        mine = _slice(full, dist.get_rank(), dist.get_world_size())
-        estimates = []
-        for d in range(draws if key == "draws" else 1):
-            torch.manual_seed(1000 * dist.get_rank() + d)  # each rank draws its own rows
-            loss_fn(model, mine).backward()
-            estimates.append(scalar_grads(model))
-            model.zero_grad()
-        out[key] = {"exact": exact, "estimates": {k: torch.cat([e[k] for e in estimates]) for k in exact}}
+    for path, rule in (("rows", math.inf), ("dw", 0.0)):
+        for key, seqs in (("all_rows", EXACT_ROWS // 8), ("draws", 6)):
+            model, _, batch, loss_fn = llama(seqs_per_rank=seqs)
+            full = batch(torch.Generator().manual_seed(4))
+            replace_wrap.convert(model, every=2, ab_grad_sample="exact")
+            loss_fn(model, full).backward()
+            exact = scalar_grads(model)
+            model, blocks, _, loss_fn = llama(seqs_per_rank=seqs)
+            replace_wrap.convert(model, every=2)
+            per_block_loop(model, blocks, mesh=mesh)
+            mine = _slice(full, dist.get_rank(), dist.get_world_size())
+            estimates = []
+            with _rows_rule(rule):
+                for d in range(draws if key == "draws" else 1):
+                    torch.manual_seed(1000 * dist.get_rank() + d)  # each rank draws its own rows
+                    loss_fn(model, mine).backward()
+                    estimates.append(scalar_grads(model))
+                    model.zero_grad()
+            out[f"{path}_{key}"] = {"exact": exact, "estimates": {k: torch.cat([e[k] for e in estimates]) for k in exact}}
     return out
+
+
+def _default_rule(mesh: Any) -> dict:
+    """One step of the default rule on the Llama (16 tokens a rank): the bytes it communicates."""
+    model, blocks, batch, loss_fn = llama()
+    replace_wrap.convert(model, every=2)
+    per_block_loop(model, blocks, mesh=mesh)
+    b = _slice(batch(torch.Generator().manual_seed(1)), dist.get_rank(), dist.get_world_size())
+    with _rows_rule(1.0), FSDPMeter(model, sample=False) as meter:
+        loss_fn(model, b).backward()
+    return {"gathered": meter.gathered, "reduced": meter.reduced}
 
 
 def _dcp(mesh: Any, out: Path) -> dict:
@@ -544,6 +582,7 @@ def group_vit(mesh: Any, out: Path) -> dict:
         replace_wrap.convert(model, every=2)
         replace_wrap.shard(model, mesh=hsdp)
         res["hsdp_llama"] = compare(train(model, batch, loss_fn), model, ref_llama)
+        res["hsdp_dense_read"] = _dense_read(hsdp)
 
     # a CNN whose replaced blocks have shape-adapted tensors: the gathered-neighbour path
     ref_cnn = reference(cnn)
@@ -574,8 +613,10 @@ def work(rank: int, world: int, group: str, out: str) -> None:
     try:
         from torch.distributed.device_mesh import init_device_mesh
 
-        res = GROUPS[group](init_device_mesh("cpu", (world,)), Path(out))
+        with _rows_rule(math.inf):
+            res = GROUPS[group](init_device_mesh("cpu", (world,)), Path(out))
         torch.save(res, Path(out) / f"rank{rank}.pt")
+        dist.barrier()  # no rank tears its connections down while another still uses them (gloo aborts then)
     except Exception:
         traceback.print_exc()
         raise

@@ -38,6 +38,8 @@ __all__ = [
     "synthesize_gathered",
 ]
 
+_TOLD: set[str] = set()  # reasons the sampled estimator steps aside, already warned about in this process
+_logger = logging.getLogger("replace_wrap")
 _PLANS = CACHE_PREFIX + "fsdp_plans"  # on a replaced layer: tensor name -> Plan or _ORDINARY
 _ORDINARY = object()  # the plan of a tensor the ordinary getter serves (no neighbour in another unit)
 
@@ -151,9 +153,6 @@ def _sampled_layout(leaf: nn.Module, name: str, site: nn.Module, local: bool) ->
         )
     return None
 
-
-_TOLD: set[str] = set()  # reasons already warned about in this process
-_logger = logging.getLogger("replace_wrap")
 
 
 def _fsdp_placements(placements: tuple[Any, ...], leaf: nn.Module, name: str) -> tuple[int, tuple[int, ...]]:

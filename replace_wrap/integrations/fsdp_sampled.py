@@ -18,11 +18,18 @@ The default estimator (:mod:`replace_wrap.synthesis.estimators`) needs neither:
   ``(1/F) sum_k est_k``: the estimate of ``<g, P>`` for ``g`` the averaged gradient, unbiased because each
   ``est_k`` is. With ``m >= N`` every row is kept and the gradient is exact.
 
+Where the rows would cost more bytes than the weight's gradient (``world * m * (in + out + 1)`` against the
+weight's padded size: many tokens on narrow layers), each rank instead reduce-scatters the weight gradient of
+its own sampled rows (``dy_s^T x_s * N/m``: unbiased too, ``m/N`` of the exact product) with the block's other
+tensors, and the scalars take their gradient from its shard as on the exact path.
+
 What every rank must agree on is decided without data: which tensors sample (:attr:`Plan.sampled`: the layer
-type and the settings). What depends on data is exchanged first, in one small all-gather: each rank's row
-count per tensor and whether it received a dense gradient for it (the weight also read outside the layer's
-forward): such a tensor is reduce-scattered too, on every rank, with the block's other tensors (biases,
-norms), so collectives never diverge.
+type and the settings). What depends on data is known when the block's forward ends and exchanged then,
+asynchronously, in one small all-gather (maximized over HSDP replicas first): each rank's row count per tensor,
+and whether a sampled weight was also read outside its layer's kernel (``note_read``; even a read of its
+``dtype`` counts), whose gradient is then reduce-scattered on every rank with the block's other tensors
+(biases, norms). So the collectives of every rank agree, and the backward reads the exchanged header without
+waiting for the device.
 """
 
 from __future__ import annotations
@@ -39,22 +46,36 @@ from torch.autograd.function import once_differentiable
 from ..synthesis.estimators import autocast_dtype, sample_units
 from ..synthesis.layer_kernels import SOURCES_ATTR
 from . import fsdp_state
-from .fsdp_collectives import Gather, all_gather_flat
+from .fsdp_collectives import Gather, all_gather_flat, in_backward
 from .fsdp_planning import Plan, plan_for
 
-__all__ = ["SLOT_ATTR", "SampledGather", "note_read", "sharded_linear"]
+__all__ = ["ROWS_PER_SHARD_MAX", "SampledGather", "Slot", "announcing", "note_read", "sharded_linear"]
 
-SLOT_ATTR = "_rw_sample_slot"  # on a gathered full weight: (its SampledGather, its index there)
-_KERNEL = threading.local()  # .reading: a sampled layer's kernel is reading its own weight
+Slot = tuple["SampledGather", int]  # a sampled weight of one forward: its gather, and its index there
+# A sampled weight's rows are all-gathered while they are at most this many times the floats of the weight's
+# padded shard (what its gradient's reduce-scatter would send per rank); beyond, the rows make a sampled weight
+# gradient, reduce-scattered (see SampledGather.backward).
+ROWS_PER_SHARD_MAX = 1.0
+_KERNEL = threading.local()  # .reading: a sampled layer's kernel reads its weight; .slot: what the read found
 
 
-def note_read(full: torch.Tensor) -> torch.Tensor:
-    """Every read of a synthesized tensor under FSDP2 passes here: a sampled weight read by anything but its
-    layer's kernel may receive a dense gradient, which must then be reduce-scattered on every rank."""
-    slot = full.__dict__.get(SLOT_ATTR)
-    if slot is not None and not getattr(_KERNEL, "reading", False):
-        slot[0].dense.add(slot[1])
-    return full
+def note_read(slot: Slot | None) -> None:
+    """Every read of a synthesized tensor under FSDP2 inside a forward passes here with its slot (``None`` for
+    tensors that do not sample). The layer's own kernel takes the slot; any other reader may give the weight a
+    dense gradient, which must then be reduce-scattered on every rank."""
+    if slot is None:
+        return
+    if getattr(_KERNEL, "reading", False):
+        _KERNEL.slot = slot
+        return
+    slot[0].dense.add(slot[1])
+    slot[0].announce_read()
+
+
+def announcing() -> bool:
+    """Whether a forward's gathers announce their header now: only where a backward may follow (grad mode,
+    which every rank shares) and not in a checkpoint's replay (its gathers take no backward)."""
+    return torch.is_grad_enabled() and not in_backward()
 
 
 class _Rows(NamedTuple):
@@ -84,36 +105,50 @@ class SampledGather(Gather):
         self.dense: set[int] = set()  # sampled tensors also read outside their kernel
         self.records: dict[int, list[_Rows]] = {}
         self._header: tuple[Any, torch.Tensor, Any] | None = None
+        self.owned = False  # a block's forward announces it when it ends (else its one reader does: announce_read)
 
     def count(self, i: int, rows: int) -> None:
         """A layer's forward: it sampled ``rows`` rows of sampled tensor ``i``."""
         self.sampled_rows[i] += rows
+
+    def announce_read(self) -> None:
+        """After the one read of a gather made for one read (``recompute=True`` checkpoints inside the block,
+        whose replays see no block hooks): what it will carry is known now, so it is announced now."""
+        if not self.owned and announcing():
+            self.announce()
 
     def record(self, i: int, x: torch.Tensor, dy: torch.Tensor, weight: float) -> None:
         """A layer's backward: the rows it sampled of its input and output gradient, and their rescale."""
         self.records.setdefault(i, []).append(_Rows(x, dy, weight))
 
     def announce(self) -> None:
-        """Start the exchange of every rank's row counts and dense reads (once; the backward waits for it)."""
+        """Start the exchange of every rank's row counts and dense reads (once; the backward waits for it).
+
+        Under HSDP the counts are first maximized and the flags or-ed over the replicas, so that every rank of
+        the mesh decides alike what it reduce-scatters (the replicas all-reduce the reduce-scatter's result).
+        """
         if self._header is not None:
             return
         mine = torch.tensor([self.sampled_rows[i] for i in self.sampled] + [int(i in self.dense) for i in self.sampled],
                             dtype=torch.int64).to(self.device, non_blocking=True)
+        for group in self.replicate_groups:
+            dist.all_reduce(mine, op=dist.ReduceOp.MAX, group=group)
         out = torch.empty(self.world * mine.numel(), dtype=torch.int64, device=self.device)
         work = all_gather_flat(out, mine, self.group, async_op=True)
         if self.device.type == "cuda":
-            work.wait()  # the current stream waits for the collective; the host does not
-            host = torch.empty(out.shape, dtype=out.dtype, pin_memory=True)
-            host.copy_(out, non_blocking=True)
-            event = torch.cuda.Event()
-            event.record()
+            with torch.cuda.device(self.device):
+                work.wait()  # the current stream waits for the collective; the host does not
+                host = torch.empty(out.shape, dtype=out.dtype, pin_memory=True)
+                host.copy_(out, non_blocking=True)
+                event = torch.cuda.Event()
+                event.record()
             self._header = (None, host, event)
         else:
             self._header = (work, out, None)
 
     def _exchanged(self) -> list[list[list[int]]]:
         """``[rank][0: rows, 1: dense][sampled tensor]``, every rank's."""
-        self.announce()  # a gather no block hook saw end (recompute=True): exchanged now
+        self.announce()  # a gather whose forward announced nothing (no gradient was recorded then)
         work, out, event = self._header  # type: ignore[misc]
         if work is not None:
             work.wait()
@@ -123,42 +158,62 @@ class SampledGather(Gather):
 
     def backward(self, grads: tuple[torch.Tensor | None, ...]) -> tuple[list[torch.Tensor | None], list[torch.Tensor | None]]:
         header = self._exchanged()
-        most = [max(h[0][j] for h in header) for j in range(len(self.sampled))]
+        most = {i: max(h[0][j] for h in header) for j, i in enumerate(self.sampled)}
         dense = {i for j, i in enumerate(self.sampled) if any(h[1][j] for h in header)}
+        # Rows cost world * m * (in + out + 1) floats to gather, the weight's gradient world * its padded shard to
+        # reduce-scatter: where the rows cost more (many tokens on narrow layers), and where the weight's gradient
+        # is reduce-scattered anyway (read outside its layer somewhere), this rank's sampled rows make a sampled
+        # weight gradient instead (dy_s^T x_s * N/m: unbiased, m/N of the exact one's arithmetic), reduce-scattered
+        # with the block's other tensors. Every rank of the mesh sees the same header, so decides alike.
+        grads = list(grads)
+        for i in self.sampled:
+            if i in dense or most[i] * (sum(self._dims(i)) + 1) > ROWS_PER_SHARD_MAX * self.padded[i]:
+                dense.add(i)
+                grads[i] = self._sampled_dw(i, grads[i])
         which = [i for i in range(len(self.shapes)) if i not in self.sampled or i in dense]
-        shards = self.reduce(grads, which) if which else [None] * len(self.shapes)
-        extra = self._scalar_grads(most, self.device)
+        shards = self.reduce(tuple(grads), which) if which else [None] * len(self.shapes)
+        extra = self._scalar_grads([i for i in self.sampled if i not in dense], most)
         self.records, self._header = {}, None
         self.owners = []  # every consumer of the full tensors has run: their storage leaves with the graph
         return shards, extra
 
-    def _scalar_grads(self, most: list[int], device: torch.device) -> list[torch.Tensor | None]:
-        widths = [sum(self._dims(i)) + 1 for i in self.sampled]  # x, dy and the rescale of each row
-        total = sum(m * w for m, w in zip(most, widths))
+    def _sampled_dw(self, i: int, grad: torch.Tensor | None) -> torch.Tensor | None:
+        """``grad`` plus the weight gradient of this rank's sampled rows of tensor ``i``, rescaled by ``N/m``."""
+        for r in self.records.get(i, ()):
+            dt = torch.promote_types(r.x.dtype, torch.float32)
+            x, dy = r.x.to(dt), r.dy.to(dt) * r.weight
+            dw = dy.t() @ x if self.plans[i].sampled == "out_in" else x.t() @ dy  # the weight's own layout
+            grad = dw if grad is None else grad + dw.to(grad.dtype)
+        return None if grad is None else grad.to(self.comm_dtype)
+
+    def _scalar_grads(self, sampled: list[int], most: dict[int, int]) -> list[torch.Tensor | None]:
+        """The scalars' gradients (:attr:`extra` order) from every rank's rows of the tensors ``sampled``."""
+        out: list[torch.Tensor | None] = [None] * len(self.extra)
+        widths = {i: sum(self._dims(i)) + 1 for i in sampled}  # x, dy and the rescale of each row
+        total = sum(most[i] * widths[i] for i in sampled)
         if total == 0:
-            return [None] * len(self.extra)
-        send = torch.zeros(total, dtype=torch.float32, device=device)
+            return out
+        send = torch.zeros(total, dtype=torch.float32, device=self.device)
         off = 0
-        for i, m, w in zip(self.sampled, most, widths):
-            block = send[off : off + m * w].view(m, w)
+        for i in sampled:
+            block = send[off : off + most[i] * widths[i]].view(most[i], widths[i])
             at = 0
             for r in self.records.get(i, ()):
-                k = r.x.shape[0]
-                fin = r.x.shape[1]
+                k, fin = r.x.shape
                 block[at : at + k, :fin].copy_(r.x)
                 block[at : at + k, fin:-1].copy_(r.dy)
                 block[at : at + k, -1] = r.weight
                 at += k
-            off += m * w
-        recv = torch.empty(self.world * total, dtype=torch.float32, device=device)
+            off += most[i] * widths[i]
+        recv = torch.empty(self.world * total, dtype=torch.float32, device=self.device)
         all_gather_flat(recv, send, self.group)
         recv = recv.view(self.world, total)
-        out: list[torch.Tensor | None] = []
         off = 0
-        for i, m, w in zip(self.sampled, most, widths):
-            rows = recv[:, off : off + m * w].reshape(self.world * m, w)
-            off += m * w
-            out.extend(self._contribution(i, rows))
+        for i in sampled:
+            rows = recv[:, off : off + most[i] * widths[i]].reshape(self.world * most[i], widths[i])
+            off += most[i] * widths[i]
+            j = self.sampled.index(i)
+            out[2 * j], out[2 * j + 1] = self._contribution(i, rows, *self.extra[2 * j : 2 * j + 2])
         return out
 
     def _dims(self, i: int) -> tuple[int, int]:
@@ -166,25 +221,23 @@ class SampledGather(Gather):
         s = self.shapes[i]
         return (s[1], s[0]) if self.plans[i].sampled == "out_in" else (s[0], s[1])
 
-    def _contribution(self, i: int, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _contribution(self, i: int, rows: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """This rank's part of ``<dW, P>``, ``<dW, N>`` over every rank's sampled rows (``x | dy | N/m``)."""
         plan = self.plans[i]
-        fin, fout = self._dims(i)
+        fin = self._dims(i)[0]
         p, n = plan.prev.param.to_local().detach(), plan.next.param.to_local().detach()  # type: ignore[union-attr]
-        a, b = self.extra[2 * self.sampled.index(i)], self.extra[2 * self.sampled.index(i) + 1]
         start, count = dist.get_rank(self.group) * self.chunks[i], self.rows[i]
         if count == 0:
             return torch.zeros_like(a), torch.zeros_like(b)
-        dt = p.dtype
+        dt = torch.promote_types(p.dtype, torch.float32)  # as the single-process estimator: at least fp32
+        p, n = p.to(dt), n.to(dt)
         x, dy = rows[:, :fin].to(dt), rows[:, fin:-1].to(dt) * rows[:, -1:].to(dt)
         if plan.sampled == "out_in":  # W (out, in), this rank's rows are output features
-            d, xs = dy[:, start : start + count], x
-            ga = torch.dot((xs @ p.t()).reshape(-1), d.reshape(-1))
-            gb = torch.dot((xs @ n.t()).reshape(-1), d.reshape(-1))
+            d = dy[:, start : start + count].reshape(-1)
+            ga, gb = torch.dot((x @ p.t()).reshape(-1), d), torch.dot((x @ n.t()).reshape(-1), d)
         else:  # W (in, out), this rank's rows are input features: y = x @ W
-            xs = x[:, start : start + count]
-            ga = torch.dot((xs @ p).reshape(-1), dy.reshape(-1))
-            gb = torch.dot((xs @ n).reshape(-1), dy.reshape(-1))
+            xs, d = x[:, start : start + count], dy.reshape(-1)
+            ga, gb = torch.dot((xs @ p).reshape(-1), d), torch.dot((xs @ n).reshape(-1), d)
         return ga.to(a.dtype).reshape(a.shape), gb.to(b.dtype).reshape(b.shape)
 
 
@@ -243,17 +296,19 @@ def sharded_linear(layer: nn.Module, x: torch.Tensor, transposed: bool) -> Any:
     if torch.compiler.is_compiling():
         return NotImplemented
     plan = plan_for(layer, "weight", src)
-    if plan is None or plan.sampled is None:
-        return NotImplemented
-    _KERNEL.reading = True
+    site = src.site
+    if plan is None or plan.sampled is None or site.ab_grad_sample is None or not site.fast_path:
+        return NotImplemented  # (settings changed since the plan: the generic read marks the weight dense)
+    _KERNEL.reading, _KERNEL.slot = True, None
     try:
         w = layer.weight  # type: ignore[attr-defined]
     finally:
         _KERNEL.reading = False
-    slot = w.__dict__.get(SLOT_ATTR)
+    slot, _KERNEL.slot = _KERNEL.slot, None
     if slot is None:  # read outside the block's forward (a sharded DTensor)
         return NotImplemented
     bias = layer.bias  # type: ignore[attr-defined]
     rows = x.reshape(-1, x.shape[-1])  # as mixed_linear: the Function sees rows only
-    y = _ShardedLinear.apply(rows, w, bias, slot, transposed, src.site.ab_grad_sample, autocast_dtype(x))
+    y = _ShardedLinear.apply(rows, w, bias, slot, transposed, site.ab_grad_sample, autocast_dtype(x))
+    slot[0].announce_read()  # (outside the Function's forward, which runs without grad mode)
     return y if x.dim() == 2 else y.view(*x.shape[:-1], y.shape[-1])

@@ -12,9 +12,9 @@ synthesized tensor. The replaced block then does what FSDP does for an ordinary 
   when the block's forward ends (unless the unit has ``reshard_after_forward=False``) and gathered again from
   the shards when the gradient reaches the block's outputs, so at most this block's tensors are unsharded.
 - **backward**: the full gradient of every synthesized tensor (each rank's, from its own data; under the
-  sampled default not the replaced linear layers' weights, whose scalar gradient :mod:`.fsdp_sampled` estimates
-  from all-gathered rows) is reduce-scattered in one collective in the unit's ``reduce_dtype`` and divided like FSDP's (by the data
-  parallel size, or the unit's gradient divide factor): each rank holds the shard ``g_r`` of the averaged
+  sampled default not the replaced linear layers' weights, whose scalar gradient :mod:`.fsdp_sampled`
+  estimates from all-gathered rows) is reduce-scattered in one collective in the unit's ``reduce_dtype``
+  and divided like FSDP's (by the data parallel size, or the unit's gradient divide factor): each rank holds the shard ``g_r`` of the averaged
   gradient ``g``. A coupled neighbour receives ``a * g_r`` straight into its sharded gradient, which FSDP
   accumulates with its own reduced gradient. The scalar ``a`` receives ``F / R * <g_r, P_r>`` on each rank
   (``F`` the divide factor, ``R`` the replica count under HSDP); FSDP's reduction of the scalar's gradient
@@ -43,7 +43,6 @@ from ..surgery.site import SITE_ATTR
 from ..synthesis.layer_kernels import TensorSource
 from . import fsdp_state
 from .fsdp_collectives import Computed, Gather, GatherShards, ScaleGrad, in_backward, saved_tensor_hooks_active
-from .fsdp_sampled import SLOT_ATTR, SampledGather, note_read
 from .fsdp_planning import (
     Plan,
     block_plans,
@@ -57,6 +56,7 @@ from .fsdp_planning import (
     scalar_scale,
     synthesize_gathered,
 )
+from .fsdp_sampled import SampledGather, Slot, announcing, note_read
 
 
 _ACTIVE = "_rw_fsdp_forwards"  # on a site: stack of _BlockForward, one per running forward of its block
@@ -79,11 +79,11 @@ def synthesize(leaf: nn.Module, name: str, src: TensorSource) -> torch.Tensor | 
     stack = src.site.__dict__.get(_ACTIVE)
     checkpointed = saved_tensor_hooks_active()
     if stack and (stack[-1].checkpointed or not checkpointed):
-        return note_read(stack[-1].get(plan))
+        return stack[-1].read(plan)
     if stack or checkpointed or in_backward():
         # Activation checkpointing that starts inside the block (recompute=True) replays the forward without
         # the block's hooks: one gather per read, in the forward as in the replay, so both save alike.
-        return note_read(_BlockForward(None, src.site).get(plan))
+        return _BlockForward(None, src.site).read(plan)
     return outside_forward(plan)
 
 
@@ -118,9 +118,16 @@ class _BlockForward:
         self.block, self.site = block, site
         self.checkpointed = saved_tensor_hooks_active()  # the whole block runs under checkpointing
         self.cache: dict[tuple[int, str], torch.Tensor] = {}
+        self.slots: dict[tuple[int, str], Slot] = {}  # the sampled weights among them
         self.gathers: list[Any] = []
         self.batched = False
         self.unit: Any = None  # the block's FSDP unit (known once a tensor is gathered)
+
+    def read(self, plan: Plan) -> torch.Tensor:
+        """:meth:`get`, telling the sampled estimator who reads (see :func:`~.fsdp_sampled.note_read`)."""
+        out = self.get(plan)
+        note_read(self.slots.get((id(plan.leaf), plan.name)))
+        return out
 
     def get(self, plan: Plan) -> torch.Tensor:
         key = (id(plan.leaf), plan.name)
@@ -159,9 +166,11 @@ class _BlockForward:
         locals_ = [local_mix(p, ScaleGrad.apply(a, scale), ScaleGrad.apply(b, scale)) for p, (a, b) in zip(plans, coeffs)]
         fulls = GatherShards.apply(gather, *locals_, *gather.extra)
         self.gathers.append(gather)
+        if isinstance(gather, SampledGather):
+            gather.owned = self.block is not None  # else made for one read, announced after it
         for i, (p, full) in enumerate(zip(plans, fulls)):
             if p.sampled is not None:
-                full.__dict__[SLOT_ATTR] = (gather, i)  # the layer's kernel hands its sampled rows to the gather
+                self.slots[(id(p.leaf), p.name)] = (gather, i)  # the layer's kernel hands its rows to the gather
             self.cache[(id(p.leaf), p.name)] = full
 
     def _gather_one(self, plan: Plan) -> torch.Tensor:
@@ -178,9 +187,10 @@ class _BlockForward:
         """End of the block's forward: free what the backward will gather again; tell the other ranks now
         (asynchronously) what the sampled gradient's collectives will carry."""
         self.cache.clear()
+        self.slots.clear()
         if not self.gathers:
             return
-        if not in_backward():  # not a checkpoint's replay, whose gathers take no backward
+        if announcing():
             for g in self.gathers:
                 if isinstance(g, SampledGather):
                     g.announce()
