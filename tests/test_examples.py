@@ -250,7 +250,8 @@ def test_bench_floor_counts_every_replaced_layer_and_its_units():
 def test_bench_fsdp_table_at_world_2(tmp_path):
     pytest.importorskip("transformers")
     out = tmp_path / "bench.json"
-    proc = run_example("bench_fsdp.py", "--world", "2", "--layers", "4", "--hidden", "32", "--steps", "1",
+    # width 128: every replaced linear layer's 16 rows a rank cost fewer bytes than its weight's shard (the rows path)
+    proc = run_example("bench_fsdp.py", "--world", "2", "--layers", "4", "--hidden", "128", "--steps", "1",
                        "--rounds", "1", "--json", str(out))
     assert "end-to-end |" in proc.stdout and "replace |" in proc.stdout and "replace-exact |" in proc.stdout
     rows = {r["variant"]: r for r in json.loads(out.read_text())["rows"]}
