@@ -39,12 +39,12 @@ from typing import Any, NamedTuple
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch import nn
 from torch.autograd.function import once_differentiable
 
 from ..synthesis.estimators import autocast_dtype, sample_units
 from ..synthesis.layer_kernels import SOURCES_ATTR
+from ..synthesis.lean_layers import autocast_linear
 from . import fsdp_state
 from .fsdp_collectives import Gather, all_gather_flat, in_backward
 from .fsdp_planning import Plan, plan_for
@@ -252,14 +252,7 @@ class _ShardedLinear(torch.autograd.Function):
         ctx: Any, x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, slot: tuple[SampledGather, int],
         transposed: bool, sample: Any, dtype: torch.dtype | None,
     ) -> torch.Tensor:
-        w2 = w.t() if transposed else w  # (out, in)
-        if dtype is not None:  # autocast: compute like F.linear under autocast would
-            xc, wc = x.to(dtype), w2.to(dtype)
-            bc = None if bias is None else bias.to(dtype)
-            with torch.autocast(x.device.type, enabled=False):
-                y = F.linear(xc, wc, bc)
-        else:
-            xc, y = x, F.linear(x, w2, bias)
+        xc, y = autocast_linear(x, w.t() if transposed else w, bias, dtype)  # the weight as (out, in)
         rows, scale = sample_units(x.shape[0], sample, x.device)
         kept = xc if rows is None else xc.index_select(0, rows)
         slot[0].count(slot[1], kept.shape[0])

@@ -40,6 +40,7 @@ __all__ = [
     "PATCH_KEEP_MAX",
     "SAMPLE",
     "Geometry",
+    "autocast_linear",
     "conv_backward",
     "conv_forward",
     "conv_plan",
@@ -149,13 +150,9 @@ def linear_forward(
     """``y`` and what the backward needs: ``(y, keep, rows, xw, scale)``; ``x`` of shape ``(N, in)``."""
     w = _weight(a, b, prev, next, scratch=scratch)  # used for y only: the backward synthesizes it again
     bias = mix_bias(a, b, bias, bias_prev, bias_next)
-    if dtype is not None:  # autocast: compute like F.linear under autocast would
-        x, w = x.to(dtype), w.to(dtype)
-        bias = None if bias is None else bias.to(dtype)
-        with torch.autocast(x.device.type, enabled=False):
-            y = F.linear(x, w, bias)
-    else:
-        y = F.linear(x, w, bias)
+    if dtype is not None and bias is not None:
+        bias = bias.to(dtype)  # (its cast is also what the output at the units is corrected by, below)
+    x, y = autocast_linear(x, w, bias, dtype)
     # x: (N, in) rows (mixed_linear flattens the leading dimensions), y: (N, out)
     rows, scale, keep, xw = None, 1.0, None, None
     kind, with_output = linear_plan(x.shape[0], sample, needs)
@@ -168,6 +165,18 @@ def linear_forward(
         if bias is not None and bias_prev is None:  # an own bias is no part of the mix
             xw.sub_(bias)
     return y, keep, rows, xw, scale
+
+
+def autocast_linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None,
+                    dtype: torch.dtype | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(x, F.linear(x, w, bias))`` computed as ``F.linear`` under autocast would (``dtype``: autocast's, or
+    ``None``), with ``x`` as the product read it (cast): what a layer keeps of it is in the compute dtype."""
+    if dtype is None:
+        return x, F.linear(x, w, bias)
+    x, w = x.to(dtype), w.to(dtype)
+    bias = None if bias is None else bias.to(dtype)
+    with torch.autocast(x.device.type, enabled=False):
+        return x, F.linear(x, w, bias)
 
 
 def linear_backward(
