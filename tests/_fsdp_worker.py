@@ -306,6 +306,9 @@ def group_llama(mesh: Any, out: Path) -> dict:
     res["dense_read"] = _dense_read(mesh)
     res["default_rule"] = _default_rule(mesh)
 
+    # 14. the sampled default with gradient accumulation, a backward inside autocast, a layer called twice
+    res["more"] = _more(mesh)
+
     # 13. HF GPT-2: Conv1D stores its weight (in, out), so a rank's shard holds input features
     res["gpt2"] = _gpt2(mesh)
     return res
@@ -415,6 +418,71 @@ def _sampled(mesh: Any, draws: int = 60) -> dict:
                     estimates.append(scalar_grads(model))
                     model.zero_grad()
             out[f"{path}_{key}"] = {"exact": exact, "estimates": {k: torch.cat([e[k] for e in estimates]) for k in exact}}
+    return out
+
+
+class _Twice(torch.nn.Module):
+    """A residual block that calls its one linear layer twice."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc, self.norm = torch.nn.Linear(32, 32), torch.nn.LayerNorm(32)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.fc(F.gelu(self.fc(self.norm(x))))
+
+
+def _more(mesh: Any) -> dict:
+    """Largest relative gap of the sharded default's scalar gradients (every row read) to one process's exact
+    ones: two micro-batches with ``set_requires_gradient_sync(False)`` on the first; forward and backward under
+    CPU bf16 autocast; a block that calls its linear layer twice."""
+    world, rank = dist.get_world_size(), dist.get_rank()
+
+    def gap(ref: torch.nn.Module, model: torch.nn.Module) -> float:
+        e, s = scalar_grads(ref), scalar_grads(model)
+        return max(((s[k] - e[k]).abs() / e[k].abs()).item() for k in e)
+
+    out = {}
+    g = torch.Generator().manual_seed(3)
+    ref, _, batch, loss_fn = llama()
+    b1, b2 = batch(g), batch(g)
+    replace_wrap.convert(ref, every=2, ab_grad_sample="exact")
+    for b in (b1, b2):
+        (loss_fn(ref, b) / 2).backward()
+    model, blocks, _, _ = llama()
+    replace_wrap.convert(model, every=2)
+    per_block_loop(model, blocks, mesh=mesh)
+    for sync, b in ((False, b1), (True, b2)):
+        model.set_requires_gradient_sync(sync)
+        (loss_fn(model, _slice(b, rank, world)) / 2).backward()
+    out["accumulation"] = gap(ref, model)
+
+    b = batch(torch.Generator().manual_seed(5))
+    ref, *_ = llama()
+    replace_wrap.convert(ref, every=2, ab_grad_sample="exact")
+    with torch.autocast("cpu", torch.bfloat16):
+        loss_fn(ref, b).backward()
+    model, blocks, *_ = llama()
+    replace_wrap.convert(model, every=2)
+    per_block_loop(model, blocks, mesh=mesh)
+    with torch.autocast("cpu", torch.bfloat16):
+        loss_fn(model, _slice(b, rank, world)).backward()  # the backward inside the autocast region
+    out["autocast"] = gap(ref, model)
+
+    def twice() -> torch.nn.Module:
+        torch.manual_seed(0)
+        return torch.nn.Sequential(*[_Twice() for _ in range(5)], torch.nn.Linear(32, 1))
+
+    xs = torch.randn(world, 8, 32, generator=torch.Generator().manual_seed(2))
+    ref = twice()
+    replace_wrap.convert(ref, every=2, ab_grad_sample="exact")
+    for k in range(world):
+        (ref(xs[k]).pow(2).mean() / world).backward()
+    model = twice()
+    replace_wrap.convert(model, every=2)
+    per_block_loop(model, list(model)[:5], mesh=mesh)
+    model(xs[rank]).pow(2).mean().backward()
+    out["twice"] = gap(ref, model)
     return out
 
 

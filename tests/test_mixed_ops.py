@@ -139,6 +139,39 @@ def test_conv_under_cpu_autocast_matches_plain_autocast():
         torch.testing.assert_close(got, r, rtol=0.05, atol=0.05 * r.abs().max().item())
 
 
+@pytest.mark.parametrize("sample", [None, "auto"])
+@pytest.mark.parametrize("kind", ["linear", "conv"])
+def test_backward_inside_an_autocast_region_gives_the_gradients_of_one_outside(kind, sample):
+    # loss.backward() inside `with torch.autocast(...)` (advised against, but common in training loops): the
+    # layers' backward computes in the dtypes its forward chose, not recast by autocast (a bf16 product against
+    # an fp32 output gradient raised in torch.dot)
+    g = torch.Generator().manual_seed(5)
+    if kind == "linear":  # 12 rows: within ROW_PRODUCT_MAX, the one-product route of the exact estimator
+        x = torch.randn(12, 16, generator=g)
+        prev, nxt = torch.randn(8, 16, generator=g), torch.randn(8, 16, generator=g)
+    else:
+        x = torch.randn(4, 3, 9, 9, generator=g)
+        prev, nxt = torch.randn(4, 3, 3, 3, generator=g), torch.randn(4, 3, 3, 3, generator=g)
+    grads = []
+    for inside in (True, False):
+        a, b = torch.tensor(0.7, requires_grad=True), torch.tensor(0.2, requires_grad=True)
+        xi = x.clone().requires_grad_(True)
+        torch.manual_seed(0)  # the same sampled units both times
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            if kind == "linear":
+                y = mixed_linear(xi, a, b, prev, nxt, sample=sample)
+            else:
+                y = mixed_conv(xi, a, b, prev, nxt, stride=(1, 1), padding=(1, 1), dilation=(1, 1), sample=sample)
+            loss = y.float().pow(2).sum()
+            if inside:
+                loss.backward()
+        if not inside:
+            loss.backward()
+        grads.append((xi.grad, a.grad, b.grad))
+    for got, ref in zip(*grads):
+        assert got.dtype == ref.dtype and torch.equal(got, ref)
+
+
 def test_no_grad_path_is_plain_linear():
     x, a, b, prev, nxt, bias = _linear_inputs(False, dtype=torch.float32)
     with torch.no_grad():

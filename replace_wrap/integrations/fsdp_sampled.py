@@ -44,7 +44,7 @@ from torch.autograd.function import once_differentiable
 
 from ..synthesis.estimators import autocast_dtype, sample_units
 from ..synthesis.layer_kernels import SOURCES_ATTR
-from ..synthesis.lean_layers import autocast_linear
+from ..synthesis.lean_layers import autocast_linear, autocast_off
 from . import fsdp_state
 from .fsdp_collectives import Gather, all_gather_flat, in_backward
 from .fsdp_planning import Plan, plan_for
@@ -157,6 +157,10 @@ class SampledGather(Gather):
         return out.view(self.world, 2, len(self.sampled)).tolist()
 
     def backward(self, grads: tuple[torch.Tensor | None, ...]) -> tuple[list[torch.Tensor | None], list[torch.Tensor | None]]:
+        with autocast_off(self.device):  # a backward inside an autocast region: the products in our dtypes
+            return self._backward(grads)
+
+    def _backward(self, grads: tuple[torch.Tensor | None, ...]) -> tuple[list[torch.Tensor | None], list[torch.Tensor | None]]:
         header = self._exchanged()
         most = {i: max(h[0][j] for h in header) for j, i in enumerate(self.sampled)}
         dense = {i for j, i in enumerate(self.sampled) if any(h[1][j] for h in header)}
@@ -265,6 +269,11 @@ class _ShardedLinear(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx: Any, dy: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        with autocast_off(dy.device):
+            return _ShardedLinear._backward(ctx, dy)
+
+    @staticmethod
+    def _backward(ctx: Any, dy: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         kept, rows, w = ctx.saved_tensors
         need_x, _, need_bias = ctx.needs_input_grad[:3]
         gx = db = None

@@ -13,10 +13,12 @@ synthesized weight a fresh tensor rather than this thread's scratch tensor.
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import math
 import threading
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
@@ -41,6 +43,7 @@ __all__ = [
     "SAMPLE",
     "Geometry",
     "autocast_linear",
+    "autocast_off",
     "conv_backward",
     "conv_forward",
     "conv_plan",
@@ -179,6 +182,27 @@ def autocast_linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None,
         return x, F.linear(x, w, bias)
 
 
+def autocast_off(device: torch.device) -> contextlib.AbstractContextManager[Any]:
+    """A context without autocast on ``device``'s type (nothing to undo where it is off or unavailable)."""
+    kind = device.type
+    if not torch.amp.is_autocast_available(kind) or not torch.is_autocast_enabled(kind):
+        return contextlib.nullcontext()
+    return torch.autocast(kind, enabled=False)
+
+
+def _own_dtypes(backward: Callable[..., Any]) -> Callable[..., Any]:
+    """Run a layer's backward with autocast off: it computes in the dtypes its forward chose (``dtype``), and a
+    ``loss.backward()`` called inside an autocast region (which PyTorch advises against, but allows) would
+    otherwise recast its products (a bf16 product against an fp32 output gradient)."""
+    @functools.wraps(backward)
+    def run(dy: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        with autocast_off(dy.device):
+            return backward(dy, *args, **kwargs)
+
+    return run
+
+
+@_own_dtypes
 def linear_backward(
     dy: torch.Tensor, keep: torch.Tensor | None, rows: torch.Tensor | None, xw: torch.Tensor | None,
     a: torch.Tensor, b: torch.Tensor, prev: torch.Tensor, next: torch.Tensor, bias_prev: torch.Tensor | None,
@@ -257,6 +281,7 @@ def conv_forward(
     return y, keep, units, xw, scale
 
 
+@_own_dtypes
 def conv_backward(
     dy: torch.Tensor, keep: torch.Tensor | None, units: torch.Tensor | None, xw: torch.Tensor | None,
     a: torch.Tensor, b: torch.Tensor, prev: torch.Tensor, next: torch.Tensor, bias_prev: torch.Tensor | None,
