@@ -200,3 +200,49 @@ def test_cuda_move_keeps_synthesis_and_trains():
     assert torch.isfinite(site.a.grad).all()
     replace_wrap.merge(model)
     assert model.vit.layers[1].attention.q_proj.weight.device.type == "cuda"
+
+
+def _stack(fast_path: bool = True) -> torch.nn.Module:
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(*[torch.nn.Linear(16, 16) for _ in range(5)])
+    replace_wrap.convert(net, every=2, fast_path=fast_path)
+    return net
+
+
+def test_second_order_gradients_are_refused_with_the_fix_and_fast_path_false_gives_them():
+    # a gradient penalty: the lean kernels compute the scalars' gradient directly, which cannot be differentiated
+    # again; the error says so before any second derivative is built, and names the setting that gives one
+    x = torch.randn(8, 16, requires_grad=True)
+    net = _stack()
+    with pytest.raises(replace_wrap.CompatibilityError, match="create_graph=True.*fast_path=False"):
+        torch.autograd.grad(net(x).sum(), x, create_graph=True)
+    plain = _stack(fast_path=False)
+    (gx,) = torch.autograd.grad(plain(x).sum(), x, create_graph=True)
+    gx.pow(2).sum().backward()
+    a = plain[1].replacement.a
+    # the penalty's gradient for a, against a finite difference of the penalty itself
+    def penalty(value: float) -> float:
+        with torch.no_grad():
+            a.fill_(value)
+        (g,) = torch.autograd.grad(plain(x).sum(), x, create_graph=False)
+        return g.pow(2).sum().item()
+    got, base = a.grad.item(), a.item()
+    eps = 1e-3
+    fd = (penalty(base + eps) - penalty(base - eps)) / (2 * eps)
+    assert abs(got - fd) <= 1e-2 * abs(fd) + 1e-4, (got, fd)
+
+
+def test_torch_func_grad_and_per_sample_vmap_take_the_generic_path():
+    # torch.func transforms (grad, vmap) need autograd rules the lean kernels' Functions do not define: the
+    # kernels step aside while a transform runs, and the gradients are those of an ordinary backward
+    net, x = _stack(), torch.randn(6, 16, generator=torch.Generator().manual_seed(1))
+    params = {k: v.detach() for k, v in net.named_parameters()}
+    loss = lambda p, xb: torch.func.functional_call(net, p, (xb,)).pow(2).sum()  # noqa: E731
+    got = torch.func.grad(loss)(params, x)
+    net.zero_grad()
+    loss(dict(net.named_parameters()), x).backward()  # the lean kernels; 6 rows: every row read, exact
+    for k, p in net.named_parameters():
+        torch.testing.assert_close(got[k], p.grad, rtol=1e-5, atol=1e-6)
+    per_sample = torch.func.vmap(torch.func.grad(loss), in_dims=(None, 0))(params, x.unsqueeze(1))
+    for k, p in net.named_parameters():  # the per-sample gradients add up to the batch's
+        torch.testing.assert_close(per_sample[k].sum(0), p.grad, rtol=1e-4, atol=1e-5)

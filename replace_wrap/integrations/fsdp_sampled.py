@@ -40,10 +40,10 @@ from typing import Any, NamedTuple
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.autograd.function import once_differentiable
 
 from ..synthesis.estimators import autocast_dtype, sample_units
 from ..synthesis.layer_kernels import SOURCES_ATTR
+from ..synthesis.kernels import first_order
 from ..synthesis.lean_layers import autocast_linear, autocast_off
 from . import fsdp_state
 from .fsdp_collectives import Gather, all_gather_flat, in_backward
@@ -267,7 +267,7 @@ class _ShardedLinear(torch.autograd.Function):
         return y
 
     @staticmethod
-    @once_differentiable
+    @first_order
     def backward(ctx: Any, dy: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         with autocast_off(dy.device):
             return _ShardedLinear._backward(ctx, dy)

@@ -28,18 +28,20 @@ In eager mode a layer is an autograd Function; under ``torch.compile`` it is a p
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable, Optional
 
 import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
+from ..errors import CompatibilityError
 from .compiled_ops import compiled_conv, compiled_linear
 from .estimators import autocast_dtype, bias_sources, check_sample, mix_bias, needs_graph, scalars_on_host
 from .lean_layers import PATCH_KEEP_MAX, SAMPLE, conv_backward, conv_forward, conv_plan, linear_backward, linear_forward
 from .maths import mix
 
-__all__ = ["PATCH_KEEP_MAX", "mixed_conv", "mixed_linear"]
+__all__ = ["PATCH_KEEP_MAX", "first_order", "mixed_conv", "mixed_linear"]
 
 
 # (source prev, source next, remake): remake(source prev, source next) -> (prev, next), see mixed_linear
@@ -63,6 +65,25 @@ def _saved(ctx: Any) -> tuple[Any, ...]:
     return keep, units, xw, a, b, prev, next, bias_prev, bias_next
 
 
+def first_order(backward: Callable[..., Any]) -> Any:
+    """``once_differentiable``, refusing up front where a second derivative is being built (``create_graph=True``:
+    a gradient penalty, a Hessian-vector product) with a typed error that says how to get one."""
+    once = once_differentiable(backward)
+
+    @functools.wraps(backward)
+    def run(ctx: Any, *grads: Any) -> Any:
+        if torch.is_grad_enabled():
+            raise CompatibilityError(
+                "a replaced layer's backward computes the scalars' gradient directly (the lean layer kernels) and "
+                "cannot be differentiated again (backward with create_graph=True: gradient penalties, Hessian-vector "
+                "products, meta-learning). Convert with fast_path=False for second-order gradients: the replaced "
+                "layers then use plain autograd."
+            )
+        return once(ctx, *grads)
+
+    return run
+
+
 class _MixedLinear(torch.autograd.Function):
     # Eager mode only; compiled, the layer is the operator of compiled_ops (see the module docstring).
     @staticmethod
@@ -81,7 +102,7 @@ class _MixedLinear(torch.autograd.Function):
         return y
 
     @staticmethod
-    @once_differentiable
+    @first_order
     def backward(ctx: Any, dy: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         grads = linear_backward(dy, *_saved(ctx), ctx.scale, ctx.host, ctx.dtype, ctx.needs_input_grad)
         return *grads, None, None, None
@@ -164,7 +185,7 @@ class _MixedConv(torch.autograd.Function):
         return y
 
     @staticmethod
-    @once_differentiable
+    @first_order
     def backward(ctx: Any, dy: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         grads = conv_backward(dy, *_saved(ctx), ctx.scale, ctx.host, ctx.dtype, ctx.needs_input_grad,
                               ctx.geometry, ctx.x_shape, ctx.patches)

@@ -51,6 +51,7 @@ __all__ = [
     "LayerKernel",
     "MixSource",
     "TensorSource",
+    "functorch_active",
     "kernel_for",
     "layer_route",
     "list_layer_kernels",
@@ -318,6 +319,8 @@ def mix_source(layer: nn.Module, name: str = "weight", bias: str | None = "bias"
         return None
     if is_managed(src.prev) or is_managed(src.next):  # FSDP2 (integrations/fsdp_synthesis.py): the neighbours
         return None  # may be sharded; the getter synthesizes from their shards, the generic path differentiates
+    if functorch_active():  # torch.func.grad / vmap / jvp: the kernels' autograd Functions define none of
+        return None  # their rules; the generic path is plain autograd, which every transform supports
     detach = site.detach
     own = _own(src, name, detach)
     prev, nxt = _adapted(src, *own)
@@ -334,6 +337,15 @@ def mix_source(layer: nn.Module, name: str = "weight", bias: str | None = "bias"
 
 
 _STATIC = CACHE_PREFIX + "static_"
+
+
+def functorch_active() -> bool:
+    """Whether a ``torch.func`` transform (``grad``, ``vmap``, ``jvp``, ...) is running (never while compiling:
+    dynamo traces the transforms itself)."""
+    if torch.compiler.is_compiling():
+        return False
+    active = getattr(torch._C, "_are_functorch_transforms_active", None)  # private: absent means unknown, off
+    return bool(active()) if active is not None else False
 
 
 def layer_route(
