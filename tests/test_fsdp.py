@@ -160,6 +160,8 @@ def test_sampled_default_with_accumulation_autocast_and_a_layer_called_twice(lla
 def test_sampled_scalar_gradient_under_fsdp_is_unbiased(llama2, path):
     # 60 draws of the sharded default's estimate (16 of 48 rows a layer and rank) against the exact gradient of
     # the same batch from one process: the mean within 4.5 standard errors, and the draws really differ
+    if len(llama2) != 2:
+        pytest.skip("drawn at world 2 (the default run); worlds 3 and 4 check the exact case")
     for res in llama2:
         exact, estimates = res["sampled"][f"{path}_draws"]["exact"], res["sampled"][f"{path}_draws"]["estimates"]
         assert len(exact) == 4
