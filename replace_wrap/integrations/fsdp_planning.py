@@ -154,7 +154,6 @@ def _sampled_layout(leaf: nn.Module, name: str, site: nn.Module, local: bool) ->
     return None
 
 
-
 def _fsdp_placements(placements: tuple[Any, ...], leaf: nn.Module, name: str) -> tuple[int, tuple[int, ...]]:
     from torch.distributed.tensor import Replicate, Shard
 

@@ -269,11 +269,6 @@ class _ShardedLinear(torch.autograd.Function):
     @staticmethod
     @first_order
     def backward(ctx: Any, dy: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        with autocast_off(dy.device):
-            return _ShardedLinear._backward(ctx, dy)
-
-    @staticmethod
-    def _backward(ctx: Any, dy: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         kept, rows, w = ctx.saved_tensors
         need_x, _, need_bias = ctx.needs_input_grad[:3]
         gx = db = None
@@ -281,7 +276,8 @@ class _ShardedLinear(torch.autograd.Function):
             w2 = w.t() if ctx.transposed else w
             if ctx.dtype is not None:
                 w2 = w2.to(ctx.dtype)
-            gx = dy.to(w2.dtype) @ w2  # shape: (N, out) @ (out, in) -> (N, in)
+            with autocast_off(dy.device):  # a backward inside an autocast region: the forward's dtypes
+                gx = dy.to(w2.dtype) @ w2  # shape: (N, out) @ (out, in) -> (N, in)
         if need_bias:
             db = dy.sum(0)
         gather, i = ctx.slot

@@ -14,8 +14,8 @@ synthesized tensor. The replaced block then does what FSDP does for an ordinary 
 - **backward**: the full gradient of every synthesized tensor (each rank's, from its own data; under the
   sampled default not the replaced linear layers' weights, whose scalar gradient :mod:`.fsdp_sampled`
   estimates from all-gathered rows) is reduce-scattered in one collective in the unit's ``reduce_dtype``
-  and divided like FSDP's (by the data parallel size, or the unit's gradient divide factor): each rank holds the shard ``g_r`` of the averaged
-  gradient ``g``. A coupled neighbour receives ``a * g_r`` straight into its sharded gradient, which FSDP
+  and divided like FSDP's (by the data parallel size, or the unit's gradient divide factor): each rank holds
+  the shard ``g_r`` of the averaged gradient ``g``. A coupled neighbour receives ``a * g_r`` straight into its sharded gradient, which FSDP
   accumulates with its own reduced gradient. The scalar ``a`` receives ``F / R * <g_r, P_r>`` on each rank
   (``F`` the divide factor, ``R`` the replica count under HSDP); FSDP's reduction of the scalar's gradient
   sums these over the ranks and divides by ``F``, giving exactly ``<g, P>``: the single-process gradient.
@@ -124,12 +124,8 @@ class _BlockForward:
         self.unit: Any = None  # the block's FSDP unit (known once a tensor is gathered)
 
     def read(self, plan: Plan) -> torch.Tensor:
-        """:meth:`get`, telling the sampled estimator who reads (see :func:`~.fsdp_sampled.note_read`)."""
-        out = self.get(plan)
-        note_read(self.slots.get((id(plan.leaf), plan.name)))
-        return out
-
-    def get(self, plan: Plan) -> torch.Tensor:
+        """The full tensor of ``plan`` (gathered at its first read), telling the sampled estimator who reads it
+        (see :func:`~.fsdp_sampled.note_read`)."""
         key = (id(plan.leaf), plan.name)
         out = self.cache.get(key)
         if out is None:
@@ -140,6 +136,7 @@ class _BlockForward:
             if out is None:
                 out = self._gather_one(plan)
                 self.cache[key] = out
+        note_read(self.slots.get(key))
         return out
 
     def _gather_block(self, first: Plan) -> None:

@@ -339,13 +339,15 @@ def mix_source(layer: nn.Module, name: str = "weight", bias: str | None = "bias"
 _STATIC = CACHE_PREFIX + "static_"
 
 
+_FUNCTORCH_ACTIVE = getattr(torch._C, "_are_functorch_transforms_active", None)  # private: absent, unknown
+
+
 def functorch_active() -> bool:
     """Whether a ``torch.func`` transform (``grad``, ``vmap``, ``jvp``, ...) is running (never while compiling:
-    dynamo traces the transforms itself)."""
-    if torch.compiler.is_compiling():
+    dynamo traces the transforms itself). Called on every replaced layer's forward: one C call."""
+    if _FUNCTORCH_ACTIVE is None or torch.compiler.is_compiling():
         return False
-    active = getattr(torch._C, "_are_functorch_transforms_active", None)  # private: absent means unknown, off
-    return bool(active()) if active is not None else False
+    return bool(_FUNCTORCH_ACTIVE())
 
 
 def layer_route(

@@ -178,7 +178,7 @@ def autocast_linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None,
         return x, F.linear(x, w, bias)
     x, w = x.to(dtype), w.to(dtype)
     bias = None if bias is None else bias.to(dtype)
-    with torch.autocast(x.device.type, enabled=False):
+    with autocast_off(x.device):
         return x, F.linear(x, w, bias)
 
 
