@@ -224,6 +224,11 @@ def group_llama(mesh: Any, out: Path) -> dict:
     res["linear_bytes"] = sum(-(-m.out_features // world) * world * m.in_features * 4 for m in linears)
     res["rows_bytes"] = sum(EXACT_ROWS * (m.in_features + m.out_features + 1) * 4 * world for m in linears)
     res["linear_shapes"] = [(m.out_features, m.in_features) for m in linears]
+    # the replaced blocks' other tensors (norms): their full gradients ride in the rows' all-gather, from every rank
+    others = [p for i in (1, 3) for m in plain_blocks[i].modules() if not isinstance(m, torch.nn.Linear)
+              for p in m.parameters(recurse=False)]
+    res["norm_bytes"] = sum(p.numel() * 4 for p in others)
+    res["norm_padded"] = sum(-(-p.shape[0] // world) * world * p[0].numel() * 4 for p in others)
     res["loop"] = {**compare(run, model, ref), **{k: run[k] for k in ("gathered", "reduced", "peak", "local", "local_after_step")}}
     mem = replace_wrap.fsdp_memory(unsharded_converted, dist.get_world_size(), prefetch=0)
     res["memory_formula"] = {"params": mem.params, "grads": mem.grads, "optimizer": mem.optimizer, "peak": mem.unsharded_peak}
@@ -305,6 +310,7 @@ def group_llama(mesh: Any, out: Path) -> dict:
     # 12. a sampled weight also read outside its layer, on one rank only
     res["dense_read"] = _dense_read(mesh)
     res["default_rule"] = _default_rule(mesh)
+    res["fold"] = _fold(mesh)
 
     # 14. the sampled default with gradient accumulation, a backward inside autocast, a layer called twice
     res["more"] = _more(mesh)
@@ -343,8 +349,14 @@ def _gpt2(mesh: Any) -> dict:
     plain = make()  # the replaced blocks' Conv1D weights, (in, out), padded on dim 0 as FSDP pads
     conv1d = [m.weight for b in replace_wrap.report(ref).replaced for m in plain.get_submodule(b.path).modules()
               if type(m).__name__ == "Conv1D"]
+    # and every tensor of theirs, padded likewise: the biases and norms ride in the rows' all-gather
+    tensors = [p for b in replace_wrap.report(ref).replaced for p in plain.get_submodule(b.path).parameters()]
+
+    def padded(ts: list) -> int:
+        return sum(-(-t.shape[0] // world) * world * t[0].numel() * 4 for t in ts)
+
     return {"exact": scalar_grads(ref), "sharded": scalar_grads(model), "reduced": meter.reduced,
-            "reduced_exact": meter_exact.reduced, "conv1d_bytes": sum(-(-w.shape[0] // world) * world * w.shape[1] * 4 for w in conv1d)}
+            "reduced_exact": meter_exact.reduced, "conv1d_bytes": padded(conv1d), "block_bytes": padded(tensors)}
 
 
 class _ReadBlock(torch.nn.Module):
@@ -486,6 +498,29 @@ def _more(mesh: Any) -> dict:
     per_block_loop(model, list(model)[:5], mesh=mesh)
     model(xs[rank]).pow(2).mean().backward()
     out["twice"] = gap(ref, model)
+    return out
+
+
+def _fold(mesh: Any) -> dict:
+    """One backward of the default (the replaced blocks' norm gradients ride in the rows' all-gather) and one with
+    them reduce-scattered (``FOLD_FLOATS_MAX = 0``): collectives, bytes and every local gradient of each."""
+    from replace_wrap.integrations import fsdp_sampled
+
+    out: dict = {}
+    b = None
+    for name, limit in (("folded", fsdp_sampled.FOLD_FLOATS_MAX), ("unfolded", 0)):
+        model, blocks, batch, loss_fn = llama()
+        replace_wrap.convert(model, every=2)
+        per_block_loop(model, blocks, mesh=mesh)
+        b = b or _slice(batch(torch.Generator().manual_seed(6)), dist.get_rank(), dist.get_world_size())
+        before, fsdp_sampled.FOLD_FLOATS_MAX = fsdp_sampled.FOLD_FLOATS_MAX, limit
+        try:
+            with FSDPMeter(model, sample=False) as meter:
+                loss_fn(model, b).backward()
+        finally:
+            fsdp_sampled.FOLD_FLOATS_MAX = before
+        grads = {n: p.grad.to_local().clone() for n, p in model.named_parameters() if p.grad is not None}
+        out[name] = {"gathered": meter.gathered, "reduced": meter.reduced, "calls": dict(meter.calls), "grads": grads}
     return out
 
 

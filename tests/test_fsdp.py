@@ -95,13 +95,32 @@ def test_replaced_linear_weights_send_sampled_rows_instead_of_their_gradient(lla
     header = 2 * world * 2 * 7 * 8  # per replaced block: rows and dense flag of its 7 linear weights, int64
     for res in llama2:
         loop, e2e, freeze = res["loop"], res["e2e"], res["freeze"]
-        # a replaced block gathers its synthesized tensors as an ordinary block does, plus the sampled rows of its
-        # linear layers in the backward (16 a rank: x, dy and the rescale) and their counts
-        assert e2e["gathered"] + res["rows_bytes"] <= loop["gathered"]
-        assert loop["gathered"] <= e2e["gathered"] + res["rows_bytes"] + header + 2 * scalars  # fwd + bwd
-        # it reduce-scatters what end-to-end does less its linear weights' gradients (the norms' it still does)
-        assert e2e["reduced"] - res["linear_bytes"] <= loop["reduced"] <= e2e["reduced"] - res["linear_bytes"] + scalars
-        assert freeze["gathered"] == e2e["gathered"] and freeze["reduced"] < loop["reduced"] < e2e["reduced"]
+        # a replaced block gathers its synthesized tensors as an ordinary block does, plus in the backward the sampled
+        # rows of its linear layers (16 a rank: x, dy and the rescale), every rank's full norm gradients, and the
+        # rows' counts
+        rows = res["rows_bytes"] + world * res["norm_bytes"]
+        assert e2e["gathered"] + rows <= loop["gathered"] <= e2e["gathered"] + rows + header + 2 * scalars  # fwd + bwd
+        # it reduce-scatters what end-to-end does less its linear weights' and norms' gradients: its scalars only
+        dropped = res["linear_bytes"] + res["norm_padded"]
+        assert e2e["reduced"] - dropped <= loop["reduced"] <= e2e["reduced"] - dropped + scalars
+        assert freeze["gathered"] == e2e["gathered"]
+        assert freeze["reduced"] < loop["reduced"] <= freeze["reduced"] + scalars
+
+
+def test_small_gradients_of_a_replaced_block_ride_in_the_rows_all_gather(llama2):
+    world = len(llama2)
+    for res in llama2:
+        folded, unfolded = res["fold"]["folded"], res["fold"]["unfolded"]
+        # one reduce-scatter fewer per replaced block (2 of 6), the norms' bytes moved from it to the all-gather
+        assert unfolded["calls"]["reduce_scatter"] - folded["calls"]["reduce_scatter"] == 2
+        assert folded["calls"]["all_gather"] == unfolded["calls"]["all_gather"]
+        assert unfolded["reduced"] - folded["reduced"] == res["norm_padded"]
+        assert folded["gathered"] - unfolded["gathered"] == world * res["norm_bytes"]
+        # the same gradients, to rounding (the sum over ranks in another order)
+        assert folded["grads"].keys() == unfolded["grads"].keys() and len(folded["grads"]) > 10
+        for name, g in folded["grads"].items():
+            u = unfolded["grads"][name]
+            assert g.shape == u.shape and torch.allclose(g, u, rtol=1e-5, atol=1e-7), name
 
 
 @pytest.mark.parametrize("path", ["rows", "dw"])
@@ -145,8 +164,9 @@ def test_gpt2_conv1d_shards_hold_input_features_and_sample_exactly(llama2):
         assert len(r["exact"]) == 4  # 2 replaced blocks of 5
         for name, e in r["sharded"].items():
             assert (e - r["exact"][name]).abs().item() <= 1e-4 * r["exact"][name].abs().item() + 1e-8, (name, e, r["exact"])
-        # the sampled path ran: the replaced blocks' Conv1D weight gradients were not reduce-scattered
-        assert r["conv1d_bytes"] > 0 and r["reduced"] == r["reduced_exact"] - r["conv1d_bytes"]
+        # the sampled path ran: the replaced blocks' Conv1D weight gradients were not reduce-scattered, nor (riding in
+        # the rows' all-gather) their biases' and norms'
+        assert 0 < r["conv1d_bytes"] < r["block_bytes"] and r["reduced"] == r["reduced_exact"] - r["block_bytes"]
 
 
 def test_sampled_default_with_accumulation_autocast_and_a_layer_called_twice(llama2):

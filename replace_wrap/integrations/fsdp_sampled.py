@@ -23,6 +23,11 @@ weight's padded size: many tokens on narrow layers), each rank instead reduce-sc
 its own sampled rows (``dy_s^T x_s * N/m``: unbiased too, ``m/N`` of the exact product) with the block's other
 tensors, and the scalars take their gradient from its shard as on the exact path.
 
+The block's other gradients (norms, biases: :class:`Plan` tensors that do not sample, and sampled weights that
+went dense) are reduce-scattered as FSDP would, unless they are small (``world`` times their floats at most
+:data:`FOLD_FLOATS_MAX`): then they ride in the rows' all-gather, each rank summing every rank's full gradients
+for its shard, and the block's backward runs one collective of its own instead of two.
+
 What every rank must agree on is decided without data: which tensors sample (:attr:`Plan.sampled`: the layer
 type and the settings). What depends on data is known when the block's forward ends and exchanged then,
 asynchronously, in one small all-gather (maximized over HSDP replicas first): each rank's row count per tensor,
@@ -49,13 +54,19 @@ from . import fsdp_state
 from .fsdp_collectives import Gather, all_gather_flat, in_backward
 from .fsdp_planning import Plan, plan_for
 
-__all__ = ["ROWS_PER_SHARD_MAX", "SampledGather", "Slot", "announcing", "note_read", "sharded_linear"]
+__all__ = [
+    "FOLD_FLOATS_MAX", "ROWS_PER_SHARD_MAX", "SampledGather", "Slot", "announcing", "note_read", "sharded_linear",
+]
 
 Slot = tuple["SampledGather", int]  # a sampled weight of one forward: its gather, and its index there
 # A sampled weight's rows are all-gathered while they are at most this many times the floats of the weight's
 # padded shard (what its gradient's reduce-scatter would send per rank); beyond, the rows make a sampled weight
 # gradient, reduce-scattered (see SampledGather.backward).
 ROWS_PER_SHARD_MAX = 1.0
+# The block's other gradients (norms, biases) travel in the rows' all-gather, each rank summing every rank's
+# full gradients, while every rank receives at most this many floats of them (1 MiB in fp32): one collective
+# latency saved for (world - 1) times their floats. Beyond, they are reduce-scattered (see SampledGather.backward).
+FOLD_FLOATS_MAX = 1 << 18
 _KERNEL = threading.local()  # .reading: a sampled layer's kernel reads its weight; .slot: what the read found
 
 
@@ -175,8 +186,12 @@ class SampledGather(Gather):
                 dense.add(i)
                 grads[i] = self._sampled_dw(i, grads[i])
         which = [i for i in range(len(self.shapes)) if i not in self.sampled or i in dense]
-        shards = self.reduce(tuple(grads), which) if which else [None] * len(self.shapes)
-        extra = self._scalar_grads([i for i in self.sampled if i not in dense], most)
+        rows = [i for i in self.sampled if i not in dense]
+        # The gradients to reduce ride in the rows' all-gather when the rows are gathered anyway and they are small
+        # (a replaced block's norms and biases): one collective, not two. Decided from shapes and the header alone.
+        fold = bool(rows) and self.world * sum(self.shapes[i].numel() for i in which) <= FOLD_FLOATS_MAX
+        shards = self.reduce(tuple(grads), which) if which and not fold else [None] * len(self.shapes)
+        extra = self._exchange(rows, most, grads, which if fold else [], shards)
         self.records, self._header = {}, None
         self.owners = []  # every consumer of the full tensors has run: their storage leaves with the graph
         return shards, extra
@@ -190,14 +205,25 @@ class SampledGather(Gather):
             grad = dw if grad is None else grad + dw.to(grad.dtype)
         return None if grad is None else grad.to(self.comm_dtype)
 
-    def _scalar_grads(self, sampled: list[int], most: dict[int, int]) -> list[torch.Tensor | None]:
-        """The scalars' gradients (:attr:`extra` order) from every rank's rows of the tensors ``sampled``."""
+    def _exchange(self, sampled: list[int], most: dict[int, int], grads: list[torch.Tensor | None], fold: list[int],
+                  shards: list[torch.Tensor | None]) -> list[torch.Tensor | None]:
+        """The scalars' gradients (:attr:`extra` order) from every rank's rows of the tensors ``sampled``, in one
+        all-gather that also carries the full gradients of the tensors ``fold``, whose shards of the mean it
+        writes into ``shards`` (what :meth:`reduce` would give)."""
         out: list[torch.Tensor | None] = [None] * len(self.extra)
         widths = {i: sum(self._dims(i)) + 1 for i in sampled}  # x, dy and the rescale of each row
-        total = sum(most[i] * widths[i] for i in sampled)
+        rows_total = sum(most[i] * widths[i] for i in sampled)
+        total = rows_total + sum(self.shapes[i].numel() for i in fold)
         if total == 0:
             return out
-        send = torch.zeros(total, dtype=torch.float32, device=self.device)
+        # the payload in at least fp32 (the rows' products, as the single-process estimator) and the reduce dtype
+        dt = torch.promote_types(self.comm_dtype, torch.promote_types(self.reduce_dtype or torch.float32, torch.float32))
+        send = torch.zeros(total, dtype=dt, device=self.device)
+        off = rows_total
+        for i in fold:
+            if grads[i] is not None:
+                send[off : off + self.shapes[i].numel()].copy_(grads[i].reshape(-1))
+            off += self.shapes[i].numel()
         off = 0
         for i in sampled:
             block = send[off : off + most[i] * widths[i]].view(most[i], widths[i])
@@ -209,9 +235,11 @@ class SampledGather(Gather):
                 block[at : at + k, -1] = r.weight
                 at += k
             off += most[i] * widths[i]
-        recv = torch.empty(self.world * total, dtype=torch.float32, device=self.device)
+        recv = torch.empty(self.world * total, dtype=dt, device=self.device)
         all_gather_flat(recv, send, self.group)
         recv = recv.view(self.world, total)
+        if fold:
+            self._fold(recv[:, rows_total:], fold, shards)
         off = 0
         for i in sampled:
             rows = recv[:, off : off + most[i] * widths[i]].reshape(self.world * most[i], widths[i])
@@ -219,6 +247,24 @@ class SampledGather(Gather):
             j = self.sampled.index(i)
             out[2 * j], out[2 * j + 1] = self._contribution(i, rows, *self.extra[2 * j : 2 * j + 2])
         return out
+
+    def _fold(self, recv: torch.Tensor, fold: list[int], shards: list[torch.Tensor | None]) -> None:
+        """Every rank's full gradients of the tensors ``fold`` (``(world, floats)``): this rank's shard of their
+        mean, as the reduce-scatter would give it (all-reduced over HSDP replicas too, and divided)."""
+        rank, summed = dist.get_rank(self.group), recv.sum(0)
+        parts, off = [], 0
+        for i in fold:
+            q, start = self.inner[i], rank * self.chunks[i]
+            parts.append(summed[off + start * q : off + (start + self.rows[i]) * q])
+            off += self.shapes[i].numel()
+        flat = torch.cat(parts).to(self.reduce_dtype or self.comm_dtype)
+        for group in self.replicate_groups:  # HSDP: the replicas of a shard saw other data
+            dist.all_reduce(flat, group=group)
+        flat.div_(self.divide)
+        at = 0
+        for i, part in zip(fold, parts):
+            shards[i] = flat[at : at + part.numel()].view(self.rows[i], *self.shapes[i][1:])
+            at += part.numel()
 
     def _dims(self, i: int) -> tuple[int, int]:
         """``(in, out)`` of sampled tensor ``i``."""
