@@ -150,3 +150,58 @@ def test_recompute_with_batch_norm_warns_about_running_statistics():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         replace_wrap.convert(ConvNet(), every=2)  # no recompute: nothing to warn about
+
+
+def _scalars_moved(model):
+    with torch.no_grad():
+        for s in sites(model):
+            s.a.fill_(0.7), s.b.fill_(0.4)
+    return model
+
+
+@pytest.mark.parametrize("change", ["block swapped in", "layer quantized in place"])
+def test_a_neighbour_module_replaced_after_convert_is_refused_at_save_and_merge_keeps_what_the_model_computes(change):
+    torch.manual_seed(0)
+    model = _scalars_moved(replace_wrap.convert(ResidualMLP(), every=2))
+    x = ResidualMLP.example()
+    if change == "block swapped in":
+        model.blocks[2] = ResidualMLP().blocks[2]  # another block where the replaced block 1's next neighbour was
+    else:
+        torch.ao.quantization.quantize_dynamic(model, {torch.nn.Linear}, inplace=True)
+    with torch.no_grad():
+        out = model(x)
+    # its replaced layers still read the layers they were converted with: a state dict would name the new ones
+    with pytest.raises(replace_wrap.CompatibilityError, match=r"replaced layer 'blocks\.1\.\w+' .*'blocks\.2'\] .* "
+                       r"no longer part of the model .* Merge first"):
+        model.state_dict()
+    merged = replace_wrap.merge(model)  # the plain model of what the converted one computes
+    with torch.no_grad():
+        torch.testing.assert_close(merged(x), out, rtol=0, atol=0)
+    assert merged.state_dict().keys()  # and it saves
+
+
+def test_a_parametrized_neighbour_layer_copies_with_its_model():
+    # weight_norm computes the neighbour's weight on every read: the deep copy holds its layer, not that tensor
+    torch.manual_seed(0)
+    model = _scalars_moved(replace_wrap.convert(ResidualMLP(), every=2))
+    torch.nn.utils.parametrizations.weight_norm(model.blocks[0].fc1)
+    x = ResidualMLP.example()
+    twin = __import__("copy").deepcopy(model)
+    with torch.no_grad():
+        torch.testing.assert_close(twin(x), model(x), rtol=0, atol=0)
+        twin.blocks[0].fc1.parametrizations.weight.original0.mul_(2)  # the copy reads its own neighbour
+        assert not torch.equal(twin(x), model(x))
+    assert twin.state_dict().keys() == model.state_dict().keys()
+
+
+def test_assigning_a_synthesized_tensor_is_refused_with_the_fix():
+    model = _scalars_moved(replace_wrap.convert(ResidualMLP(), every=2))
+    layer = model.blocks[1].fc1
+    before = layer.weight.clone()
+    for value in (torch.nn.Parameter(torch.zeros_like(before)), torch.zeros_like(before)):
+        with pytest.raises(replace_wrap.CompatibilityError, match=r"'weight' of this replaced Linear is synthesized .* "
+                           r"merge first \(replace_wrap.merge\(model\)\)"):
+            layer.weight = value
+    torch.testing.assert_close(layer.weight, before, rtol=0, atol=0)
+    layer.other = 3  # other names are set as usual
+    assert layer.other == 3

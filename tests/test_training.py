@@ -246,3 +246,20 @@ def test_torch_func_grad_and_per_sample_vmap_take_the_generic_path():
     per_sample = torch.func.vmap(torch.func.grad(loss), in_dims=(None, 0))(params, x.unsqueeze(1))
     for k, p in net.named_parameters():  # the per-sample gradients add up to the batch's
         torch.testing.assert_close(per_sample[k].sum(0), p.grad, rtol=1e-4, atol=1e-5)
+
+
+def test_jit_trace_records_the_generic_path_and_follows_the_scalars():
+    # torch.jit.trace (and the ONNX export that traces) cannot record the lean kernels' autograd Functions: the
+    # kernels step aside while the tracer runs; the trace computes the synthesis from the live parameters
+    for net, x in ((_stack(), torch.randn(5, 16)),
+                   (replace_wrap.convert(torch.nn.Sequential(*[torch.nn.Conv2d(3, 3, 3, padding=1) for _ in range(5)]), every=2),
+                    torch.randn(2, 3, 6, 6))):
+        traced = torch.jit.trace(net, (x,))
+        x2 = torch.randn_like(x)
+        torch.testing.assert_close(traced(x2), net(x2), rtol=0, atol=0)
+        site = replace_wrap.report(net).replaced[0]
+        with torch.no_grad():
+            net.get_submodule(site.path).replacement.a.add_(0.5)  # the scalars are parameters of the trace
+        torch.testing.assert_close(traced(x2), net(x2), rtol=0, atol=0)
+        traced(x2).sum().backward()
+        assert net.get_submodule(site.path).replacement.a.grad is not None

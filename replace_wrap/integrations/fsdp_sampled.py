@@ -47,7 +47,7 @@ import torch.distributed as dist
 from torch import nn
 
 from ..synthesis.estimators import autocast_dtype, sample_units
-from ..synthesis.layer_kernels import SOURCES_ATTR, functorch_active
+from ..synthesis.layer_kernels import SOURCES_ATTR, generic_only
 from ..synthesis.kernels import first_order
 from ..synthesis.lean_layers import autocast_linear, autocast_off
 from . import fsdp_state
@@ -337,7 +337,7 @@ def sharded_linear(layer: nn.Module, x: torch.Tensor, transposed: bool) -> Any:
     src = layer.__dict__.get(SOURCES_ATTR, {}).get("weight")
     if src is None or not (fsdp_state.is_managed(src.prev) or fsdp_state.is_managed(src.next)):
         return NotImplemented
-    if torch.compiler.is_compiling() or functorch_active():  # as the layer kernels (layer_kernels.mix_source)
+    if torch.compiler.is_compiling() or generic_only():  # as the layer kernels (layer_kernels.mix_source)
         return NotImplemented
     plan = plan_for(layer, "weight", src)
     site = src.site

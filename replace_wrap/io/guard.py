@@ -28,8 +28,9 @@ from typing import Any
 
 from torch import nn
 
-from ..errors import StateDictError
+from ..errors import CompatibilityError, StateDictError
 from ..report import ConversionReport
+from ..surgery import swap
 from ..surgery.apply import sites
 from ..surgery.attachments import register_attachment
 from ..surgery.site import SITE_ATTR, ReplacementSite
@@ -111,6 +112,36 @@ def _remove_guard(model: nn.Module) -> None:
 @register_attachment("state_dict_guard", detach=_remove_guard)
 def _install_guard(model: nn.Module, report: ConversionReport) -> None:
     model.register_load_state_dict_pre_hook(_guard)
+
+
+def _remove_source_check(model: nn.Module) -> None:
+    hooks = model._state_dict_hooks
+    for key in [k for k, h in hooks.items() if getattr(h, "hook", h) is _check_sources]:
+        del hooks[key]
+
+
+@register_attachment("source_check", detach=_remove_source_check)
+def _install_source_check(model: nn.Module, report: ConversionReport) -> None:
+    model.register_state_dict_post_hook(_check_sources)
+
+
+def _check_sources(module: nn.Module, state_dict: dict[str, Any], prefix: str, local_metadata: Any) -> None:
+    # A replaced layer reads the neighbour layers it was converted with. If one left the model afterwards (a
+    # block swapped in, a layer quantized in place), the converted model still computes with it, but a state
+    # dict holds the new module: loaded, it would give another model. The post-hook of the converted module runs
+    # once every child has written its tensors, and refuses before anything is returned or saved.
+    modules = {id(m) for m in module.modules()}
+    tensors = {id(p) for p in module.parameters()}
+    for path, layer in module.named_modules():
+        missing = swap.sources_outside(layer, modules, tensors) if swap.is_swapped(layer) else []
+        if missing:
+            raise CompatibilityError(
+                f"cannot write a state dict of this converted model: its replaced layer {path!r} synthesizes its "
+                f"tensors from layers of {missing} that are no longer part of the model (a neighbour module was "
+                "replaced or quantized after convert), so the state dict would load as another model. Merge "
+                "first (replace_wrap.merge(model): the replaced blocks become plain layers holding what they "
+                "compute now), or convert the changed model again."
+            )
 
 
 _PREVIOUS = "_replace_wrap_config_previous"  # the config's own value of CONFIG_KEY before convert, if any

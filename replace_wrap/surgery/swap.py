@@ -34,7 +34,7 @@ from ..synthesis import builtin_kernels  # noqa: F401  registers the built-in la
 from ..synthesis.adapt import adapt_pair
 from ..synthesis.layer_kernels import CACHE_PREFIX, SOURCES_ATTR, TensorSource, kernel_for
 
-__all__ = ["base_class", "install", "is_swapped", "set_recompute", "uninstall"]
+__all__ = ["base_class", "install", "is_swapped", "set_recompute", "sources_outside", "uninstall"]
 
 # (base class, fused names, recompute) -> generated subclass; shared by every module with the same layout.
 _SWAPPED: dict[tuple[type, tuple[str, ...], bool], type] = {}
@@ -112,6 +112,7 @@ def _swapped_class(base: type, names: tuple[str, ...], recompute: bool = False) 
         namespace: dict[str, Any] = {name: property(_synthesized(name)) for name in names}
         namespace.update(
             forward=_forward(base, names, recompute),
+            __setattr__=_setattr(base, names),
             _rw_base=base,
             # Not a torch.nn module for torch.fx, so that tracing enters its forward (see _fx_call_module). A
             # block swapped only for recompute keeps its own module name.
@@ -144,6 +145,22 @@ def _synthesized(name: str) -> Any:
 
     fget.__name__ = name
     return fget
+
+
+def _setattr(base: type, names: tuple[str, ...]) -> Any:
+    # Assigning a synthesized name would fail inside torch (a Parameter: "attribute already exists"; a tensor:
+    # the property has no setter) with nothing said about why or what to do instead.
+    def __setattr__(self: nn.Module, name: str, value: Any) -> None:
+        if name in names:
+            raise CompatibilityError(
+                f"{name!r} of this replaced {base.__name__} is synthesized by replace_wrap from the neighbour blocks "
+                "on every read (a * prev + b * next), so it cannot be assigned; in-place writes to it (zero_(), "
+                "torch.nn.init, .data =) change a temporary and have no effect either. To give the layer its own "
+                f"{name!r}, merge first (replace_wrap.merge(model)) or revert (convert with keep_original=True)."
+            )
+        base.__setattr__(self, name, value)
+
+    return __setattr__
 
 
 def _forward(base: type, names: tuple[str, ...], recompute: bool) -> Any:
@@ -248,24 +265,40 @@ def _check_copy(layer: nn.Module) -> None:
     root = layer.__dict__.pop(_CHECK, None)
     if root is None:
         return
-    # What the synthesis reads must be tensors the copy holds (a GraphModule holds the scalars as its own
-    # parameters, not the site module, so parameters are compared, not modules).
-    inside = {id(p) for m in _modules_of(root) for p in m.parameters(recurse=False)}
-    for name, src in layer.__dict__[SOURCES_ATTR].items():
-        reads = (
-            (src.site.prev_path, [] if src.prev is None else [getattr(src.prev, name)]),
-            (src.site.next_path, [] if src.next is None else [getattr(src.next, name)]),
-            ("replacement", list(src.site.parameters())),
+    modules = list(_modules_of(root))
+    params = {id(p) for m in modules for p in m.parameters(recurse=False)}
+    missing = sources_outside(layer, {id(m) for m in modules}, params)
+    if missing:
+        layer.__dict__[_CHECK] = root  # every later use fails the same way
+        site = next(iter(layer.__dict__[SOURCES_ATTR].values())).site
+        raise CompatibilityError(
+            f"this replaced {type(layer).__name__} (a layer of the block between {site.prev_path!r} and "
+            f"{site.next_path!r}) was deep-copied without its neighbour block(s) {missing}: the copy would "
+            "compute with private copies of them that no model trains. Copy the whole model (or a module "
+            "holding the replaced block and both neighbours), or copy replace_wrap.merge(copy of the model). "
+            "Tools that copy a model and swap its layers (torch.ao.quantization.quantize_dynamic, module "
+            "surgery) need the plain model: merge first."
         )
-        missing = [path for path, tensors in reads if any(id(t) not in inside for t in tensors)]
-        if missing:
-            layer.__dict__[_CHECK] = root  # every later use fails the same way
-            raise CompatibilityError(
-                f"this replaced {type(layer).__name__} (a layer of the block between {src.site.prev_path!r} and "
-                f"{src.site.next_path!r}) was deep-copied without its neighbour block(s) {missing}: the copy would "
-                "compute with private copies of them that no model trains. Copy the whole model (or a module "
-                "holding the replaced block and both neighbours), or copy replace_wrap.merge(copy of the model)."
-            )
+
+
+def sources_outside(layer: nn.Module, modules: set[int], tensors: set[int]) -> list[str]:
+    """What ``layer`` synthesizes from that a model does not hold: the paths of the neighbour blocks (as recorded
+    at conversion; ``"replacement"`` for the scalars) some of whose layers or tensors are missing from ``modules``
+    and ``tensors`` (ids of the model's modules and parameters).
+
+    A side counts as held when its layer is one of the modules (a parametrized layer's tensor is computed on
+    access, so no parameter of the model is it) or its tensor one of the parameters (a GraphModule holds the
+    tensors a traced model read as its own parameters, not their modules).
+    """
+    missing: list[str] = []
+    for name, src in layer.__dict__.get(SOURCES_ATTR, {}).items():
+        sides = ((src.site.prev_path, src.prev), (src.site.next_path, src.next))
+        for path, leaf in sides:
+            if leaf is not None and id(leaf) not in modules and id(getattr(leaf, name)) not in tensors:
+                missing.append(path)
+        if id(src.site) not in modules and any(id(p) not in tensors for p in src.site.parameters()):
+            missing.append("replacement")
+    return sorted(set(missing), key=missing.index)
 
 
 def _modules_of(root: Any) -> Iterator[nn.Module]:

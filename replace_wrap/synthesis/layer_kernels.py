@@ -51,7 +51,7 @@ __all__ = [
     "LayerKernel",
     "MixSource",
     "TensorSource",
-    "functorch_active",
+    "generic_only",
     "kernel_for",
     "layer_route",
     "list_layer_kernels",
@@ -319,8 +319,8 @@ def mix_source(layer: nn.Module, name: str = "weight", bias: str | None = "bias"
         return None
     if is_managed(src.prev) or is_managed(src.next):  # FSDP2 (integrations/fsdp_synthesis.py): the neighbours
         return None  # may be sharded; the getter synthesizes from their shards, the generic path differentiates
-    if functorch_active():  # torch.func.grad / vmap / jvp: the kernels' autograd Functions define none of
-        return None  # their rules; the generic path is plain autograd, which every transform supports
+    if generic_only():  # torch.func transforms, torch.jit.trace: see there
+        return None
     detach = site.detach
     own = _own(src, name, detach)
     prev, nxt = _adapted(src, *own)
@@ -342,12 +342,17 @@ _STATIC = CACHE_PREFIX + "static_"
 _FUNCTORCH_ACTIVE = getattr(torch._C, "_are_functorch_transforms_active", None)  # private: absent, unknown
 
 
-def functorch_active() -> bool:
-    """Whether a ``torch.func`` transform (``grad``, ``vmap``, ``jvp``, ...) is running (never while compiling:
-    dynamo traces the transforms itself). Called on every replaced layer's forward: one C call."""
-    if _FUNCTORCH_ACTIVE is None or torch.compiler.is_compiling():
+def generic_only() -> bool:
+    """Whether the replaced layers must take the generic path (plain autograd of the synthesized tensors) now.
+
+    Under a ``torch.func`` transform (``grad``, ``vmap``, ``jvp``, ...): the kernels' autograd Functions define
+    none of its rules. Under ``torch.jit.trace`` (and the ONNX export that traces): the tracer cannot record
+    a Python autograd Function that saves non-tensor state. Never while compiling: dynamo traces the transforms
+    itself and compiles the kernels. Called on every replaced layer's forward: two C calls.
+    """
+    if torch.compiler.is_compiling():
         return False
-    return bool(_FUNCTORCH_ACTIVE())
+    return torch.jit.is_tracing() or (_FUNCTORCH_ACTIVE is not None and bool(_FUNCTORCH_ACTIVE()))
 
 
 def layer_route(
