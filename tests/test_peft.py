@@ -118,6 +118,35 @@ def test_save_pretrained_loads_exactly_both_ways(model, tmp_path):
     assert torch.equal(logits(plain), ref)
 
 
+def test_two_adapters_on_different_modules_each_load_exactly_both_ways(tmp_path):
+    # "default" wraps q_proj, "other" v_proj: the live model wraps both, and a replaced v_proj sits under
+    # other's LoRA wrapper. PEFT's loader of "default" alone has a plain v_proj: each adapter's file must name
+    # the replaced tensors as that loader looks them up, else they keep the base model's values silently.
+    converted = replace_wrap.convert(llama(), every=2)
+    model = rw_peft.get_peft_model(converted, peft.LoraConfig(target_modules=["q_proj"], r=4, init_lora_weights=False))
+    model.add_adapter("other", peft.LoraConfig(target_modules=["v_proj"], r=2, init_lora_weights=False))
+    with torch.no_grad():  # scalars away from their start, so the replaced layers differ from the base ones
+        for i, (_, _, site) in enumerate(replace_wrap.surgery.apply.sites(model)):
+            site.a.fill_(0.3 + 0.1 * i)
+            site.b.fill_(0.9 - 0.2 * i)
+    model.save_pretrained(tmp_path)
+    for name, directory in (("default", tmp_path), ("other", tmp_path / "other")):
+        model.set_adapter(name)
+        ref = logits(model)
+        plain = peft.PeftModel.from_pretrained(llama(), directory, adapter_name=name)
+        assert not any(".replacement." in n for n, _ in plain.named_parameters())
+        torch.testing.assert_close(logits(plain), ref, rtol=0, atol=1e-6, msg=name)
+        again = rw_peft.from_pretrained(llama(), directory, adapter_name=name)
+        torch.testing.assert_close(logits(again), ref, rtol=0, atol=1e-6, msg=name)
+    # the two adapters loaded one after the other into one plain base: each predicts as trained
+    both = peft.PeftModel.from_pretrained(llama(), tmp_path)
+    both.load_adapter(tmp_path / "other", adapter_name="other")
+    for name in ("default", "other"):
+        model.set_adapter(name)
+        both.set_adapter(name)
+        torch.testing.assert_close(logits(both), logits(model), rtol=0, atol=1e-6, msg=name)
+
+
 def test_from_pretrained_refuses_an_adapter_without_scalars(tmp_path):
     raw = peft.get_peft_model(replace_wrap.convert(llama(), every=2), lora())
     raw.save_pretrained(tmp_path)  # raw PEFT: no scalars in the adapter

@@ -189,18 +189,20 @@ class _PreparedPeftModel:
         if holder is not None and kwargs.get("is_main_process", True):
             names = kwargs.get("selected_adapters") or list(self.peft_config)
             for name in names:
-                _add_conversion(self, holder, Path(save_directory) if name == "default" else Path(save_directory) / name)
+                d = Path(save_directory) if name == "default" else Path(save_directory) / name
+                _add_conversion(self, holder, d, name)
         return out
 
 
-def _add_conversion(peft_model: nn.Module, holder: nn.Module, d: Path) -> None:
-    """Add the scalars and the synthesized tensors (PeftModel keys) to the adapter file; write the record."""
+def _add_conversion(peft_model: nn.Module, holder: nn.Module, d: Path, adapter: str) -> None:
+    """Add the scalars and the synthesized tensors to ``adapter``'s file, under the keys that PEFT's loader of
+    that adapter alone looks up (see :func:`_key_for_adapter`); write the record."""
     extra: dict[str, torch.Tensor] = {}
     with torch.no_grad():
         for path, block, site in sites(peft_model):
             extra.update({f"{path}.{SITE_ATTR}.{k}": v.detach() for k, v in site.state_dict().items()})
             for key, layer, name in located_tensors(block, site):
-                extra[f"{path}.{key}"] = getattr(layer, name).detach()
+                extra[_key_for_adapter(peft_model, f"{path}.{key}", adapter)] = getattr(layer, name).detach()
     safe = d / "adapter_model.safetensors"
     if safe.is_file():
         from safetensors.torch import load_file, save_file
@@ -212,6 +214,29 @@ def _add_conversion(peft_model: nn.Module, holder: nn.Module, d: Path) -> None:
         state = torch.load(path, map_location="cpu", weights_only=True) | {k: v.cpu() for k, v in extra.items()}
         torch.save(state, path)
     (d / RECORD_FILE).write_text(_record_json(holder))
+
+
+def _key_for_adapter(peft_model: nn.Module, key: str, adapter: str) -> str:
+    """``key`` (of the live ``peft_model``) as a model holding only ``adapter`` names it.
+
+    A tuner layer exists in the live model if any of its adapters targets the layer, but PEFT's loader of one
+    adapter wraps only that adapter's targets: where the live key passes through the ``base_layer`` of a tuner
+    layer that does not hold ``adapter`` (e.g. ``v_proj.base_layer.weight`` under another adapter's LoRA), the
+    loader's model has the plain layer (``v_proj.weight``). Under the live key PEFT would skip the tensor
+    silently (it loads with ``strict=False``) and the layer would keep the base model's value.
+    """
+    parts = key.split(".")
+    kept: list[str] = []
+    module = peft_model
+    for i, part in enumerate(parts):
+        names = getattr(module, "adapter_layer_names", None)  # a PEFT tuner layer (BaseTunerLayer)
+        if part == "base_layer" and names is not None and not any(adapter in getattr(module, n, ()) for n in names):
+            module = module.get_submodule(part)
+            continue
+        kept.append(part)
+        if i < len(parts) - 1:
+            module = module.get_submodule(part)
+    return ".".join(kept)
 
 
 def _record_json(holder: nn.Module) -> str:
