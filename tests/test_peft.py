@@ -185,6 +185,72 @@ def test_scalars_as_modules_to_save_are_refused():
         rw_peft.get_peft_model(converted, lora(modules_to_save=["replacement"]))
 
 
+def test_modules_to_save_inside_replaced_blocks_is_refused_up_front_and_leaves_the_model_unchanged(tmp_path):
+    # every block has a post_attention_layernorm; in the replaced blocks 1 and 3 it has no weight of its own
+    converted = replace_wrap.convert(llama(), every=2)
+    ref = logits(converted)  # (eval mode, before the snapshot)
+    before = state_snapshot(converted)
+    wanted = [
+        "modules_to_save cannot wrap a module of a replaced block",
+        "['model.layers.1.post_attention_layernorm', 'model.layers.3.post_attention_layernorm']",
+        "'model.layers.0.post_attention_layernorm'",  # the next step: the kept neighbour's, by full path
+        "replace_wrap.merge(model) first",
+        "The model was left unchanged",
+    ]
+    with pytest.raises(replace_wrap.IntegrationError) as err:
+        rw_peft.get_peft_model(converted, lora(modules_to_save=["post_attention_layernorm"]))
+    assert all(w in str(err.value) for w in wanted), str(err.value)
+    assert_same_state(before, state_snapshot(converted))
+    assert not any(isinstance(m, peft.tuners.tuners_utils.BaseTunerLayer) for m in converted.modules())
+    assert torch.equal(logits(converted), ref)
+    with pytest.raises(replace_wrap.IntegrationError, match=r"holding the replaced block\(s\) \['model.layers.1', "):
+        rw_peft.get_peft_model(converted, lora(modules_to_save=["layers"]))  # a copy of all the blocks
+    # the same through plain PEFT, then prepare: refused, the PEFT model is left unprepared (it refuses to run)
+    raw = peft.get_peft_model(converted, lora(modules_to_save=["post_attention_layernorm"]))
+    with pytest.raises(replace_wrap.IntegrationError, match=r"'base_model.model.model.layers.1.post_attention_layernorm'.*left unprepared"):
+        rw_peft.prepare(raw)
+    with pytest.raises(replace_wrap.IntegrationError, match="replace_wrap.integrations.peft.prepare"):
+        raw(input_ids=X)
+    # a second adapter added to a prepared model (add_adapter, also load_adapter's way): refused before PEFT wraps
+    model = rw_peft.get_peft_model(replace_wrap.convert(llama(), every=2), lora())
+    before = state_snapshot(model)
+    with pytest.raises(replace_wrap.IntegrationError, match="modules_to_save cannot wrap a module of a replaced"):
+        model.add_adapter("other", lora(modules_to_save=["post_attention_layernorm"]))
+    assert list(model.peft_config) == ["default"]
+    assert_same_state(before, state_snapshot(model))
+
+
+def test_modules_to_save_on_a_kept_neighbour_trains_saves_and_merges_exactly(tmp_path):
+    model = rw_peft.get_peft_model(
+        replace_wrap.convert(llama(), every=2), lora(modules_to_save=["model.layers.0.post_attention_layernorm"])
+    )
+    norm = model.base_model.model.model.layers[0].post_attention_layernorm
+    assert isinstance(norm, peft.utils.ModulesToSaveWrapper)
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():  # the trained copy and the scalars away from their start
+        norm.modules_to_save["default"].weight.copy_(torch.rand(32, generator=g) + 0.5)
+        for _, _, site in replace_wrap.surgery.apply.sites(model):
+            site.a.fill_(0.3)
+            site.b.fill_(0.8)
+    ref = logits(model)
+    # the oracle, by hand: a plain model with the copy's norm in block 0, and blocks 1 and 3 mixed from their
+    # neighbours' base tensors (a replaced block reads the neighbour's original, as it reads LoRA's base_layer;
+    # LoRA starts at zero, so it adds nothing)
+    oracle = llama()
+    base = {k: v.clone() for k, v in oracle.state_dict().items()}
+    state = dict(base, **{"model.layers.0.post_attention_layernorm.weight": norm.modules_to_save["default"].weight})
+    for i in (1, 3):
+        for k in [k for k in base if k.startswith(f"model.layers.{i}.")]:
+            rest = k[len(f"model.layers.{i}."):]
+            state[k] = 0.3 * base[f"model.layers.{i - 1}.{rest}"] + 0.8 * base[f"model.layers.{i + 1}.{rest}"]
+    oracle.load_state_dict(state)
+    torch.testing.assert_close(ref, logits(oracle), rtol=0, atol=TOL["oracle"])
+    model.save_pretrained(tmp_path)
+    torch.testing.assert_close(logits(peft.PeftModel.from_pretrained(llama(), tmp_path)), ref, rtol=0, atol=1e-6)
+    torch.testing.assert_close(logits(rw_peft.from_pretrained(llama(), tmp_path)), ref, rtol=0, atol=1e-6)
+    torch.testing.assert_close(logits(copy.deepcopy(model).merge_and_unload()), ref, rtol=0, atol=TOL["merge"])
+
+
 def test_get_peft_model_needs_a_converted_model():
     with pytest.raises(replace_wrap.NotConvertedError, match="peft.get_peft_model is all you need"):
         rw_peft.get_peft_model(llama(), lora())
