@@ -118,6 +118,35 @@ def test_save_pretrained_loads_exactly_both_ways(model, tmp_path):
     assert torch.equal(logits(plain), ref)
 
 
+def test_two_adapters_on_different_modules_each_load_exactly_both_ways(tmp_path):
+    # "default" wraps q_proj, "other" v_proj: the live model wraps both, and a replaced v_proj sits under
+    # other's LoRA wrapper. PEFT's loader of "default" alone has a plain v_proj: each adapter's file must name
+    # the replaced tensors as that loader looks them up, else they keep the base model's values silently.
+    converted = replace_wrap.convert(llama(), every=2)
+    model = rw_peft.get_peft_model(converted, peft.LoraConfig(target_modules=["q_proj"], r=4, init_lora_weights=False))
+    model.add_adapter("other", peft.LoraConfig(target_modules=["v_proj"], r=2, init_lora_weights=False))
+    with torch.no_grad():  # scalars away from their start, so the replaced layers differ from the base ones
+        for i, (_, _, site) in enumerate(replace_wrap.surgery.apply.sites(model)):
+            site.a.fill_(0.3 + 0.1 * i)
+            site.b.fill_(0.9 - 0.2 * i)
+    model.save_pretrained(tmp_path)
+    for name, directory in (("default", tmp_path), ("other", tmp_path / "other")):
+        model.set_adapter(name)
+        ref = logits(model)
+        plain = peft.PeftModel.from_pretrained(llama(), directory, adapter_name=name)
+        assert not any(".replacement." in n for n, _ in plain.named_parameters())
+        torch.testing.assert_close(logits(plain), ref, rtol=0, atol=1e-6, msg=name)
+        again = rw_peft.from_pretrained(llama(), directory, adapter_name=name)
+        torch.testing.assert_close(logits(again), ref, rtol=0, atol=1e-6, msg=name)
+    # the two adapters loaded one after the other into one plain base: each predicts as trained
+    both = peft.PeftModel.from_pretrained(llama(), tmp_path)
+    both.load_adapter(tmp_path / "other", adapter_name="other")
+    for name in ("default", "other"):
+        model.set_adapter(name)
+        both.set_adapter(name)
+        torch.testing.assert_close(logits(both), logits(model), rtol=0, atol=1e-6, msg=name)
+
+
 def test_from_pretrained_refuses_an_adapter_without_scalars(tmp_path):
     raw = peft.get_peft_model(replace_wrap.convert(llama(), every=2), lora())
     raw.save_pretrained(tmp_path)  # raw PEFT: no scalars in the adapter
@@ -154,6 +183,72 @@ def test_scalars_as_modules_to_save_are_refused():
     converted = replace_wrap.convert(llama(), every=2)
     with pytest.raises(replace_wrap.IntegrationError, match="modules_to_save"):
         rw_peft.get_peft_model(converted, lora(modules_to_save=["replacement"]))
+
+
+def test_modules_to_save_inside_replaced_blocks_is_refused_up_front_and_leaves_the_model_unchanged(tmp_path):
+    # every block has a post_attention_layernorm; in the replaced blocks 1 and 3 it has no weight of its own
+    converted = replace_wrap.convert(llama(), every=2)
+    ref = logits(converted)  # (eval mode, before the snapshot)
+    before = state_snapshot(converted)
+    wanted = [
+        "modules_to_save cannot wrap a module of a replaced block",
+        "['model.layers.1.post_attention_layernorm', 'model.layers.3.post_attention_layernorm']",
+        "'model.layers.0.post_attention_layernorm'",  # the next step: the kept neighbour's, by full path
+        "replace_wrap.merge(model) first",
+        "The model was left unchanged",
+    ]
+    with pytest.raises(replace_wrap.IntegrationError) as err:
+        rw_peft.get_peft_model(converted, lora(modules_to_save=["post_attention_layernorm"]))
+    assert all(w in str(err.value) for w in wanted), str(err.value)
+    assert_same_state(before, state_snapshot(converted))
+    assert not any(isinstance(m, peft.tuners.tuners_utils.BaseTunerLayer) for m in converted.modules())
+    assert torch.equal(logits(converted), ref)
+    with pytest.raises(replace_wrap.IntegrationError, match=r"holding the replaced block\(s\) \['model.layers.1', "):
+        rw_peft.get_peft_model(converted, lora(modules_to_save=["layers"]))  # a copy of all the blocks
+    # the same through plain PEFT, then prepare: refused, the PEFT model is left unprepared (it refuses to run)
+    raw = peft.get_peft_model(converted, lora(modules_to_save=["post_attention_layernorm"]))
+    with pytest.raises(replace_wrap.IntegrationError, match=r"'base_model.model.model.layers.1.post_attention_layernorm'.*left unprepared"):
+        rw_peft.prepare(raw)
+    with pytest.raises(replace_wrap.IntegrationError, match="replace_wrap.integrations.peft.prepare"):
+        raw(input_ids=X)
+    # a second adapter added to a prepared model (add_adapter, also load_adapter's way): refused before PEFT wraps
+    model = rw_peft.get_peft_model(replace_wrap.convert(llama(), every=2), lora())
+    before = state_snapshot(model)
+    with pytest.raises(replace_wrap.IntegrationError, match="modules_to_save cannot wrap a module of a replaced"):
+        model.add_adapter("other", lora(modules_to_save=["post_attention_layernorm"]))
+    assert list(model.peft_config) == ["default"]
+    assert_same_state(before, state_snapshot(model))
+
+
+def test_modules_to_save_on_a_kept_neighbour_trains_saves_and_merges_exactly(tmp_path):
+    model = rw_peft.get_peft_model(
+        replace_wrap.convert(llama(), every=2), lora(modules_to_save=["model.layers.0.post_attention_layernorm"])
+    )
+    norm = model.base_model.model.model.layers[0].post_attention_layernorm
+    assert isinstance(norm, peft.utils.ModulesToSaveWrapper)
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():  # the trained copy and the scalars away from their start
+        norm.modules_to_save["default"].weight.copy_(torch.rand(32, generator=g) + 0.5)
+        for _, _, site in replace_wrap.surgery.apply.sites(model):
+            site.a.fill_(0.3)
+            site.b.fill_(0.8)
+    ref = logits(model)
+    # the oracle, by hand: a plain model with the copy's norm in block 0, and blocks 1 and 3 mixed from their
+    # neighbours' base tensors (a replaced block reads the neighbour's original, as it reads LoRA's base_layer;
+    # LoRA starts at zero, so it adds nothing)
+    oracle = llama()
+    base = {k: v.clone() for k, v in oracle.state_dict().items()}
+    state = dict(base, **{"model.layers.0.post_attention_layernorm.weight": norm.modules_to_save["default"].weight})
+    for i in (1, 3):
+        for k in [k for k in base if k.startswith(f"model.layers.{i}.")]:
+            rest = k[len(f"model.layers.{i}."):]
+            state[k] = 0.3 * base[f"model.layers.{i - 1}.{rest}"] + 0.8 * base[f"model.layers.{i + 1}.{rest}"]
+    oracle.load_state_dict(state)
+    torch.testing.assert_close(ref, logits(oracle), rtol=0, atol=TOL["oracle"])
+    model.save_pretrained(tmp_path)
+    torch.testing.assert_close(logits(peft.PeftModel.from_pretrained(llama(), tmp_path)), ref, rtol=0, atol=1e-6)
+    torch.testing.assert_close(logits(rw_peft.from_pretrained(llama(), tmp_path)), ref, rtol=0, atol=1e-6)
+    torch.testing.assert_close(logits(copy.deepcopy(model).merge_and_unload()), ref, rtol=0, atol=TOL["merge"])
 
 
 def test_get_peft_model_needs_a_converted_model():

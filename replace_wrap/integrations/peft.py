@@ -18,6 +18,7 @@ and PEFT's own calls know nothing of replaced layers. :func:`get_peft_model` (or
   neighbours' weights would otherwise change the replaced blocks, which read them, and a LoRA delta merged into
   a synthesized weight would be lost;
 - ``merge_adapter()`` (reversible merge) refuses while blocks are replaced, for the same reason;
+- ``modules_to_save`` may name only modules outside the replaced blocks (:mod:`.peft_wrapping` says why);
 - ``save_pretrained`` also writes the scalars, the replaced tensors' synthesized values and the conversion
   record (``replace_wrap.json``) into the adapter, so ``PeftModel.from_pretrained`` on a plain base model gives
   the plain model that predicts the same, and :func:`from_pretrained` rebuilds the converted one.
@@ -47,6 +48,9 @@ from ..surgery.apply import located_tensors, sites
 from ..surgery.attachments import register_attachment
 from ..surgery.site import SITE_ATTR, ReplacementSite
 from ..io.record import RECORD_FILE, ConversionRecord, read_record
+from .peft_wrapping import (
+    SCALARS_WRAPPED, matched_paths, refuse_modules_to_save, refuse_wrapped, replaced_blocks, saved_modules_to_save,
+)
 
 __all__ = ["from_pretrained", "get_peft_model", "prepare"]
 
@@ -75,6 +79,7 @@ def get_peft_model(model: nn.Module, peft_config: Any, **kwargs: Any) -> nn.Modu
             f"{type(model).__name__} is not converted: replace_wrap.convert(model, ...) first, then this function "
             "(for a plain model, peft.get_peft_model is all you need)"
         )
+    refuse_modules_to_save(model, peft_config, "base_model.model")  # before PEFT touches the model
     import peft
 
     return prepare(peft.get_peft_model(model, peft_config, **kwargs))
@@ -92,8 +97,9 @@ def prepare(peft_model: nn.Module, *, train_scalars: bool = True) -> nn.Module:
 
     Raises:
         NotConvertedError: If the model inside ``peft_model`` is not converted.
-        IntegrationError: If ``peft_model`` is no PEFT model, or PEFT wrapped the scalars themselves
-            (``modules_to_save=["replacement"]``: PEFT would train a copy that the replaced blocks never read).
+        IntegrationError: If ``peft_model`` is no PEFT model, or ``modules_to_save`` wrapped the scalars
+            (``"replacement"``: PEFT would train a copy that the replaced blocks never read) or another module
+            of a replaced block (its copy would have no weights of its own); ``peft_model`` is left as it was.
     """
     tuner = getattr(peft_model, "base_model", None)
     if not (hasattr(peft_model, "peft_config") and hasattr(tuner, "_unload_and_optionally_merge")):
@@ -103,13 +109,12 @@ def prepare(peft_model: nn.Module, *, train_scalars: bool = True) -> nn.Module:
     holder = converted_module(peft_model)
     if holder is None:
         raise NotConvertedError(f"the model inside this {type(peft_model).__name__} is not converted")
+    left = "The PEFT model was left unprepared."
     for path, module in peft_model.named_modules():
         if isinstance(getattr(module, "original_module", None), ReplacementSite):
-            raise IntegrationError(
-                f"PEFT wraps the scalars of a replaced block ({path!r}, modules_to_save): it would train and save a "
-                "copy that the replaced block never reads. Drop 'replacement' from modules_to_save; prepare() "
-                "trains the scalars and save_pretrained saves them."
-            )
+            raise IntegrationError(SCALARS_WRAPPED.format(path=path, left=left))
+    wrapped = [path for path, module in peft_model.named_modules() if hasattr(module, "original_module")]
+    refuse_wrapped(wrapped, replaced_blocks(peft_model), left)
     if train_scalars:
         for _, _, site in sites(peft_model):
             site.requires_grad_(True)
@@ -139,6 +144,8 @@ def from_pretrained(model: nn.Module, directory: str | Path, *, is_trainable: bo
 
     d = Path(directory)
     record = read_record(d)
+    wrapped = matched_paths(model, saved_modules_to_save(d), "base_model.model")  # before converting the model
+    refuse_wrapped(wrapped, {b.path: b.prev for b in record.blocks}, "The model was left unchanged.")
     holder = converted_module(model)
     if holder is None:
         record.apply(model)
@@ -181,7 +188,12 @@ class _PreparedTuner:
 
 
 class _PreparedPeftModel:
-    """Mixed into ``PeftModel``: ``save_pretrained`` also writes the conversion (see :func:`_add_conversion`)."""
+    """Mixed into ``PeftModel``: ``save_pretrained`` also writes the conversion (see :func:`_add_conversion`);
+    ``add_adapter`` (also what ``load_adapter`` calls) checks ``modules_to_save`` first."""
+
+    def add_adapter(self, adapter_name: str, peft_config: Any, *args: Any, **kwargs: Any) -> Any:
+        refuse_modules_to_save(self, peft_config, "")
+        return super().add_adapter(adapter_name, peft_config, *args, **kwargs)
 
     def save_pretrained(self, save_directory: str, *args: Any, **kwargs: Any) -> Any:
         out = super().save_pretrained(save_directory, *args, **kwargs)
@@ -189,18 +201,20 @@ class _PreparedPeftModel:
         if holder is not None and kwargs.get("is_main_process", True):
             names = kwargs.get("selected_adapters") or list(self.peft_config)
             for name in names:
-                _add_conversion(self, holder, Path(save_directory) if name == "default" else Path(save_directory) / name)
+                d = Path(save_directory) if name == "default" else Path(save_directory) / name
+                _add_conversion(self, holder, d, name)
         return out
 
 
-def _add_conversion(peft_model: nn.Module, holder: nn.Module, d: Path) -> None:
-    """Add the scalars and the synthesized tensors (PeftModel keys) to the adapter file; write the record."""
+def _add_conversion(peft_model: nn.Module, holder: nn.Module, d: Path, adapter: str) -> None:
+    """Add the scalars and the synthesized tensors to ``adapter``'s file, under the keys that PEFT's loader of
+    that adapter alone looks up (see :func:`_key_for_adapter`); write the record."""
     extra: dict[str, torch.Tensor] = {}
     with torch.no_grad():
         for path, block, site in sites(peft_model):
             extra.update({f"{path}.{SITE_ATTR}.{k}": v.detach() for k, v in site.state_dict().items()})
             for key, layer, name in located_tensors(block, site):
-                extra[f"{path}.{key}"] = getattr(layer, name).detach()
+                extra[_key_for_adapter(peft_model, f"{path}.{key}", adapter)] = getattr(layer, name).detach()
     safe = d / "adapter_model.safetensors"
     if safe.is_file():
         from safetensors.torch import load_file, save_file
@@ -212,6 +226,29 @@ def _add_conversion(peft_model: nn.Module, holder: nn.Module, d: Path) -> None:
         state = torch.load(path, map_location="cpu", weights_only=True) | {k: v.cpu() for k, v in extra.items()}
         torch.save(state, path)
     (d / RECORD_FILE).write_text(_record_json(holder))
+
+
+def _key_for_adapter(peft_model: nn.Module, key: str, adapter: str) -> str:
+    """``key`` (of the live ``peft_model``) as a model holding only ``adapter`` names it.
+
+    A tuner layer exists in the live model if any of its adapters targets the layer, but PEFT's loader of one
+    adapter wraps only that adapter's targets: where the live key passes through the ``base_layer`` of a tuner
+    layer that does not hold ``adapter`` (e.g. ``v_proj.base_layer.weight`` under another adapter's LoRA), the
+    loader's model has the plain layer (``v_proj.weight``). Under the live key PEFT would skip the tensor
+    silently (it loads with ``strict=False``) and the layer would keep the base model's value.
+    """
+    parts = key.split(".")
+    kept: list[str] = []
+    module = peft_model
+    for i, part in enumerate(parts):
+        names = getattr(module, "adapter_layer_names", None)  # a PEFT tuner layer (BaseTunerLayer)
+        if part == "base_layer" and names is not None and not any(adapter in getattr(module, n, ()) for n in names):
+            module = module.get_submodule(part)
+            continue
+        kept.append(part)
+        if i < len(parts) - 1:
+            module = module.get_submodule(part)
+    return ".".join(kept)
 
 
 def _record_json(holder: nn.Module) -> str:
