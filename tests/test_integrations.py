@@ -242,3 +242,91 @@ def test_accelerate_ddp_two_processes(tmp_path):
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     assert "DistributedType.MULTI_CPU on 2 process(es)" in proc.stdout
     _check_accelerate_run(tmp_path, 2)
+
+
+# --- Accelerate offloading: refused with the next step, never a raw device error ------------------------------
+
+_REFUSED_OFFLOAD = r"cannot run offloaded.*plain loader.*LlamaForCausalLM\.from_pretrained\(directory, device_map"
+_DISK_MAP = {"model.embed_tokens": "cpu", "model.layers.0": "disk", "model.layers.1": "cpu", "model.layers.2": "disk",
+             "model.layers.3": "cpu", "model.layers.4": "cpu", "model.norm": "cpu", "model.rotary_emb": "cpu",
+             "lm_head": "cpu"}
+
+
+def _trained_llama():
+    model = _llama().eval()
+    with torch.no_grad():  # scalars away from their init, so a wrong synthesis would show
+        model.model.layers[1].replacement.a.fill_(0.3)
+        model.model.layers[3].replacement.b.fill_(0.8)
+    return model
+
+
+def test_from_pretrained_refuses_offloading_device_maps_and_loads_the_others_exactly(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("accelerate")
+    model = _trained_llama()
+    model.save_pretrained(tmp_path / "ckpt")
+    x = torch.tensor([[3, 5, 7, 11, 13, 17]])
+    with torch.no_grad():
+        ref = model(input_ids=x).logits
+    load = lambda **kw: replace_wrap.from_pretrained(transformers.LlamaForCausalLM, tmp_path / "ckpt", **kw)  # noqa: E731
+    # An explicit map is refused before anything is read: the cpu entries next to device 0 would be offloaded
+    # (and this machine needs no GPU for the refusal)
+    with pytest.raises(replace_wrap.CompatibilityError, match=r"offloads \['model.layers.0', 'model.layers.2'\]"):
+        load(device_map=_DISK_MAP, offload_folder=str(tmp_path / "off"))
+    with pytest.raises(replace_wrap.CompatibilityError, match=r"offloads \['model.embed_tokens', 'lm_head'\]"):
+        load(device_map={"model.embed_tokens": "cpu", "model": 0, "lm_head": "cpu"})
+    with pytest.raises(replace_wrap.CompatibilityError, match=_REFUSED_OFFLOAD):  # "auto": known once placed
+        load(device_map="auto", max_memory={"cpu": "60KB"}, offload_folder=str(tmp_path / "off2"))
+    # Maps that keep every module on a real device load the converted model exactly
+    for device_map in ("cpu", {"model": "cpu", "lm_head": "cpu"}):
+        twin = load(device_map=device_map).eval()
+        assert replace_wrap.scalars(twin) == replace_wrap.scalars(model)
+        with torch.no_grad():
+            torch.testing.assert_close(twin(input_ids=x).logits, ref, rtol=0, atol=0)
+    # The next step the message names: the plain loader offloads and predicts the same
+    plain = transformers.LlamaForCausalLM.from_pretrained(
+        tmp_path / "ckpt", device_map=_DISK_MAP, offload_folder=str(tmp_path / "off3")).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(plain(input_ids=x).logits, ref)
+
+
+def test_accelerate_offload_hooks_are_refused_naming_the_neighbour_and_merge_offloads(tmp_path):
+    accelerate = pytest.importorskip("accelerate")
+    import copy
+
+    model = _trained_llama()
+    x = torch.tensor([[3, 5, 7, 11, 13, 17]])
+    with torch.no_grad():
+        ref = model(input_ids=x).logits
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    offloaded = [accelerate.cpu_offload(copy.deepcopy(model), execution_device="cpu"),
+                 accelerate.disk_offload(copy.deepcopy(model), str(tmp_path / "disk"), execution_device="cpu")]
+    for off in offloaded:
+        with pytest.raises(replace_wrap.CompatibilityError, match=(
+            r"block between 'model.layers.0' and 'model.layers.2'\) synthesizes 'input_layernorm.weight' from "
+            r"model.layers.0.input_layernorm.weight, which is on the meta device: offloaded by accelerate.*"
+            r"replace_wrap.merge\(model\) first")), torch.no_grad():
+            off(input_ids=x)
+        assert "LlamaRMSNorm((32,), eps=1e-06)" in repr(off)  # printing an offloaded model never synthesizes
+    _same_states(before, model.state_dict())  # the model offloaded copies of is untouched
+    plain = accelerate.cpu_offload(replace_wrap.merge(copy.deepcopy(model)), execution_device="cpu")
+    with torch.no_grad():
+        torch.testing.assert_close(plain(input_ids=x).logits, ref)
+
+
+def test_meta_neighbours_of_a_model_partly_loaded_are_refused_and_a_model_wholly_on_meta_still_runs():
+    transformers = pytest.importorskip("transformers")
+    with torch.device("meta"):
+        model = _llama()
+    ids = torch.tensor([[3, 5, 7]])
+    assert model(input_ids=ids.to("meta")).logits.is_meta  # shapes only: synthesized on meta, as before
+    assert model.model.layers[1].input_layernorm.weight.is_meta
+    # Half loaded: the first neighbour is real, the rest is not (init_empty_weights, then a partial load)
+    model.model.layers[0].to_empty(device="cpu")
+    text = repr(model)  # printing synthesizes nothing, so a half-loaded model prints
+    assert "(input_layernorm): LlamaRMSNorm((32,), eps=1e-06)" in text
+    with pytest.raises(replace_wrap.CompatibilityError, match=(
+        r"synthesizes 'input_layernorm.weight' from model.layers.2.input_layernorm.weight, which is on the meta "
+        r"device while the other neighbour or the block's scalars are not.*never \(wholly\) loaded.*to_empty")):
+        model.model.layers[1].input_layernorm.weight
+    assert isinstance(model, transformers.LlamaForCausalLM)

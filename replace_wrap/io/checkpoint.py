@@ -16,7 +16,7 @@ from typing import Any, TypeVar
 import torch
 from torch import nn
 
-from ..errors import AlreadyConvertedError, ConfigError, StateDictError
+from ..errors import AlreadyConvertedError, CompatibilityError, ConfigError, StateDictError
 from ..surgery.site import SITE_ATTR
 from .guard import converted
 from .plain import converted_only
@@ -135,6 +135,8 @@ def from_pretrained(cls: type[M], directory: str | Path, *, example_inputs: Any 
 
     Raises:
         StateDictError: If the directory holds no conversion record, or the checkpoint lacks the scalars.
+        CompatibilityError: If ``device_map`` offloads modules (to "disk", or to the cpu next to an
+            accelerator): a converted model cannot run offloaded; load the plain model instead.
 
     Example:
         >>> import tempfile, torch, replace_wrap
@@ -155,6 +157,7 @@ def from_pretrained(cls: type[M], directory: str | Path, *, example_inputs: Any 
             "hub checkpoint first, e.g. huggingface_hub.snapshot_download)"
         )
     record = read_record(d)
+    _refuse_offload(cls, d, kwargs.get("device_map"), [])  # an explicit map: refused before anything is read
     want_info = kwargs.pop("output_loading_info", False)
     sub = _converting_subclass(cls, record, example_inputs)
     # Hugging Face loads by the keys of the model's state dict: the converted model's own keys (scalars, no
@@ -165,6 +168,8 @@ def from_pretrained(cls: type[M], directory: str | Path, *, example_inputs: Any 
     if type(model) is sub:
         model.__class__ = cls  # the subclass only hooked construction; the model is a plain cls again
         model.__dict__.pop("_keys_to_ignore_on_load_unexpected", None)  # post_init copied the subclass's list
+    # "auto", "balanced", max_memory=...: what is offloaded is known once Hugging Face has placed the model
+    _refuse_offload(cls, d, getattr(model, "hf_device_map", None), [n for n, p in model.named_parameters() if p.is_meta])
     missing = [k for k in info.get("missing_keys", ()) if f".{SITE_ATTR}." in f".{k}"]
     if missing:
         raise StateDictError(
@@ -172,6 +177,34 @@ def from_pretrained(cls: type[M], directory: str | Path, *, example_inputs: Any 
             "config.json records a conversion: it was not saved from the converted model"
         )
     return (model, info) if want_info else model
+
+
+def _offloaded(device_map: Any) -> list[str]:
+    """Modules a device map offloads: "disk" entries, and "cpu" entries next to an accelerator (accelerate then
+    keeps their weights on the cpu and moves them in for each forward through its hooks)."""
+    if not isinstance(device_map, Mapping):
+        return []  # "auto", "cpu", a device: nothing known before loading
+    places = {k: str(v) for k, v in device_map.items()}
+    accelerator = any(v not in ("cpu", "disk", "meta") for v in places.values())
+    return [k for k, v in places.items() if v == "disk" or (accelerator and v == "cpu")]
+
+
+def _refuse_offload(cls: type, d: Path, device_map: Any, meta: list[str]) -> None:
+    # Offloading hooks keep a module's weights on the meta device until that module's own forward; a replaced
+    # block reads its neighbours' weights outside their forward, so the converted model cannot run offloaded.
+    offloaded = _offloaded(device_map) or meta
+    if not offloaded:
+        return
+    raise CompatibilityError(
+        f"replace_wrap.from_pretrained({cls.__name__}, {str(d)!r}) with this device_map offloads "
+        f"{offloaded[:4]}{f' and {len(offloaded) - 4} more' if len(offloaded) > 4 else ''} (disk, or cpu next to "
+        "an accelerator): a converted model cannot run offloaded, since accelerate keeps an offloaded module's "
+        "weights on the meta device until its own forward and a replaced block reads its neighbours' weights "
+        f"outside their forward. Load the checkpoint with the plain loader instead, {cls.__name__}.from_pretrained"
+        "(directory, device_map=...): every checkpoint of a converted model is a plain one that predicts exactly "
+        "the same, and it offloads (replace_wrap.merge gives that plain model from a converted one); or keep the "
+        "whole model on real devices (no 'disk' entries or cpu offload; enough max_memory)."
+    )
 
 
 def _unshared(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:

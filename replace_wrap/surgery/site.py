@@ -9,6 +9,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..integrations.fsdp_state import held_values
 from ..synthesis.rules import get_rule, is_linear_mix
 
 __all__ = ["LIVE_SITES", "SITE_ATTR", "ReplacementSite"]
@@ -114,6 +115,7 @@ class ReplacementSite(nn.Module):
         return self
 
     def extra_repr(self) -> str:
-        a, b = (t.detach().float() for t in self.coefficients())
+        # held values: NaN on meta (a meta or offloaded model prints), no collective for FSDP2 shards
+        a, b = (held_values(t.detach()).float() for t in self.coefficients())
         ab = f"a={a.item():.4g}, b={b.item():.4g}" if a.numel() == 1 else f"a.mean={a.mean():.4g}, b.mean={b.mean():.4g}"
         return f"rule={self.rule!r}, tensors={len(self.tensor_names)}, {ab}, prev={self.prev_path!r}, next={self.next_path!r}"

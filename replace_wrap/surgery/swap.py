@@ -110,6 +110,8 @@ def _swapped_class(base: type, names: tuple[str, ...], recompute: bool = False) 
     cls = _SWAPPED.get(key)
     if cls is None:
         namespace: dict[str, Any] = {name: property(_synthesized(name)) for name in names}
+        if names:  # printing never synthesizes (see _extra_repr)
+            namespace["extra_repr"] = _extra_repr(base)
         namespace.update(
             forward=_forward(base, names, recompute),
             __setattr__=_setattr(base, names),
@@ -131,6 +133,8 @@ def _synthesized(name: str) -> Any:
     def fget(self: nn.Module) -> torch.Tensor:
         state = self.__dict__
         src = state[SOURCES_ATTR][name]
+        if _PRINTING in state:  # inside extra_repr: a shape-only stand-in, nothing read or computed
+            return _stand_in(src, name)
         if _CHECK in state or "_is_replica" in state:  # a deep copy (checked once) or a DataParallel replica
             _check_copy(self)
         sharded = fsdp_synthesis.synthesize(self, name, src)  # FSDP2 units: from the neighbours' shards
@@ -138,9 +142,14 @@ def _synthesized(name: str) -> Any:
             return sharded
         site, k, prev, nxt, prev_adapter, next_adapter = src
         if not src.adapted:  # same shapes: no adapter call, nothing allocated
-            return site.synthesize(k, getattr(prev, name), getattr(nxt, name))
+            p, n = getattr(prev, name), getattr(nxt, name)
+            if p.is_meta or n.is_meta:  # two flag reads on every synthesis; the check itself only on meta
+                _check_meta(self, src, p, n)
+            return site.synthesize(k, p, n)
         p = None if prev is None else getattr(prev, name)
         n = None if nxt is None else getattr(nxt, name)
+        if (p is not None and p.is_meta) or (n is not None and n.is_meta):
+            _check_meta(self, src, p, n)
         return site.synthesize(k, *adapt_pair(p, n, prev_adapter, next_adapter))
 
     fget.__name__ = name
@@ -161,6 +170,73 @@ def _setattr(base: type, names: tuple[str, ...]) -> Any:
         base.__setattr__(self, name, value)
 
     return __setattr__
+
+
+_PRINTING = "_rw_printing"  # set on a layer while its extra_repr runs
+
+
+def _extra_repr(base: type) -> Any:
+    # A base extra_repr may read a synthesized tensor (LlamaRMSNorm prints weight.shape). Printing must not
+    # synthesize: it would cost a weight per print and fail on a half-loaded model, e.g. inside accelerate's
+    # own error message for a module it cannot load. The properties give shape-only meta stand-ins meanwhile.
+    def extra_repr(self: nn.Module) -> str:
+        object.__setattr__(self, _PRINTING, True)
+        try:
+            return base.extra_repr(self)
+        except Exception:  # a base that reads values (meta has none): print without its details
+            return f"synthesized: {', '.join(sorted(self.__dict__[SOURCES_ATTR]))}"
+        finally:
+            self.__dict__.pop(_PRINTING, None)
+
+    return extra_repr
+
+
+def _stand_in(src: TensorSource, name: str) -> torch.Tensor:
+    """A meta tensor with the synthesized tensor's shape and dtype (no read of any value, no allocation)."""
+    side = getattr(src.prev, name) if src.prev is not None else getattr(src.next, name)
+    shape = (src.prev_adapter or src.next_adapter).target if src.adapted else side.shape
+    return torch.empty(shape, dtype=side.dtype, device="meta")
+
+
+_ACCELERATE_HOOK = "_hf_hook"  # the attribute accelerate's add_hook_to_module sets on a hooked module
+
+
+def _check_meta(layer: nn.Module, src: TensorSource, p: torch.Tensor | None, n: torch.Tensor | None) -> None:
+    """Refuse to synthesize from a neighbour tensor on the meta device unless the whole computation is on meta.
+
+    A model wholly on meta (meta init, shape inference, FSDP's meta init) synthesizes meta tensors as usual.
+    But accelerate's offloading (cpu_offload, disk_offload, a device_map with "disk" or offloaded "cpu"
+    entries) keeps a module's weights on meta until that module's own forward loads them, and a replaced block
+    reads its neighbours' weights outside their forward; a model built under init_empty_weights and never
+    loaded has meta neighbours and real scalars. Both would end in a raw device error, or compute nothing real.
+    """
+    site = src.site
+    hooked = any(m is not None and hasattr(m, _ACCELERATE_HOOK) for m in (src.prev, src.next, site, layer))
+    if not hooked and all(t.is_meta for t in (*(t for t in (p, n) if t is not None), *site.parameters())):
+        return
+    rel = site.tensor_names[src.k]
+    side = site.prev_path if p is not None and p.is_meta else site.next_path
+    where = (
+        f"this replaced {type(layer).__name__} (a layer of the block between {site.prev_path!r} and "
+        f"{site.next_path!r}) synthesizes {rel!r} from {side}.{rel}, which is on the meta device"
+    )
+    if hooked:
+        raise CompatibilityError(
+            f"{where}: offloaded by accelerate, whose hooks keep a module's weights on meta until that module's "
+            "own forward, while a replaced block reads its neighbours' weights outside their forward. A converted "
+            "model cannot be offloaded. Offload a plain model: replace_wrap.merge(model) first, or load the "
+            "checkpoint with the plain loader (ModelClass.from_pretrained(directory, device_map=...): every "
+            "checkpoint of a converted model is a plain one that predicts exactly the same); or keep the model "
+            "on real devices (no 'disk' entries, no cpu offload)."
+        )
+    raise CompatibilityError(
+        f"{where} while the other neighbour or the block's scalars are not: the model's weights were never "
+        "(wholly) loaded (init_empty_weights "
+        "or a meta-device build, then convert), or accelerate offloaded them. Load the weights before using the "
+        "model: model.to_empty(device=...) then load_state_dict, or replace_wrap.load / replace_wrap.from_pretrained; "
+        "to load with accelerate (load_checkpoint_and_dispatch, offloading), load the checkpoint into the "
+        "unconverted model instead (every checkpoint of a converted model is a plain one) or merge first."
+    )
 
 
 def _forward(base: type, names: tuple[str, ...], recompute: bool) -> Any:

@@ -325,8 +325,8 @@ def mix_source(layer: nn.Module, name: str = "weight", bias: str | None = "bias"
     own = _own(src, name, detach)
     prev, nxt = _adapted(src, *own)
     remake = (*own, adapt) if detach and adapt is not None else None
-    if prev.is_meta:  # meta init: shapes only, the generic path propagates them without the custom backward
-        return None
+    if prev.is_meta or nxt.is_meta:  # meta init: shapes only, the generic path propagates them without the
+        return None  # custom backward (and refuses a meta neighbour of a model not wholly on meta: offloading)
     a, b = site.coefficients()
     if a.numel() > 1:  # one set of shape (1,) broadcasts as it is (weights have dimensions): no select op
         a, b = a[index], b[index]
