@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import copy
 import functools
-from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -33,8 +32,9 @@ from ..integrations import fsdp_synthesis
 from ..synthesis import builtin_kernels  # noqa: F401  registers the built-in layer kernels, in lookup order
 from ..synthesis.adapt import adapt_pair
 from ..synthesis.layer_kernels import CACHE_PREFIX, SOURCES_ATTR, TensorSource, kernel_for
+from .sources import CHECK, check_copy, check_meta
 
-__all__ = ["base_class", "install", "is_swapped", "set_recompute", "sources_outside", "uninstall"]
+__all__ = ["base_class", "install", "is_swapped", "set_recompute", "uninstall"]
 
 # (base class, fused names, recompute) -> generated subclass; shared by every module with the same layout.
 _SWAPPED: dict[tuple[type, tuple[str, ...], bool], type] = {}
@@ -135,8 +135,8 @@ def _synthesized(name: str) -> Any:
         src = state[SOURCES_ATTR][name]
         if _PRINTING in state:  # inside extra_repr: a shape-only stand-in, nothing read or computed
             return _stand_in(src, name)
-        if _CHECK in state or "_is_replica" in state:  # a deep copy (checked once) or a DataParallel replica
-            _check_copy(self)
+        if CHECK in state or "_is_replica" in state:  # a deep copy (checked once) or a DataParallel replica
+            check_copy(self)
         sharded = fsdp_synthesis.synthesize(self, name, src)  # FSDP2 units: from the neighbours' shards
         if sharded is not None:
             return sharded
@@ -144,12 +144,12 @@ def _synthesized(name: str) -> Any:
         if not src.adapted:  # same shapes: no adapter call, nothing allocated
             p, n = getattr(prev, name), getattr(nxt, name)
             if p.is_meta or n.is_meta:  # two flag reads on every synthesis; the check itself only on meta
-                _check_meta(self, src, p, n)
+                check_meta(self, src, p, n)
             return site.synthesize(k, p, n)
         p = None if prev is None else getattr(prev, name)
         n = None if nxt is None else getattr(nxt, name)
         if (p is not None and p.is_meta) or (n is not None and n.is_meta):
-            _check_meta(self, src, p, n)
+            check_meta(self, src, p, n)
         return site.synthesize(k, *adapt_pair(p, n, prev_adapter, next_adapter))
 
     fget.__name__ = name
@@ -196,47 +196,6 @@ def _stand_in(src: TensorSource, name: str) -> torch.Tensor:
     side = getattr(src.prev, name) if src.prev is not None else getattr(src.next, name)
     shape = (src.prev_adapter or src.next_adapter).target if src.adapted else side.shape
     return torch.empty(shape, dtype=side.dtype, device="meta")
-
-
-_ACCELERATE_HOOK = "_hf_hook"  # the attribute accelerate's add_hook_to_module sets on a hooked module
-
-
-def _check_meta(layer: nn.Module, src: TensorSource, p: torch.Tensor | None, n: torch.Tensor | None) -> None:
-    """Refuse to synthesize from a neighbour tensor on the meta device unless the whole computation is on meta.
-
-    A model wholly on meta (meta init, shape inference, FSDP's meta init) synthesizes meta tensors as usual.
-    But accelerate's offloading (cpu_offload, disk_offload, a device_map with "disk" or offloaded "cpu"
-    entries) keeps a module's weights on meta until that module's own forward loads them, and a replaced block
-    reads its neighbours' weights outside their forward; a model built under init_empty_weights and never
-    loaded has meta neighbours and real scalars. Both would end in a raw device error, or compute nothing real.
-    """
-    site = src.site
-    hooked = any(m is not None and hasattr(m, _ACCELERATE_HOOK) for m in (src.prev, src.next, site, layer))
-    if not hooked and all(t.is_meta for t in (*(t for t in (p, n) if t is not None), *site.parameters())):
-        return
-    rel = site.tensor_names[src.k]
-    side = site.prev_path if p is not None and p.is_meta else site.next_path
-    where = (
-        f"this replaced {type(layer).__name__} (a layer of the block between {site.prev_path!r} and "
-        f"{site.next_path!r}) synthesizes {rel!r} from {side}.{rel}, which is on the meta device"
-    )
-    if hooked:
-        raise CompatibilityError(
-            f"{where}: offloaded by accelerate, whose hooks keep a module's weights on meta until that module's "
-            "own forward, while a replaced block reads its neighbours' weights outside their forward. A converted "
-            "model cannot be offloaded. Offload a plain model: replace_wrap.merge(model) first, or load the "
-            "checkpoint with the plain loader (ModelClass.from_pretrained(directory, device_map=...): every "
-            "checkpoint of a converted model is a plain one that predicts exactly the same); or keep the model "
-            "on real devices (no 'disk' entries, no cpu offload)."
-        )
-    raise CompatibilityError(
-        f"{where} while the other neighbour or the block's scalars are not: the model's weights were never "
-        "(wholly) loaded (init_empty_weights "
-        "or a meta-device build, then convert), or accelerate offloaded them. Load the weights before using the "
-        "model: model.to_empty(device=...) then load_state_dict, or replace_wrap.load / replace_wrap.from_pretrained; "
-        "to load with accelerate (load_checkpoint_and_dispatch, offloading), load the checkpoint into the "
-        "unconverted model instead (every checkpoint of a converted model is a plain one) or merge first."
-    )
 
 
 def _forward(base: type, names: tuple[str, ...], recompute: bool) -> Any:
@@ -302,7 +261,7 @@ def _reduce_ex(self: nn.Module, protocol: int) -> tuple[Any, ...]:
     # Generated classes cannot be found by name; pickle and deepcopy rebuild them from (base, names, recompute).
     key = (type(self)._rw_base, tuple(sorted(self.__dict__.get(SOURCES_ATTR, ()))),
            bool(self.__dict__.get("_rw_recompute", False)))
-    state = {k: v for k, v in self.__dict__.items() if not k.startswith(CACHE_PREFIX) and k != _CHECK}
+    state = {k: v for k, v in self.__dict__.items() if not k.startswith(CACHE_PREFIX) and k != CHECK}
     return _rebuild, key, state
 
 
@@ -324,66 +283,5 @@ def _deepcopy(self: nn.Module, memo: dict[int, Any]) -> nn.Module:
     memo[id(self)] = new
     new.__dict__.update(copy.deepcopy(state, memo))
     if SOURCES_ATTR in state:
-        object.__setattr__(new, _CHECK, memo[next(iter(memo))])  # the copy of the outermost object copied
+        object.__setattr__(new, CHECK, memo[next(iter(memo))])  # the copy of the outermost object copied
     return new
-
-
-_CHECK = "_rw_check_copy"  # set on copies and replicas: what to check before the first synthesis
-
-
-def _check_copy(layer: nn.Module) -> None:
-    if layer.__dict__.get("_is_replica", False):  # set by nn.Module._replicate_for_data_parallel
-        raise CompatibilityError(
-            "nn.DataParallel cannot run a converted model: its replicas would read the replaced blocks' "
-            "neighbours on the first device. Use DistributedDataParallel (one process per device), or "
-            "replace_wrap.merge(model) first."
-        )
-    root = layer.__dict__.pop(_CHECK, None)
-    if root is None:
-        return
-    modules = list(_modules_of(root))
-    params = {id(p) for m in modules for p in m.parameters(recurse=False)}
-    missing = sources_outside(layer, {id(m) for m in modules}, params)
-    if missing:
-        layer.__dict__[_CHECK] = root  # every later use fails the same way
-        site = next(iter(layer.__dict__[SOURCES_ATTR].values())).site
-        raise CompatibilityError(
-            f"this replaced {type(layer).__name__} (a layer of the block between {site.prev_path!r} and "
-            f"{site.next_path!r}) was deep-copied without its neighbour block(s) {missing}: the copy would "
-            "compute with private copies of them that no model trains. Copy the whole model (or a module "
-            "holding the replaced block and both neighbours), or copy replace_wrap.merge(copy of the model). "
-            "Tools that copy a model and swap its layers (torch.ao.quantization.quantize_dynamic, module "
-            "surgery) need the plain model: merge first."
-        )
-
-
-def sources_outside(layer: nn.Module, modules: set[int], tensors: set[int]) -> list[str]:
-    """What ``layer`` synthesizes from that a model does not hold: the paths of the neighbour blocks (as recorded
-    at conversion; ``"replacement"`` for the scalars) some of whose layers or tensors are missing from ``modules``
-    and ``tensors`` (ids of the model's modules and parameters).
-
-    A side counts as held when its layer is one of the modules (a parametrized layer's tensor is computed on
-    access, so no parameter of the model is it) or its tensor one of the parameters (a GraphModule holds the
-    tensors a traced model read as its own parameters, not their modules).
-    """
-    missing: list[str] = []
-    for name, src in layer.__dict__.get(SOURCES_ATTR, {}).items():
-        sides = ((src.site.prev_path, src.prev), (src.site.next_path, src.next))
-        for path, leaf in sides:
-            if leaf is not None and id(leaf) not in modules and id(getattr(leaf, name)) not in tensors:
-                missing.append(path)
-        if id(src.site) not in modules and any(id(p) not in tensors for p in src.site.parameters()):
-            missing.append("replacement")
-    return sorted(set(missing), key=missing.index)
-
-
-def _modules_of(root: Any) -> Iterator[nn.Module]:
-    """Every module inside what a deep copy started from (a module, or a container of modules)."""
-    if isinstance(root, nn.Module):
-        yield from root.modules()
-    elif isinstance(root, (list, tuple, set)):
-        for item in root:
-            yield from _modules_of(item)
-    elif isinstance(root, dict):
-        for item in root.values():
-            yield from _modules_of(item)

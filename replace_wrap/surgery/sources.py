@@ -1,0 +1,127 @@
+"""What a replaced layer reads must be what its model holds: checks on a layer's sources.
+
+A replaced layer synthesizes its tensors from the neighbour layers it was converted with
+(:class:`~replace_wrap.synthesis.layer_kernels.TensorSource`). Three things can put those sources outside the
+model that runs or saves the layer, and each would give another model without a word:
+
+- a **deep copy** of part of a model (one block alone) holds private copies of the neighbours that no model
+  trains (:func:`check_copy`, at the copy's first synthesis; also ``nn.DataParallel`` replicas);
+- **module surgery** after ``convert`` (a block swapped in, layers quantized in place) leaves the replaced layer
+  reading a module the model no longer holds, while its state dict names the new one (:func:`sources_outside`,
+  which the state-dict check of :mod:`replace_wrap.io.guard` applies);
+- **meta neighbours** under accelerate's offloading, or a model never loaded (:func:`check_meta`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..errors import CompatibilityError
+from ..synthesis.layer_kernels import SOURCES_ATTR, TensorSource
+
+__all__ = ["CHECK", "check_copy", "check_meta", "sources_outside"]
+
+_ACCELERATE_HOOK = "_hf_hook"  # the attribute accelerate's add_hook_to_module sets on a hooked module
+
+
+def check_meta(layer: nn.Module, src: TensorSource, p: torch.Tensor | None, n: torch.Tensor | None) -> None:
+    """Refuse to synthesize from a neighbour tensor on the meta device unless the whole computation is on meta.
+
+    A model wholly on meta (meta init, shape inference, FSDP's meta init) synthesizes meta tensors as usual.
+    But accelerate's offloading (cpu_offload, disk_offload, a device_map with "disk" or offloaded "cpu"
+    entries) keeps a module's weights on meta until that module's own forward loads them, and a replaced block
+    reads its neighbours' weights outside their forward; a model built under init_empty_weights and never
+    loaded has meta neighbours and real scalars. Both would end in a raw device error, or compute nothing real.
+    """
+    site = src.site
+    hooked = any(m is not None and hasattr(m, _ACCELERATE_HOOK) for m in (src.prev, src.next, site, layer))
+    if not hooked and all(t.is_meta for t in (*(t for t in (p, n) if t is not None), *site.parameters())):
+        return
+    rel = site.tensor_names[src.k]
+    side = site.prev_path if p is not None and p.is_meta else site.next_path
+    where = (
+        f"this replaced {type(layer).__name__} (a layer of the block between {site.prev_path!r} and "
+        f"{site.next_path!r}) synthesizes {rel!r} from {side}.{rel}, which is on the meta device"
+    )
+    if hooked:
+        raise CompatibilityError(
+            f"{where}: offloaded by accelerate, whose hooks keep a module's weights on meta until that module's "
+            "own forward, while a replaced block reads its neighbours' weights outside their forward. A converted "
+            "model cannot be offloaded. Offload a plain model: replace_wrap.merge(model) first, or load the "
+            "checkpoint with the plain loader (ModelClass.from_pretrained(directory, device_map=...): every "
+            "checkpoint of a converted model is a plain one that predicts exactly the same); or keep the model "
+            "on real devices (no 'disk' entries, no cpu offload)."
+        )
+    raise CompatibilityError(
+        f"{where} while the other neighbour or the block's scalars are not: the model's weights were never "
+        "(wholly) loaded (init_empty_weights "
+        "or a meta-device build, then convert), or accelerate offloaded them. Load the weights before using the "
+        "model: model.to_empty(device=...) then load_state_dict, or replace_wrap.load / replace_wrap.from_pretrained; "
+        "to load with accelerate (load_checkpoint_and_dispatch, offloading), load the checkpoint into the "
+        "unconverted model instead (every checkpoint of a converted model is a plain one) or merge first."
+    )
+
+
+CHECK = "_rw_check_copy"  # set on copies and replicas: what to check before the first synthesis
+
+
+def check_copy(layer: nn.Module) -> None:
+    if layer.__dict__.get("_is_replica", False):  # set by nn.Module._replicate_for_data_parallel
+        raise CompatibilityError(
+            "nn.DataParallel cannot run a converted model: its replicas would read the replaced blocks' "
+            "neighbours on the first device. Use DistributedDataParallel (one process per device), or "
+            "replace_wrap.merge(model) first."
+        )
+    root = layer.__dict__.pop(CHECK, None)
+    if root is None:
+        return
+    modules = list(_modules_of(root))
+    params = {id(p) for m in modules for p in m.parameters(recurse=False)}
+    missing = sources_outside(layer, {id(m) for m in modules}, params)
+    if missing:
+        layer.__dict__[CHECK] = root  # every later use fails the same way
+        site = next(iter(layer.__dict__[SOURCES_ATTR].values())).site
+        raise CompatibilityError(
+            f"this replaced {type(layer).__name__} (a layer of the block between {site.prev_path!r} and "
+            f"{site.next_path!r}) was deep-copied without its neighbour block(s) {missing}: the copy would "
+            "compute with private copies of them that no model trains. Copy the whole model (or a module "
+            "holding the replaced block and both neighbours), or copy replace_wrap.merge(copy of the model). "
+            "Tools that copy a model and swap its layers (torch.ao.quantization.quantize_dynamic, module "
+            "surgery) need the plain model: merge first."
+        )
+
+
+def sources_outside(layer: nn.Module, modules: set[int], tensors: set[int]) -> list[str]:
+    """What ``layer`` synthesizes from that a model does not hold: the paths of the neighbour blocks (as recorded
+    at conversion; ``"replacement"`` for the scalars) some of whose layers or tensors are missing from ``modules``
+    and ``tensors`` (ids of the model's modules and parameters).
+
+    A side counts as held when its layer is one of the modules (a parametrized layer's tensor is computed on
+    access, so no parameter of the model is it) or its tensor one of the parameters (a GraphModule holds the
+    tensors a traced model read as its own parameters, not their modules).
+    """
+    missing: list[str] = []
+    for name, src in layer.__dict__.get(SOURCES_ATTR, {}).items():
+        sides = ((src.site.prev_path, src.prev), (src.site.next_path, src.next))
+        for path, leaf in sides:
+            if leaf is not None and id(leaf) not in modules and id(getattr(leaf, name)) not in tensors:
+                missing.append(path)
+        if id(src.site) not in modules and any(id(p) not in tensors for p in src.site.parameters()):
+            missing.append("replacement")
+    return sorted(set(missing), key=missing.index)
+
+
+def _modules_of(root: Any) -> Iterator[nn.Module]:
+    """Every module inside what a deep copy started from (a module, or a container of modules)."""
+    if isinstance(root, nn.Module):
+        yield from root.modules()
+    elif isinstance(root, (list, tuple, set)):
+        for item in root:
+            yield from _modules_of(item)
+    elif isinstance(root, dict):
+        for item in root.values():
+            yield from _modules_of(item)
