@@ -13,7 +13,9 @@ included); on CUDA also the allocator's ``max_memory_allocated``, and prints the
 Variants: ``end-to-end`` (every block trained), ``freeze`` (the blocks ``convert(every=2)`` would replace are
 frozen: gathered, never reduced), ``replace-exact`` (converted with ``every=2, ab_grad_sample="exact"``: the
 replaced linear layers' weight gradients are computed and reduce-scattered) and ``replace`` (converted with
-``every=2``: the default sampled scalar gradient, no weight gradient for the replaced linear layers). Ratios are to end-to-end and to
+``every=2``: the default sampled scalar gradient, no weight gradient for the replaced linear layers); with
+``--unfolded`` also ``replace-unfolded`` (the default with its small gradients reduce-scattered on their own,
+``fsdp_sampled.FOLD_FLOATS_MAX = 0``: one collective more a replaced block). Ratios are to end-to-end and to
 freeze, measured in the same processes, variants interleaved over ``--rounds``.
 """
 
@@ -32,9 +34,14 @@ import torch
 import torch.distributed as dist
 
 import replace_wrap
+from replace_wrap.integrations import fsdp_sampled
 from replace_wrap.integrations.fsdp_measure import FSDPMeter, local_bytes
 
 VARIANTS = ("end-to-end", "freeze", "replace-exact", "replace")
+
+
+def variants(args: argparse.Namespace) -> tuple[str, ...]:
+    return VARIANTS + (("replace-unfolded",) if args.unfolded else ())
 MIB = 2**20
 
 
@@ -48,7 +55,7 @@ def build(args: argparse.Namespace, variant: str, device: torch.device) -> torch
     torch.manual_seed(0)
     with torch.device(device):
         model = LlamaForCausalLM(cfg)
-    if variant == "replace":
+    if variant in ("replace", "replace-unfolded"):
         replace_wrap.convert(model, every=2)
     elif variant == "replace-exact":  # the exact scalar gradient: the full weight gradient, reduce-scattered
         replace_wrap.convert(model, every=2, ab_grad_sample="exact")
@@ -70,6 +77,16 @@ def shard(model: torch.nn.Module, mesh: Any, args: argparse.Namespace) -> None:
 
 
 def run_variant(variant: str, args: argparse.Namespace, mesh: Any, device: torch.device) -> dict[str, Any]:
+    before = fsdp_sampled.FOLD_FLOATS_MAX
+    if variant == "replace-unfolded":
+        fsdp_sampled.FOLD_FLOATS_MAX = 0
+    try:
+        return _run_variant(variant, args, mesh, device)
+    finally:
+        fsdp_sampled.FOLD_FLOATS_MAX = before
+
+
+def _run_variant(variant: str, args: argparse.Namespace, mesh: Any, device: torch.device) -> dict[str, Any]:
     model = build(args, variant, device)
     plan = replace_wrap.fsdp_memory(model, dist.get_world_size(), param_dtype=torch.bfloat16 if args.bf16 else None,
                                     prefetch=0 if device.type == "cpu" else 1)
@@ -137,9 +154,9 @@ def worker(rank: int, world: int, args: argparse.Namespace) -> None:
         from torch.distributed.device_mesh import init_device_mesh
 
         mesh = init_device_mesh(device.type, (world,))
-        results: dict[str, list[dict]] = {v: [] for v in VARIANTS}
+        results: dict[str, list[dict]] = {v: [] for v in variants(args)}
         for _ in range(args.rounds):
-            for v in VARIANTS:
+            for v in variants(args):
                 results[v].append(run_variant(v, args, mesh, device))
         merged = {v: _median_rounds(rs) for v, rs in results.items()}
         everyone: list[Any] = [None] * world
@@ -162,7 +179,7 @@ def _median_rounds(rounds: list[dict]) -> dict:
 def report(per_rank: list[dict], args: argparse.Namespace) -> None:
     world = len(per_rank)
     rows = []
-    for v in VARIANTS:
+    for v in variants(args):
         rs = [r[v] for r in per_rank]
         rows.append({
             "variant": v, "trainable": rs[0]["trainable"],
@@ -215,6 +232,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--backend", default=None, help="gloo (CPU default) or nccl (CUDA default)")
     p.add_argument("--threads", type=int, default=1, help="torch threads per process")
     p.add_argument("--json", default=None, help="also write the table as JSON here")
+    p.add_argument("--unfolded", action="store_true", help="also the variant replace-unfolded (FOLD_FLOATS_MAX = 0)")
     args = p.parse_args(argv)
     if "RANK" in os.environ:  # torchrun
         dist.init_process_group(args.backend or ("nccl" if args.device == "cuda" else "gloo"))

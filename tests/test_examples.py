@@ -252,7 +252,7 @@ def test_bench_fsdp_table_at_world_2(tmp_path):
     out = tmp_path / "bench.json"
     # width 128: every replaced linear layer's 16 rows a rank cost fewer bytes than its weight's shard (the rows path)
     proc = run_example("bench_fsdp.py", "--world", "2", "--layers", "4", "--hidden", "128", "--steps", "1",
-                       "--rounds", "1", "--json", str(out))
+                       "--rounds", "1", "--json", str(out), "--unfolded")
     assert "end-to-end |" in proc.stdout and "replace |" in proc.stdout and "replace-exact |" in proc.stdout
     rows = {r["variant"]: r for r in json.loads(out.read_text())["rows"]}
     e2e, freeze, exact, rep = rows["end-to-end"], rows["freeze"], rows["replace-exact"], rows["replace"]
@@ -260,9 +260,12 @@ def test_bench_fsdp_table_at_world_2(tmp_path):
     assert rep["params_mib"] < e2e["params_mib"]
     assert 0 < (rep["optim_mib"] - freeze["optim_mib"]) * 2**20 <= 32  # + the AdamW state of the scalars
     # exact: the replaced blocks reduce-scatter their weight gradients as trained blocks do; the sampled default
-    # reduces only what is not a linear weight (the norms), as freeze does plus those
+    # reduce-scatters what freeze does plus the scalars (the norms' gradients ride in the rows' all-gather), and
+    # with that fold off the norms' too
+    unfolded = rows["replace-unfolded"]
     assert abs(exact["comm_vs_e2e"] - 1) < 1e-3 and exact["comm_vs_freeze"] > 1
-    assert freeze["reduced_mib"] < rep["reduced_mib"] < exact["reduced_mib"]
+    assert freeze["reduced_mib"] < rep["reduced_mib"] < unfolded["reduced_mib"] < exact["reduced_mib"]
+    assert rep["gathered_mib"] > unfolded["gathered_mib"]
     assert rep["unsharded_peak_mib"] <= e2e["unsharded_peak_mib"] * 1.01
 
 
