@@ -104,10 +104,14 @@ def load_state_dict(model: nn.Module, state_dict: Mapping[str, Any], strict: boo
     return model.load_state_dict(state_dict, strict=True)
 
 
-def _remove_guard(model: nn.Module) -> None:
-    hooks = model._load_state_dict_pre_hooks
-    for key in [k for k, h in hooks.items() if getattr(h, "hook", h) is _guard]:
+def _drop_hook(hooks: dict[int, Any], fn: Any) -> None:
+    """Remove ``fn`` from a module's hook dict (torch may store it wrapped, with the function as ``.hook``)."""
+    for key in [k for k, h in hooks.items() if getattr(h, "hook", h) is fn]:
         del hooks[key]
+
+
+def _remove_guard(model: nn.Module) -> None:
+    _drop_hook(model._load_state_dict_pre_hooks, _guard)
 
 
 @register_attachment("state_dict_guard", detach=_remove_guard)
@@ -116,9 +120,7 @@ def _install_guard(model: nn.Module, report: ConversionReport) -> None:
 
 
 def _remove_source_check(model: nn.Module) -> None:
-    hooks = model._state_dict_hooks
-    for key in [k for k, h in hooks.items() if getattr(h, "hook", h) is _check_sources]:
-        del hooks[key]
+    _drop_hook(model._state_dict_hooks, _check_sources)
 
 
 @register_attachment("source_check", detach=_remove_source_check)

@@ -70,6 +70,8 @@ CHECK = "_rw_check_copy"  # set on copies and replicas: what to check before the
 
 
 def check_copy(layer: nn.Module) -> None:
+    """Before the first synthesis of a deep copy (or a DataParallel replica): refuse one that does not hold what
+    it synthesizes from (see ``swap._deepcopy``, which marks copies with :data:`CHECK`)."""
     if layer.__dict__.get("_is_replica", False):  # set by nn.Module._replicate_for_data_parallel
         raise CompatibilityError(
             "nn.DataParallel cannot run a converted model: its replicas would read the replaced blocks' "
@@ -112,7 +114,7 @@ def sources_outside(layer: nn.Module, modules: set[int], tensors: set[int]) -> l
                 missing.append(path)
         if id(src.site) not in modules and any(id(p) not in tensors for p in src.site.parameters()):
             missing.append("replacement")
-    return sorted(set(missing), key=missing.index)
+    return list(dict.fromkeys(missing))  # each path once, in order
 
 
 def _modules_of(root: Any) -> Iterator[nn.Module]:
