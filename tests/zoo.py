@@ -317,7 +317,7 @@ def write_matrix(rows: list[Row], path: Path, seconds: float, command: str) -> N
         "not trace); *stacks* the lengths of the stacks found; *replaced* the replaced blocks; *trainable*",
         "the trainable-parameter ratio after/before; *adapted* / *own* the replaced blocks' tensors mapped",
         "from neighbours of another shape / kept as the block's own parameters (see",
-        "[shape-adapting fusion](concepts.md#shape-adapting-fusion)).",
+        "[shape adaptation](concepts.md#shape-adaptation)).",
         "",
     ]
     columns = ["family", "model", "params", "input", "route", "stacks", "replaced", "trainable", "adapted / own",
