@@ -172,17 +172,23 @@ def unit_bytes(model: torch.nn.Module, blocks: Any) -> tuple[int, int]:
 
 
 @contextlib.contextmanager
+def _knob(name: str, value: float) -> Any:
+    """``fsdp_sampled.<name> = value`` meanwhile (the sampled estimator's thresholds are module constants)."""
+    from replace_wrap.integrations import fsdp_sampled
+
+    before = getattr(fsdp_sampled, name)
+    setattr(fsdp_sampled, name, value)
+    try:
+        yield
+    finally:
+        setattr(fsdp_sampled, name, before)
+
+
 def _rows_rule(value: float) -> Any:
     """Gather the sampled rows while they cost at most ``value`` times a weight's shard (inf: always; 0: never,
     a sampled weight gradient is reduce-scattered instead). The groups run with inf, the rows path: the tiny
     models here have layers so narrow that the default rule (1.0) takes the other path for most of them."""
-    from replace_wrap.integrations import fsdp_sampled
-
-    before, fsdp_sampled.ROWS_PER_SHARD_MAX = fsdp_sampled.ROWS_PER_SHARD_MAX, value
-    try:
-        yield
-    finally:
-        fsdp_sampled.ROWS_PER_SHARD_MAX = before
+    return _knob("ROWS_PER_SHARD_MAX", value)
 
 
 @contextlib.contextmanager
@@ -513,12 +519,8 @@ def _fold(mesh: Any) -> dict:
         replace_wrap.convert(model, every=2)
         per_block_loop(model, blocks, mesh=mesh)
         b = b or _slice(batch(torch.Generator().manual_seed(6)), dist.get_rank(), dist.get_world_size())
-        before, fsdp_sampled.FOLD_FLOATS_MAX = fsdp_sampled.FOLD_FLOATS_MAX, limit
-        try:
-            with FSDPMeter(model, sample=False) as meter:
-                loss_fn(model, b).backward()
-        finally:
-            fsdp_sampled.FOLD_FLOATS_MAX = before
+        with _knob("FOLD_FLOATS_MAX", limit), FSDPMeter(model, sample=False) as meter:
+            loss_fn(model, b).backward()
         grads = {n: p.grad.to_local().clone() for n, p in model.named_parameters() if p.grad is not None}
         out[name] = {"gathered": meter.gathered, "reduced": meter.reduced, "calls": dict(meter.calls), "grads": grads}
     return out

@@ -251,11 +251,11 @@ class SampledGather(Gather):
     def _fold(self, recv: torch.Tensor, fold: list[int], shards: list[torch.Tensor | None]) -> None:
         """Every rank's full gradients of the tensors ``fold`` (``(world, floats)``): this rank's shard of their
         mean, as the reduce-scatter would give it (all-reduced over HSDP replicas too, and divided)."""
-        rank, summed = dist.get_rank(self.group), recv.sum(0)
+        rank = dist.get_rank(self.group)
         parts, off = [], 0
-        for i in fold:
+        for i in fold:  # every rank's values of this rank's shard, summed (the rest is other ranks' to sum)
             q, start = self.inner[i], rank * self.chunks[i]
-            parts.append(summed[off + start * q : off + (start + self.rows[i]) * q])
+            parts.append(recv[:, off + start * q : off + (start + self.rows[i]) * q].sum(0))
             off += self.shapes[i].numel()
         flat = torch.cat(parts).to(self.reduce_dtype or self.comm_dtype)
         for group in self.replicate_groups:  # HSDP: the replicas of a shard saw other data

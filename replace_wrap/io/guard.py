@@ -30,7 +30,6 @@ from torch import nn
 
 from ..errors import CompatibilityError, StateDictError
 from ..report import ConversionReport
-from ..surgery import swap
 from ..surgery.sources import sources_outside
 from ..surgery.apply import sites
 from ..surgery.attachments import register_attachment
@@ -136,7 +135,7 @@ def _check_sources(module: nn.Module, state_dict: dict[str, Any], prefix: str, l
     modules = {id(m) for m in module.modules()}
     tensors = {id(p) for p in module.parameters()}
     for path, layer in module.named_modules():
-        missing = sources_outside(layer, modules, tensors) if swap.is_swapped(layer) else []
+        missing = sources_outside(layer, modules, tensors)  # [] for a layer that synthesizes nothing
         if missing:
             raise CompatibilityError(
                 f"cannot write a state dict of this converted model: its replaced layer {path!r} synthesizes its "
