@@ -17,7 +17,8 @@ from torch import nn
 
 from ..errors import ConfigError
 from ..synthesis.adapt import adapt_pair
-from ..synthesis.layer_kernels import CACHE_PREFIX, SOURCES_ATTR, TensorSource, kernel_for
+from ..synthesis.layer_kernels import kernel_for
+from ..synthesis.mixing import CACHE_PREFIX, SOURCES_ATTR, TensorSource
 from ..synthesis.maths import mix
 from ..synthesis.rules import IntegrationRule, get_rule
 from . import fsdp_state
@@ -138,6 +139,8 @@ def _sampled_layout(leaf: nn.Module, name: str, site: nn.Module, local: bool) ->
     kernel = kernel_for(type(leaf).__dict__.get("_rw_base", type(leaf)), names)
     if kernel is None or kernel.requires[:1] != (name,) or (kernel.check is not None and kernel.check(leaf)):
         return None  # the generic path without sharding too (the report says why)
+    if not kernel.exact:  # a sampling-only kernel (RMS norms: per-channel tensors) steps aside under FSDP2 by
+        return None  # design, unwarned: their exact gradients ride in the rows' all-gather (docs/distributed.md)
     if kernel.sharded is None:
         why = f"kernel {kernel.name!r} has no estimator for sharded neighbours"
     elif not local:

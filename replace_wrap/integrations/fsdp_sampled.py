@@ -47,7 +47,7 @@ import torch.distributed as dist
 from torch import nn
 
 from ..synthesis.estimators import autocast_dtype, sample_units
-from ..synthesis.layer_kernels import SOURCES_ATTR, generic_only
+from ..synthesis.mixing import SOURCES_ATTR, generic_only
 from ..synthesis.kernels import first_order
 from ..synthesis.lean_layers import autocast_linear, autocast_off
 from . import fsdp_state

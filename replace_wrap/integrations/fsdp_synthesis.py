@@ -40,7 +40,7 @@ import torch
 from torch import nn
 
 from ..surgery.site import SITE_ATTR
-from ..synthesis.layer_kernels import TensorSource
+from ..synthesis.mixing import TensorSource
 from . import fsdp_state
 from .fsdp_collectives import Computed, Gather, GatherShards, ScaleGrad, in_backward, saved_tensor_hooks_active
 from .fsdp_planning import (

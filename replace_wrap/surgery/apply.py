@@ -16,7 +16,7 @@ from torch import nn
 from ..config import ReplaceConfig
 from ..errors import ConfigError
 from ..integrations.fsdp_state import held_values
-from ..synthesis.layer_kernels import SOURCES_ATTR, TensorSource
+from ..synthesis.mixing import SOURCES_ATTR, TensorSource
 from ..synthesis.rules import state_frozen
 from . import swap
 from .plan import Plan, Target

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from ..errors import CompatibilityError
-from ..synthesis.layer_kernels import SOURCES_ATTR, TensorSource
+from ..synthesis.mixing import SOURCES_ATTR, TensorSource
 
 __all__ = ["CHECK", "check_copy", "check_meta", "sources_outside"]
 

@@ -31,7 +31,8 @@ from ..errors import CompatibilityError
 from ..integrations import fsdp_synthesis
 from ..synthesis import builtin_kernels  # noqa: F401  registers the built-in layer kernels, in lookup order
 from ..synthesis.adapt import adapt_pair
-from ..synthesis.layer_kernels import CACHE_PREFIX, SOURCES_ATTR, TensorSource, kernel_for
+from ..synthesis.layer_kernels import kernel_for
+from ..synthesis.mixing import CACHE_PREFIX, DETACHED_ATTR, SOURCES_ATTR, TensorSource
 from .sources import CHECK, check_copy, check_meta
 
 __all__ = ["base_class", "install", "is_swapped", "set_recompute", "uninstall"]
@@ -140,20 +141,28 @@ def _synthesized(name: str) -> Any:
         sharded = fsdp_synthesis.synthesize(self, name, src)  # FSDP2 units: from the neighbours' shards
         if sharded is not None:
             return sharded
-        site, k, prev, nxt, prev_adapter, next_adapter = src
-        if not src.adapted:  # same shapes: no adapter call, nothing allocated
-            p, n = getattr(prev, name), getattr(nxt, name)
-            if p.is_meta or n.is_meta:  # two flag reads on every synthesis; the check itself only on meta
-                check_meta(self, src, p, n)
-            return site.synthesize(k, p, n)
-        p = None if prev is None else getattr(prev, name)
-        n = None if nxt is None else getattr(nxt, name)
-        if (p is not None and p.is_meta) or (n is not None and n.is_meta):
-            check_meta(self, src, p, n)
-        return site.synthesize(k, *adapt_pair(p, n, prev_adapter, next_adapter))
+        if DETACHED_ATTR in state:  # a row kernel runs the layer's own forward and routes the scalars' gradient
+            with torch.no_grad():
+                return _synthesize(self, src, name)
+        return _synthesize(self, src, name)
 
     fget.__name__ = name
     return fget
+
+
+def _synthesize(layer: nn.Module, src: TensorSource, name: str) -> torch.Tensor:
+    """``site.synthesize`` of the neighbours' current ``name`` tensors (adapted to the replaced shape)."""
+    site, k, prev, nxt, prev_adapter, next_adapter = src
+    if not src.adapted:  # same shapes: no adapter call, nothing allocated
+        p, n = getattr(prev, name), getattr(nxt, name)
+        if p.is_meta or n.is_meta:  # two flag reads on every synthesis; the check itself only on meta
+            check_meta(layer, src, p, n)
+        return site.synthesize(k, p, n)
+    p = None if prev is None else getattr(prev, name)
+    n = None if nxt is None else getattr(nxt, name)
+    if (p is not None and p.is_meta) or (n is not None and n.is_meta):
+        check_meta(layer, src, p, n)
+    return site.synthesize(k, *adapt_pair(p, n, prev_adapter, next_adapter))
 
 
 def _setattr(base: type, names: tuple[str, ...]) -> Any:

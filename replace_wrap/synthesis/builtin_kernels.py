@@ -1,9 +1,11 @@
-"""The built-in layer kernels, registered in lookup order: ``nn.Linear``, ``nn.Conv1d/2d/3d``, HF ``Conv1D``.
+"""The built-in layer kernels, registered in lookup order: ``nn.Linear``, ``nn.Conv1d/2d/3d``, HF ``Conv1D``, and
+RMS norms (``nn.RMSNorm`` and the classes that declare themselves one to Hugging Face's kernel hub).
 
 Each reads its synthesized weight's sources through :func:`~replace_wrap.synthesis.layer_kernels.mix_source`
 (which returns ``None`` where the fast path must not be used: then the kernel declines with
 ``NotImplemented`` and the layer's own forward runs on the property path) and computes with
-:func:`~replace_wrap.synthesis.kernels.mixed_linear` / :func:`~replace_wrap.synthesis.kernels.mixed_conv`.
+:func:`~replace_wrap.synthesis.kernels.mixed_linear` / :func:`~replace_wrap.synthesis.kernels.mixed_conv`. RMS norms run their own forward with a sampled estimate of the
+scalars' gradient (:mod:`~replace_wrap.synthesis.row_kernels`).
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from torch import nn
 from ..integrations.fsdp_sampled import sharded_linear
 from .kernels import mixed_conv, mixed_linear
 from .layer_kernels import mix_source, register_layer_kernel
+from .row_kernels import declares_rms_norm, row_forward
 
 __all__: list[str] = []
 
@@ -82,3 +85,10 @@ def _conv_forward(layer: nn.modules.conv._ConvNd, input: torch.Tensor) -> Any:
 def _hf_conv1d_forward(layer: nn.Module, x: torch.Tensor) -> Any:
     # (out, in) views of the (in, out) storage: no copy; the synthesized weight keeps that layout
     return _linear(layer, x, stored_transposed=True)
+
+
+# Row-wise by definition: each output row is its input row normalized and scaled. The kernel runs the class's own
+# forward (its casts, any offset of the weight), so any RMS norm that declares itself one is served.
+@register_layer_kernel(nn.RMSNorm, name="rms_norm", units=ROWS, declared=declares_rms_norm, exact=False)
+def _rms_norm_forward(layer: nn.Module, *args: Any, **kwargs: Any) -> Any:
+    return row_forward(layer, *args, **kwargs)

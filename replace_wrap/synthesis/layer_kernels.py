@@ -32,21 +32,19 @@ Example:
 
 from __future__ import annotations
 
-import functools
 import sys
 from dataclasses import dataclass, field
-from typing import Any, Callable, NamedTuple
+from typing import Any, Callable
 
-import torch
 from torch import nn
 
 from ..errors import RegistryError
-from ..integrations.fsdp_state import is_managed
-from .adapt import adapt_pair
 from .estimators import describe_sample
+from .mixing import CACHE_PREFIX, DETACHED_ATTR, SOURCES_ATTR, MixSource, TensorSource, generic_only, mix_source
 
 __all__ = [
     "CACHE_PREFIX",
+    "DETACHED_ATTR",
     "SOURCES_ATTR",
     "LayerKernel",
     "MixSource",
@@ -61,32 +59,6 @@ __all__ = [
 
 KernelFn = Callable[..., Any]
 SHARDED_LAYOUTS = (None, "out_in", "in_out")  # LayerKernel.sharded
-
-# The contract between a replaced layer and its kernels. The surgery stores, in the layer's __dict__ under
-# SOURCES_ATTR, one TensorSource per synthesized tensor name; kernels read them through mix_source().
-SOURCES_ATTR = "_rw_sources"
-CACHE_PREFIX = "_rw_cache_"  # layer attributes with this prefix are caches: not pickled, dropped on uninstall
-
-
-class TensorSource(NamedTuple):
-    """Where one synthesized tensor of a replaced layer comes from.
-
-    ``layer.<name>`` is ``site.synthesize(k, prev.<name>, next.<name>)``, each side first mapped by its adapter
-    when it has one (another shape; an absent side, whose layer is ``None``, gives zeros).
-    """
-
-    site: nn.Module  # the block's ReplacementSite (duck-typed: synthesis does not import surgery)
-    k: int  # position of the tensor in site.tensor_names
-    prev: nn.Module | None  # the previous block's layer holding the same-named tensor
-    next: nn.Module | None
-    prev_adapter: Any = None  # replace_wrap.synthesis.adapt.ShapeAdapter or None (same shape)
-    next_adapter: Any = None
-
-    @property
-    def adapted(self) -> bool:
-        """Whether either side is mapped to the replaced tensor's shape (else both are used as they are)."""
-        return self.prev_adapter is not None or self.next_adapter is not None
-
 
 # Methods a subclass may redefine and still be served: they run when the layer is built or printed, not in
 # its forward.
@@ -135,6 +107,12 @@ class LayerKernel:
             FSDP2 shards (:mod:`replace_wrap.integrations.fsdp_sampled`): ``"out_in"`` for a linear map stored
             as ``(out, in)`` (``nn.Linear``), ``"in_out"`` for one stored as ``(in, out)`` (HF ``Conv1D``);
             ``None``: under sharding the layer takes the generic path with the exact scalar gradient.
+        declared: Optional ``declared(cls) -> bool``: classes that declare themselves the kind of layer the
+            kernel serves (e.g. Hugging Face's ``kernel_layer_name = "RMSNorm"``), served whatever their type,
+            for kernels that run the layer's own forward.
+        exact: Whether the kernel also computes the exact scalar gradient. ``False``: with
+            ``ab_grad_sample=None`` or ``neighbour_grad="coupled"`` the layer takes the generic path (which is
+            exact), and the reports say so.
     """
 
     name: str
@@ -144,6 +122,8 @@ class LayerKernel:
     check: Callable[[nn.Module], str | None] | None = field(default=None, compare=False)
     units: str = "units"
     sharded: str | None = None
+    declared: Callable[[type], bool] | None = field(default=None, compare=False)
+    exact: bool = True
 
     def __post_init__(self) -> None:
         if self.sharded not in SHARDED_LAYOUTS:
@@ -153,6 +133,8 @@ class LayerKernel:
         """Whether this kernel serves a layer of class ``cls`` whose tensors ``names`` are synthesized."""
         if not set(self.requires) <= set(names):
             return False
+        if self.declared is not None and self.declared(cls):
+            return True
         for spec in self.types:
             t = _resolve(spec)
             if t is not None and issubclass(cls, t) and all(
@@ -169,6 +151,7 @@ _LOOKUP: dict[tuple[type, tuple[str, ...]], LayerKernel | None] = {}  # emptied 
 def register_layer_kernel(
     *types: type[nn.Module] | str, name: str | None = None, requires: tuple[str, ...] = ("weight",),
     check: Callable[[nn.Module], str | None] | None = None, units: str = "units", sharded: str | None = None,
+    declared: Callable[[type], bool] | None = None, exact: bool = True,
 ) -> Callable[[KernelFn], KernelFn]:
     """Register ``fn(layer, *args, **kwargs)`` as the forward of replaced layers of ``types``.
 
@@ -177,8 +160,9 @@ def register_layer_kernel(
     forward would, or ``NotImplemented`` to fall back to it. It serves layers converted before or after
     its registration. A type may be named by its import path (``"package.module.Class"``): it is resolved
     when a layer runs, only if that module is imported by then, so registering costs no import.
-    ``sharded`` names the layout of a linear map's weight for the sampled estimator under FSDP2 (see
-    :class:`LayerKernel`); leave it ``None`` for any other layer.
+    ``sharded`` names the layout of a linear map's weight for the sampled estimator under FSDP2, ``declared``
+    serves classes by a declaration rather than a type, and ``exact=False`` marks a kernel that only samples
+    (see :class:`LayerKernel`).
 
     Raises:
         RegistryError: If no type is given, a type is neither an ``nn.Module`` subclass nor a dotted path,
@@ -220,7 +204,8 @@ def register_layer_kernel(
                     f"{', '.join(taken)} already has the layer kernel {k.name!r}; register a kernel for a "
                     "subclass instead (the first matching kernel in registration order wins)"
                 )
-        _KERNELS.append(LayerKernel(kernel_name, tuple(types), tuple(requires), fn, check, units, sharded))
+        _KERNELS.append(LayerKernel(kernel_name, tuple(types), tuple(requires), fn, check, units, sharded, declared,
+                                    exact))
         _LOOKUP.clear()
         return fn
 
@@ -241,118 +226,6 @@ def kernel_for(cls: type, names: tuple[str, ...]) -> LayerKernel | None:
 def list_layer_kernels() -> list[str]:
     """Names of the registered layer kernels, in lookup order."""
     return [k.name for k in _KERNELS]
-
-
-class MixSource(NamedTuple):
-    """Where a synthesized weight comes from, ready for :mod:`replace_wrap.synthesis.kernels`."""
-
-    a: torch.Tensor
-    b: torch.Tensor
-    prev: torch.Tensor
-    next: torch.Tensor
-    sample: float | str | None
-    bias: torch.Tensor | None  # the layer's bias when it is not mixed with the weight's scalars (else None)
-    bias_mix: tuple[torch.Tensor, torch.Tensor] | None  # (prev, next) bias mixed with the weight's (a, b)
-    # Shape-adapted, detached neighbours: (source prev, source next, remake), remake(p, n) -> (prev, next).
-    # The layer keeps the sources (the neighbours' own tensors, held anyway) instead of the adapted copies
-    # (zero-padded, or zeros for an absent side: weight-sized tensors) and remakes them in its backward.
-    remake: tuple[torch.Tensor | None, torch.Tensor | None, Callable[..., Any]] | None = None
-
-
-def _bias_is_mixed(sources: dict[str, TensorSource], src: TensorSource, bias: str | None) -> bool:
-    """Whether the bias is synthesized from the same neighbours with the weight's scalar set."""
-    bsrc = None if bias is None else sources.get(bias)
-    return (
-        bsrc is not None and bsrc.site is src.site and (bsrc.prev, bsrc.next) == (src.prev, src.next)
-        and src.site.index_of(bsrc.k) == src.site.index_of(src.k)
-    )
-
-
-def _sides(src: TensorSource, name: str, detach: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """The neighbours' current ``name`` tensors, in the replaced tensor's shape (adapted if need be)."""
-    return _adapted(src, *_own(src, name, detach))
-
-
-def _own(src: TensorSource, name: str, detach: bool) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-    """The neighbours' own ``name`` tensors, read once (a parametrized one is computed on every read)."""
-    p = None if src.prev is None else getattr(src.prev, name)
-    n = None if src.next is None else getattr(src.next, name)
-    if detach:
-        p = None if p is None else p.detach()
-        n = None if n is None else n.detach()
-    return p, n
-
-
-def _adapted(src: TensorSource, p: torch.Tensor | None, n: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-    if not src.adapted:
-        return p, n  # type: ignore[return-value]  # both present when nothing is adapted
-    # A slice or zero-pad per side (an absent side: zeros). Detached, it is a copy the layer computes with;
-    # coupled, autograd takes the neighbours' gradients back through it.
-    return adapt_pair(p, n, src.prev_adapter, src.next_adapter)
-
-
-def mix_source(layer: nn.Module, name: str = "weight", bias: str | None = "bias") -> MixSource | None:
-    """How ``layer.<name>`` (and its bias) are synthesized, or ``None`` when the fast path must not be used.
-
-    ``None`` when the site has ``fast_path=False``, when its rule is not a linear mix of the neighbours, when
-    ``name`` is not synthesized, or for meta tensors. ``prev`` and ``next`` are the neighbours' tensors in the
-    replaced tensor's shape (shape-adapted ones mapped, an absent side as zeros), detached unless the site is
-    coupled. A bias synthesized with the same scalars as the weight (``scalars="block"``) comes back as
-    ``bias_mix`` so the layer can mix it itself; any other bias (the layer's own, or one with its own scalars)
-    as ``bias``.
-    """
-    state = layer.__dict__
-    key = _STATIC + name
-    static = state.get(key)
-    if static is None:  # what does not change while the layer is replaced, worked out once
-        sources = state.get(SOURCES_ATTR, {})
-        src = sources.get(name)
-        if src is None:
-            return None
-        # the map remaking adapted neighbours in the backward (see MixSource.remake), made once
-        adapt = functools.partial(adapt_pair, prev_adapter=src.prev_adapter, next_adapter=src.next_adapter)
-        bias_src = sources[bias] if _bias_is_mixed(sources, src, bias) else None
-        static = state[key] = (src, src.site.index_of(src.k), bias_src, adapt if src.adapted else None)
-    src, index, bias_src, adapt = static
-    site = src.site
-    if not site.fast_path or not site.linear_mix:
-        return None
-    if is_managed(src.prev) or is_managed(src.next):  # FSDP2 (integrations/fsdp_synthesis.py): the neighbours
-        return None  # may be sharded; the getter synthesizes from their shards, the generic path differentiates
-    if generic_only():  # torch.func transforms, torch.jit.trace: see there
-        return None
-    detach = site.detach
-    own = _own(src, name, detach)
-    prev, nxt = _adapted(src, *own)
-    remake = (*own, adapt) if detach and adapt is not None else None
-    if prev.is_meta or nxt.is_meta:  # meta init: shapes only, the generic path propagates them without the
-        return None  # custom backward (and refuses a meta neighbour of a model not wholly on meta: offloading)
-    a, b = site.coefficients()
-    if a.numel() > 1:  # one set of shape (1,) broadcasts as it is (weights have dimensions): no select op
-        a, b = a[index], b[index]
-    if bias_src is not None:
-        return MixSource(a, b, prev, nxt, site.ab_grad_sample, None, _sides(bias_src, bias, detach), remake)  # type: ignore[arg-type]
-    own_bias = None if bias is None else getattr(layer, bias)
-    return MixSource(a, b, prev, nxt, site.ab_grad_sample, own_bias, None, remake)
-
-
-_STATIC = CACHE_PREFIX + "static_"
-
-
-_FUNCTORCH_ACTIVE = getattr(torch._C, "_are_functorch_transforms_active", None)  # private: absent, unknown
-
-
-def generic_only() -> bool:
-    """Whether the replaced layers must take the generic path (plain autograd of the synthesized tensors) now.
-
-    Under a ``torch.func`` transform (``grad``, ``vmap``, ``jvp``, ...): the kernels' autograd Functions define
-    none of its rules. Under ``torch.jit.trace`` (and the ONNX export that traces): the tracer cannot record
-    a Python autograd Function that saves non-tensor state. Never while compiling: dynamo traces the transforms
-    itself and compiles the kernels. Called on every replaced layer's forward: two C calls.
-    """
-    if torch.compiler.is_compiling():
-        return False
-    return torch.jit.is_tracing() or (_FUNCTORCH_ACTIVE is not None and bool(_FUNCTORCH_ACTIVE()))
 
 
 def layer_route(
@@ -384,6 +257,9 @@ def layer_route(
                else f"no layer kernel for {cls.__name__}")
     elif not linear_mix:
         why = "the rule is not a linear mix of the neighbours"
+    elif not kernel.exact and (coupled or sample is None):
+        why = (f"kernel {kernel.name!r} only samples and "
+               + ("neighbour_grad='coupled' needs the full weight gradient" if coupled else "ab_grad_sample=None"))
     elif kernel.check is not None:
         why = kernel.check(layer)
     if why is not None:

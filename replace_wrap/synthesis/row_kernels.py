@@ -1,0 +1,177 @@
+"""Row kernels: replaced layers that map each row of their input on its own (RMS norms), at a frozen layer's cost.
+
+Through the generic path a replaced RMS norm, ``weight * normalize(x)``, pays for its weight's gradient twice
+over although only two scalars need it: autograd keeps ``normalize(x)`` (as large as the activation) from the
+forward to the backward, and the backward forms the full product ``dy * normalize(x)`` before reducing it. A
+frozen norm does neither. On the Llama-style decoder of docs/benchmarks.md those two tensors per replaced norm
+cost about 6% of a CPU step (the allocator faults them in afresh every step), more than everything else that
+replacing the blocks adds.
+
+A row kernel runs the layer's *own* forward with its synthesized tensors read detached (the same values, so
+the output is exactly the layer's, in its own dtypes and rounding), so autograd keeps and computes what it
+would for a frozen layer. The scalars' gradient comes from a sample of rows instead: of the input's ``N`` rows
+(all dimensions but those of the weight, flattened), ``m = sample_size(N, sample)`` are drawn as the linear
+kernels draw theirs (:mod:`replace_wrap.synthesis.estimators`, the same rule and variance bound) and kept; the
+backward runs the layer's forward again on those rows alone, with the synthesized tensors attached, and
+back-propagates the output gradient at those rows to the scalars, rescaled by ``N / m``. Because row ``i`` of
+the output depends only on row ``i`` of the input, that is the unbiased estimate of the exact gradient over
+all rows.
+
+That one property is the whole contract, so only layers that have it by definition are served: PyTorch's
+``nn.RMSNorm`` and classes that say they are an RMS norm, by their name (``...RMSNorm`` in any case: Hugging
+Face's ``LlamaRMSNorm``, ``Qwen3RMSNorm``, ``GemmaRMSNorm`` ..., timm's ``RmsNorm``) or by declaring it to Hugging
+Face's kernel hub (``kernel_layer_name == "RMSNorm"``, which transformers relies on to swap a fused RMS-norm
+kernel in for the class's forward). Whatever such a class computes per row (its casts, an offset weight), its
+own forward computes it here. The first call of each class also checks the property on its input (the first
+rows alone give the same output rows); a class that fails it takes the generic path from then on, with a
+warning. The kernel declines, and the generic path runs, wherever the estimate would not be the layer's gradient or cannot be taken: no gradient recorded, the
+exact estimator asked for (``ab_grad_sample=None``), coupled neighbours (they need the full weight gradient), a
+rule that is not a linear mix, FSDP2 shards, meta tensors, ``torch.func`` transforms and tracing, and under
+``torch.compile`` (its backward runs the layer's forward again, which a compiled backward cannot).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..integrations.fsdp_state import is_managed
+from .estimators import autocast_dtype, sample_size, sample_units
+from .kernels import first_order
+from .mixing import DETACHED_ATTR, SOURCES_ATTR, generic_only
+
+__all__ = ["declares_rms_norm", "row_forward"]
+
+log = logging.getLogger("replace_wrap")
+
+_ROW_WISE: dict[type, bool] = {}  # class -> whether its first call showed it row-wise (see _row_wise)
+_PROBE_ROWS = 2
+
+
+def declares_rms_norm(cls: type) -> bool:
+    """Whether ``cls`` says it is an RMS norm: by its name, or to Hugging Face's kernel hub (``kernel_layer_name``)."""
+    return cls.__name__.lower().endswith("rmsnorm") or getattr(cls, "kernel_layer_name", None) == "RMSNorm"
+
+
+def row_forward(layer: nn.Module, *args: Any, **kwargs: Any) -> Any:
+    """The forward of a replaced row-wise layer: its own, plus a sampled estimate of the scalars' gradient.
+
+    Returns ``NotImplemented`` (the generic path) where the estimate does not apply (see the module docstring).
+    """
+    if not torch.is_grad_enabled() or torch.compiler.is_compiling() or generic_only():
+        return NotImplemented
+    if kwargs or len(args) != 1 or not isinstance(args[0], torch.Tensor) or args[0].is_meta:
+        return NotImplemented
+    x = args[0]
+    sources = layer.__dict__[SOURCES_ATTR]
+    site = next(iter(sources.values())).site
+    sample = site.ab_grad_sample
+    if (
+        sample is None or not site.fast_path or not site.linear_mix or not site.detach
+        or any(is_managed(m) for src in sources.values() for m in (src.prev, src.next))
+    ):
+        return NotImplemented
+    width = _row_shape(sources, "weight" if "weight" in sources else next(iter(sources)))
+    lead = x.dim() - len(width)
+    if lead < 1 or tuple(x.shape[lead:]) != width:
+        return NotImplemented
+    n = x.numel() // max(1, _numel(width))
+    if sample_size(n, sample) >= n:  # every row: the generic path is the exact gradient at no more cost
+        return NotImplemented
+    state = layer.__dict__
+    state[DETACHED_ATTR] = True
+    try:
+        y = type(layer)._rw_base.forward(layer, x)  # type: ignore[attr-defined]
+    finally:
+        del state[DETACHED_ATTR]
+    if not _row_wise(layer, x, y, n, width):
+        return NotImplemented  # computed again on the generic path (once per class at most: never wrong)
+    params = tuple(p for p in site.parameters() if p.requires_grad)
+    if not params:  # frozen scalars: nothing to estimate, the detached forward is the layer's
+        return y
+    rows, scale = sample_units(n, sample, x.device)
+    # shape: x (*lead, *width) -> (N, *width) -> the m sampled rows, detached: the estimate sends x no gradient
+    xs = x.detach().reshape(n, *width).index_select(0, rows)  # type: ignore[arg-type]
+    return _RowTap.apply(y, xs, rows, layer, scale, autocast_dtype(x), *params)
+
+
+def _row_wise(layer: nn.Module, x: torch.Tensor, y: Any, n: int, width: tuple[int, ...]) -> bool:
+    """Whether the layer's output ``y`` of ``x`` is row-wise: same leading shape, and (checked on the first call of
+    its class) the first rows of ``x`` alone give the first rows of ``y``."""
+    lead = x.dim() - len(width)
+    if not isinstance(y, torch.Tensor) or tuple(y.shape[:lead]) != tuple(x.shape[:lead]):
+        return False
+    cls = type(layer)
+    known = _ROW_WISE.get(cls)
+    if known is None:
+        k = min(n, _PROBE_ROWS)
+        with torch.no_grad():
+            state = layer.__dict__
+            state[DETACHED_ATTR] = True
+            try:
+                alone = cls._rw_base.forward(layer, x.detach().reshape(n, *width)[:k])  # type: ignore[attr-defined]
+            finally:
+                del state[DETACHED_ATTR]
+            rows = y.detach().reshape(n, *y.shape[lead:])[:k]
+            # the same arithmetic per row, but a kernel may vectorize a different number of rows differently:
+            # a few roundings of the output's dtype apart at most
+            tol = max(1e-3, 4 * torch.finfo(y.dtype).eps) if y.is_floating_point() else 0.0
+            known = _ROW_WISE[cls] = (
+                isinstance(alone, torch.Tensor) and alone.shape == rows.shape
+                and torch.allclose(alone.double(), rows.double(), rtol=tol, atol=tol)
+            )
+        if not known:
+            log.warning("%s is not row-wise (its first rows alone give other outputs): its replaced layers take the "
+                        "generic path, with the exact scalar gradient", cls._rw_base.__name__)  # type: ignore[attr-defined]
+    return known
+
+
+def _row_shape(sources: dict[str, Any], name: str) -> tuple[int, ...]:
+    """The shape of the synthesized ``name`` (the trailing dimensions of a row), read without synthesizing."""
+    src = sources[name]
+    if src.adapted:
+        return tuple((src.prev_adapter or src.next_adapter).target)
+    return tuple(getattr(src.prev if src.prev is not None else src.next, name).shape)
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    out = 1
+    for s in shape:
+        out *= s
+    return out
+
+
+class _RowTap(torch.autograd.Function):
+    """Identity on the layer's output; its backward adds the scalars' sampled gradient (see the module docstring).
+
+    The output is the input tensor itself, marked modified (``mark_dirty``) rather than returned as a view: a
+    view made inside a custom Function cannot be modified in place later (a model may scale a norm's output in
+    place), a dirty tensor can. Its producer keeps no reference to it (a norm's last product saves its operands),
+    and autograd would refuse loudly at the backward if one did.
+    """
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any, y: torch.Tensor, xs: torch.Tensor, rows: torch.Tensor, layer: nn.Module, scale: float,
+        dtype: torch.dtype | None, *params: torch.Tensor,
+    ) -> torch.Tensor:
+        ctx.mark_dirty(y)
+        ctx.save_for_backward(xs, rows, *params)
+        ctx.layer, ctx.scale, ctx.dtype, ctx.lead = layer, scale, dtype, y.dim() - (xs.dim() - 1)
+        return y
+
+    @staticmethod
+    @first_order
+    def backward(ctx: Any, dy: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        xs, rows, *params = ctx.saved_tensors
+        # shape: dy (*lead, *out) -> (N, *out) -> the output gradient at the sampled rows, (m, *out)
+        d = dy.reshape(-1, *dy.shape[ctx.lead:]).index_select(0, rows)
+        amp = torch.autocast(xs.device.type, ctx.dtype) if ctx.dtype is not None else contextlib.nullcontext()
+        with torch.enable_grad(), amp:
+            ys = type(ctx.layer)._rw_base.forward(ctx.layer, xs)  # synthesized tensors attached to the scalars
+        grads = torch.autograd.grad(ys, params, d.to(ys.dtype), allow_unused=True)
+        return (dy, None, None, None, None, None, *(None if g is None else g * ctx.scale for g in grads))
