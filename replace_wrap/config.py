@@ -55,13 +55,14 @@ class ReplaceConfig:
             block's own parameter. ``False``: a block is only replaced when both neighbours supply every
             tensor with exactly its shape (otherwise it is skipped).
         fast_path: Compute the layers of replaced blocks that have a layer kernel (``nn.Linear``,
-            ``nn.Conv1d/2d/3d``, Hugging Face ``Conv1D``, and any registered with
+            ``nn.Conv1d/2d/3d``, Hugging Face ``Conv1D``, RMS norms, and any registered with
             :func:`replace_wrap.register_layer_kernel`) with a custom backward that takes the input gradient as
-            a frozen layer would plus the scalars' gradient, without a weight-gradient product.
+            a frozen layer would plus the scalars' gradient, without a weight-gradient product (RMS norms:
+            their own forward, the scalars' gradient from sampled rows only).
             ``False``: every tensor goes through ordinary autograd (the reference path). Outputs are the same
             either way.
         ab_grad_sample: How layers with a layer kernel (``nn.Linear``, ``nn.Conv1d/2d/3d``, Hugging Face
-            ``Conv1D``) take the scalars' gradient. ``"auto"`` (default): each step, of a layer's ``N`` units
+            ``Conv1D``, RMS norms: rows) take the scalars' gradient. ``"auto"`` (default): each step, of a layer's ``N`` units
             (rows of a linear layer's input, output positions of a convolution: batch items times spatial
             positions) ``m = max(16, ceil(N / 64))`` are drawn uniformly and the sum over them is rescaled by
             ``N / m``, an unbiased estimate; a layer with ``N <= 16`` units takes the exact gradient. Its
@@ -73,7 +74,8 @@ class ReplaceConfig:
             it is stored, and what configs written by replace_wrap 0.1/0.2 mean by it). A fraction in ``(0, 1)``:
             ``m = ceil(f * N)`` units (no minimum); ``1.0`` is exact. A fraction needs ``fast_path=True``;
             with ``neighbour_grad="coupled"`` the gradient stays exact (the neighbours need the full weight
-            gradient anyway). Layers without a kernel take the exact gradient through autograd:
+            gradient anyway), and RMS norms take it through autograd. Layers without a kernel take the exact
+            gradient through autograd:
             :func:`replace_wrap.report` lists each replaced layer's path and estimator.
         recompute: Keep only the inputs of each replaced block for the backward and recompute the block
             there (``torch.utils.checkpoint``): less memory than freezing the block, one more forward of it.

@@ -79,7 +79,8 @@ def _tell_routes(planned: Plan, cfg: ReplaceConfig) -> None:
         return "; ".join(shown) + f"; e.g. {path}{'.' if r.path else ''}{r.path}"
 
     # Layers holding a matrix pay a full weight-gradient product per step for an exact scalar gradient: those
-    # are named. Norm layers' per-channel tensors cost next to nothing that way and are only in the report.
+    # are named. Norm layers' per-channel tensors cost far less that way (LayerNorm's fused backward nothing
+    # extra; an RMS norm without its row kernel, an activation-sized product) and are only in the report.
     heavy = {
         (t.candidate.path, f.layer_path) for t in planned.targets for f in t.candidate.match.synthesized
         if len(f.shape) >= 2

@@ -32,7 +32,7 @@ from ..integrations import fsdp_synthesis
 from ..synthesis import builtin_kernels  # noqa: F401  registers the built-in layer kernels, in lookup order
 from ..synthesis.adapt import adapt_pair
 from ..synthesis.layer_kernels import kernel_for
-from ..synthesis.mixing import CACHE_PREFIX, DETACHED_ATTR, SOURCES_ATTR, TensorSource
+from ..synthesis.mixing import CACHE_PREFIX, SOURCES_ATTR, TensorSource, reads_detached
 from .sources import CHECK, check_copy, check_meta
 
 __all__ = ["base_class", "install", "is_swapped", "set_recompute", "uninstall"]
@@ -141,7 +141,7 @@ def _synthesized(name: str) -> Any:
         sharded = fsdp_synthesis.synthesize(self, name, src)  # FSDP2 units: from the neighbours' shards
         if sharded is not None:
             return sharded
-        if DETACHED_ATTR in state:  # a row kernel runs the layer's own forward and routes the scalars' gradient
+        if reads_detached(self):  # a row kernel runs the layer's own forward and routes the scalars' gradient
             with torch.no_grad():
                 return _synthesize(self, src, name)
         return _synthesize(self, src, name)

@@ -40,11 +40,10 @@ from torch import nn
 
 from ..errors import RegistryError
 from .estimators import describe_sample
-from .mixing import CACHE_PREFIX, DETACHED_ATTR, SOURCES_ATTR, MixSource, TensorSource, generic_only, mix_source
+from .mixing import CACHE_PREFIX, SOURCES_ATTR, MixSource, TensorSource, generic_only, mix_source
 
 __all__ = [
     "CACHE_PREFIX",
-    "DETACHED_ATTR",
     "SOURCES_ATTR",
     "LayerKernel",
     "MixSource",
@@ -129,12 +128,13 @@ class LayerKernel:
         if self.sharded not in SHARDED_LAYOUTS:
             raise RegistryError(f"sharded must be one of {SHARDED_LAYOUTS}, got {self.sharded!r}")
 
-    def matches(self, cls: type, names: tuple[str, ...]) -> bool:
-        """Whether this kernel serves a layer of class ``cls`` whose tensors ``names`` are synthesized."""
+    def matches(self, cls: type, names: tuple[str, ...], by_declaration: bool = False) -> bool:
+        """Whether this kernel serves a layer of class ``cls`` whose tensors ``names`` are synthesized: by one of
+        its types, or (``by_declaration=True``) by the class's declaration alone."""
         if not set(self.requires) <= set(names):
             return False
-        if self.declared is not None and self.declared(cls):
-            return True
+        if by_declaration:
+            return self.declared is not None and self.declared(cls)
         for spec in self.types:
             t = _resolve(spec)
             if t is not None and issubclass(cls, t) and all(
@@ -213,12 +213,18 @@ def register_layer_kernel(
 
 
 def kernel_for(cls: type, names: tuple[str, ...]) -> LayerKernel | None:
-    """The first registered kernel that serves ``cls`` with synthesized ``names``, or ``None``."""
+    """The first registered kernel that serves ``cls`` with synthesized ``names``, or ``None``.
+
+    Types first, declarations after: a kernel registered for a class (a user's, for their own RMS norm) wins over
+    a built-in that would serve the class only by what it declares (its name).
+    """
     key = (cls, names)
     try:
         return _LOOKUP[key]
     except KeyError:
-        found = next((k for k in _KERNELS if k.matches(cls, names)), None)
+        found = next((k for k in _KERNELS if k.matches(cls, names)), None) or next(
+            (k for k in _KERNELS if k.matches(cls, names, by_declaration=True)), None
+        )
         _LOOKUP[key] = found
         return found
 

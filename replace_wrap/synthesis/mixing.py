@@ -4,13 +4,16 @@ The surgery (:mod:`replace_wrap.surgery.swap`) stores, in a replaced layer's ``_
 :data:`SOURCES_ATTR`, one :class:`TensorSource` per synthesized tensor. The layer kernels read them through
 :func:`mix_source`, which says how the weight is mixed (scalars, neighbours, adapted shapes) or that the fast
 path must not be used now; :func:`generic_only` says when no kernel may run (``torch.func``, ``torch.jit.trace``).
-:data:`DETACHED_ATTR` is set on a layer while a kernel runs the layer's own forward on detached synthesized
-tensors (:mod:`replace_wrap.synthesis.row_kernels`).
+:func:`detached` marks a layer, in this thread, while a kernel runs the layer's own forward on detached synthesized
+tensors (:mod:`replace_wrap.synthesis.row_kernels`); :func:`reads_detached` is what the layer's properties ask.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import threading
+from collections.abc import Iterator
 from typing import Any, Callable, NamedTuple
 
 import torch
@@ -19,15 +22,39 @@ from torch import nn
 from ..integrations.fsdp_state import is_managed
 from .adapt import adapt_pair
 
-__all__ = ["CACHE_PREFIX", "DETACHED_ATTR", "SOURCES_ATTR", "MixSource", "TensorSource", "generic_only", "mix_source"]
+__all__ = [
+    "CACHE_PREFIX", "SOURCES_ATTR", "MixSource", "TensorSource", "detached", "generic_only", "mix_source", "reads_detached",
+]
 
 # The contract between a replaced layer and its kernels. The surgery stores, in the layer's __dict__ under
 # SOURCES_ATTR, one TensorSource per synthesized tensor name; kernels read them through mix_source().
 SOURCES_ATTR = "_rw_sources"
 CACHE_PREFIX = "_rw_cache_"  # layer attributes with this prefix are caches: not pickled, dropped on uninstall
-# Set in a layer's __dict__ while a kernel runs its own forward: its synthesized tensors are read detached
-# (computed without autograd history; the kernel routes the scalars' gradient itself).
-DETACHED_ATTR = "_rw_detached"
+
+# Per thread: ids of the layers whose synthesized tensors are read detached now (see detached). Per thread, not
+# on the layer: another thread running the same layer meanwhile must get its tensors with their history.
+_DETACHED = threading.local()
+
+
+@contextlib.contextmanager
+def detached(layer: nn.Module) -> Iterator[None]:
+    """While it lasts, this thread reads ``layer``'s synthesized tensors without autograd history: a kernel that
+    runs the layer's own forward and routes the scalars' gradient itself."""
+    ids = _DETACHED.__dict__.setdefault("ids", set())
+    key = id(layer)
+    nested = key in ids
+    ids.add(key)
+    try:
+        yield
+    finally:
+        if not nested:
+            ids.discard(key)
+
+
+def reads_detached(layer: nn.Module) -> bool:
+    """Whether this thread reads ``layer``'s synthesized tensors detached now (:func:`detached`)."""
+    ids = _DETACHED.__dict__.get("ids")
+    return bool(ids) and id(layer) in ids
 
 
 class TensorSource(NamedTuple):

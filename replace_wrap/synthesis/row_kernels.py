@@ -42,7 +42,7 @@ from torch import nn
 from ..integrations.fsdp_state import is_managed
 from .estimators import autocast_dtype, sample_size, sample_units
 from .kernels import first_order
-from .mixing import DETACHED_ATTR, SOURCES_ATTR, generic_only
+from .mixing import SOURCES_ATTR, detached, generic_only
 
 __all__ = ["declares_rms_norm", "row_forward"]
 
@@ -82,21 +82,27 @@ def row_forward(layer: nn.Module, *args: Any, **kwargs: Any) -> Any:
     n = x.numel() // max(1, _numel(width))
     if sample_size(n, sample) >= n:  # every row: the generic path is the exact gradient at no more cost
         return NotImplemented
-    state = layer.__dict__
-    state[DETACHED_ATTR] = True
-    try:
+    with detached(layer):
         y = type(layer)._rw_base.forward(layer, x)  # type: ignore[attr-defined]
-    finally:
-        del state[DETACHED_ATTR]
     if not _row_wise(layer, x, y, n, width):
         return NotImplemented  # computed again on the generic path (once per class at most: never wrong)
     params = tuple(p for p in site.parameters() if p.requires_grad)
     if not params:  # frozen scalars: nothing to estimate, the detached forward is the layer's
         return y
     rows, scale = sample_units(n, sample, x.device)
-    # shape: x (*lead, *width) -> (N, *width) -> the m sampled rows, detached: the estimate sends x no gradient
-    xs = x.detach().reshape(n, *width).index_select(0, rows)  # type: ignore[arg-type]
-    return _RowTap.apply(y, xs, rows, layer, scale, autocast_dtype(x), *params)
+    xs = _rows(x.detach(), lead, width, rows)  # detached: the estimate sends x no gradient
+    # The neighbours' tensors are saved only for autograd's check that nothing modified them in place before the
+    # backward, which reads them again (as the generic path's saved tensors would be checked).
+    sides = tuple(getattr(m, name) for name, src in sources.items() for m in (src.prev, src.next) if m is not None)
+    return _RowTap.apply(y, xs, rows, layer, (lead, scale, autocast_dtype(x), len(params)), *params, *sides)
+
+
+def _rows(t: torch.Tensor, lead: int, width: tuple[int, ...], rows: torch.Tensor | None) -> torch.Tensor:
+    """The rows ``rows`` (all when ``None``, a slice when an int) of ``t`` ``(*lead dims, *width)``, keeping its
+    number of dimensions: ``(m, 1, ..., 1, *width)``, so that a forward that unpacks its input's shape runs on it."""
+    flat = t.reshape(-1, *width)
+    picked = flat if rows is None else flat.index_select(0, rows)
+    return picked.view(picked.shape[0], *([1] * (lead - 1)), *width)
 
 
 def _row_wise(layer: nn.Module, x: torch.Tensor, y: Any, n: int, width: tuple[int, ...]) -> bool:
@@ -108,24 +114,22 @@ def _row_wise(layer: nn.Module, x: torch.Tensor, y: Any, n: int, width: tuple[in
     cls = type(layer)
     known = _ROW_WISE.get(cls)
     if known is None:
-        k = min(n, _PROBE_ROWS)
-        with torch.no_grad():
-            state = layer.__dict__
-            state[DETACHED_ATTR] = True
+        first = torch.arange(min(n, _PROBE_ROWS), device=x.device)
+        with torch.no_grad(), detached(layer):
             try:
-                alone = cls._rw_base.forward(layer, x.detach().reshape(n, *width)[:k])  # type: ignore[attr-defined]
-            finally:
-                del state[DETACHED_ATTR]
-            rows = y.detach().reshape(n, *y.shape[lead:])[:k]
+                alone = cls._rw_base.forward(layer, _rows(x.detach(), lead, width, first))  # type: ignore[attr-defined]
+            except Exception:  # a forward that cannot take rows alone (it needs its input's exact shape)
+                alone = None
+            want = _rows(y.detach(), lead, tuple(y.shape[lead:]), first)
             # the same arithmetic per row, but a kernel may vectorize a different number of rows differently:
             # a few roundings of the output's dtype apart at most
             tol = max(1e-3, 4 * torch.finfo(y.dtype).eps) if y.is_floating_point() else 0.0
             known = _ROW_WISE[cls] = (
-                isinstance(alone, torch.Tensor) and alone.shape == rows.shape
-                and torch.allclose(alone.double(), rows.double(), rtol=tol, atol=tol)
+                isinstance(alone, torch.Tensor) and alone.shape == want.shape
+                and torch.allclose(alone.double(), want.double(), rtol=tol, atol=tol)
             )
         if not known:
-            log.warning("%s is not row-wise (its first rows alone give other outputs): its replaced layers take the "
+            log.warning("%s is not row-wise (its first rows alone give other outputs, or none): its replaced layers take the "
                         "generic path, with the exact scalar gradient", cls._rw_base.__name__)  # type: ignore[attr-defined]
     return known
 
@@ -156,22 +160,25 @@ class _RowTap(torch.autograd.Function):
 
     @staticmethod
     def forward(  # type: ignore[override]
-        ctx: Any, y: torch.Tensor, xs: torch.Tensor, rows: torch.Tensor, layer: nn.Module, scale: float,
-        dtype: torch.dtype | None, *params: torch.Tensor,
+        ctx: Any, y: torch.Tensor, xs: torch.Tensor, rows: torch.Tensor, layer: nn.Module,
+        settings: tuple[int, float, torch.dtype | None, int], *tensors: torch.Tensor,
     ) -> torch.Tensor:
         ctx.mark_dirty(y)
-        ctx.save_for_backward(xs, rows, *params)
-        ctx.layer, ctx.scale, ctx.dtype, ctx.lead = layer, scale, dtype, y.dim() - (xs.dim() - 1)
+        ctx.save_for_backward(xs, rows, *tensors)  # the scalars, then the neighbours' tensors (see row_forward)
+        ctx.layer = layer
+        ctx.lead, ctx.scale, ctx.dtype, ctx.n_params = settings  # leading dims, N/m, autocast dtype, scalars
         return y
 
     @staticmethod
     @first_order
     def backward(ctx: Any, dy: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        xs, rows, *params = ctx.saved_tensors
-        # shape: dy (*lead, *out) -> (N, *out) -> the output gradient at the sampled rows, (m, *out)
-        d = dy.reshape(-1, *dy.shape[ctx.lead:]).index_select(0, rows)
+        xs, rows, *tensors = ctx.saved_tensors
+        params = tensors[: ctx.n_params]
+        # shape: dy (*lead, *out) -> the output gradient at the sampled rows, (m, 1, ..., 1, *out) like xs
+        d = _rows(dy, ctx.lead, tuple(dy.shape[ctx.lead:]), rows)
         amp = torch.autocast(xs.device.type, ctx.dtype) if ctx.dtype is not None else contextlib.nullcontext()
         with torch.enable_grad(), amp:
             ys = type(ctx.layer)._rw_base.forward(ctx.layer, xs)  # synthesized tensors attached to the scalars
-        grads = torch.autograd.grad(ys, params, d.to(ys.dtype), allow_unused=True)
-        return (dy, None, None, None, None, None, *(None if g is None else g * ctx.scale for g in grads))
+        grads = torch.autograd.grad(ys, params, d.to(ys.dtype).view(ys.shape), allow_unused=True)
+        none = (None,) * (len(tensors) - ctx.n_params)
+        return (dy, None, None, None, None, *(None if g is None else g * ctx.scale for g in grads), *none)
