@@ -203,8 +203,7 @@ def _extra_repr(base: type) -> Any:
 def _stand_in(src: TensorSource, name: str) -> torch.Tensor:
     """A meta tensor with the synthesized tensor's shape and dtype (no read of any value, no allocation)."""
     side = getattr(src.prev, name) if src.prev is not None else getattr(src.next, name)
-    shape = (src.prev_adapter or src.next_adapter).target if src.adapted else side.shape
-    return torch.empty(shape, dtype=side.dtype, device="meta")
+    return torch.empty(src.shape(name), dtype=side.dtype, device="meta")
 
 
 def _forward(base: type, names: tuple[str, ...], recompute: bool) -> Any:

@@ -76,6 +76,12 @@ class TensorSource(NamedTuple):
         """Whether either side is mapped to the replaced tensor's shape (else both are used as they are)."""
         return self.prev_adapter is not None or self.next_adapter is not None
 
+    def shape(self, name: str) -> tuple[int, ...]:
+        """The synthesized ``name``'s shape, from the adapter or a neighbour's tensor: nothing synthesized."""
+        if self.adapted:
+            return tuple((self.prev_adapter or self.next_adapter).target)
+        return tuple(getattr(self.prev if self.prev is not None else self.next, name).shape)
+
 
 class MixSource(NamedTuple):
     """Where a synthesized weight comes from, ready for :mod:`replace_wrap.synthesis.kernels`."""

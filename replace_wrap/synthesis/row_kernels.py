@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 from typing import Any
 
 import torch
@@ -75,40 +76,40 @@ def row_forward(layer: nn.Module, *args: Any, **kwargs: Any) -> Any:
         or any(is_managed(m) for src in sources.values() for m in (src.prev, src.next))
     ):
         return NotImplemented
-    width = _row_shape(sources, "weight" if "weight" in sources else next(iter(sources)))
+    name = "weight" if "weight" in sources else next(iter(sources))
+    width = sources[name].shape(name)  # a row's trailing dimensions
     lead = x.dim() - len(width)
     if lead < 1 or tuple(x.shape[lead:]) != width:
         return NotImplemented
-    n = x.numel() // max(1, _numel(width))
+    n = x.numel() // max(1, math.prod(width))
     if sample_size(n, sample) >= n:  # every row: the generic path is the exact gradient at no more cost
         return NotImplemented
     with detached(layer):
         y = type(layer)._rw_base.forward(layer, x)  # type: ignore[attr-defined]
-    if not _row_wise(layer, x, y, n, width):
+    if not _row_wise(layer, x, y, lead, n):
         return NotImplemented  # computed again on the generic path (once per class at most: never wrong)
     params = tuple(p for p in site.parameters() if p.requires_grad)
     if not params:  # frozen scalars: nothing to estimate, the detached forward is the layer's
         return y
     rows, scale = sample_units(n, sample, x.device)
-    xs = _rows(x.detach(), lead, width, rows)  # detached: the estimate sends x no gradient
+    xs = _rows(x.detach(), lead, rows)  # detached: the estimate sends x no gradient
     # The neighbours' tensors are saved only for autograd's check that nothing modified them in place before the
     # backward, which reads them again (as the generic path's saved tensors would be checked).
     sides = tuple(getattr(m, name) for name, src in sources.items() for m in (src.prev, src.next) if m is not None)
     return _RowTap.apply(y, xs, rows, layer, (lead, scale, autocast_dtype(x), len(params)), *params, *sides)
 
 
-def _rows(t: torch.Tensor, lead: int, width: tuple[int, ...], rows: torch.Tensor | None) -> torch.Tensor:
-    """The rows ``rows`` (all when ``None``, a slice when an int) of ``t`` ``(*lead dims, *width)``, keeping its
-    number of dimensions: ``(m, 1, ..., 1, *width)``, so that a forward that unpacks its input's shape runs on it."""
-    flat = t.reshape(-1, *width)
-    picked = flat if rows is None else flat.index_select(0, rows)
+def _rows(t: torch.Tensor, lead: int, rows: torch.Tensor) -> torch.Tensor:
+    """The rows ``rows`` of ``t`` ``(*lead dims, *width)``, keeping its number of dimensions:
+    ``(m, 1, ..., 1, *width)``, so that a forward that unpacks its input's shape runs on them."""
+    width = t.shape[lead:]
+    picked = t.reshape(-1, *width).index_select(0, rows)
     return picked.view(picked.shape[0], *([1] * (lead - 1)), *width)
 
 
-def _row_wise(layer: nn.Module, x: torch.Tensor, y: Any, n: int, width: tuple[int, ...]) -> bool:
-    """Whether the layer's output ``y`` of ``x`` is row-wise: same leading shape, and (checked on the first call of
-    its class) the first rows of ``x`` alone give the first rows of ``y``."""
-    lead = x.dim() - len(width)
+def _row_wise(layer: nn.Module, x: torch.Tensor, y: Any, lead: int, n: int) -> bool:
+    """Whether the layer's output ``y`` of ``x`` (``n`` rows over ``lead`` dimensions) is row-wise: same leading
+    shape, and (checked on the first call of its class) the first rows of ``x`` alone give the first rows of ``y``."""
     if not isinstance(y, torch.Tensor) or tuple(y.shape[:lead]) != tuple(x.shape[:lead]):
         return False
     cls = type(layer)
@@ -117,10 +118,10 @@ def _row_wise(layer: nn.Module, x: torch.Tensor, y: Any, n: int, width: tuple[in
         first = torch.arange(min(n, _PROBE_ROWS), device=x.device)
         with torch.no_grad(), detached(layer):
             try:
-                alone = cls._rw_base.forward(layer, _rows(x.detach(), lead, width, first))  # type: ignore[attr-defined]
+                alone = cls._rw_base.forward(layer, _rows(x.detach(), lead, first))  # type: ignore[attr-defined]
             except Exception:  # a forward that cannot take rows alone (it needs its input's exact shape)
                 alone = None
-            want = _rows(y.detach(), lead, tuple(y.shape[lead:]), first)
+            want = _rows(y.detach(), lead, first)
             # the same arithmetic per row, but a kernel may vectorize a different number of rows differently:
             # a few roundings of the output's dtype apart at most
             tol = max(1e-3, 4 * torch.finfo(y.dtype).eps) if y.is_floating_point() else 0.0
@@ -132,21 +133,6 @@ def _row_wise(layer: nn.Module, x: torch.Tensor, y: Any, n: int, width: tuple[in
             log.warning("%s is not row-wise (its first rows alone give other outputs, or none): its replaced layers take the "
                         "generic path, with the exact scalar gradient", cls._rw_base.__name__)  # type: ignore[attr-defined]
     return known
-
-
-def _row_shape(sources: dict[str, Any], name: str) -> tuple[int, ...]:
-    """The shape of the synthesized ``name`` (the trailing dimensions of a row), read without synthesizing."""
-    src = sources[name]
-    if src.adapted:
-        return tuple((src.prev_adapter or src.next_adapter).target)
-    return tuple(getattr(src.prev if src.prev is not None else src.next, name).shape)
-
-
-def _numel(shape: tuple[int, ...]) -> int:
-    out = 1
-    for s in shape:
-        out *= s
-    return out
 
 
 class _RowTap(torch.autograd.Function):
@@ -175,7 +161,7 @@ class _RowTap(torch.autograd.Function):
         xs, rows, *tensors = ctx.saved_tensors
         params = tensors[: ctx.n_params]
         # shape: dy (*lead, *out) -> the output gradient at the sampled rows, (m, 1, ..., 1, *out) like xs
-        d = _rows(dy, ctx.lead, tuple(dy.shape[ctx.lead:]), rows)
+        d = _rows(dy, ctx.lead, rows)
         amp = torch.autocast(xs.device.type, ctx.dtype) if ctx.dtype is not None else contextlib.nullcontext()
         with torch.enable_grad(), amp:
             ys = type(ctx.layer)._rw_base.forward(ctx.layer, xs)  # synthesized tensors attached to the scalars
