@@ -136,14 +136,101 @@ def test_timm_grad_checkpointing(when):
     _checkpointing_case(tiny_timm_vit, lambda m: m.set_grad_checkpointing(True), when, "blocks.1")
 
 
-def test_non_reentrant_checkpointing_replays_the_sampled_estimators_draws():
-    # The default estimator samples in the forward; non-reentrant checkpointing restores the generator for the
-    # recomputation, so a checkpointed step draws the very rows an unchecked one draws: equal gradients.
-    # (Reentrant checkpointing runs the first forward without grad, where nothing is drawn: other draws.)
+@pytest.mark.parametrize("reentrant", [False, True])
+def test_checkpointing_replays_the_sampled_estimators_draws(reentrant):
+    # The default estimator samples in the forward; checkpointing restores the generator for the recomputation,
+    # so a checkpointed step draws the very rows an unchecked one draws: equal gradients. (Reentrant
+    # checkpointing runs the first forward without grad: the training layers draw there all the same, so each
+    # segment starts from the generator state it has in an unchecked step.)
     def enable(m):
-        m.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        m.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
 
     _checkpointing_case(tiny_hf_vit, enable, "after", "vit.layers.1", sample="auto")
+
+
+class _DropoutBlock(torch.nn.Module):
+    def __init__(self, conv: bool):
+        super().__init__()
+        self.conv = conv
+        self.layer = torch.nn.Conv2d(8, 8, 3, padding=1) if conv else torch.nn.Linear(8, 8)
+        self.norm = None if conv else torch.nn.RMSNorm(8)
+        self.drop = torch.nn.Dropout(0.5)
+
+    def forward(self, x):
+        x = x + self.drop(self.layer(x))
+        return x if self.norm is None else x + self.drop(self.norm(x))
+
+
+class _DropoutStack(torch.nn.Module):
+    """Blocks with a dropout after each kind of layer kernel (linear, convolution, RMS norm), checkpointed as a
+    user's loop would checkpoint them."""
+
+    def __init__(self, conv: bool):
+        super().__init__()
+        self.checkpoint = None
+        self.stem = torch.nn.Conv2d(3, 8, 1) if conv else torch.nn.Linear(3, 8)
+        self.blocks = torch.nn.ModuleList(_DropoutBlock(conv) for _ in range(4))
+
+    def forward(self, x):
+        x = self.stem(x)
+        for block in self.blocks:
+            if self.checkpoint is None:
+                x = block(x)
+            else:
+                x = torch.utils.checkpoint.checkpoint(block, x, use_reentrant=self.checkpoint == "reentrant")
+        return x
+
+
+@pytest.mark.parametrize("conv", [False, True], ids=["linear_rms_norm", "conv"])
+@pytest.mark.parametrize("checkpoint", ["reentrant", "non_reentrant"])
+def test_checkpointing_with_dropout_replays_the_sampled_estimators_draws(conv, checkpoint):
+    # Reentrant checkpointing runs a segment without gradients, then again with them from the same generator
+    # state; the sampled kernels draw their units in both forwards, so a dropout after them draws the same mask
+    # twice and the gradients are an unchecked step's. (Before, the forward without gradients drew no units:
+    # the recomputation's dropout masks were other ones, and every gradient silently wrong.)
+    x = torch.randn(6, 3, 6, 6) if conv else torch.randn(6, 10, 3)  # 216 positions / 60 rows: both sampled
+    torch.manual_seed(0)
+    reference = _DropoutStack(conv)
+    model = copy.deepcopy(reference)
+    model.checkpoint = checkpoint
+    exact = copy.deepcopy(reference)
+    grads = {}
+    for name, m, sample in (("reference", reference, "auto"), ("model", model, "auto"), ("exact", exact, None)):
+        replace_wrap.convert(m, every=2, ab_grad_sample=sample).train()
+        _set_scalars(m, 0.2, 0.7)
+        torch.manual_seed(1)
+        m(x).square().mean().backward()
+        grads[name] = {n: p.grad.clone() for n, p in m.named_parameters()}
+    for n, g in grads["reference"].items():
+        torch.testing.assert_close(grads["model"][n], g, atol=1e-6, rtol=1e-5, msg=n)
+    a = "blocks.1.replacement.a"  # the units were sampled: the estimate is not the exact gradient
+    assert not torch.allclose(grads["reference"][a], grads["exact"][a])
+
+
+@pytest.mark.parametrize("conv", [False, True], ids=["linear_rms_norm", "conv"])
+def test_forwards_without_gradients_draw_only_in_training(conv):
+    # A training forward without gradients draws what one with gradients draws (the generator ends in the same
+    # state); an evaluating one draws nothing (inference and generation keep the generator as a plain model
+    # leaves it), and both compute the layer's output.
+    x = torch.randn(6, 3, 6, 6) if conv else torch.randn(6, 10, 3)
+    model = replace_wrap.convert(_DropoutStack(conv), every=2)
+    for m in model.modules():
+        if isinstance(m, torch.nn.Dropout):
+            m.p = 0.0  # (dropout draws nothing then: only the layers' draws remain)
+    states = {}
+    for mode, grad in (("train", True), ("train", False), ("eval", False)):
+        getattr(model, mode)()
+        torch.manual_seed(3)
+        with torch.set_grad_enabled(grad):
+            y = model(x)
+        states[mode, grad] = (torch.get_rng_state(), y.detach())
+    torch.manual_seed(3)
+    untouched = torch.get_rng_state()
+    assert not torch.equal(states["train", True][0], untouched)  # the units were sampled
+    assert torch.equal(states["train", False][0], states["train", True][0])
+    assert torch.equal(states["eval", False][0], untouched)
+    for key in states:
+        torch.testing.assert_close(states[key][1], states["train", True][1], atol=1e-6, rtol=1e-6)
 
 
 # --- devices and moves -------------------------------------------------------------------------------------

@@ -333,7 +333,9 @@ class _ShardedLinear(torch.autograd.Function):
 
 def sharded_linear(layer: nn.Module, x: torch.Tensor, transposed: bool) -> Any:
     """The forward of a replaced linear layer whose weight is gathered from FSDP2 shards with a sampled scalar
-    gradient, or ``NotImplemented`` (the generic path, exact) when that does not apply."""
+    gradient, or ``NotImplemented`` (the generic path, exact) when that does not apply. Called without gradients
+    (a training layer: reentrant checkpointing's first forward), it draws the rows the kernel would and takes the
+    generic path."""
     src = layer.__dict__.get(SOURCES_ATTR, {}).get("weight")
     if src is None or not (fsdp_state.is_managed(src.prev) or fsdp_state.is_managed(src.next)):
         return NotImplemented
@@ -343,6 +345,9 @@ def sharded_linear(layer: nn.Module, x: torch.Tensor, transposed: bool) -> Any:
     site = src.site
     if plan is None or plan.sampled is None or site.ab_grad_sample is None or not site.fast_path:
         return NotImplemented  # (settings changed since the plan: the generic read marks the weight dense)
+    if not torch.is_grad_enabled():  # a training forward without gradients: the generic path, after the draw
+        sample_units(x.numel() // max(1, x.shape[-1]), site.ab_grad_sample, x.device)  # _ShardedLinear's
+        return NotImplemented
     _KERNEL.reading, _KERNEL.slot = True, None
     try:
         w = layer.weight  # type: ignore[attr-defined]

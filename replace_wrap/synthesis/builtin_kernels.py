@@ -27,8 +27,10 @@ ROWS = "rows (tokens)"
 POSITIONS = "output positions (batch x spatial)"
 
 
+# Without gradients an evaluating layer takes the generic path; a training one runs its kernel, which draws the
+# random units a forward with gradients would (reentrant checkpointing runs both: mixed_linear says why).
 def _linear(layer: nn.Module, x: torch.Tensor, stored_transposed: bool) -> Any:
-    if not torch.is_grad_enabled():
+    if not (torch.is_grad_enabled() or layer.training):
         return NotImplemented
     src = mix_source(layer)
     if src is None:  # FSDP2 shards: the gathered weight with a sampled scalar gradient, or the generic path
@@ -38,7 +40,8 @@ def _linear(layer: nn.Module, x: torch.Tensor, stored_transposed: bool) -> Any:
         prev, nxt = prev.t(), nxt.t()
         if remake is not None:
             remake = (*remake[:2], _transposed(remake[2]))
-    return mixed_linear(x, src.a, src.b, prev, nxt, src.bias, bias_mix=src.bias_mix, sample=src.sample, remake=remake)
+    return mixed_linear(x, src.a, src.b, prev, nxt, src.bias, bias_mix=src.bias_mix, sample=src.sample, remake=remake,
+                        training=layer.training)
 
 
 def _transposed(fn: Any) -> Any:
@@ -65,7 +68,7 @@ def _conv_check(layer: nn.Module) -> str | None:
 @register_layer_kernel(nn.Conv1d, nn.Conv2d, nn.Conv3d, name="conv", check=_conv_check, units=POSITIONS)
 def _conv_forward(layer: nn.modules.conv._ConvNd, input: torch.Tensor) -> Any:
     if (
-        not torch.is_grad_enabled()
+        not (torch.is_grad_enabled() or layer.training)  # as _linear
         or input.dim() != len(layer.kernel_size) + 2  # unbatched input: F.conv handles it
         or _conv_check(layer) is not None
     ):
@@ -76,6 +79,7 @@ def _conv_forward(layer: nn.modules.conv._ConvNd, input: torch.Tensor) -> Any:
     return mixed_conv(
         input, src.a, src.b, src.prev, src.next, src.bias, bias_mix=src.bias_mix, stride=layer.stride,
         padding=layer.padding, dilation=layer.dilation, groups=layer.groups, sample=src.sample, remake=src.remake,
+        training=layer.training,
     )
 
 

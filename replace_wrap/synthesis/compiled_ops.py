@@ -39,7 +39,7 @@ from typing import Any
 import torch
 
 from .._version import __version__
-from .estimators import AUTO, scalars_on_host
+from .estimators import AUTO, requires_grad, scalars_on_host
 from .lean_layers import (
     INPUT,
     NONE,
@@ -95,10 +95,6 @@ def _scale(n: int, units: Tensor | None, fake: bool) -> float:
     return 1.0 if fake or units is None else n / units.shape[0]
 
 
-def _needs(*tensors: Tensor | None) -> list[bool]:
-    return [t is not None and t.requires_grad for t in tensors]
-
-
 def _kept(kind: str, sampled: bool, with_output: bool, x: Tensor, dtype: torch.dtype | None, keep: Tensor,
           units: Tensor, xw: Tensor) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
     """The forward operator's placeholders replaced as :func:`_out` made them (``kind``, ``with_output``: the plan)."""
@@ -146,7 +142,7 @@ def compiled_linear(x: Tensor, a: Tensor, b: Tensor, prev: Tensor, next: Tensor,
                     bias_prev: Tensor | None, bias_next: Tensor | None, sample: float | str | None,
                     dtype: torch.dtype | None) -> Tensor:
     """:func:`~replace_wrap.synthesis.kernels.mixed_linear`'s Function as the operator: ``x`` of shape ``(N, in)``."""
-    needs = _needs(x, a, b, prev, next, bias, bias_prev, bias_next)
+    needs = requires_grad(x, a, b, prev, next, bias, bias_prev, bias_next)
     return torch.ops.replace_wrap.lean_linear(x, a, b, prev, next, bias, bias_prev, bias_next, _encode(sample),
                                               dtype, needs, CODE)[0]
 
@@ -195,7 +191,7 @@ def compiled_conv(x: Tensor, a: Tensor, b: Tensor, prev: Tensor, next: Tensor, b
                   bias_prev: Tensor | None, bias_next: Tensor | None, sample: float | str | None,
                   dtype: torch.dtype | None, geometry: Geometry) -> Tensor:
     """:func:`~replace_wrap.synthesis.kernels.mixed_conv`'s Function as the operator."""
-    needs = _needs(x, a, b, prev, next, bias, bias_prev, bias_next)
+    needs = requires_grad(x, a, b, prev, next, bias, bias_prev, bias_next)
     return torch.ops.replace_wrap.lean_conv(x, a, b, prev, next, bias, bias_prev, bias_next, _encode(sample), dtype,
                                             *geometry, needs, CODE)[0]
 

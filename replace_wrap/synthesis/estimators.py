@@ -42,6 +42,7 @@ __all__ = [
     "describe_sample",
     "mix_bias",
     "needs_graph",
+    "requires_grad",
     "sample_size",
     "sample_units",
     "scalar_grads",
@@ -116,7 +117,12 @@ def autocast_dtype(x: torch.Tensor) -> torch.dtype | None:
 
 
 def needs_graph(*tensors: torch.Tensor | None) -> bool:
-    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+    return torch.is_grad_enabled() and any(requires_grad(*tensors))
+
+
+def requires_grad(*tensors: torch.Tensor | None) -> list[bool]:
+    """Which of ``tensors`` require grad (``False`` for ``None``): a Function's ``needs_input_grad``, before it runs."""
+    return [t is not None and t.requires_grad for t in tensors]
 
 
 def transposed(t: torch.Tensor) -> bool:

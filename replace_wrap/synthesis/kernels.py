@@ -21,6 +21,10 @@ and the backward a replaced layer holds no weight at all, where a frozen layer h
 
 Under autocast the layer computes in the autocast dtype, as ``F.linear`` / ``F.conv2d`` would.
 
+A training forward without gradients (``training=True``) draws the units a forward with gradients would draw, and
+drops them: reentrant gradient checkpointing runs a segment first without gradients and again, from the same
+state of the random generator, with them; a dropout after the layer must draw the same mask both times.
+
 In eager mode a layer is an autograd Function; under ``torch.compile`` it is a pair of custom operators
 (:mod:`replace_wrap.synthesis.compiled_ops`, which says why). Both run the functions of
 :mod:`replace_wrap.synthesis.lean_layers`: the same outputs, gradients, random draws and saved tensors.
@@ -29,6 +33,7 @@ In eager mode a layer is an autograd Function; under ``torch.compile`` it is a p
 from __future__ import annotations
 
 import functools
+import math
 from typing import Any, Callable, Optional
 
 import torch
@@ -37,8 +42,26 @@ from torch.autograd.function import once_differentiable
 
 from ..errors import CompatibilityError
 from .compiled_ops import compiled_conv, compiled_linear
-from .estimators import autocast_dtype, bias_sources, check_sample, mix_bias, needs_graph, scalars_on_host
-from .lean_layers import PATCH_KEEP_MAX, SAMPLE, conv_backward, conv_forward, conv_plan, linear_backward, linear_forward
+from .estimators import (
+    autocast_dtype,
+    bias_sources,
+    check_sample,
+    mix_bias,
+    needs_graph,
+    requires_grad,
+    sample_units,
+    scalars_on_host,
+)
+from .lean_layers import (
+    PATCH_KEEP_MAX,
+    SAMPLE,
+    conv_backward,
+    conv_forward,
+    conv_plan,
+    linear_backward,
+    linear_forward,
+    linear_plan,
+)
 from .maths import mix
 
 __all__ = ["PATCH_KEEP_MAX", "first_order", "mixed_conv", "mixed_linear"]
@@ -119,6 +142,7 @@ def mixed_linear(
     bias_mix: tuple[torch.Tensor, torch.Tensor] | None = None,
     sample: float | str | None = None,
     remake: Remake | None = None,
+    training: bool = False,
 ) -> torch.Tensor:
     """``F.linear(x, a * prev + b * next, bias)`` with the lean backward described in the module docstring.
 
@@ -139,6 +163,8 @@ def mixed_linear(
             neighbours: zero-padded, or zeros for an absent side): ``(source_prev, source_next, fn)`` with
             ``fn(source_prev, source_next) == (prev, next)``. The layer then keeps the sources for its
             backward, which remakes the copies, so no weight-sized copy is held between forward and backward.
+        training: The layer is training: without gradients it draws (and drops) the sample a forward with
+            gradients draws, so that both advance the random generator alike (see the module docstring).
 
     Returns:
         The output, as ``F.linear`` would give it.
@@ -156,6 +182,10 @@ def mixed_linear(
     sample = check_sample(sample)
     bp, bn = bias_sources(bias, bias_mix)
     if not needs_graph(x, a, b, prev, next, bias, bp, bn):  # inference or no-grad: nothing to save
+        if training:
+            n, needs = x.numel() // max(1, x.shape[-1]), requires_grad(x, a, b, prev, next, bias, bp, bn)
+            if any(needs) and linear_plan(n, sample, needs)[0] == SAMPLE:  # as linear_forward draws
+                sample_units(n, sample, x.device)
         return F.linear(x, mix(a, b, prev, next), mix_bias(a, b, bias, bp, bn))
     # The Function sees rows only: F.linear with a bias returns a view for inputs of more than two dimensions,
     # and a view made inside a custom Function cannot be modified in place afterwards (an inplace ReLU after a
@@ -207,6 +237,7 @@ def mixed_conv(
     bias_mix: tuple[torch.Tensor, torch.Tensor] | None = None,
     sample: float | str | None = None,
     remake: Remake | None = None,
+    training: bool = False,
 ) -> torch.Tensor:
     """A batched N-d convolution with weight ``a * prev + b * next`` and the lean backward.
 
@@ -225,6 +256,7 @@ def mixed_conv(
         sample: ``None`` for exact ``dL/da, dL/db``; ``"auto"`` or a fraction in ``(0, 1]`` of the output
             positions (batch items times spatial positions) to estimate them from.
         remake: As for :func:`mixed_linear`.
+        training: As for :func:`mixed_linear`.
 
     Example:
         >>> x = torch.randn(2, 3, 5, 5)
@@ -238,7 +270,11 @@ def mixed_conv(
     bp, bn = bias_sources(bias, bias_mix)
     geometry = (tuple(stride), tuple(padding), tuple(dilation), int(groups))
     if not needs_graph(x, a, b, prev, next, bias, bp, bn):
-        return _plain_conv(x, mix(a, b, prev, next), mix_bias(a, b, bias, bp, bn), geometry)
+        y = _plain_conv(x, mix(a, b, prev, next), mix_bias(a, b, bias, bp, bn), geometry)
+        needs = requires_grad(x, a, b, prev, next, bias, bp, bn)
+        if training and any(needs) and conv_plan(x.shape, y.shape, prev.shape, geometry[3], sample, needs)[1]:
+            sample_units(y.shape[0] * math.prod(y.shape[2:]), sample, x.device)  # as conv_forward draws
+        return y
     if torch.compiler.is_compiling():
         return compiled_conv(x, a, b, prev, next, bias, bp, bn, sample, autocast_dtype(x), geometry)
     return _MixedConv.apply(x, a, b, prev, next, bias, bp, bn, sample, autocast_dtype(x), geometry, remake)

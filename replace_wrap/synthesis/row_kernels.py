@@ -24,8 +24,9 @@ Face's kernel hub (``kernel_layer_name == "RMSNorm"``, which transformers relies
 kernel in for the class's forward). Whatever such a class computes per row (its casts, an offset weight), its
 own forward computes it here. The first call of each class also checks the property on its input (the first
 rows alone give the same output rows); a class that fails it takes the generic path from then on, with a
-warning. The kernel declines, and the generic path runs, wherever the estimate would not be the layer's gradient or cannot be taken: no gradient recorded, the
-exact estimator asked for (``ab_grad_sample=None``), coupled neighbours (they need the full weight gradient), a
+warning. The kernel declines, and the generic path runs, wherever the estimate would not be the layer's gradient
+or cannot be taken: no gradient recorded in an evaluating layer (a training one draws its rows all the same, so
+that reentrant checkpointing's two forwards advance the random generator alike), the exact estimator asked for (``ab_grad_sample=None``), coupled neighbours (they need the full weight gradient), a
 rule that is not a linear mix, FSDP2 shards, meta tensors, ``torch.func`` transforms and tracing, and under
 ``torch.compile`` (its backward runs the layer's forward again, which a compiled backward cannot).
 """
@@ -63,7 +64,9 @@ def row_forward(layer: nn.Module, *args: Any, **kwargs: Any) -> Any:
 
     Returns ``NotImplemented`` (the generic path) where the estimate does not apply (see the module docstring).
     """
-    if not torch.is_grad_enabled() or torch.compiler.is_compiling() or generic_only():
+    grad = torch.is_grad_enabled()
+    # Without gradients a training layer runs this path too and draws its rows: see mixed_linear's `training`.
+    if not (grad or layer.training) or torch.compiler.is_compiling() or generic_only():
         return NotImplemented
     if kwargs or len(args) != 1 or not isinstance(args[0], torch.Tensor) or args[0].is_meta:
         return NotImplemented
@@ -92,6 +95,8 @@ def row_forward(layer: nn.Module, *args: Any, **kwargs: Any) -> Any:
     if not params:  # frozen scalars: nothing to estimate, the detached forward is the layer's
         return y
     rows, scale = sample_units(n, sample, x.device)
+    if not grad:
+        return y
     xs = _rows(x.detach(), lead, rows)  # detached: the estimate sends x no gradient
     # The neighbours' tensors are saved only for autograd's check that nothing modified them in place before the
     # backward, which reads them again (as the generic path's saved tensors would be checked).
