@@ -27,6 +27,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 import replace_wrap  # noqa: E402
 from replace_wrap.integrations.fsdp_measure import FSDPMeter, local_bytes  # noqa: E402
+from replace_wrap.synthesis.estimators import sample_size  # noqa: E402
 
 STEPS = 3
 BATCH = 12  # divisible by 2, 3 and 4 ranks
@@ -42,12 +43,13 @@ def _world() -> int:
 # --- models: (model, blocks, batch(generator) -> full batch, loss(model, batch)) ------------------------------
 
 
-def llama(seqs_per_rank: int = EXACT_ROWS // 8) -> tuple[torch.nn.Module, Any, Callable, Callable]:
+def llama(seqs_per_rank: int = EXACT_ROWS // 8, dropout: float = 0.0) -> tuple[torch.nn.Module, Any, Callable, Callable]:
     """A 6-layer Llama; batches of ``seqs_per_rank`` sequences of 8 tokens for every rank."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     cfg = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=6, num_attention_heads=4,
-                      num_key_value_heads=2, max_position_embeddings=32, tie_word_embeddings=False)
+                      num_key_value_heads=2, max_position_embeddings=32, tie_word_embeddings=False,
+                      attention_dropout=dropout)
     torch.manual_seed(0)
     model = LlamaForCausalLM(cfg)
 
@@ -267,6 +269,9 @@ def group_llama(mesh: Any, out: Path) -> dict:
     res["shard_ckpt"] = compare(train(model, batch, loss_fn), model, ref)
     res["shard_ckpt"]["units"] = replace_wrap.fsdp_units(model)
 
+    # 3b. HF's reentrant gradient checkpointing, with and without dropout
+    res["reentrant"] = _reentrant(mesh, ref)
+
     # 4. coupled neighbour gradients, recompute=True (checkpointing inside the block), no reshard after forward
     ref_c = reference(llama, neighbour_grad="coupled", recompute=True)
     model, blocks, batch, loss_fn = llama()
@@ -323,6 +328,42 @@ def group_llama(mesh: Any, out: Path) -> dict:
 
     # 13. HF GPT-2: Conv1D stores its weight (in, out), so a rank's shard holds input features
     res["gpt2"] = _gpt2(mesh)
+    return res
+
+
+def _reentrant(mesh: Any, ref: dict) -> dict:
+    """HF's ``gradient_checkpointing_enable(use_reentrant=True)`` on a converted Llama sharded by ``shard`` (HF
+    checkpoints the layer's ``__call__``, FSDP2's hooks inside): with every row read, trained against the single
+    process; with attention dropout and 48 rows a rank (16 drawn), one step's loss and gradients against the same
+    sharded step without checkpointing, each rank seeded alike in both. The first forward, without gradients, must
+    draw the rows as the recomputation does, or the recomputed dropout masks are other ones."""
+    enable = {"gradient_checkpointing_kwargs": {"use_reentrant": True}}
+    world, rank = dist.get_world_size(), dist.get_rank()
+    model, blocks, batch, loss_fn = llama()
+    replace_wrap.convert(model, every=2)
+    model.gradient_checkpointing_enable(**enable)
+    replace_wrap.shard(model, mesh=mesh)
+    res: dict = {"exact_rows": compare(train(model, batch, loss_fn), model, ref)}
+    seqs = 6
+    res["rows"], res["drawn"] = seqs * 8, sample_size(seqs * 8, "auto")
+    step: dict = {}
+    for checkpointed in (False, True):
+        model, blocks, batch, loss_fn = llama(seqs_per_rank=seqs, dropout=0.1)
+        replace_wrap.convert(model, every=2)
+        forwards: list[bool] = []  # grad mode of each forward of a replaced block
+        blocks[1].register_forward_pre_hook(lambda m, a: forwards.append(torch.is_grad_enabled()))
+        if checkpointed:
+            model.gradient_checkpointing_enable(**enable)
+        replace_wrap.shard(model, mesh=mesh)
+        b = _slice(batch(torch.Generator().manual_seed(8)), rank, world)
+        torch.manual_seed(100 + rank)
+        loss = loss_fn(model, b)
+        loss.backward()
+        step[checkpointed] = (loss.item(), {n: p.grad.full_tensor() for n, p in model.named_parameters()}, forwards)
+    (loss, grads, _), (loss_c, grads_c, res["forwards"]) = step[False], step[True]
+    res["loss_gap"] = abs(loss_c - loss)
+    res["grad_gap"] = max((grads_c[n] - g).abs().max().item() for n, g in grads.items())
+    res["keys_equal"] = sorted(grads) == sorted(grads_c)
     return res
 
 
