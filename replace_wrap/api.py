@@ -177,8 +177,9 @@ def merge(model: nn.Module, *, optimizers: Any = None) -> nn.Module:
         model: A converted model.
         optimizers: An optimizer (or a list of them) that trains the converted model, to keep training the
             merged one: it is rebound in place, dropping the scalars (and their state) and training each
-            block's restored tensors in the parameter group that held the block's scalars. Without it, such an
-            optimizer keeps updating scalars that no longer exist and never trains the restored tensors.
+            block's restored tensors in the parameter group that held the block's scalars (weight matrices in
+            a decayed twin of it: an existing group, or a new one with the optimizer's weight decay, logged).
+            Without it, such an optimizer keeps updating scalars that no longer exist and never trains the restored tensors.
 
     Raises:
         NotConvertedError: If ``model`` has no replaced blocks.

@@ -93,6 +93,46 @@ def test_timm_optimizer_factory_leaves_the_scalars_undecayed():
         assert group["weight_decay"] == 0.0
 
 
+def _group_of(opt, p):
+    (group,) = [g for g in opt.param_groups if id(p) in _ids(g["params"])]
+    return group
+
+
+def test_merge_after_timm_layer_decay_restores_each_block_into_its_layers_decayed_group(caplog):
+    """Found by a user-scenario hunt: timm's layer-wise lr decay gives every block its own groups (lr_scale);
+    a replaced ViT block holds only its scalars, so merge(optimizers=) found no decayed group with the block's
+    lr_scale and left its restored weight matrices silently undecayed."""
+    from timm.optim import create_optimizer_v2
+
+    model = replace_wrap.convert(tiny_timm_vit(5), every=2)
+    opt = create_optimizer_v2(model, "adamw", lr=1e-3, weight_decay=0.05, layer_decay=0.75)
+    scale = {i: _group_of(opt, model.blocks[i].replacement.a)["lr_scale"] for i in (1, 3)}
+    with caplog.at_level(logging.WARNING, logger="replace_wrap"):
+        replace_wrap.merge(model, optimizers=opt)
+    assert "weight_decay=0.05" in caplog.text  # the added decayed group is logged
+    for i in (1, 3):
+        block = model.blocks[i]
+        for p in (block.attn.qkv.weight, block.attn.proj.weight, block.mlp.fc1.weight, block.mlp.fc2.weight):
+            group = _group_of(opt, p)
+            assert (group["weight_decay"], group["lr_scale"]) == (0.05, scale[i])
+        for p in (block.norm1.weight, block.norm1.bias, block.attn.qkv.bias):
+            group = _group_of(opt, p)
+            assert (group["weight_decay"], group["lr_scale"]) == (0.0, scale[i])
+
+
+def test_merge_after_param_groups_with_a_scalar_lr_decays_the_restored_matrices():
+    """Found by a user-scenario hunt: the scalars' own group of param_groups(scalar_lr=) has their lr, so no
+    decayed group had the same options and merge(optimizers=) left the restored weight matrices undecayed. They
+    stay with the scalars' lr (the documented group that held the scalars), now with the weight decay."""
+    model = replace_wrap.convert(ResidualMLP(), every=2)
+    opt = torch.optim.AdamW(replace_wrap.param_groups(model, weight_decay=0.05, scalar_lr=1e-2), lr=1e-3)
+    replace_wrap.merge(model, optimizers=opt)
+    block = model.blocks[1]
+    for p, wd in ((block.fc1.weight, 0.05), (block.fc2.weight, 0.05), (block.fc1.bias, 0.0), (block.norm.weight, 0.0)):
+        group = _group_of(opt, p)
+        assert (group["lr"], group["weight_decay"]) == (1e-2, wd)
+
+
 def _trainer_decay(model):
     import tempfile
 

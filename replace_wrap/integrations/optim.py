@@ -12,7 +12,9 @@ Weight decay: a replaced block's scalars never join a decayed group. When the bl
 a group with ``weight_decay=0`` and otherwise the same options (Hugging Face's and timm's optimizers have one),
 or a new such group is added (and logged: a learning-rate scheduler built before it does not see it). On
 ``merge``, restored tensors that decay by the usual convention (two or more dimensions, not a norm's or a
-bias) go back from a no-decay group to the decayed group with the same other options, if there is one.
+bias) go back from a no-decay group to the decayed group with the same other options, or to a new one with the
+optimizer's weight decay (logged; timm's layer-wise lr decay has no decayed group for a block that held only
+its scalars, nor ``param_groups(scalar_lr=)`` one with the scalars' lr).
 """
 
 from __future__ import annotations
@@ -113,15 +115,33 @@ def _group_for(opt: Any, group: dict[str, Any], decay: bool) -> dict[str, Any]:
         if bool(other.get("weight_decay", 0.0)) == decay and _options(other) == _options(group):
             return other
     if decay:
-        return group
-    twin = {**{k: v for k, v in group.items() if k not in ("params", "param_names")}, "weight_decay": 0.0, "params": []}
+        # merge: no decayed group with these options (timm's layer-wise lr decay: a replaced block held only
+        # its scalars, in its layer's no-decay group); the optimizer's weight decay, in a new group, as a fresh
+        # optimizer would have it. Several weight decays: none can be chosen, so the tensor stays, and it says so
+        decayed = {other["weight_decay"] for other in opt.param_groups if other.get("weight_decay", 0.0)}
+        if len(decayed) != 1:
+            if decayed:
+                logger.warning(
+                    "replace_wrap: a restored weight of a merged block stays in a group of %s without weight decay "
+                    "(the optimizer's groups decay by %s, none with this group's other options); build the "
+                    "optimizer again after merge to choose.", type(opt).__name__, sorted(decayed),
+                )
+            return group
+        return _twin(opt, group, decayed.pop(), "the merged blocks' restored weights (their scalars' group decays by 0)")
+    return _twin(opt, group, 0.0, f"the replaced blocks' scalars (their block's group decays by {wd})")
+
+
+def _twin(opt: Any, group: dict[str, Any], weight_decay: float, whom: str) -> dict[str, Any]:
+    """Add (and log) a group with ``group``'s options and ``weight_decay``; return it."""
+    twin = {**{k: v for k, v in group.items() if k not in ("params", "param_names")},
+            "weight_decay": weight_decay, "params": []}
     if "param_names" in group:
         twin["param_names"] = []
     opt.add_param_group(twin)
     logger.warning(
-        "replace_wrap: added a parameter group with weight_decay=0 to %s for the replaced blocks' scalars (their "
-        "block's group decays by %s); a learning-rate scheduler created before this does not see the new group: "
-        "create schedulers after convert, or build the optimizer with replace_wrap.param_groups(model).",
-        type(opt).__name__, wd,
+        "replace_wrap: added a parameter group with weight_decay=%s to %s for %s; a learning-rate scheduler "
+        "created before this does not see the new group: create schedulers after convert and merge, or build the "
+        "optimizer with replace_wrap.param_groups(model).",
+        weight_decay if weight_decay else 0, type(opt).__name__, whom,
     )
     return opt.param_groups[-1]
