@@ -68,7 +68,9 @@ def param_groups(
         weight_decay: Weight decay of the decayed group (tensors of two or more dimensions that are not in a
             normalization layer, see :func:`decays`).
         scalar_lr: A learning rate for the replaced blocks' scalars (their own group); ``None``: the
-            optimizer's.
+            optimizer's. ``merge(model, optimizers=opt)`` trains a merged block's restored tensors with the
+            options of the group that held its scalars, this learning rate included: build the optimizer again
+            after ``merge`` to train them at the model's.
 
     Returns:
         Up to three groups, empty ones left out: ``{"params": decayed, "weight_decay": weight_decay}``,
