@@ -309,6 +309,36 @@ def test_recompute_replays_the_same_samples_and_dropout():
         torch.testing.assert_close(results[1][k], results[0][k], rtol=1e-5, atol=1e-6, msg=k)
 
 
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_recompute_with_a_kv_cache_runs_the_block_once(attn):
+    """An HF decoder called in training with its default cache (use_cache=True) hands each block the cache: a
+    backward replay would append to it a second time (eager attention: RuntimeError in the backward; sdpa: the
+    returned cache holds the replaced layers' tokens twice). Such a call is not recomputed, and says so."""
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=5,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32)
+    cfg._attn_implementation = attn
+    torch.manual_seed(0)
+    base = transformers.LlamaForCausalLM(cfg)
+    x = torch.randint(3, 64, (2, 8), generator=torch.Generator().manual_seed(0))
+    results = {}
+    for recompute in (False, True):
+        m = replace_wrap.convert(copy.deepcopy(base), every=2, recompute=recompute, ab_grad_sample="exact").train()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            out = m(input_ids=x, labels=x)
+            out.loss.backward()
+        told = [str(w.message) for w in caught if "use_cache=False" in str(w.message)]
+        assert bool(told) == recompute, told
+        assert [layer.keys.shape[-2] for layer in out.past_key_values.layers] == [8] * 5
+        results[recompute] = {n: p.grad for n, p in m.named_parameters() if p.grad is not None}
+    for k in results[False]:
+        torch.testing.assert_close(results[True][k], results[False][k], rtol=0, atol=0, msg=k)
+    with warnings.catch_warnings():  # without a cache the blocks are recomputed, and nothing is said
+        warnings.simplefilter("error")
+        m(input_ids=x, labels=x, use_cache=False).loss.backward()
+
+
 # --- config ------------------------------------------------------------------------------------------------
 
 

@@ -224,6 +224,8 @@ def model_factory(name: str) -> Any:
             cfg = AutoConfig.for_model(rest, **sets)
             # a decoder language model (llama, gpt2 ...) is built for causal LM, anything else for images
             causal = rest in transformers.models.auto.modeling_auto.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+            if causal and "use_cache" not in sets:  # training steps build no KV cache (recompute=True replays
+                cfg.use_cache = False  # no block that is handed one)
             if not causal and "image_size" not in sets and hasattr(cfg, "image_size"):
                 cfg.image_size = size
             if not causal and "num_labels" not in sets:

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import warnings
 from typing import Any
 
 import torch
@@ -228,12 +229,29 @@ def _forward(base: type, names: tuple[str, ...], recompute: bool) -> Any:
     @functools.wraps(base.forward)
     def forward(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
         if torch.is_grad_enabled():
+            cache = next((k for k in _CACHE_KWARGS if kwargs.get(k) is not None), None)
+            if cache is not None:
+                # The block writes into the cache it is handed (an HF decoder called with use_cache=True, its
+                # default also in training): a replay in the backward would write it a second time. Run the
+                # block once instead, exactly, and say how to get the recomputation back.
+                warnings.warn(
+                    f"recompute=True: a replaced {base.__name__} was called with a cache ({cache}=...), so it is "
+                    "not recomputed in this call (replaying it in the backward would write the cache twice). "
+                    "Call the model with use_cache=False while training (or set model.config.use_cache = False) "
+                    "to recompute it.", UserWarning, stacklevel=2,
+                )
+                return run(self, *args, **kwargs)
             from torch.utils.checkpoint import checkpoint
 
             return checkpoint(run, self, *args, use_reentrant=False, **kwargs)
         return run(self, *args, **kwargs)
 
     return forward
+
+
+# Keyword arguments under which Hugging Face blocks receive the cache they write into (the names vary by model
+# and version: decoder layers, GPT-2's blocks, Mamba's); a block called with one is not recomputed.
+_CACHE_KWARGS = ("past_key_values", "past_key_value", "layer_past", "cache_params")
 
 
 def _fx_call_module(layer: nn.Module, base: type, args: tuple, kwargs: dict) -> Any:
