@@ -157,6 +157,111 @@ def mixtral() -> Case:
     return _causal(T.MixtralForCausalLM(T.MixtralConfig(**_DECODER, num_local_experts=4, num_experts_per_tok=2)))
 
 
+# Heterogeneous stacks: one block class whose layers differ inside (dense and MoE feed-forwards, convolution and
+# attention mixers, per-layer widths). A replaced block synthesizes what its neighbours have (a side without the
+# tensor gives zeros, reported as adapted) and keeps as its own what neither has (reported as kept).
+_MOE = dict(num_experts_per_tok=2, moe_intermediate_size=16)
+
+
+@register("DeepSeek-V3", "decoder, MLA attention, dense then MoE layers (first_k_dense_replace)")
+def deepseek_v3() -> Case:
+    import transformers as T
+
+    cfg = T.DeepseekV3Config(**_DECODER | dict(num_hidden_layers=6), **_MOE, first_k_dense_replace=3, n_routed_experts=4,
+                             n_group=1, topk_group=1, n_shared_experts=1, kv_lora_rank=16, q_lora_rank=16,
+                             qk_rope_head_dim=4, qk_nope_head_dim=4, v_head_dim=8)
+    return _causal(T.DeepseekV3ForCausalLM(cfg))
+
+
+@register("Qwen3-MoE", "decoder, MoE and dense layers alternating (mlp_only_layers)")
+def qwen3_moe() -> Case:
+    import transformers as T
+
+    cfg = T.Qwen3MoeConfig(**_DECODER | dict(num_hidden_layers=6), **_MOE, head_dim=8, num_experts=4,
+                           mlp_only_layers=[0, 2, 4])
+    return _causal(T.Qwen3MoeForCausalLM(cfg))
+
+
+@register("GPT-OSS", "decoder, MoE, sliding / full attention with sinks")
+def gpt_oss() -> Case:
+    import transformers as T
+
+    cfg = T.GptOssConfig(**_DECODER, head_dim=8, num_local_experts=4, num_experts_per_tok=2, sliding_window=4)
+    return _causal(T.GptOssForCausalLM(cfg))
+
+
+@register("Llama4", "decoder, MoE every 2nd layer, no-RoPE layers")
+def llama4() -> Case:
+    import transformers as T
+
+    cfg = T.Llama4TextConfig(**_DECODER | dict(num_hidden_layers=6), head_dim=8, num_local_experts=2,
+                             num_experts_per_tok=1, interleave_moe_layer_step=2, intermediate_size_mlp=48,
+                             no_rope_layer_interval=3, attention_chunk_size=8)
+    return _causal(T.Llama4ForCausalLM(cfg))
+
+
+@register("LFM2", "hybrid decoder, short-convolution and attention layers")
+def lfm2() -> Case:
+    import transformers as T
+
+    cfg = T.Lfm2Config(**_DECODER | dict(num_hidden_layers=6),
+                       layer_types=["conv", "conv", "full_attention", "conv", "full_attention", "conv"])
+    return _causal(T.Lfm2ForCausalLM(cfg))
+
+
+@register("Qwen3-Next", "hybrid decoder, gated delta-net and attention layers, MoE")
+def qwen3_next() -> Case:
+    import transformers as T
+
+    cfg = T.Qwen3NextConfig(**_DECODER, **_MOE, head_dim=8, num_experts=4, shared_expert_intermediate_size=16,
+                            linear_num_value_heads=4, linear_num_key_heads=2, linear_key_head_dim=8,
+                            linear_value_head_dim=8, linear_conv_kernel_dim=4,
+                            layer_types=["linear_attention"] * 3 + ["full_attention", "linear_attention"])
+    return _causal(T.Qwen3NextForCausalLM(cfg))
+
+
+@register("Gemma3n", "decoder, per-layer intermediate sizes, AltUp, per-layer inputs")
+def gemma3n() -> Case:
+    import transformers as T
+
+    cfg = T.Gemma3nTextConfig(
+        vocab_size=VOCAB, hidden_size=32, intermediate_size=[64, 48, 64, 32, 64], num_hidden_layers=LAYERS,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=8, max_position_embeddings=64, pad_token_id=0,
+        bos_token_id=1, eos_token_id=2, hidden_size_per_layer_input=8, vocab_size_per_layer_input=VOCAB,
+        num_kv_shared_layers=0, laurel_rank=4, activation_sparsity_pattern=[0.0] * LAYERS, sliding_window=4,
+        layer_types=["sliding_attention", "full_attention"] * 2 + ["full_attention"], altup_num_inputs=2,
+    )
+    return _causal(T.Gemma3nForCausalLM(cfg), tied=True)
+
+
+@register("Mamba", "state-space model (A_log, D, depthwise conv1d)")
+def mamba() -> Case:
+    import transformers as T
+
+    cfg = T.MambaConfig(vocab_size=VOCAB, hidden_size=32, state_size=4, num_hidden_layers=LAYERS, expand=2,
+                        conv_kernel=4, use_mambapy=False, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    return _causal(T.MambaForCausalLM(cfg), tied=True)
+
+
+@register("Mamba2", "state-space model, multi-head SSD")
+def mamba2() -> Case:
+    import transformers as T
+
+    cfg = T.Mamba2Config(vocab_size=VOCAB, hidden_size=32, state_size=8, num_hidden_layers=LAYERS, num_heads=8,
+                         head_dim=8, n_groups=1, expand=2, conv_kernel=4, chunk_size=8, pad_token_id=0, bos_token_id=1,
+                         eos_token_id=2)
+    return _causal(T.Mamba2ForCausalLM(cfg))
+
+
+@register("Falcon-H1", "hybrid decoder, attention and Mamba-2 in parallel in every layer")
+def falcon_h1() -> Case:
+    import transformers as T
+
+    cfg = T.FalconH1Config(**_DECODER, head_dim=8, mamba_d_ssm=32, mamba_n_heads=4, mamba_d_head=8, mamba_n_groups=1,
+                           mamba_d_state=8, mamba_d_conv=4, mamba_expand=2, mamba_chunk_size=8)
+    return _causal(T.FalconH1ForCausalLM(cfg))
+
+
 def _masked(model: nn.Module) -> Case:
     x = _ids()
     labels = torch.full_like(x, -100)
@@ -338,7 +443,7 @@ def write_page(rows: list[Row], path: Any, seconds: float, command: str) -> None
         "",
         "<!-- generated by `pytest -m compat tests/test_compat_text.py`; do not edit by hand -->",
         "",
-        "Each model is built from a small config (no hub), five layers per stack, and goes through: ",
+        "Each model is built from a small config (no hub), five or six layers per stack, and goes through: ",
         "`convert(model, every=2)` (the report's trainable count must be the model's, tied embeddings counted",
         "once); a training step with labels (the output keeps `.loss`, every replaced block's `a` and `b` get a",
         "gradient), then an SGD step and scalars moved off 0.5; greedy `generate` with the KV cache, which must",
