@@ -52,16 +52,8 @@ from .estimators import (
     sample_units,
     scalars_on_host,
 )
-from .lean_layers import (
-    PATCH_KEEP_MAX,
-    SAMPLE,
-    conv_backward,
-    conv_forward,
-    conv_plan,
-    linear_backward,
-    linear_forward,
-    linear_plan,
-)
+from .lean_layers import (PATCH_KEEP_MAX, SAMPLE, conv_backward, conv_forward, conv_plan, linear_backward,
+                          linear_forward, linear_plan)
 from .maths import mix
 
 __all__ = ["PATCH_KEEP_MAX", "first_order", "mixed_conv", "mixed_linear"]
