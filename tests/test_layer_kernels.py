@@ -309,21 +309,26 @@ def test_recompute_replays_the_same_samples_and_dropout():
         torch.testing.assert_close(results[1][k], results[0][k], rtol=1e-5, atol=1e-6, msg=k)
 
 
+@pytest.mark.parametrize("family", ["llama", "gpt2"])  # GPT-2 hands its blocks the cache positionally
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
-def test_recompute_with_a_kv_cache_runs_the_block_once(attn):
+def test_recompute_with_a_kv_cache_runs_the_block_once(attn, family):
     """An HF decoder called in training with its default cache (use_cache=True) hands each block the cache: a
     backward replay would append to it a second time (eager attention: RuntimeError in the backward; sdpa: the
     returned cache holds the replaced layers' tokens twice). Such a call is not recomputed, and says so."""
     transformers = pytest.importorskip("transformers")
-    cfg = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=5,
-                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32)
+    if family == "llama":
+        cfg = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=5,
+                                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32)
+    else:
+        cfg = transformers.GPT2Config(vocab_size=64, n_embd=32, n_layer=5, n_head=4, n_positions=32)
     cfg._attn_implementation = attn
     torch.manual_seed(0)
-    base = transformers.LlamaForCausalLM(cfg)
+    base = (transformers.LlamaForCausalLM if family == "llama" else transformers.GPT2LMHeadModel)(cfg)
     x = torch.randint(3, 64, (2, 8), generator=torch.Generator().manual_seed(0))
     results = {}
     for recompute in (False, True):
         m = replace_wrap.convert(copy.deepcopy(base), every=2, recompute=recompute, ab_grad_sample="exact").train()
+        torch.manual_seed(1)  # (GPT-2's dropout: the same masks in both runs)
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             out = m(input_ids=x, labels=x)

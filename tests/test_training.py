@@ -149,15 +149,16 @@ def test_checkpointing_replays_the_sampled_estimators_draws(reentrant):
 
 
 class _DropoutBlock(torch.nn.Module):
-    def __init__(self, conv: bool):
+    def __init__(self, conv: bool, width: int = 8):
         super().__init__()
         self.conv = conv
-        self.layer = torch.nn.Conv2d(8, 8, 3, padding=1) if conv else torch.nn.Linear(8, 8)
+        self.layer = torch.nn.Conv2d(8, width, 3, padding=1) if conv else torch.nn.Linear(8, width)
+        self.out = torch.nn.Conv2d(width, 8, 1) if conv else torch.nn.Linear(width, 8)
         self.norm = None if conv else torch.nn.RMSNorm(8)
         self.drop = torch.nn.Dropout(0.5)
 
     def forward(self, x):
-        x = x + self.drop(self.layer(x))
+        x = x + self.drop(self.out(self.drop(self.layer(x))))
         return x if self.norm is None else x + self.drop(self.norm(x))
 
 
@@ -165,11 +166,11 @@ class _DropoutStack(torch.nn.Module):
     """Blocks with a dropout after each kind of layer kernel (linear, convolution, RMS norm), checkpointed as a
     user's loop would checkpoint them."""
 
-    def __init__(self, conv: bool):
+    def __init__(self, conv: bool, widths: tuple[int, ...] = (8, 8, 8, 8)):
         super().__init__()
         self.checkpoint = None
         self.stem = torch.nn.Conv2d(3, 8, 1) if conv else torch.nn.Linear(3, 8)
-        self.blocks = torch.nn.ModuleList(_DropoutBlock(conv) for _ in range(4))
+        self.blocks = torch.nn.ModuleList(_DropoutBlock(conv, w) for w in widths)
 
     def forward(self, x):
         x = self.stem(x)
@@ -181,30 +182,41 @@ class _DropoutStack(torch.nn.Module):
         return x
 
 
+# The options whose scalars or neighbours are computed tensors (a sigmoid; zero-padded copies of neighbours of
+# another width, coupled): what requires grad must be read as a forward with gradients reads it. Coupled
+# neighbours need the full weight gradient, so their layers draw nothing (and must not draw without gradients).
+_CHECKPOINT_OPTIONS = {"default": ({}, (8, 8, 8, 8)), "convex": ({"rule": "convex"}, (8, 8, 8, 8)),
+                       "coupled_adapted": ({"neighbour_grad": "coupled"}, (8, 12, 8, 8))}
+
+
+@pytest.mark.parametrize("options", list(_CHECKPOINT_OPTIONS))
 @pytest.mark.parametrize("conv", [False, True], ids=["linear_rms_norm", "conv"])
 @pytest.mark.parametrize("checkpoint", ["reentrant", "non_reentrant"])
-def test_checkpointing_with_dropout_replays_the_sampled_estimators_draws(conv, checkpoint):
+def test_checkpointing_with_dropout_replays_the_sampled_estimators_draws(conv, checkpoint, options):
     # Reentrant checkpointing runs a segment without gradients, then again with them from the same generator
     # state; the sampled kernels draw their units in both forwards, so a dropout after them draws the same mask
     # twice and the gradients are an unchecked step's. (Before, the forward without gradients drew no units:
     # the recomputation's dropout masks were other ones, and every gradient silently wrong.)
+    kwargs, widths = _CHECKPOINT_OPTIONS[options]
     x = torch.randn(6, 3, 6, 6) if conv else torch.randn(6, 10, 3)  # 216 positions / 60 rows: both sampled
     torch.manual_seed(0)
-    reference = _DropoutStack(conv)
+    reference = _DropoutStack(conv, widths)
     model = copy.deepcopy(reference)
     model.checkpoint = checkpoint
     exact = copy.deepcopy(reference)
     grads = {}
     for name, m, sample in (("reference", reference, "auto"), ("model", model, "auto"), ("exact", exact, None)):
-        replace_wrap.convert(m, every=2, ab_grad_sample=sample).train()
-        _set_scalars(m, 0.2, 0.7)
+        replace_wrap.convert(m, every=2, ab_grad_sample=sample, **kwargs).train()
+        if "rule" not in kwargs:
+            _set_scalars(m, 0.2, 0.7)
         torch.manual_seed(1)
         m(x).square().mean().backward()
         grads[name] = {n: p.grad.clone() for n, p in m.named_parameters()}
     for n, g in grads["reference"].items():
         torch.testing.assert_close(grads["model"][n], g, atol=1e-6, rtol=1e-5, msg=n)
-    a = "blocks.1.replacement.a"  # the units were sampled: the estimate is not the exact gradient
-    assert not torch.allclose(grads["reference"][a], grads["exact"][a])
+    if "neighbour_grad" not in kwargs:  # the units were sampled: the estimate is not the exact gradient
+        a = next(n for n in grads["exact"] if n.startswith("blocks.1.replacement."))  # a (alpha when convex)
+        assert not torch.allclose(grads["reference"][a], grads["exact"][a])
 
 
 @pytest.mark.parametrize("conv", [False, True], ids=["linear_rms_norm", "conv"])

@@ -346,6 +346,9 @@ def sharded_linear(layer: nn.Module, x: torch.Tensor, transposed: bool) -> Any:
     if plan is None or plan.sampled is None or site.ab_grad_sample is None or not site.fast_path:
         return NotImplemented  # (settings changed since the plan: the generic read marks the weight dense)
     if not torch.is_grad_enabled():  # a training forward without gradients: the generic path, after the draw
+        # (With gradients a layer called outside its block's forward draws nothing, below: the read tells. Without
+        # them the read announces nothing, so such a layer draws here, and reentrant checkpointing does not
+        # replay it exactly; a layer in its block, the case of every model seen, does.)
         sample_units(x.numel() // max(1, x.shape[-1]), site.ab_grad_sample, x.device)  # _ShardedLinear's
         return NotImplemented
     _KERNEL.reading, _KERNEL.slot = True, None

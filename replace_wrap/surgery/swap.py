@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import inspect
 import warnings
 from typing import Any
 
@@ -226,10 +227,17 @@ def _forward(base: type, names: tuple[str, ...], recompute: bool) -> Any:
     if not recompute:
         return run
 
+    try:  # where a cache argument sits when passed positionally (GPT-2: block(h, past_key_values, mask, ...))
+        params = list(inspect.signature(base.forward).parameters)[1:]
+    except (TypeError, ValueError):
+        params = []
+    at = {k: params.index(k) for k in _CACHE_KWARGS if k in params}
+
     @functools.wraps(base.forward)
     def forward(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
         if torch.is_grad_enabled():
-            cache = next((k for k in _CACHE_KWARGS if kwargs.get(k) is not None), None)
+            cache = next((k for k in _CACHE_KWARGS if kwargs.get(k) is not None
+                          or (k in at and at[k] < len(args) and args[at[k]] is not None)), None)
             if cache is not None:
                 # The block writes into the cache it is handed (an HF decoder called with use_cache=True, its
                 # default also in training): a replay in the backward would write it a second time. Run the

@@ -32,7 +32,7 @@ POSITIONS = "output positions (batch x spatial)"
 def _linear(layer: nn.Module, x: torch.Tensor, stored_transposed: bool) -> Any:
     if not (torch.is_grad_enabled() or layer.training):
         return NotImplemented
-    src = mix_source(layer)
+    src = _source(layer)
     if src is None:  # FSDP2 shards: the gathered weight with a sampled scalar gradient, or the generic path
         return sharded_linear(layer, x, stored_transposed)
     prev, nxt, remake = src.prev, src.next, src.remake
@@ -42,6 +42,15 @@ def _linear(layer: nn.Module, x: torch.Tensor, stored_transposed: bool) -> Any:
             remake = (*remake[:2], _transposed(remake[2]))
     return mixed_linear(x, src.a, src.b, prev, nxt, src.bias, bias_mix=src.bias_mix, sample=src.sample, remake=remake,
                         training=layer.training)
+
+
+def _source(layer: nn.Module) -> Any:
+    # Read with gradients enabled: which of a, b, prev, next require grad is then what a forward with gradients
+    # sees (computed scalars of rule="convex", zero-padded coupled neighbours), so the no-grad draw matches it.
+    if torch.is_grad_enabled():
+        return mix_source(layer)
+    with torch.enable_grad():
+        return mix_source(layer)
 
 
 def _transposed(fn: Any) -> Any:
@@ -73,7 +82,7 @@ def _conv_forward(layer: nn.modules.conv._ConvNd, input: torch.Tensor) -> Any:
         or _conv_check(layer) is not None
     ):
         return NotImplemented
-    src = mix_source(layer)
+    src = _source(layer)
     if src is None:
         return NotImplemented
     return mixed_conv(
