@@ -21,7 +21,7 @@ from .integrations.fsdp_state import refuse_sharded
 from .report import BlockReport, ConversionReport, converted_module, stored_report
 from .selection.policies import Every, Policy, PolicyLike, as_policy
 from .surgery import attachments, swap
-from .surgery.apply import apply_plan, restore_block, scalar_values, site_tensors, sites
+from .surgery.apply import apply_plan, neighbour_tensors, restore_block, scalar_values, site_tensors, sites
 from .surgery.notices import tell
 from .surgery.plan import Plan, build_plan, nothing_message, trainable_count
 from .surgery.site import SITE_ATTR, ReplacementSite
@@ -177,9 +177,10 @@ def merge(model: nn.Module, *, optimizers: Any = None) -> nn.Module:
         model: A converted model.
         optimizers: An optimizer (or a list of them) that trains the converted model, to keep training the
             merged one: it is rebound in place, dropping the scalars (and their state) and training each
-            block's restored tensors in the parameter group that held the block's scalars (weight matrices in
-            a decayed twin of it: an existing group, or a new one with the optimizer's weight decay, logged).
-            Without it, such an optimizer keeps updating scalars that no longer exist and never trains the restored tensors.
+            block's restored tensors with the options of the group that held the block's scalars and the
+            weight decay their neighbours' same tensors have in it (a decayed tensor in a decayed twin of that
+            group: an existing one, or a new one with the optimizer's weight decay, logged). Without it, such
+            an optimizer keeps updating scalars that no longer exist and never trains the restored tensors.
 
     Raises:
         NotConvertedError: If ``model`` has no replaced blocks.
@@ -254,17 +255,20 @@ def _unconvert(
     opts = optim.as_optimizers(optimizers)
     scalars = [list(site.parameters()) for _, _, site, _ in planned]
     optim.check_holds(opts, [p for ps in scalars for p in ps], what="the scalars of the replaced blocks")
+    names = [[f"{path}.{rel}" if path else rel for rel in site.tensor_names] for path, _, site, _ in planned]
+    # each restored tensor's neighbours, read before the restore drops the sources
+    neighbours = {n: neighbour_tensors(layer, name) for (*_, tensors), ns in zip(planned, names)
+                  for n, (layer, name, _) in zip(ns, tensors)}
     for _, block, site, tensors in planned:
         restore_block(block, site, tensors)
     if opts:
         restored, layers = [], {}
-        for path, block, site, tensors in planned:
-            prefix = f"{path}." if path else ""
-            names = [f"{prefix}{rel}" for rel in site.tensor_names]
-            restored.append([(n, getattr(layer, name)) for n, (layer, name, _) in zip(names, tensors)])
-            layers.update({n: layer for n, (layer, _, _) in zip(names, tensors)})
-        # restored tensors that decay by the usual convention go back to a decayed group (see optim.rebind)
-        optim.rebind(opts, list(zip(scalars, restored)), lambda n, p: decay.decays(n, p, layers[n]))
+        for (*_, tensors), ns in zip(planned, names):
+            restored.append([(n, getattr(layer, name)) for n, (layer, name, _) in zip(ns, tensors)])
+            layers.update({n: layer for n, (layer, _, _) in zip(ns, tensors)})
+        # restored tensors take weight decay as their neighbours' same tensors do (see optim.like_neighbours)
+        convention = lambda n, p: decay.decays(n, p, layers[n])  # noqa: E731
+        optim.rebind(opts, list(zip(scalars, restored)), optim.like_neighbours(neighbours, convention))
     _forget(model)
 
 

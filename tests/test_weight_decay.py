@@ -70,12 +70,12 @@ def test_convert_with_optimizers_puts_the_scalars_in_a_group_without_decay(caplo
     new = opt.param_groups[1]
     assert new["weight_decay"] == 0.0 and new["lr"] == 1e-3 and new["betas"] == opt.param_groups[0]["betas"]
     assert _ids(new["params"]) == _ids(_scalars(model))
-    # merge: the restored matrices go back to the decayed group, the restored norms and biases stay undecayed
+    # merge: the restored tensors go back to the decayed group, as their neighbours' (norms and biases too: this
+    # optimizer decays every other block's)
     replace_wrap.merge(model, optimizers=opt)
     block = model.blocks[1]
-    assert id(block.fc1.weight) in _ids(opt.param_groups[0]["params"])
-    assert id(block.fc1.bias) in _ids(opt.param_groups[1]["params"])
-    assert id(block.norm.weight) in _ids(opt.param_groups[1]["params"])
+    for p in (block.fc1.weight, block.fc1.bias, block.norm.weight):
+        assert id(p) in _ids(opt.param_groups[0]["params"])
     # an optimizer that already has a no-decay group (HF, timm): the scalars join it, no group is added
     model = ResidualMLP()
     opt = torch.optim.AdamW(replace_wrap.param_groups(model, weight_decay=0.1), lr=1e-3)
@@ -131,6 +131,25 @@ def test_merge_after_param_groups_with_a_scalar_lr_decays_the_restored_matrices(
     for p, wd in ((block.fc1.weight, 0.05), (block.fc2.weight, 0.05), (block.fc1.bias, 0.0), (block.norm.weight, 0.0)):
         group = _group_of(opt, p)
         assert (group["lr"], group["weight_decay"]) == (1e-2, wd)
+
+
+@pytest.mark.parametrize("setup", ["one_group", "param_groups"])
+def test_merge_gives_restored_tensors_their_neighbours_weight_decay(setup):
+    """Found in review: with one group that decays everything (the plain AdamW(model.parameters(), ...)), convert
+    put the scalars in a no-decay twin and merge left the restored biases and norms there, undecayed, where every
+    other block's (and a fresh optimizer's) decay. A restored tensor now decays as its neighbours' same tensor."""
+    model = ResidualMLP()
+    params = model.parameters() if setup == "one_group" else None
+    opt = torch.optim.AdamW(params, lr=1e-3, weight_decay=0.05) if params is not None else None
+    replace_wrap.convert(model, every=2, optimizers=opt)
+    if opt is None:
+        opt = torch.optim.AdamW(replace_wrap.param_groups(model, weight_decay=0.05), lr=1e-3)
+    replace_wrap.merge(model, optimizers=opt)
+    held = [id(p) for g in opt.param_groups for p in g["params"]]
+    assert sorted(held) == sorted(id(p) for p in model.parameters())  # each tensor once, every tensor
+    for name, p in model.named_parameters():
+        want = 0.05 if setup == "one_group" or (p.dim() >= 2 and "norm" not in name) else 0.0
+        assert _group_of(opt, p)["weight_decay"] == want, name
 
 
 def _trainer_decay(model):

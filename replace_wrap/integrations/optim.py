@@ -19,6 +19,7 @@ its scalars, nor ``param_groups(scalar_lr=)`` one with the scalars' lr).
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -27,7 +28,7 @@ from torch import nn
 
 from ..errors import ConfigError
 
-__all__ = ["as_optimizers", "check_holds", "rebind"]
+__all__ = ["as_optimizers", "check_holds", "group_of", "like_neighbours", "rebind"]
 
 logger = logging.getLogger("replace_wrap")
 
@@ -65,24 +66,24 @@ Removed = list[nn.Parameter]
 Added = list[tuple[str, nn.Parameter]]
 
 
-def rebind(
-    optimizers: Sequence[Any], blocks: Sequence[tuple[Removed, Added]],
-    decays: Callable[[str, nn.Parameter], bool] | None = None,
-) -> None:
+Decays = Callable[[Any, str, nn.Parameter], bool]
+
+
+def rebind(optimizers: Sequence[Any], blocks: Sequence[tuple[Removed, Added]], decays: Decays | None = None) -> None:
     """Move each optimizer from the removed tensors to the new ones, in place.
 
     Args:
         optimizers: Validated by :func:`as_optimizers`.
         blocks: Per replaced block, its removed parameters and its new ``(name, parameter)`` tensors (names are
             full module paths, used where a group keeps ``param_names``).
-        decays: ``decays(name, tensor)``: whether a new tensor may take weight decay. ``None``: none may
-            (``convert``: the new tensors are scalars); ``merge`` passes the usual convention.
+        decays: ``decays(optimizer, name, tensor)``: whether a new tensor takes weight decay. ``None``: none
+            does (``convert``: the new tensors are scalars); ``merge`` passes :func:`like_neighbours`.
     """
     for opt in optimizers:
         removed = {id(p) for old, _ in blocks for p in old}
         targets = []  # (group, new tensors) decided before the groups change
         for old, new in blocks:
-            group = next((g for p in old for g in opt.param_groups if any(q is p for q in g["params"])), None)
+            group = next((g for g in map(functools.partial(group_of, opt), old) if g is not None), None)
             if group is not None:
                 targets.append((group, new))
         for group in opt.param_groups:
@@ -95,10 +96,34 @@ def rebind(
                 opt.state.pop(p, None)
         for group, new in targets:
             for name, p in new:
-                dest = _group_for(opt, group, decays is not None and decays(name, p))
+                dest = _group_for(opt, group, decays is not None and decays(opt, name, p))
                 dest["params"].append(p)
                 if "param_names" in dest:
                     dest["param_names"].append(name)
+
+
+def group_of(opt: Any, tensor: nn.Parameter | None) -> dict[str, Any] | None:
+    """The parameter group of ``opt`` that holds ``tensor`` (by identity), or ``None``."""
+    return next((g for g in opt.param_groups if any(q is tensor for q in g["params"])), None)
+
+
+def like_neighbours(neighbours: dict[str, list[nn.Parameter]], convention: Callable[[str, nn.Parameter], bool]) -> Decays:
+    """``merge``'s ``decays``: a restored tensor takes weight decay as the same tensor of its neighbour blocks
+    takes it in that optimizer (the user's choice: one group that decays everything decays the restored biases
+    and norms too), and by ``convention`` where the optimizer holds neither neighbour's tensor.
+
+    Args:
+        neighbours: Per restored tensor's name, the neighbour blocks' parameters of the same name.
+        convention: ``convention(name, tensor)``: the usual rule (two or more dimensions, not a norm's or a bias).
+    """
+    def decays(opt: Any, name: str, tensor: nn.Parameter) -> bool:
+        for other in neighbours.get(name, ()):
+            group = group_of(opt, other)
+            if group is not None:
+                return bool(group.get("weight_decay", 0.0))
+        return convention(name, tensor)
+
+    return decays
 
 
 def _options(group: dict[str, Any]) -> dict[str, Any]:

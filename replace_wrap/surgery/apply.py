@@ -22,7 +22,7 @@ from . import swap
 from .plan import Plan, Target
 from .site import SITE_ATTR, ReplacementSite
 
-__all__ = ["apply_plan", "located_tensors", "restore_block", "scalar_values", "site_tensors", "sites"]
+__all__ = ["apply_plan", "located_tensors", "neighbour_tensors", "restore_block", "scalar_values", "site_tensors", "sites"]
 
 
 def sites(model: nn.Module) -> Iterator[tuple[str, nn.Module, ReplacementSite]]:
@@ -127,6 +127,14 @@ def _check_synthesis(t: Target, site: ReplacementSite, rule: str) -> None:
                     f"shape {f.shape}, dtype {ref.dtype}; fix the rule's synthesize(). The model was "
                     "left unchanged."
                 )
+
+
+def neighbour_tensors(layer: nn.Module, name: str) -> list[nn.Parameter]:
+    """The parameters ``name`` of the neighbour layers that replaced ``layer.<name>`` is synthesized from (an
+    absent side, or a neighbour whose tensor is computed, as by a parametrization, has none)."""
+    src = layer.__dict__.get(SOURCES_ATTR, {}).get(name)
+    sides = () if src is None else (src.prev, src.next)
+    return [m._parameters[name] for m in sides if m is not None and isinstance(m._parameters.get(name), nn.Parameter)]
 
 
 def restore_block(
