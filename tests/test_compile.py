@@ -180,3 +180,42 @@ def test_compiled_graph_holds_no_autograd_function(name):
     assert not [n for n in nodes if "autograd_function" in str(n.target)]
     lean = [n for n in nodes if str(n.target).startswith("replace_wrap.lean_")]
     assert lean and all(CODE in n.args for n in lean)
+
+
+def _moved(model):
+    with torch.no_grad():
+        for s in model.modules():
+            if isinstance(s, replace_wrap.ReplacementSite):
+                s.a.fill_(0.7), s.b.fill_(0.4)
+    return model
+
+
+def test_onnx_capture_records_the_generic_path_not_the_kernels_custom_operators(monkeypatch):
+    # torch.onnx.export(dynamo=True) captures with torch.export while its flag is set. With gradients on (its
+    # default) the layer kernels' custom operators (replace_wrap::lean_linear) were recorded, for which ONNX has
+    # no function: a raw ConversionError. While it captures, replaced layers take the generic path (a * W + b * W').
+    from torch.onnx._internal.exporter import _flags
+
+    torch.manual_seed(0)
+    model = _moved(replace_wrap.convert(ResidualMLP(), every=2)).eval()
+    x = ResidualMLP.example()
+    monkeypatch.setattr(_flags, "_is_onnx_exporting", True)
+    ep = torch.export.export(model, (x,))
+    ops = {str(n.target) for n in ep.graph.nodes if n.op == "call_function"}
+    assert not [op for op in ops if "replace_wrap" in op], ops
+    with torch.no_grad():
+        torch.testing.assert_close(ep.module()(x), model(x), rtol=0, atol=0)
+    monkeypatch.setattr(_flags, "_is_onnx_exporting", False)  # a plain torch.export keeps the kernels
+    ops = {str(n.target) for n in torch.export.export(model, (x,)).graph.nodes if n.op == "call_function"}
+    assert [op for op in ops if "replace_wrap" in op], ops
+
+
+def test_onnx_export_of_a_converted_model_matches_eager(tmp_path):
+    pytest.importorskip("onnxscript")
+    pytest.importorskip("onnxruntime")
+    torch.manual_seed(0)
+    model = _moved(replace_wrap.convert(tiny_timm_vit(3), every=2)).eval()
+    x = torch.randn(2, 3, 16, 16)
+    program = torch.onnx.export(model, (x,), dynamo=True)
+    with torch.no_grad():
+        torch.testing.assert_close(program(x)[0], model(x), rtol=1e-5, atol=1e-5)

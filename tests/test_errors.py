@@ -205,3 +205,57 @@ def test_assigning_a_synthesized_tensor_is_refused_with_the_fix():
     torch.testing.assert_close(layer.weight, before, rtol=0, atol=0)
     layer.other = 3  # other names are set as usual
     assert layer.other == 3
+
+
+class _Packed(torch.Tensor):
+    """Stands in for a quantized weight (torchao's Int8Tensor, ...): a tensor subclass that implements only the
+    ops its quantized linear needs, so ``a * prev + b * next`` of it fails inside the subclass."""
+
+    @staticmethod
+    def __new__(cls, t):
+        r = torch.Tensor._make_wrapper_subclass(cls, t.shape, dtype=t.dtype, device=t.device)
+        r.inner = t
+        return r
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        if func is torch.nn.functional.linear:  # its own quantized linear
+            x, w, *rest = args
+            return torch.nn.functional.linear(x, w.inner, *rest, **(kwargs or {}))
+        with torch._C.DisableTorchFunctionSubclass():
+            return func(*args, **(kwargs or {}))
+
+    @classmethod
+    def __torch_dispatch__(cls, func, types, args=(), kwargs=None):
+        if func is torch.ops.aten.detach.default:
+            return _Packed(args[0].inner)
+        raise NotImplementedError(f"_Packed dispatch: attempting to run unimplemented operator {func}")
+
+
+@pytest.mark.parametrize("grad", [True, False])
+def test_a_neighbour_tensor_quantized_in_place_after_convert_is_refused_with_the_fix(grad):
+    # torchao's quantize_ swaps no module: it assigns the layer a parameter of a tensor subclass. A replaced layer
+    # reading it gave a raw NotImplementedError from inside the subclass (forward, state_dict, quantize_ itself).
+    torch.manual_seed(0)
+    model = _scalars_moved(replace_wrap.convert(ResidualMLP(), every=2))
+    fc1 = model.blocks[0].fc1
+    fc1.weight = torch.nn.Parameter(_Packed(fc1.weight.detach()), requires_grad=False)
+    msg = (r"replaced Linear \(a layer of the block between 'blocks.0' and 'blocks.2'\) synthesizes 'fc1.weight' "
+           r"from blocks.0.fc1.weight, which is now a _Packed .* quantize the merged model")
+    with torch.set_grad_enabled(grad), pytest.raises(replace_wrap.CompatibilityError, match=msg) as info:
+        model(ResidualMLP.example())  # the layer kernel (with gradients) and the generic path (without)
+    assert isinstance(info.value.__cause__, NotImplementedError)
+    with pytest.raises(replace_wrap.CompatibilityError, match=msg):
+        model.state_dict()
+    with pytest.raises(replace_wrap.CompatibilityError, match=msg):
+        model.blocks[1].fc1.weight
+
+
+def test_torchao_quantize_of_a_converted_model_is_refused_with_the_fix():
+    torchao = pytest.importorskip("torchao.quantization")
+    for skip_replaced in (False, True):
+        model = _scalars_moved(replace_wrap.convert(ResidualMLP(), every=2))
+        only_kept = {"filter_fn": lambda m, fqn: isinstance(m, torch.nn.Linear) and not hooks.is_swapped(m)}
+        with pytest.raises(replace_wrap.CompatibilityError, match=r"which is now a \w+ .* quantize the merged model"):
+            torchao.quantize_(model, torchao.Int8WeightOnlyConfig(), **(only_kept if skip_replaced else {}))
+            model(ResidualMLP.example())

@@ -9,7 +9,9 @@ model that runs or saves the layer, and each would give another model without a 
 - **module surgery** after ``convert`` (a block swapped in, layers quantized in place) leaves the replaced layer
   reading a module the model no longer holds, while its state dict names the new one (:func:`sources_outside`,
   which the state-dict check of :mod:`replace_wrap.io.guard` applies);
-- **meta neighbours** under accelerate's offloading, or a model never loaded (:func:`check_meta`).
+- **meta neighbours** under accelerate's offloading, or a model never loaded (:func:`check_meta`);
+- a neighbour tensor **quantized in place** (torchao's ``quantize_`` assigns a tensor subclass, keeping the
+  module) from which ``a * prev + b * next`` cannot be computed (:func:`check_subclass`, when a synthesis fails).
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from torch import nn
 from ..errors import CompatibilityError
 from ..synthesis.mixing import SOURCES_ATTR, TensorSource
 
-__all__ = ["CHECK", "check_copy", "check_meta", "sources_outside"]
+__all__ = ["CHECK", "check_copy", "check_meta", "check_subclass", "sources_outside"]
 
 _ACCELERATE_HOOK = "_hf_hook"  # the attribute accelerate's add_hook_to_module sets on a hooked module
 
@@ -64,6 +66,32 @@ def check_meta(layer: nn.Module, src: TensorSource, p: torch.Tensor | None, n: t
         "to load with accelerate (load_checkpoint_and_dispatch, offloading), load the checkpoint into the "
         "unconverted model instead (every checkpoint of a converted model is a plain one) or merge first."
     )
+
+
+def check_subclass(layer: nn.Module, error: Exception) -> None:
+    """After ``layer``'s synthesis (or kernel) raised ``error``: refuse with the fix when a neighbour tensor it
+    reads is now of a tensor subclass from outside torch (torchao's ``quantize_`` assigns one, in place, to a
+    layer it quantizes; the subclass implements the ops of its own linear, not ``a * prev + b * next``). Called
+    only on the failure path, so nothing is checked while the synthesis works; otherwise the caller re-raises."""
+    if isinstance(error, CompatibilityError):  # already said (a property read inside the layer's forward)
+        return
+    for name, src in layer.__dict__.get(SOURCES_ATTR, {}).items():
+        site = src.site
+        for side, leaf in ((site.prev_path, src.prev), (site.next_path, src.next)):
+            t = None if leaf is None else getattr(leaf, name, None)
+            # torch's own subclasses (DTensor, FakeTensor, ...) are no quantization: their errors stay as they are
+            if t is None or type(t).__module__.split(".")[0] == "torch":
+                continue
+            rel = site.tensor_names[src.k]
+            raise CompatibilityError(
+                f"this replaced {type(layer).__name__} (a layer of the block between {site.prev_path!r} and "
+                f"{site.next_path!r}) synthesizes {rel!r} from {side}.{rel}, which is now a {type(t).__name__} (a "
+                "tensor subclass: quantized in place after convert, e.g. by torchao's quantize_), and "
+                "a * prev + b * next cannot be computed from it. A converted model cannot be quantized: "
+                "quantize the merged model (replace_wrap.merge(model), then quantize). This model's neighbour "
+                "layers were already changed in place: load it again (replace_wrap.load, or the plain "
+                "checkpoint), merge, then quantize."
+            ) from error
 
 
 CHECK = "_rw_check_copy"  # set on copies and replicas: what to check before the first synthesis

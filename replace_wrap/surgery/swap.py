@@ -35,7 +35,7 @@ from ..synthesis import builtin_kernels  # noqa: F401  registers the built-in la
 from ..synthesis.adapt import adapt_pair
 from ..synthesis.layer_kernels import kernel_for
 from ..synthesis.mixing import CACHE_PREFIX, SOURCES_ATTR, TensorSource, reads_detached
-from .sources import CHECK, check_copy, check_meta
+from .sources import CHECK, check_copy, check_meta, check_subclass
 
 __all__ = ["base_class", "install", "is_swapped", "set_recompute", "uninstall"]
 
@@ -154,6 +154,14 @@ def _synthesized(name: str) -> Any:
 
 def _synthesize(layer: nn.Module, src: TensorSource, name: str) -> torch.Tensor:
     """``site.synthesize`` of the neighbours' current ``name`` tensors (adapted to the replaced shape)."""
+    try:
+        return _mix(layer, src, name)
+    except Exception as e:  # a neighbour quantized in place (a tensor subclass): say so, typed; else re-raise
+        check_subclass(layer, e)
+        raise
+
+
+def _mix(layer: nn.Module, src: TensorSource, name: str) -> torch.Tensor:
     site, k, prev, nxt, prev_adapter, next_adapter = src
     if not src.adapted:  # same shapes: no adapter call, nothing allocated
         p, n = getattr(prev, name), getattr(nxt, name)
@@ -218,11 +226,15 @@ def _forward(base: type, names: tuple[str, ...], recompute: bool) -> Any:
         # The kernel is looked up per call (a cached dict read; the class fixes the key), so one registered
         # after this class was built serves it too.
         kernel = kernel_for(base, names)
-        if kernel is not None:
-            out = kernel.forward(self, *args, **kwargs)
-            if out is not NotImplemented:
-                return out
-        return base.forward(self, *args, **kwargs)
+        try:
+            if kernel is not None:
+                out = kernel.forward(self, *args, **kwargs)
+                if out is not NotImplemented:
+                    return out
+            return base.forward(self, *args, **kwargs)
+        except Exception as e:  # a neighbour quantized in place (a tensor subclass): say so, typed; else re-raise
+            check_subclass(self, e)
+            raise
 
     if not recompute:
         return run

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import sys
 import threading
 from collections.abc import Iterator
 from typing import Any, Callable, NamedTuple
@@ -182,14 +183,24 @@ _STATIC = CACHE_PREFIX + "static_"
 _FUNCTORCH_ACTIVE = getattr(torch._C, "_are_functorch_transforms_active", None)  # private: absent, unknown
 
 
+def _onnx_exporting() -> bool:
+    """Whether ``torch.onnx.export`` is capturing now: its flag, read where it lives (``torch.onnx``'s own
+    ``is_in_onnx_export`` imports two modules on every call); False where this private module is absent."""
+    flags = sys.modules.get("torch.onnx._internal.exporter._flags")
+    return flags is not None and bool(getattr(flags, "_is_onnx_exporting", False))
+
+
 def generic_only() -> bool:
     """Whether the replaced layers must take the generic path (plain autograd of the synthesized tensors) now.
 
     Under a ``torch.func`` transform (``grad``, ``vmap``, ``jvp``, ...): the kernels' autograd Functions define
     none of its rules. Under ``torch.jit.trace`` (and the ONNX export that traces): the tracer cannot record
     a Python autograd Function that saves non-tensor state. Never while compiling: dynamo traces the transforms
-    itself and compiles the kernels. Called on every replaced layer's forward: two C calls.
+    itself and compiles the kernels, except for ``torch.onnx.export`` (``dynamo=True``), which captures with a
+    non-strict ``torch.export``: ONNX has no function for the kernels' custom operators. Called on every replaced
+    layer's forward: two C calls.
     """
     if torch.compiler.is_compiling():
-        return False
+        # dynamo (torch.compile, strict export) stops at its first call; only a non-strict capture reads the flag
+        return not torch.compiler.is_dynamo_compiling() and _onnx_exporting()
     return torch.jit.is_tracing() or (_FUNCTORCH_ACTIVE is not None and bool(_FUNCTORCH_ACTIVE()))
