@@ -11,8 +11,9 @@ new tensors in it either.
 Weight decay: a replaced block's scalars never join a decayed group. When the block's group decays, they join
 a group with ``weight_decay=0`` and otherwise the same options (Hugging Face's and timm's optimizers have one),
 or a new such group is added (and logged: a learning-rate scheduler built before it does not see it). On
-``merge``, restored tensors that decay by the usual convention (two or more dimensions, not a norm's or a
-bias) go back from a no-decay group to the decayed group with the same other options, or to a new one with the
+``merge``, a restored tensor takes the weight decay its neighbour blocks' same tensor has in the optimizer (the
+usual convention where it holds neither: two or more dimensions, not a norm's or a bias); a decayed one goes
+from the scalars' no-decay group to the decayed group with the same other options, or to a new one with the
 optimizer's weight decay (logged; timm's layer-wise lr decay has no decayed group for a block that held only
 its scalars, nor ``param_groups(scalar_lr=)`` one with the scalars' lr).
 """
@@ -107,7 +108,9 @@ def group_of(opt: Any, tensor: nn.Parameter | None) -> dict[str, Any] | None:
     return next((g for g in opt.param_groups if any(q is tensor for q in g["params"])), None)
 
 
-def like_neighbours(neighbours: dict[str, list[nn.Parameter]], convention: Callable[[str, nn.Parameter], bool]) -> Decays:
+def like_neighbours(
+    neighbours: dict[str, list[nn.Parameter]], convention: Callable[[str, nn.Parameter], bool]
+) -> Decays:
     """``merge``'s ``decays``: a restored tensor takes weight decay as the same tensor of its neighbour blocks
     takes it in that optimizer (the user's choice: one group that decays everything decays the restored biases
     and norms too), and by ``convention`` where the optimizer holds neither neighbour's tensor.
