@@ -179,8 +179,9 @@ def merge(model: nn.Module, *, optimizers: Any = None) -> nn.Module:
             merged one: it is rebound in place, dropping the scalars (and their state) and training each
             block's restored tensors with the options of the group that held the block's scalars and the
             weight decay their neighbours' same tensors have in it (a decayed tensor in a decayed twin of that
-            group: an existing one, or a new one with the optimizer's weight decay, logged). Without it, such
-            an optimizer keeps updating scalars that no longer exist and never trains the restored tensors.
+            group: an existing one, or a new one with the optimizer's weight decay, logged); from the scalars'
+            own group of :func:`param_groups`, in their neighbours' group. Without it, such an optimizer keeps
+            updating scalars that no longer exist and never trains the restored tensors.
 
     Raises:
         NotConvertedError: If ``model`` has no replaced blocks.
@@ -266,9 +267,9 @@ def _unconvert(
         for (*_, tensors), ns in zip(planned, names):
             restored.append([(n, getattr(layer, name)) for n, (layer, name, _) in zip(ns, tensors)])
             layers.update({n: layer for n, (layer, _, _) in zip(ns, tensors)})
-        # restored tensors take weight decay as their neighbours' same tensors do (see optim.like_neighbours)
+        # restored tensors take weight decay as their neighbours' same tensors do (see optim.beside_neighbours)
         convention = lambda n, p: decay.decays(n, p, layers[n])  # noqa: E731
-        optim.rebind(opts, list(zip(scalars, restored)), optim.like_neighbours(neighbours, convention))
+        optim.rebind(opts, list(zip(scalars, restored)), optim.beside_neighbours(neighbours, convention))
     _forget(model)
 
 

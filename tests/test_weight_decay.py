@@ -120,17 +120,20 @@ def test_merge_after_timm_layer_decay_restores_each_block_into_its_layers_decaye
             assert (group["weight_decay"], group["lr_scale"]) == (0.0, scale[i])
 
 
-def test_merge_after_param_groups_with_a_scalar_lr_decays_the_restored_matrices():
+def test_merge_after_param_groups_with_a_scalar_lr_trains_the_restored_tensors_as_their_neighbours():
     """Found by a user-scenario hunt: the scalars' own group of param_groups(scalar_lr=) has their lr, so no
-    decayed group had the same options and merge(optimizers=) left the restored weight matrices undecayed. They
-    stay with the scalars' lr (the documented group that held the scalars), now with the weight decay."""
+    decayed group had the same options and merge(optimizers=) left the restored weight matrices undecayed, and
+    every restored tensor trained at the scalars' lr (10x here). That group's options are the scalars' alone
+    (its name says so): the restored tensors join their neighbours' groups, as a fresh optimizer has them."""
     model = replace_wrap.convert(ResidualMLP(), every=2)
     opt = torch.optim.AdamW(replace_wrap.param_groups(model, weight_decay=0.05, scalar_lr=1e-2), lr=1e-3)
+    assert opt.param_groups[2]["name"] == "replace_wrap.scalars"
     replace_wrap.merge(model, optimizers=opt)
+    assert len(opt.param_groups) == 3 and not opt.param_groups[2]["params"]  # no group added; the scalars gone
     block = model.blocks[1]
-    for p, wd in ((block.fc1.weight, 0.05), (block.fc2.weight, 0.05), (block.fc1.bias, 0.0), (block.norm.weight, 0.0)):
-        group = _group_of(opt, p)
-        assert (group["lr"], group["weight_decay"]) == (1e-2, wd)
+    for p, group in ((block.fc1.weight, 0), (block.fc2.weight, 0), (block.fc1.bias, 1), (block.norm.weight, 1)):
+        assert any(q is p for q in opt.param_groups[group]["params"])
+        assert (_group_of(opt, p)["lr"], _group_of(opt, p)["weight_decay"]) == (1e-3, (0.05, 0.0)[group])
 
 
 @pytest.mark.parametrize("setup", ["one_group", "param_groups"])

@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from ..surgery.site import LIVE_SITES, ReplacementSite
+from .optim import SCALARS_GROUP
 
 __all__ = ["decays", "exclude_from_trainer_decay", "param_groups", "scalar_names", "watch_optimizers"]
 
@@ -68,14 +69,15 @@ def param_groups(
         weight_decay: Weight decay of the decayed group (tensors of two or more dimensions that are not in a
             normalization layer, see :func:`decays`).
         scalar_lr: A learning rate for the replaced blocks' scalars (their own group); ``None``: the
-            optimizer's. ``merge(model, optimizers=opt)`` trains a merged block's restored tensors with the
-            options of the group that held its scalars, this learning rate included: build the optimizer again
-            after ``merge`` to train them at the model's.
+            optimizer's. ``merge(model, optimizers=opt)`` trains a merged block's restored tensors in their
+            neighbours' groups, at the model's learning rate.
 
     Returns:
         Up to three groups, empty ones left out: ``{"params": decayed, "weight_decay": weight_decay}``,
         ``{"params": not decayed, "weight_decay": 0.0}``, and the scalars
-        ``{"params": scalars, "weight_decay": 0.0[, "lr": scalar_lr]}``.
+        ``{"params": scalars, "weight_decay": 0.0, "name": "replace_wrap.scalars"[, "lr": scalar_lr]}`` (the
+        name tells ``merge`` the group's options are the scalars' alone; Lightning's learning-rate monitor
+        logs it).
 
     Example:
         >>> import torch, replace_wrap
@@ -104,7 +106,8 @@ def param_groups(
             else:
                 plain.append(p)
     groups = [{"params": decay, "weight_decay": weight_decay}, {"params": plain, "weight_decay": 0.0},
-              {"params": own, "weight_decay": 0.0, **({} if scalar_lr is None else {"lr": scalar_lr})}]
+              {"params": own, "weight_decay": 0.0, "name": SCALARS_GROUP,
+               **({} if scalar_lr is None else {"lr": scalar_lr})}]
     return [g for g in groups if g["params"]]
 
 

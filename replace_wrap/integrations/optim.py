@@ -15,7 +15,8 @@ or a new such group is added (and logged: a learning-rate scheduler built before
 usual convention where it holds neither: two or more dimensions, not a norm's or a bias); a decayed one goes
 from the scalars' no-decay group to the decayed group with the same other options, or to a new one with the
 optimizer's weight decay (logged; timm's layer-wise lr decay has no decayed group for a block that held only
-its scalars, nor ``param_groups(scalar_lr=)`` one with the scalars' lr).
+its scalars). From the scalars' group of ``param_groups`` (whose options, a ``scalar_lr``, are theirs alone) it
+joins its neighbours' group (:func:`beside_neighbours`).
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from torch import nn
 
 from ..errors import ConfigError
 
-__all__ = ["as_optimizers", "check_holds", "group_of", "like_neighbours", "rebind"]
+__all__ = ["SCALARS_GROUP", "as_optimizers", "beside_neighbours", "check_holds", "group_of", "rebind"]
 
 logger = logging.getLogger("replace_wrap")
 
@@ -67,18 +68,24 @@ Removed = list[nn.Parameter]
 Added = list[tuple[str, nn.Parameter]]
 
 
-Decays = Callable[[Any, str, nn.Parameter], bool]
+# The name of the scalars' own group that replace_wrap.param_groups makes: its options (a scalar_lr) are the
+# scalars' alone, so merge trains a restored tensor in its neighbours' group instead (see beside_neighbours).
+SCALARS_GROUP = "replace_wrap.scalars"
+
+# place(optimizer, group that held the block's scalars, name, tensor) -> the group a restored tensor joins
+Place = Callable[[Any, dict[str, Any], str, nn.Parameter], dict[str, Any]]
 
 
-def rebind(optimizers: Sequence[Any], blocks: Sequence[tuple[Removed, Added]], decays: Decays | None = None) -> None:
+def rebind(optimizers: Sequence[Any], blocks: Sequence[tuple[Removed, Added]], place: Place | None = None) -> None:
     """Move each optimizer from the removed tensors to the new ones, in place.
 
     Args:
         optimizers: Validated by :func:`as_optimizers`.
         blocks: Per replaced block, its removed parameters and its new ``(name, parameter)`` tensors (names are
             full module paths, used where a group keeps ``param_names``).
-        decays: ``decays(optimizer, name, tensor)``: whether a new tensor takes weight decay. ``None``: none
-            does (``convert``: the new tensors are scalars); ``merge`` passes :func:`like_neighbours`.
+        place: Where a new tensor goes, given the group that held its block's removed tensors. ``None``: that
+            group, or its no-decay twin (``convert``: the new tensors are scalars); ``merge`` passes
+            :func:`beside_neighbours`.
     """
     for opt in optimizers:
         removed = {id(p) for old, _ in blocks for p in old}
@@ -97,7 +104,7 @@ def rebind(optimizers: Sequence[Any], blocks: Sequence[tuple[Removed, Added]], d
                 opt.state.pop(p, None)
         for group, new in targets:
             for name, p in new:
-                dest = _group_for(opt, group, decays is not None and decays(opt, name, p))
+                dest = _group_for(opt, group, False) if place is None else place(opt, group, name, p)
                 dest["params"].append(p)
                 if "param_names" in dest:
                     dest["param_names"].append(name)
@@ -108,25 +115,27 @@ def group_of(opt: Any, tensor: nn.Parameter | None) -> dict[str, Any] | None:
     return next((g for g in opt.param_groups if any(q is tensor for q in g["params"])), None)
 
 
-def like_neighbours(
+def beside_neighbours(
     neighbours: dict[str, list[nn.Parameter]], convention: Callable[[str, nn.Parameter], bool]
-) -> Decays:
-    """``merge``'s ``decays``: a restored tensor takes weight decay as the same tensor of its neighbour blocks
-    takes it in that optimizer (the user's choice: one group that decays everything decays the restored biases
-    and norms too), and by ``convention`` where the optimizer holds neither neighbour's tensor.
+) -> Place:
+    """``merge``'s ``place``: a restored tensor trains with the options of the group that held its block's
+    scalars (a block's own options, as timm's layer-wise lr decay gives it) and the weight decay its neighbour
+    blocks' same tensor has in that optimizer (the user's choice: one group that decays everything decays the
+    restored biases and norms too; ``convention`` where the optimizer holds neither neighbour's tensor). From
+    :data:`SCALARS_GROUP`, whose options are the scalars' alone, it joins its neighbours' group.
 
     Args:
         neighbours: Per restored tensor's name, the neighbour blocks' parameters of the same name.
         convention: ``convention(name, tensor)``: the usual rule (two or more dimensions, not a norm's or a bias).
     """
-    def decays(opt: Any, name: str, tensor: nn.Parameter) -> bool:
-        for other in neighbours.get(name, ()):
-            group = group_of(opt, other)
-            if group is not None:
-                return bool(group.get("weight_decay", 0.0))
-        return convention(name, tensor)
+    def place(opt: Any, group: dict[str, Any], name: str, tensor: nn.Parameter) -> dict[str, Any]:
+        held = next((g for g in (group_of(opt, q) for q in neighbours.get(name, ())) if g is not None), None)
+        if held is not None and group.get("name") == SCALARS_GROUP:
+            return held
+        decays = convention(name, tensor) if held is None else bool(held.get("weight_decay", 0.0))
+        return _group_for(opt, group, decays)
 
-    return decays
+    return place
 
 
 def _options(group: dict[str, Any]) -> dict[str, Any]:
