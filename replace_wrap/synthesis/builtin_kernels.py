@@ -4,8 +4,9 @@ RMS norms (``nn.RMSNorm`` and the classes that declare themselves one to Hugging
 Each reads its synthesized weight's sources through :func:`~replace_wrap.synthesis.layer_kernels.mix_source`
 (which returns ``None`` where the fast path must not be used: then the kernel declines with
 ``NotImplemented`` and the layer's own forward runs on the property path) and computes with
-:func:`~replace_wrap.synthesis.kernels.mixed_linear` / :func:`~replace_wrap.synthesis.kernels.mixed_conv`. RMS norms run their own forward with a sampled estimate of the
-scalars' gradient (:mod:`~replace_wrap.synthesis.row_kernels`).
+:func:`~replace_wrap.synthesis.kernels.mixed_linear` / :func:`~replace_wrap.synthesis.kernels.mixed_conv`.
+RMS norms run their own forward with a sampled estimate of the scalars' gradient
+(:mod:`~replace_wrap.synthesis.row_kernels`).
 """
 
 from __future__ import annotations

@@ -31,7 +31,6 @@ code it was traced from (a new release, an edited checkout).
 from __future__ import annotations
 
 import hashlib
-import math
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -48,6 +47,7 @@ from .lean_layers import (
     conv_backward,
     conv_forward,
     conv_plan,
+    conv_units,
     linear_backward,
     linear_forward,
     linear_plan,
@@ -164,7 +164,7 @@ def _conv_backward(dy: Tensor, keep: Tensor | None, units: Tensor | None, xw: Te
                    dtype: torch.dtype | None, needs: list[bool], stride: list[int], padding: list[int],
                    dilation: list[int], groups: int, x_shape: list[int], patches: bool,
                    fake: bool = False) -> list[Tensor]:
-    scale = _scale(dy.shape[0] * math.prod(dy.shape[2:]), units, fake)
+    scale = _scale(conv_units(dy.shape), units, fake)
     host = not fake and scalars_on_host(a)
     return _grads(conv_backward(dy, keep, units, xw, a, b, prev, next, bias_prev, bias_next, scale, host, dtype,
                                 needs, (stride, padding, dilation, groups), x_shape, patches, scratch=not fake), dy)

@@ -33,7 +33,6 @@ In eager mode a layer is an autograd Function; under ``torch.compile`` it is a p
 from __future__ import annotations
 
 import functools
-import math
 from typing import Any, Callable, Optional
 
 import torch
@@ -52,8 +51,8 @@ from .estimators import (
     sample_units,
     scalars_on_host,
 )
-from .lean_layers import (PATCH_KEEP_MAX, SAMPLE, conv_backward, conv_forward, conv_plan, linear_backward,
-                          linear_forward, linear_plan)
+from .lean_layers import (PATCH_KEEP_MAX, SAMPLE, conv_backward, conv_forward, conv_plan, conv_units,
+                          linear_backward, linear_forward, linear_plan)
 from .maths import mix
 
 __all__ = ["PATCH_KEEP_MAX", "first_order", "mixed_conv", "mixed_linear"]
@@ -263,9 +262,10 @@ def mixed_conv(
     geometry = (tuple(stride), tuple(padding), tuple(dilation), int(groups))
     if not needs_graph(x, a, b, prev, next, bias, bp, bn):
         y = _plain_conv(x, mix(a, b, prev, next), mix_bias(a, b, bias, bp, bn), geometry)
-        needs = requires_grad(x, a, b, prev, next, bias, bp, bn)
-        if training and any(needs) and conv_plan(x.shape, y.shape, prev.shape, geometry[3], sample, needs)[1]:
-            sample_units(y.shape[0] * math.prod(y.shape[2:]), sample, x.device)  # as conv_forward draws
+        if training:
+            needs = requires_grad(x, a, b, prev, next, bias, bp, bn)
+            if any(needs) and conv_plan(x.shape, y.shape, prev.shape, geometry[3], sample, needs)[1]:
+                sample_units(conv_units(y.shape), sample, x.device)  # as conv_forward draws
         return y
     if torch.compiler.is_compiling():
         return compiled_conv(x, a, b, prev, next, bias, bp, bn, sample, autocast_dtype(x), geometry)

@@ -47,6 +47,7 @@ __all__ = [
     "conv_backward",
     "conv_forward",
     "conv_plan",
+    "conv_units",
     "linear_backward",
     "linear_forward",
     "linear_plan",
@@ -232,6 +233,12 @@ def linear_backward(
     return gx, ga, gb, gp, gn, *biases
 
 
+def conv_units(y_shape: Sequence[int]) -> int:
+    """A convolution's units, which its estimator samples: the output positions of every batch item
+    (``y_shape = (N, out, *spatial)``)."""
+    return y_shape[0] * math.prod(y_shape[2:])
+
+
 def conv_plan(x_shape: Sequence[int], y_shape: Sequence[int], w_shape: Sequence[int], groups: int,
               sample: float | str | None, needs: Sequence[bool]) -> tuple[str, bool]:
     """What a convolution keeps: ``(NONE | INPUT | SAMPLE, whether the output at the units)``.
@@ -244,7 +251,7 @@ def conv_plan(x_shape: Sequence[int], y_shape: Sequence[int], w_shape: Sequence[
         return INPUT, False
     if not (need_a or need_b):
         return NONE, False
-    n = y_shape[0] * math.prod(y_shape[2:])
+    n = conv_units(y_shape)
     m = sample_size(n, sample)
     if m >= n:  # exact: from dW
         return INPUT, False
@@ -270,7 +277,7 @@ def conv_forward(
     if kind != NONE:
         keep = x
     if with_output:  # units: output positions of every batch item, shape (N, out, *spatial)
-        units, scale = sample_units(y.shape[0] * math.prod(y.shape[2:]), sample, x.device)
+        units, scale = sample_units(conv_units(y.shape), sample, x.device)
         where = locate(units, y.shape[2:])
         xw = gather_at(y, where)  # shape: (m, out): the forward's output at the sampled positions
         if bias is not None and bias_prev is None:

@@ -24,7 +24,8 @@ from ..integrations.fsdp_state import is_managed
 from .adapt import adapt_pair
 
 __all__ = [
-    "CACHE_PREFIX", "SOURCES_ATTR", "MixSource", "TensorSource", "detached", "generic_only", "mix_source", "reads_detached",
+    "CACHE_PREFIX", "SOURCES_ATTR", "MixSource", "TensorSource", "detached", "generic_only", "mix_source",
+    "reads_detached",
 ]
 
 # The contract between a replaced layer and its kernels. The surgery stores, in the layer's __dict__ under

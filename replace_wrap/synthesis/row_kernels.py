@@ -26,9 +26,10 @@ own forward computes it here. The first call of each class also checks the prope
 rows alone give the same output rows); a class that fails it takes the generic path from then on, with a
 warning. The kernel declines, and the generic path runs, wherever the estimate would not be the layer's gradient
 or cannot be taken: no gradient recorded in an evaluating layer (a training one draws its rows all the same, so
-that reentrant checkpointing's two forwards advance the random generator alike), the exact estimator asked for (``ab_grad_sample=None``), coupled neighbours (they need the full weight gradient), a
-rule that is not a linear mix, FSDP2 shards, meta tensors, ``torch.func`` transforms and tracing, and under
-``torch.compile`` (its backward runs the layer's forward again, which a compiled backward cannot).
+that reentrant checkpointing's two forwards advance the random generator alike), the exact estimator asked for
+(``ab_grad_sample=None``), coupled neighbours (they need the full weight gradient), a rule that is not a linear
+mix, FSDP2 shards, meta tensors, ``torch.func`` transforms and tracing, and under ``torch.compile`` (its
+backward runs the layer's forward again, which a compiled backward cannot).
 """
 
 from __future__ import annotations
@@ -135,8 +136,9 @@ def _row_wise(layer: nn.Module, x: torch.Tensor, y: Any, lead: int, n: int) -> b
                 and torch.allclose(alone.double(), want.double(), rtol=tol, atol=tol)
             )
         if not known:
-            log.warning("%s is not row-wise (its first rows alone give other outputs, or none): its replaced layers take the "
-                        "generic path, with the exact scalar gradient", cls._rw_base.__name__)  # type: ignore[attr-defined]
+            log.warning("%s is not row-wise (its first rows alone give other outputs, or none): its replaced layers "
+                        "take the generic path, with the exact scalar gradient",
+                        cls._rw_base.__name__)  # type: ignore[attr-defined]
     return known
 
 
