@@ -127,6 +127,46 @@ def test_shared_submodule_is_not_rewritten():
     assert all(blk.pos is shared for blk in model.blocks)
 
 
+class TiedBlock(nn.Module):
+    """A block whose two layers share one weight (``fc2.weight is fc1.weight``)."""
+
+    def __init__(self, d=4):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(d, d), nn.Linear(d, d)
+        self.fc2.weight = self.fc1.weight
+
+    def forward(self, x):
+        return x + self.fc2(torch.tanh(self.fc1(x)))
+
+
+def _tied_net():
+    torch.manual_seed(0)
+    return nn.Sequential(*[TiedBlock() for _ in range(5)])
+
+
+def test_tensor_tied_inside_a_block_stays_its_own_and_tied():
+    """Per-tensor scalars would synthesize fc1.weight and fc2.weight apart: the tie would break, and the
+    converted model's checkpoint, loaded into the plain (tied) model, would predict something else."""
+    model, x = _tied_net(), torch.randn(3, 4)
+    replace_wrap.convert(model, scalars="tensor")
+    rep = replace_wrap.report(model)
+    for b in rep.replaced:
+        assert b.synthesized == ("fc1.bias", "fc2.bias")
+        assert b.kept_tensors == (("fc1.weight", "tied to fc2.weight inside the block"),
+                                  ("fc2.weight", "tied to fc1.weight inside the block"))
+    assert rep.trainable_before == sum(p.numel() for p in _tied_net().parameters())  # the tied tensor once
+    with torch.no_grad():
+        for p in model[1].replacement.parameters():
+            p.copy_(torch.tensor([0.3, 0.9]).reshape(p.shape))  # the two biases' scalars apart
+        y = model(x)
+        plain = _tied_net()
+        plain.load_state_dict(model.state_dict(), strict=False)  # the plain checkpoint (plus the scalars)
+        torch.testing.assert_close(plain(x), y, rtol=0, atol=0)
+        merged = replace_wrap.merge(model)
+        torch.testing.assert_close(merged(x), y, rtol=0, atol=0)
+    assert merged[1].fc1.weight is merged[1].fc2.weight
+
+
 class Alternating(nn.Module):
     """Period-2 alternation: blocks with and without an extra gate alternate (repvit's SE / no-SE)."""
 

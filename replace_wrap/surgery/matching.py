@@ -2,7 +2,9 @@
 
 A tensor of the replaced block is synthesized from the *same-named* tensor of the previous and next block
 (same path inside the block). Tensors that the block shares with modules outside it (timm's CoaT shares one
-module between sibling blocks) are not the block's own: they stay as they are, and the report says so.
+module between sibling blocks) are not the block's own: they stay as they are, and the report says so. So do
+tensors tied between two layers inside the block (``fc2.weight is fc1.weight``): each layer would synthesize its
+own copy, breaking the tie (the merged model and plain checkpoints could no longer hold it).
 
 With shape adaptation (``ReplaceConfig(adapt_shapes=True)``, the default), a neighbour's counterpart is
 *usable* if it has the same number of dimensions, dtype and device; a different shape is mapped to the
@@ -129,6 +131,11 @@ def match_block(
     """
     out = BlockMatch()
     sides = (("previous", prev, prev_path), ("next", next, next_path))
+    holders: dict[int, list[str]] = {}  # each tensor's slots (layer, name) inside the block: several if tied there
+    for layer_path, layer in block.named_modules():
+        for name, param in layer._parameters.items():
+            if param is not None:
+                holders.setdefault(id(param), []).append(f"{layer_path}.{name}" if layer_path else name)
     for layer_path, layer in block.named_modules():
         for name, param in layer._parameters.items():
             if param is None:
@@ -137,6 +144,10 @@ def match_block(
             shared = owners.outside(layer, block_path) or owners.outside(param, block_path)
             if shared:
                 out.kept.append((rel, f"shared with {shared[0]}"))
+                continue
+            tied = [h for h in holders[id(param)] if h != rel]
+            if tied:  # synthesized per slot, the tie would break (merge, plain checkpoints): the block keeps it
+                out.kept.append((rel, f"tied to {tied[0]} inside the block"))
                 continue
             if not param.is_floating_point():
                 out.kept.append((rel, f"dtype {param.dtype} cannot be synthesized"))
