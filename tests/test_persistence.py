@@ -339,3 +339,55 @@ def test_hf_report_counts_tied_embeddings_once_after_from_pretrained(tmp_path, f
     trainable = sum(p.numel() for p in twin.parameters() if p.requires_grad)
     assert rep.trainable_after == trainable
     assert rep.trainable_before == trainable + sum(b.params_saved for b in rep.replaced) - 2 * len(rep.replaced)
+
+
+def _tied_stacks_model():
+    """Two stacks tied layer by layer through ``_tied_weights_keys`` (DiffusionGemma ties its encoder's layers to
+    its decoder's so): Hugging Face ties them in ``post_init``, but ``from_pretrained`` only after loading."""
+    import transformers as T
+    from torch import nn
+
+    class Cfg(T.PretrainedConfig):
+        model_type = "replace_wrap_tied_stacks"
+
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc1, self.fc2 = nn.Linear(4, 4), nn.Linear(4, 4)
+
+        def forward(self, x):
+            return x + self.fc2(torch.tanh(self.fc1(x)))
+
+    class Net(T.PreTrainedModel):
+        config_class = Cfg
+        _tied_weights_keys = {r"enc\.\d+\.fc1\.weight": r"dec\.\d+\.fc1\.weight"}
+
+        def __init__(self, config):
+            super().__init__(config)
+            self.enc = nn.ModuleList(Block() for _ in range(5))
+            self.dec = nn.ModuleList(Block() for _ in range(5))
+            self.post_init()
+
+        def forward(self, x):
+            for b in (*self.enc, *self.dec):
+                x = b(x)
+            return x
+
+    return Net, Cfg(tie_word_embeddings=True)
+
+
+def test_hf_from_pretrained_keeps_stack_ties_it_has_yet_to_make(tmp_path):
+    """The conversion replayed before Hugging Face ties the stacks must keep the tied tensors as the saved one
+    did (it refused with a StateDictError: 'analysis gives 4 tensors'), and predict the same."""
+    net, cfg = _tied_stacks_model()
+    torch.manual_seed(0)
+    model = _perturbed(replace_wrap.convert(net(cfg), every=2))
+    kept = {b.path: b.kept_tensors for b in replace_wrap.report(model).replaced}
+    assert kept["enc.1"] == (("fc1.weight", "shared with dec.1.fc1.weight"),)
+    model.save_pretrained(tmp_path)
+    twin = replace_wrap.from_pretrained(net, tmp_path)
+    assert {b.path: b.kept_tensors for b in replace_wrap.report(twin).replaced} == kept
+    assert twin.enc[1].fc1.weight is twin.dec[1].fc1.weight
+    x = torch.randn(3, 4)
+    with torch.no_grad():
+        torch.testing.assert_close(twin(x), model(x), rtol=0, atol=0)

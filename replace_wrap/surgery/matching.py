@@ -94,8 +94,19 @@ class Ownership:
         for path, m in model.named_modules(remove_duplicate=False):
             self.module_paths.setdefault(id(m), []).append(path)
         self.param_paths: dict[int, list[str]] = {}
+        by_path: dict[str, int] = {}
         for path, p in model.named_parameters(remove_duplicate=False):
             self.param_paths.setdefault(id(p), []).append(path)
+            by_path[path] = id(p)
+        # Ties Hugging Face has yet to make: ``from_pretrained`` builds the model without them and ties after
+        # loading (after the conversion its config records), so a tied pair counts as shared already.
+        for prefix, m in model.named_modules():
+            ties = m.__dict__.get("all_tied_weights_keys")
+            for target, source in (ties.items() if isinstance(ties, dict) else ()):
+                t, s = (f"{prefix}.{k}" if prefix else k for k in (target, source))
+                if t in by_path and s in by_path and by_path[t] != by_path[s]:
+                    self.param_paths[by_path[s]].append(t)
+                    self.param_paths[by_path[t]].append(s)
 
     def outside(self, obj: nn.Module | torch.Tensor, block_path: str) -> list[str]:
         """Paths of ``obj`` that are not inside the block at ``block_path``."""
