@@ -64,6 +64,20 @@ def test_nothing_to_replace_no_stack():
     assert info.value.report.blocks == []
 
 
+def test_nothing_to_replace_names_one_block_object_repeated():
+    """A universal-transformer stack (one block object at every position) shares all its tensors: the error
+    names the repeat, not only the missing stack, and leaves the model as it was."""
+    block = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Tanh())
+    act = torch.nn.ReLU()  # a reused module without parameters is no repeated block
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), act, torch.nn.ModuleList([block] * 6), act)
+    before = state_snapshot(model)
+    with pytest.raises(replace_wrap.NothingToReplaceError,
+                       match=r"no stack of repeated blocks was found .*; '2\.0' and '2\.1' are one module object"):
+        replace_wrap.convert(model)
+    assert_same_state(before, state_snapshot(model))
+    assert all(m is block for m in model[2])
+
+
 def test_nothing_to_replace_short_stack():
     model = ResidualMLP(depth=2)
     with pytest.raises(replace_wrap.NothingToReplaceError, match=r"every stack is shorter than 3 blocks \('blocks.\*' \(2 blocks\)\)"):

@@ -262,6 +262,7 @@ def nothing_message(model: nn.Module, rep: ConversionReport) -> str:
     name = type(model).__name__
     if not rep.stacks:
         why = "no stack of repeated blocks was found (a stack is a run of same-class child modules with parameters)"
+        why += _repeated_objects(model)
     elif all(n < 3 for _, n in rep.stacks):
         shown = ", ".join(f"{s!r} ({n} blocks)" for s, n in rep.stacks[:3])
         why = f"every stack is shorter than 3 blocks ({shown}), and first and last blocks stay real"
@@ -275,6 +276,23 @@ def nothing_message(model: nn.Module, rep: ConversionReport) -> str:
         f"convert found no block to replace in {name}: {why}. See replace_wrap.plan(model) for the per-block "
         "table, or choose the blocks with another policy."
     )
+
+
+def _repeated_objects(model: nn.Module) -> str:
+    """A hint for containers holding one module object at several positions (``ModuleList([block] * 6)``, a
+    universal transformer): such blocks share every tensor, so none has distinct neighbours to synthesize from
+    (module discovery lists each object once)."""
+    for path, parent in model.named_modules():
+        seen: dict[int, str] = {}
+        for name, child in parent._modules.items():
+            if child is None or next(child.parameters(), None) is None:  # a reused activation is no block
+                continue
+            if id(child) in seen:
+                where = f"'{path}.{{}}'" if path else "'{}'"
+                return (f"; {where.format(seen[id(child)])} and {where.format(name)} are one module object: "
+                        "repeated blocks that share all their tensors have nothing to be synthesized from")
+            seen[id(child)] = name
+    return ""
 
 
 def _policy_scalars(
