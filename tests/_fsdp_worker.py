@@ -698,6 +698,19 @@ def _errors(mesh: Any) -> dict:
     before = [id(p) for p in model.parameters()]
     res["merge_sharded"] = caught(lambda: replace_wrap.merge(model))
     res["merge_unchanged"] = [id(p) for p in model.parameters()] == before and replace_wrap.report(model).replaced != []
+
+    # FSDP1 (FullyShardedDataParallel, a FlatParameter per unit) sets the managed flag FSDP2 sets: the errors
+    # must name it and the way to FSDP2, not say that the model is sharded with FSDP2
+    from torch.distributed.fsdp import FullyShardedDataParallel
+    from torch.distributed.fsdp.wrap import ModuleWrapPolicy
+
+    model, blocks, batch, loss_fn = llama()
+    replace_wrap.convert(model, every=2)
+    wrapped = FullyShardedDataParallel(model, auto_wrap_policy=ModuleWrapPolicy({type(blocks[0])}),
+                                       device_id=torch.device("cpu"))
+    res["fsdp1_forward"] = caught(lambda: loss_fn(wrapped, batch(torch.Generator().manual_seed(0))))
+    res["fsdp1_merge"] = caught(lambda: replace_wrap.merge(wrapped))
+    res["fsdp1_convert"] = caught(lambda: replace_wrap.convert(wrapped, every=2))
     return res
 
 

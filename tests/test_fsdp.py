@@ -268,6 +268,11 @@ def test_bad_input_names_the_fix_and_leaves_the_model(llama2):
     assert "already sharded" in err["twice"]
     assert err["merge_sharded"].startswith("MergeError") and "full_state_dict=True" in err["merge_sharded"]
     assert err["merge_unchanged"]
+    # FSDP1 wraps: the errors name it (they said FSDP2, and that the scalars were in no FSDP unit)
+    assert err["fsdp1_forward"].startswith("ConfigError") and "wrapped by FSDP1" in err["fsdp1_forward"]
+    assert "replace_wrap.shard(model, mesh=...)" in err["fsdp1_forward"] and "FSDP2" not in err["fsdp1_merge"]
+    assert err["fsdp1_merge"].startswith("MergeError: cannot merge FullyShardedDataParallel: it is sharded with FSDP1")
+    assert err["fsdp1_convert"].startswith("ConfigError: cannot convert") and "already sharded with FSDP1" in err["fsdp1_convert"]
 
 
 # --- world 4: timm ViT, HSDP, a shape-adapting CNN, DDP ---------------------------------------------------------

@@ -78,6 +78,15 @@ def _make_plan(leaf: nn.Module, name: str, src: TensorSource) -> Plan | None:
     site = src.site
     prev = fsdp_state.lookup(src.prev, name) if fsdp_state.is_managed(src.prev) else None
     nxt = fsdp_state.lookup(src.next, name) if fsdp_state.is_managed(src.next) else None
+    for side in (src.prev, src.next):
+        if fsdp_state.is_managed(side) and not fsdp_state.in_fsdp2_unit(side):
+            raise ConfigError(
+                f"the neighbours of a replaced block ({site.prev_path!r}, {site.next_path!r}) are wrapped by FSDP1 "
+                "(FullyShardedDataParallel), which flattens their parameters into its own: a replaced block "
+                "synthesizes from neighbours sharded by FSDP2 only. Shard the converted model with FSDP2: "
+                "replace_wrap.shard(model, mesh=...) or fully_shard on every block and the root (accelerate: "
+                "fsdp_version=2; Lightning: ModelParallelStrategy); docs/distributed.md."
+            )
     site_params = [sp for p in site._parameters if (sp := fsdp_state.lookup(site, p)) is not None]
     if not site_params:
         raise ConfigError(

@@ -29,10 +29,12 @@ __all__ = [
     "all_units",
     "check",
     "held_values",
+    "in_fsdp2_unit",
     "is_managed",
     "lookup",
     "managed_anywhere",
     "refuse_sharded",
+    "sharded_by",
     "unit_settings",
     "unsharded_bytes",
     "wait_for_reduce",
@@ -76,7 +78,8 @@ class UnitSettings:
 
 
 def is_managed(module: nn.Module | None) -> bool:
-    """Whether an FSDP2 unit manages ``module``'s parameters (a cheap attribute read)."""
+    """Whether FSDP manages ``module``'s parameters (a cheap attribute read): FSDP2, or FSDP1, which sets the
+    same flag (:func:`in_fsdp2_unit` tells them apart)."""
     return module is not None and bool(module.__dict__.get(MANAGED_FLAG, False))
 
 
@@ -85,8 +88,24 @@ def managed_anywhere(model: nn.Module) -> bool:
     return any(is_managed(m) for m in model.modules())
 
 
+def in_fsdp2_unit(module: nn.Module) -> bool:
+    """Whether an FSDP2 unit manages a parameter of ``module`` (FSDP1 sets the same managed flag, but flattens
+    the parameters into its own: replace_wrap cannot read those)."""
+    if module not in _INDEX:
+        _reindex()
+    return module in _INDEX
+
+
+def sharded_by(model: nn.Module) -> str:
+    """What shards ``model``, as messages name it: FSDP2, or FSDP1 (any other wrapper that sets torch's
+    FSDP-managed flag on modules, but holds no parameter in an FSDP2 unit)."""
+    if any(in_fsdp2_unit(m) for m in model.modules() if is_managed(m)):
+        return "FSDP2"
+    return "FSDP1 (FullyShardedDataParallel)"
+
+
 def refuse_sharded(model: nn.Module, verb: str) -> None:
-    """Raise a typed error if ``model`` is sharded with FSDP2 (``verb``: ``convert``, ``plan``, ``merge`` ...).
+    """Raise a typed error if ``model`` is sharded, with FSDP2 or FSDP1 (``verb``: ``convert``, ``plan``, ``merge`` ...).
 
     Raises:
         MergeError: For ``merge`` / ``revert``: gather the state dict into an unsharded model first.
@@ -94,10 +113,10 @@ def refuse_sharded(model: nn.Module, verb: str) -> None:
     """
     if not managed_anywhere(model):
         return
-    name = type(model).__name__
+    name, by = type(model).__name__, sharded_by(model)
     if verb in ("merge", "revert"):
         raise MergeError(
-            f"cannot {verb} {name}: it is sharded with FSDP2, each rank holds only shards of its tensors; the "
+            f"cannot {verb} {name}: it is sharded with {by}, each rank holds only shards of its tensors; the "
             "model was left unchanged. Gather it first: on every rank call "
             "sd = torch.distributed.checkpoint.state_dict.get_model_state_dict(model, options=StateDictOptions("
             "full_state_dict=True, cpu_offload=True)); then on rank 0 load sd into an unsharded copy of the "
@@ -105,8 +124,8 @@ def refuse_sharded(model: nn.Module, verb: str) -> None:
             "(docs/distributed.md)."
         )
     raise ConfigError(
-        f"cannot {verb} {name}: it is already sharded with FSDP2 (fully_shard was applied to it or to a "
-        "submodule); the model was left unchanged. Convert the unsharded model first, then shard it "
+        f"cannot {verb} {name}: it is already sharded with {by} (applied to it or to a submodule); the model "
+        "was left unchanged. Convert the unsharded model first, then shard it with FSDP2 "
         "(replace_wrap.shard(model, mesh=...) or your own fully_shard loop)."
     )
 
