@@ -375,6 +375,49 @@ def test_a_70b_shaped_llama_converts_and_plans_on_meta_in_seconds():
     assert plan8.unsharded_peak == plan8.root + 2 * plan8.largest_unit  # prefetch=1
 
 
+def test_tensor_parallel_neighbours_are_refused_by_name():
+    # parallelize_module after convert makes the neighbours DTensors outside FSDP2: the synthesis cannot mix them
+    # with the block's scalars (DTensor raised "got mixed torch.Tensor and DTensor"); the error names the layer,
+    # the neighbour tensor and the way out, in both layouts (every block parallelized, or the neighbours only)
+    proc = run_python("-c", _TENSOR_PARALLEL, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = proc.stdout.strip().splitlines()
+    assert len(lines) == 2, proc.stdout
+    for line in lines:
+        assert line.startswith("CompatibilityError: this replaced Linear (a layer of the block between 'blocks.0' "
+                               "and 'blocks.2') synthesizes"), line
+        assert "which is a DTensor outside FSDP2" in line and "replace_wrap.merge(model) first" in line, line
+
+
+_TENSOR_PARALLEL = """
+import torch, torch.nn as nn, torch.distributed as dist, replace_wrap
+from torch.testing._internal.distributed.fake_pg import FakeStore
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.tensor.parallel import parallelize_module, ColwiseParallel, RowwiseParallel
+dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=2)
+class Block(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(8, 16), nn.Linear(16, 8)
+    def forward(self, x):
+        return x + self.fc2(torch.relu(self.fc1(x)))
+mesh = init_device_mesh("cpu", (2,))
+for which in ("all", "neighbours"):
+    torch.manual_seed(0)
+    model = nn.Module()
+    model.blocks = nn.Sequential(*[Block() for _ in range(5)])
+    replace_wrap.convert(model, every=2)
+    try:  # parallelizing a replaced block reads its synthesized tensors already
+        for i, b in enumerate(model.blocks):
+            if which == "all" or i % 2 == 0:
+                parallelize_module(b, mesh, {"fc1": ColwiseParallel(), "fc2": RowwiseParallel()})
+        model.blocks(torch.randn(4, 8))
+        print("no error")
+    except replace_wrap.ReplaceWrapError as e:
+        print(f"{type(e).__name__}: {e}")
+"""
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(600)
 def test_memory_formula_matches_fsdp_layout_at_64_ranks():

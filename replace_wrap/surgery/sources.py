@@ -11,7 +11,8 @@ model that runs or saves the layer, and each would give another model without a 
   which the state-dict check of :mod:`replace_wrap.io.guard` applies);
 - **meta neighbours** under accelerate's offloading, or a model never loaded (:func:`check_meta`);
 - a neighbour tensor **quantized in place** (torchao's ``quantize_`` assigns a tensor subclass, keeping the
-  module) from which ``a * prev + b * next`` cannot be computed (:func:`check_subclass`, when a synthesis fails).
+  module) or **distributed by tensor parallelism** (``parallelize_module`` makes it a DTensor outside FSDP2)
+  from which ``a * prev + b * next`` cannot be computed (:func:`check_subclass`, when a synthesis fails).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import torch
 from torch import nn
 
 from ..errors import CompatibilityError
+from ..integrations.fsdp_state import is_managed
 from ..synthesis.mixing import SOURCES_ATTR, TensorSource
 
 __all__ = ["CHECK", "check_copy", "check_meta", "check_subclass", "sources_outside"]
@@ -79,10 +81,20 @@ def check_subclass(layer: nn.Module, error: Exception) -> None:
         site = src.site
         for side, leaf in ((site.prev_path, src.prev), (site.next_path, src.next)):
             t = None if leaf is None else getattr(leaf, name, None)
-            # torch's own subclasses (DTensor, FakeTensor, ...) are no quantization: their errors stay as they are
+            rel = site.tensor_names[src.k]
+            if _is_dtensor(t) and not is_managed(leaf):
+                raise CompatibilityError(
+                    f"this replaced {type(layer).__name__} (a layer of the block between {site.prev_path!r} and "
+                    f"{site.next_path!r}) synthesizes {rel!r} from {side}.{rel}, which is a DTensor outside "
+                    "FSDP2 (tensor parallelism: parallelize_module or distribute_module after convert). A "
+                    "replaced block synthesizes from plain or FSDP2-sharded neighbours only: apply tensor "
+                    "parallelism to the merged model (replace_wrap.merge(model) first), or shard the converted "
+                    "model with FSDP2 alone (replace_wrap.shard). parallelize_module changed the neighbour layers "
+                    "in place: build or load the model again."
+                ) from error
+            # torch's other subclasses (FakeTensor, FSDP2's DTensors, ...) are no quantization: their errors stay
             if t is None or type(t).__module__.split(".")[0] == "torch":
                 continue
-            rel = site.tensor_names[src.k]
             raise CompatibilityError(
                 f"this replaced {type(layer).__name__} (a layer of the block between {site.prev_path!r} and "
                 f"{site.next_path!r}) synthesizes {rel!r} from {side}.{rel}, which is now a {type(t).__name__} (a "
@@ -92,6 +104,14 @@ def check_subclass(layer: nn.Module, error: Exception) -> None:
                 "layers were already changed in place: load it again (replace_wrap.load, or the plain "
                 "checkpoint), merge, then quantize."
             ) from error
+
+
+def _is_dtensor(t: Any) -> bool:
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # a torch built without distributed support has none
+        return False
+    return isinstance(t, DTensor)
 
 
 CHECK = "_rw_check_copy"  # set on copies and replicas: what to check before the first synthesis
