@@ -116,6 +116,30 @@ def test_differently_converted_state_dict_is_refused():
         model.load_state_dict(state)
 
 
+@pytest.mark.parametrize("plain_state_dict", [True, False])
+@pytest.mark.parametrize("saved, loaded, theirs", [
+    ({"scalars": "tensor"}, {}, "a[6], b[6]"),
+    ({}, {"scalars": "tensor"}, "a[1], b[1]"),
+    ({"rule": "convex"}, {}, "alpha[1]"),
+    ({}, {"rule": "ema"}, "a[1], b[1]"),
+    ({"keep_original": True}, {}, "original_0[16]"),
+], ids=["tensor-into-block", "block-into-tensor", "convex-into-linear", "linear-into-ema", "originals"])
+def test_same_blocks_other_options_is_refused_before_copying(saved, loaded, theirs, plain_state_dict):
+    # torch copied every other tensor, then raised its own size-mismatch / missing-key error: half-loaded
+    state = _converted(ResidualMLP, seed=1, plain_state_dict=plain_state_dict, **saved).state_dict()
+    model = _converted(ResidualMLP, plain_state_dict=plain_state_dict, **loaded)
+    before = state_snapshot(model)
+    x = ResidualMLP.example()
+    y = model(x)
+    with pytest.raises(replace_wrap.StateDictError) as err:
+        model.load_state_dict(state)
+    msg = str(err.value)
+    assert "converted with other options" in msg and theirs in msg and "'blocks.1.replacement'" in msg
+    assert "Nothing was loaded" in msg and "replace_wrap.load" in msg
+    assert_same_state(before, state_snapshot(model))  # nothing was copied
+    torch.testing.assert_close(model(x), y, rtol=0, atol=0)
+
+
 def test_guard_strict_false_and_prefixes():
     model = _converted(ResidualMLP)
     plain_state = ResidualMLP().state_dict()

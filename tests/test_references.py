@@ -5,6 +5,8 @@ error (issue 11, defect 3)."""
 from __future__ import annotations
 
 import copy
+import dataclasses
+import types
 
 import pytest
 import torch
@@ -56,6 +58,32 @@ def test_a_deep_copy_of_a_replaced_block_alone_is_refused_at_its_first_use():
     with pytest.raises(CompatibilityError, match="deep-copied"):  # and every later use
         lone(torch.randn(2, 16))
     model(ResidualMLP.example())  # the original is untouched
+
+
+class _Holder:  # what a pipeline, a trainer or a training-state object is to deepcopy: a plain object
+    def __init__(self, model):
+        self.model, self.step = model, 3
+
+
+@pytest.mark.parametrize("wrap", [
+    _Holder,
+    lambda m: types.SimpleNamespace(state={"model": m}),
+    lambda m: dataclasses.make_dataclass("State", ["model"])(m),
+], ids=["object", "namespace", "dataclass"])
+def test_a_deep_copy_of_an_object_holding_the_model_is_complete(wrap):
+    # it was refused at first use as "deep-copied without its neighbour block(s)": only modules, lists and
+    # dicts were searched for the neighbours
+    x = ResidualMLP.example()
+    model = _trained(replace_wrap.convert(ResidualMLP(), every=2), x)
+    held = copy.deepcopy(wrap(model))
+    twin = held.model if hasattr(held, "model") else held.state["model"]
+    torch.testing.assert_close(twin(x), model(x), rtol=0, atol=0)
+    before = model(x).detach()
+    _trained(twin, x)
+    torch.testing.assert_close(model(x), before, rtol=0, atol=0)
+    lone = copy.deepcopy(_Holder(model.blocks[1])).model  # a holder of one replaced block is still refused
+    with pytest.raises(CompatibilityError, match=r"without its neighbour block\(s\) \['blocks.0', 'blocks.2'\]"):
+        lone(torch.randn(2, 16))
 
 
 def test_nn_data_parallel_replicas_are_refused():

@@ -197,14 +197,15 @@ def _mismatch(model: nn.Module, state: Mapping[str, Any], prefix: str) -> str | 
     sites = _sites(model)
     keys = {p: _keys(model, p, s, prefix) for p, s in sites.items()}
     own = [k for p in sites for k in keys[p] if k in state]
-    if not own:
-        return None
     name, ours = type(model).__name__, sorted(sites)
+    if not own:  # no replaced tensors (a partial dict, or plain_state_dict=False): check a full one's scalars
+        full = bool(sites) and _replaced_in(state, model, prefix) == ours
+        return _other_options(sites, state, prefix, name) if full else None
     theirs = _replaced_in(state, model, prefix)
     if theirs == ours:
         for k in own:
             del state[k]
-        return None
+        return _other_options(sites, state, prefix, name)
     blocks = sorted({p for p in sites if any(k in state for k in keys[p])})
     hatch = (
         " To load the other tensors and drop those on purpose: replace_wrap.load_state_dict(model, state_dict, "
@@ -223,6 +224,35 @@ def _mismatch(model: nn.Module, state: Mapping[str, Any], prefix: str) -> str | 
         f"policy=replace_wrap.Paths({theirs}), <the original options>)), or save and load with replace_wrap.save "
         "and replace_wrap.load, which record the conversion." + hatch
     )
+
+
+def _other_options(
+    sites: dict[str, ReplacementSite], state: Mapping[str, Any], prefix: str, name: str
+) -> str | None:
+    """Why ``state``, which holds the scalars of exactly these blocks, still does not fit: its sites' tensors
+    differ in names or shapes (saved with other ``scalars``, ``rule`` or ``keep_original``). torch would copy
+    every other tensor before raising about those, leaving a half-loaded model: this refuses first."""
+    def show(d: dict[str, tuple[int, ...]]) -> str:
+        return ", ".join(f"{k}{list(v)}" for k, v in sorted(d.items())) or "none"
+
+    for path, site in sites.items():
+        at = f"{prefix}{path}.{SITE_ATTR}." if path else f"{prefix}{SITE_ATTR}."
+        # what site.state_dict() writes, without running any state-dict hook
+        ours = {k: tuple(v.shape) for k, v in site.named_parameters()}
+        skip = site._non_persistent_buffers_set
+        ours.update((k, tuple(v.shape)) for k, v in site.named_buffers() if k not in skip)
+        theirs = {k[len(at):]: tuple(getattr(v, "shape", ())) for k, v in state.items() if k.startswith(at)}
+        if theirs != ours:
+            where = f"{path}.{SITE_ATTR}" if path else SITE_ATTR
+            return (
+                f"this state dict was saved from a model converted with other options: it holds "
+                f"{show(theirs)} under {where!r}, where this converted {name} has {show(ours)} (another "
+                "scalars=, rule= or keep_original=). Nothing was loaded. Load it into a fresh model "
+                "converted with the checkpoint's options, or save and load with replace_wrap.save and "
+                "replace_wrap.load (save_pretrained and replace_wrap.from_pretrained for Hugging Face "
+                "models), which record them."
+            )
+    return None
 
 
 def _keys(model: nn.Module, path: str, site: ReplacementSite, prefix: str) -> set[str]:

@@ -17,6 +17,7 @@ model that runs or saves the layer, and each would give another model without a 
 
 from __future__ import annotations
 
+import types
 from collections.abc import Iterator
 from typing import Any
 
@@ -165,13 +166,27 @@ def sources_outside(layer: nn.Module, modules: set[int], tensors: set[int]) -> l
     return list(dict.fromkeys(missing))  # each path once, in order
 
 
+# What a holder's attribute walk does not enter: values, tensors, classes, and Python modules (whose
+# attributes are a library's globals: holding ``torch`` must not make the walk visit the interpreter).
+_NOT_HOLDERS = (str, bytes, int, float, complex, torch.Tensor, type, types.ModuleType, types.FunctionType)
+
+
 def _modules_of(root: Any) -> Iterator[nn.Module]:
-    """Every module inside what a deep copy started from (a module, or a container of modules)."""
-    if isinstance(root, nn.Module):
-        yield from root.modules()
-    elif isinstance(root, (list, tuple, set)):
-        for item in root:
-            yield from _modules_of(item)
-    elif isinstance(root, dict):
-        for item in root.values():
-            yield from _modules_of(item)
+    """Every module inside what a deep copy started from: a module, a container of modules, or any object that
+    holds them in its attributes (a pipeline, a dataclass of training state, a namespace), at any depth."""
+    todo, seen = [root], set()
+    while todo:
+        obj = todo.pop()
+        if id(obj) in seen or obj is None or isinstance(obj, _NOT_HOLDERS):
+            continue
+        seen.add(id(obj))
+        if isinstance(obj, nn.Module):
+            yield from obj.modules()
+        elif isinstance(obj, (list, tuple, set, frozenset)):
+            todo.extend(obj)
+        elif isinstance(obj, dict):
+            todo.extend(obj.values())
+        else:
+            todo.extend(getattr(obj, "__dict__", {}).values())
+            slots = getattr(type(obj), "__slots__", ())
+            todo.extend(getattr(obj, s, None) for s in ([slots] if isinstance(slots, str) else slots))
