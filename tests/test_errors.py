@@ -213,12 +213,33 @@ def test_assigning_a_synthesized_tensor_is_refused_with_the_fix():
     layer = model.blocks[1].fc1
     before = layer.weight.clone()
     for value in (torch.nn.Parameter(torch.zeros_like(before)), torch.zeros_like(before)):
-        with pytest.raises(replace_wrap.CompatibilityError, match=r"'weight' of this replaced Linear is synthesized .* "
+        with pytest.raises(replace_wrap.CompatibilityError, match=r"'weight' of this replaced Linear \(a layer of the block between 'blocks.0' and 'blocks.2'\) is synthesized .* "
                            r"merge first \(replace_wrap.merge\(model\)\)"):
             layer.weight = value
     torch.testing.assert_close(layer.weight, before, rtol=0, atol=0)
     layer.other = 3  # other names are set as usual
     assert layer.other == 3
+
+
+def test_functional_call_with_a_state_dict_names_the_block_and_the_dict_to_pass():
+    # functional_call assigns every tensor it is given, a state_dict()'s synthesized values too: the refusal
+    # names the block and the parameters-and-buffers dict that works, and leaves the model as it was
+    from torch.func import functional_call
+
+    x = ResidualMLP.example()
+    model = _scalars_moved(replace_wrap.convert(ResidualMLP(), every=2))
+    other = _scalars_moved(replace_wrap.convert(ResidualMLP(), every=2))
+    with torch.no_grad():
+        for p in other.parameters():
+            p.mul_(1.5)
+    before, y = state_snapshot(model), model(x)
+    with pytest.raises(replace_wrap.CompatibilityError, match=r"\(a layer of the block between 'blocks.0' and "
+                       r"'blocks.2'\) is synthesized .* give it the parameters and buffers"):
+        functional_call(model, other.state_dict(), (x,))
+    assert_same_state(before, state_snapshot(model))
+    torch.testing.assert_close(model(x), y, rtol=0, atol=0)
+    tensors = {**dict(other.named_parameters()), **dict(other.named_buffers())}
+    torch.testing.assert_close(functional_call(model, tensors, (x,)), other(x), rtol=0, atol=0)
 
 
 class _Packed(torch.Tensor):

@@ -180,11 +180,16 @@ def _setattr(base: type, names: tuple[str, ...]) -> Any:
     # the property has no setter) with nothing said about why or what to do instead.
     def __setattr__(self: nn.Module, name: str, value: Any) -> None:
         if name in names:
+            site = self.__dict__[SOURCES_ATTR][name].site
             raise CompatibilityError(
-                f"{name!r} of this replaced {base.__name__} is synthesized by replace_wrap from the neighbour blocks "
-                "on every read (a * prev + b * next), so it cannot be assigned; in-place writes to it (zero_(), "
-                "torch.nn.init, .data =) change a temporary and have no effect either. To give the layer its own "
-                f"{name!r}, merge first (replace_wrap.merge(model)) or revert (convert with keep_original=True)."
+                f"{name!r} of this replaced {base.__name__} (a layer of the block between {site.prev_path!r} and "
+                f"{site.next_path!r}) is synthesized by replace_wrap from the neighbour blocks on every read "
+                "(a * prev + b * next), so it cannot be assigned; in-place writes to it (zero_(), torch.nn.init, "
+                ".data =) change a temporary and have no effect either. To give the layer its own "
+                f"{name!r}, merge first (replace_wrap.merge(model)) or revert (convert with keep_original=True). "
+                "torch.func.functional_call assigns every tensor it is given: give it the parameters and buffers "
+                "({**dict(model.named_parameters()), **dict(model.named_buffers())}), what the synthesized "
+                "tensors are made from, rather than a state_dict(), which holds their values too."
             )
         base.__setattr__(self, name, value)
 
