@@ -325,6 +325,25 @@ def test_hf_merged_model_saves_as_plain_checkpoint(tmp_path):
         replace_wrap.from_pretrained(ViTForImageClassification, tmp_path)
 
 
+def test_hf_plain_model_loaded_from_a_converted_checkpoint_and_saved_is_refused_with_the_way_to_load_it(tmp_path):
+    # the plain loader keeps the conversion record in the config; saved again, the checkpoint holds plain weights
+    # under it: replace_wrap.from_pretrained refuses and says how to load it (it said only "not saved from the
+    # converted model")
+    from transformers import ViTForImageClassification
+
+    _converted(_hf_vit).save_pretrained(tmp_path / "converted")
+    plain = ViTForImageClassification.from_pretrained(tmp_path / "converted")
+    plain.save_pretrained(tmp_path / "plain")
+    with pytest.raises(replace_wrap.StateDictError, match=r"not saved from the converted model\. A plain model "
+                       r"loaded from a converted checkpoint .*ModelClass\.from_pretrained\(directory\)"):
+        replace_wrap.from_pretrained(ViTForImageClassification, tmp_path / "plain")
+    x = torch.randn(2, 3, 16, 16)
+    assert torch.equal(_logits(ViTForImageClassification.from_pretrained(tmp_path / "plain"), x), _logits(plain, x))
+    del plain.config.replace_wrap  # what the message says drops the record
+    plain.save_pretrained(tmp_path / "plain2")
+    assert CONFIG_KEY not in json.loads((tmp_path / "plain2" / "config.json").read_text())
+
+
 def test_hf_submodule_conversion_reloads_into_the_enclosing_model(tmp_path):
     """convert(model.vit) records the converted class in the shared config (issue 11, defect 7): the enclosing
     model's save_pretrained reloads with replace_wrap.from_pretrained, and report(model) speaks its paths."""

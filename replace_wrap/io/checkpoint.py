@@ -174,7 +174,11 @@ def from_pretrained(cls: type[M], directory: str | Path, *, example_inputs: Any 
     if missing:
         raise StateDictError(
             f"the checkpoint in {d} lacks the scalars {sorted(missing)[:4]} of its replaced blocks, although its "
-            "config.json records a conversion: it was not saved from the converted model"
+            "config.json records a conversion: it was not saved from the converted model. A plain model loaded "
+            "from a converted checkpoint (ModelClass.from_pretrained) keeps that record in its config, and saves "
+            "plain weights under it. Load this checkpoint with the plain loader (ModelClass.from_pretrained"
+            "(directory)) and convert it again if you want; del model.config.replace_wrap before saving a plain "
+            "model drops the record."
         )
     return (model, info) if want_info else model
 
