@@ -187,6 +187,9 @@ def _modules_of(root: Any) -> Iterator[nn.Module]:
         elif isinstance(obj, dict):
             todo.extend(obj.values())
         else:
-            todo.extend(getattr(obj, "__dict__", {}).values())
-            slots = getattr(type(obj), "__slots__", ())
-            todo.extend(getattr(obj, s, None) for s in ([slots] if isinstance(slots, str) else slots))
+            try:  # an exotic object (a proxy whose attribute access raises) holds nothing we can see
+                todo.extend(getattr(obj, "__dict__", {}).values())
+                slots = getattr(type(obj), "__slots__", ())
+                todo.extend(getattr(obj, s, None) for s in ([slots] if isinstance(slots, str) else slots))
+            except Exception:  # noqa: BLE001 - see above
+                continue
