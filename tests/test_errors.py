@@ -294,3 +294,56 @@ def test_torchao_quantize_of_a_converted_model_is_refused_with_the_fix():
         with pytest.raises(replace_wrap.CompatibilityError, match=r"which is now a \w+ .* quantize the merged model"):
             torchao.quantize_(model, torchao.Int8WeightOnlyConfig(), **(only_kept if skip_replaced else {}))
             model(ResidualMLP.example())
+
+
+def test_torch_jit_script_of_a_converted_model_is_refused_with_the_fix_and_the_model_unchanged():
+    # TorchScript cannot compile the synthesizing properties: refused before compiling anything, not a raw
+    # RuntimeError from inside the compiler; the merged model scripts and computes the same
+    torch.manual_seed(0)
+    model = _scalars_moved(replace_wrap.convert(ResidualMLP(), every=2)).eval()
+    x = ResidualMLP.example()
+    with torch.no_grad():
+        out = model(x)
+    before = state_snapshot(model)
+    fix = r"replace_wrap\.merge\(model\) first .* torch\.jit\.trace, torch\.export or torch\.compile"
+    for target in (model, model.blocks[1], model.blocks[1].fc1):
+        with pytest.raises(replace_wrap.CompatibilityError, match=r"torch\.jit\.script cannot compile a converted "
+                           r"model: the replaced block between 'blocks\.0' and 'blocks\.2' synthesizes .* " + fix):
+            torch.jit.script(target)
+    assert_same_state(before, state_snapshot(model))
+    scripted = torch.jit.script(replace_wrap.merge(model))
+    with torch.no_grad():
+        torch.testing.assert_close(scripted(x), out, rtol=0, atol=0)
+
+
+def _tensors_and_classes(model):
+    # state_dict() is what is refused, so the snapshot reads parameters, buffers and classes directly
+    return ([(n, id(t), t.detach().clone()) for n, t in (*model.named_parameters(), *model.named_buffers())],
+            [(n, type(m)) for n, m in model.named_modules()])
+
+
+@pytest.mark.parametrize("change", ["swapped", "deleted"])
+def test_a_layer_of_a_replaced_block_changed_after_convert_is_refused_at_save_and_merge(change, tmp_path):
+    # module surgery inside a replaced block (timm's reparameterize_model deletes its layers, freeze_batch_norm_2d
+    # swaps its norms): the state dict and merge cannot describe the block any more; refused, typed, nothing changed
+    torch.manual_seed(0)
+    model = _scalars_moved(replace_wrap.convert(ResidualMLP(), every=2))
+    block = model.blocks[1]
+    if change == "swapped":  # a plain LayerNorm holding the synthesized values, as a fused or frozen copy would
+        norm = torch.nn.LayerNorm(16)
+        norm.load_state_dict({"weight": block.norm.weight.detach(), "bias": block.norm.bias.detach()})
+        block.norm = norm
+        what = r"the layer is now a LayerNorm that does not synthesize it"
+    else:
+        del block.norm
+        what = r"the layer was deleted"
+    before = _tensors_and_classes(model)
+    message = (r"the replaced block between 'blocks\.0' and 'blocks\.2' no longer holds the layer that synthesizes "
+               r"'norm\.weight': " + what + r" .* after replace_wrap\.merge\(model\)")
+    for action in (model.state_dict, lambda: replace_wrap.merge(model), lambda: replace_wrap.save(model, tmp_path)):
+        with pytest.raises(replace_wrap.CompatibilityError, match=message):
+            action()
+        after = _tensors_and_classes(model)
+        assert [n for n, *_ in after[0]] == [n for n, *_ in before[0]] and after[1] == before[1]
+        for (_, i, t), (_, j, u) in zip(before[0], after[0]):
+            assert i == j and torch.equal(t, u)

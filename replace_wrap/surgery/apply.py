@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from ..config import ReplaceConfig
-from ..errors import ConfigError
+from ..errors import CompatibilityError, ConfigError
 from ..integrations.fsdp_state import held_values
 from ..synthesis.mixing import SOURCES_ATTR, TensorSource
 from ..synthesis.rules import state_frozen
@@ -50,14 +50,35 @@ def located_tensors(block: nn.Module, site: ReplacementSite) -> list[tuple[str, 
     out = []
     for rel in site.tensor_names:
         layer_path, _, name = rel.rpartition(".")
-        layer = block.get_submodule(layer_path) if layer_path else block
-        for sub, module in layer.named_modules():
+        found = None
+        try:
+            layer = block.get_submodule(layer_path) if layer_path else block
+        except AttributeError:  # the layer was deleted from the block after convert
+            layer = None
+        for sub, module in layer.named_modules() if layer is not None else ():
             source = module.__dict__.get(SOURCES_ATTR, {}).get(name)
             if source is not None and source.site is site:
-                layer, layer_path = module, ".".join(p for p in (layer_path, sub) if p)
+                found, layer_path = module, ".".join(p for p in (layer_path, sub) if p)
                 break
-        out.append((f"{layer_path}.{name}" if layer_path else name, layer, name))
+        if found is None:
+            _refuse_changed_layer(site, rel, layer)
+        out.append((f"{layer_path}.{name}" if layer_path else name, found, name))
     return out
+
+
+def _refuse_changed_layer(site: ReplacementSite, rel: str, layer: nn.Module | None) -> None:
+    # Module surgery inside a replaced block after convert (timm's reparameterize_model fuses and deletes its
+    # layers, freeze_batch_norm_2d swaps its norms): the block no longer holds the layer that synthesizes ``rel``,
+    # so neither a state dict nor a merge can say what the block computes from its scalars.
+    what = "was deleted" if layer is None else f"is now a {type(layer).__name__} that does not synthesize it"
+    raise CompatibilityError(
+        f"the replaced block between {site.prev_path!r} and {site.next_path!r} no longer holds the layer that "
+        f"synthesizes {rel!r}: the layer {what} (module surgery after convert, e.g. timm's "
+        "reparameterize_model or freeze_batch_norm_2d, or a layer assigned anew), so neither a state dict nor a "
+        "merge can describe the block any more. Change the modules before convert, or after "
+        "replace_wrap.merge(model); this model was changed in place: build or load it again (its last "
+        "checkpoint, replace_wrap.load), merge, then apply the change."
+    )
 
 
 def scalar_values(site: ReplacementSite) -> dict[str, list[float]]:

@@ -11,6 +11,7 @@ from torch import nn
 
 from ..integrations.fsdp_state import held_values
 from ..synthesis.rules import get_rule, is_linear_mix
+from .sources import refuse_script
 
 __all__ = ["LIVE_SITES", "SITE_ATTR", "ReplacementSite"]
 
@@ -85,6 +86,11 @@ class ReplacementSite(nn.Module):
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)  # copies and unpickled sites are sites too
         LIVE_SITES.add(self)
+
+    def __prepare_scriptable__(self) -> ReplacementSite:
+        """``torch.jit.script`` of a module holding the site: refused, typed (see :func:`.sources.refuse_script`)."""
+        refuse_script("scalars, replacement.a/b", self)
+        return self  # not reached
 
     def forward(self, x: Any, *args: Any, **kwargs: Any) -> Any:
         """Identity: a block that is an ``nn.Sequential`` calls every child, the site included."""

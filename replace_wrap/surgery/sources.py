@@ -28,7 +28,7 @@ from ..errors import CompatibilityError
 from ..integrations.fsdp_state import is_managed
 from ..synthesis.mixing import SOURCES_ATTR, TensorSource
 
-__all__ = ["CHECK", "check_copy", "check_meta", "check_subclass", "sources_outside"]
+__all__ = ["CHECK", "check_copy", "check_meta", "check_subclass", "refuse_script", "sources_outside"]
 
 _ACCELERATE_HOOK = "_hf_hook"  # the attribute accelerate's add_hook_to_module sets on a hooked module
 
@@ -68,6 +68,19 @@ def check_meta(layer: nn.Module, src: TensorSource, p: torch.Tensor | None, n: t
         "model: model.to_empty(device=...) then load_state_dict, or replace_wrap.load / replace_wrap.from_pretrained; "
         "to load with accelerate (load_checkpoint_and_dispatch, offloading), load the checkpoint into the "
         "unconverted model instead (every checkpoint of a converted model is a plain one) or merge first."
+    )
+
+
+def refuse_script(what: str, site: Any) -> None:
+    """``__prepare_scriptable__`` of a replaced layer and of a site: ``torch.jit.script`` calls it on every module
+    before compiling anything, so it refuses here, typed and with the model unchanged, instead of failing inside
+    the compiler on the synthesizing properties (or the kernels' ``*args`` forward) with a raw RuntimeError."""
+    raise CompatibilityError(
+        f"torch.jit.script cannot compile a converted model: the replaced block between {site.prev_path!r} and "
+        f"{site.next_path!r} synthesizes its tensors in Python on every read (here: its {what}), which "
+        "TorchScript cannot compile. Script the plain model: replace_wrap.merge(model) first (it computes exactly "
+        "the same); or capture the converted model with torch.jit.trace, torch.export or torch.compile, which "
+        "record the synthesis."
     )
 
 

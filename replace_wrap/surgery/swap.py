@@ -35,7 +35,7 @@ from ..synthesis import builtin_kernels  # noqa: F401  registers the built-in la
 from ..synthesis.adapt import adapt_pair
 from ..synthesis.layer_kernels import kernel_for
 from ..synthesis.mixing import CACHE_PREFIX, SOURCES_ATTR, TensorSource, reads_detached
-from .sources import CHECK, check_copy, check_meta, check_subclass
+from .sources import CHECK, check_copy, check_meta, check_subclass, refuse_script
 
 __all__ = ["base_class", "install", "is_swapped", "set_recompute", "uninstall"]
 
@@ -113,8 +113,9 @@ def _swapped_class(base: type, names: tuple[str, ...], recompute: bool = False) 
     cls = _SWAPPED.get(key)
     if cls is None:
         namespace: dict[str, Any] = {name: property(_synthesized(name)) for name in names}
-        if names:  # printing never synthesizes (see _extra_repr)
+        if names:  # printing never synthesizes (see _extra_repr); torch.jit.script is refused, typed
             namespace["extra_repr"] = _extra_repr(base)
+            namespace["__prepare_scriptable__"] = _prepare_scriptable
         namespace.update(
             forward=_forward(base, names, recompute),
             __setattr__=_setattr(base, names),
@@ -130,6 +131,12 @@ def _swapped_class(base: type, names: tuple[str, ...], recompute: bool = False) 
         cls = type(base.__name__, (base,), namespace)
         _SWAPPED[key] = cls
     return cls
+
+
+def _prepare_scriptable(self: nn.Module) -> nn.Module:
+    site = next(iter(self.__dict__[SOURCES_ATTR].values())).site
+    refuse_script(type(self).__name__, site)
+    return self  # not reached
 
 
 def _synthesized(name: str) -> Any:
