@@ -140,6 +140,14 @@ def report(model: nn.Module) -> ConversionReport:
     holder = converted_module(model)
     stored = None if holder is None else stored_report(holder)
     if stored is None:
+        held = [path for path, _, _ in sites(model)]
+        if held:  # the blocks are here, the module convert was called on is not (a wrapper rebuilt from its children)
+            raise NotConvertedError(
+                f"{type(model).__name__} holds replaced blocks ({', '.join(map(repr, held[:3]))}) but not the "
+                "module replace_wrap.convert was called on, which keeps the conversion report (a wrapper built "
+                "from its children, such as timm's FeatureListNet, holds the blocks without it). Report the "
+                "converted module itself; merge(model) works on this one."
+            )
         raise NotConvertedError(
             f"{type(model).__name__} has no conversion report: it was not converted with replace_wrap.convert "
             "(or was merged/reverted since). Use replace_wrap.plan(model) to preview a conversion."

@@ -78,6 +78,20 @@ def test_nothing_to_replace_names_one_block_object_repeated():
     assert all(m is block for m in model[2])
 
 
+def test_report_of_a_wrapper_rebuilt_from_the_children_names_the_blocks_it_holds():
+    # a wrapper that re-registers a converted model's children (timm's FeatureListNet does) holds the replaced
+    # blocks but not the converted root, which keeps the report: the error says so (it said "not converted")
+    model = replace_wrap.convert(ResidualMLP(), every=2)
+    wrapper = torch.nn.Module()
+    for name, child in model.named_children():
+        wrapper.add_module(name, child)
+    with pytest.raises(replace_wrap.NotConvertedError, match=r"Module holds replaced blocks \('blocks.1', 'blocks.3'\) "
+                       r"but not the module replace_wrap.convert was called on"):
+        replace_wrap.report(wrapper)
+    with pytest.raises(replace_wrap.NotConvertedError, match="has no conversion report: it was not converted"):
+        replace_wrap.report(ResidualMLP())
+
+
 def test_nothing_to_replace_short_stack():
     model = ResidualMLP(depth=2)
     with pytest.raises(replace_wrap.NothingToReplaceError, match=r"every stack is shorter than 3 blocks \('blocks.\*' \(2 blocks\)\)"):
