@@ -38,6 +38,7 @@ from .integrations import peft as _peft  # noqa: F401  registers the attachment 
 from .integrations.decay import param_groups
 from .integrations.fsdp import fsdp_units, shard
 from .integrations.fsdp_memory import FSDPMemory, fsdp_memory
+from .integrations import hf_sharded as _hf_sharded  # noqa: F401  registers the Trainer's sharded-checkpoint check
 from .io.checkpoint import from_pretrained, load, save
 from .io.guard import load_state_dict
 from .io import plain as _plain  # noqa: F401  registers the plain_state_dict attachment

@@ -139,6 +139,30 @@ def test_trainer_checkpoint_loads_plainly_everywhere_and_resumes_exactly(tmp_pat
     assert list(sa) == list(sb) and all(torch.equal(sa[k], sb[k]) for k in sa)
 
 
+
+def test_trainer_loads_a_sharded_checkpoint_of_a_converted_model_exactly_and_refuses_an_unconverted_one(tmp_path):
+    # Trainer resume and load_best_model_at_end load a checkpoint above max_shard_size shard by shard
+    # (load_sharded_checkpoint: load_state_dict(shard, strict=False) each); a shard may hold a replaced block's
+    # synthesized values without its scalars, which used to be refused as an unconverted state dict
+    trainer_module = pytest.importorskip("transformers.trainer")
+    model = _trained_llama()
+    model.save_pretrained(tmp_path / "sharded", max_shard_size="20KB")
+    twin = _llama(seed=1)
+    trainer_module.load_sharded_checkpoint(twin, tmp_path / "sharded", strict=False)  # what the Trainer calls
+    _same_states(model.state_dict(), twin.state_dict())
+    ids = torch.tensor([[5, 9, 4, 7]])
+    with torch.no_grad():
+        assert torch.equal(twin.eval()(input_ids=ids).logits, model(input_ids=ids).logits)
+
+    plain = _llama(seed=2)
+    replace_wrap.merge(plain)  # an unconverted model's sharded checkpoint: refused before any shard loads
+    plain.save_pretrained(tmp_path / "plain", max_shard_size="20KB")
+    before = {k: v.clone() for k, v in twin.state_dict().items()}
+    with pytest.raises(replace_wrap.StateDictError, match=r"no scalars.*no shard was loaded"):
+        trainer_module.load_sharded_checkpoint(twin, tmp_path / "plain", strict=False)
+    _same_states(before, twin.state_dict())
+
+
 class _Recorder:
     def __init__(self):
         self.logs: list[dict] = []

@@ -139,7 +139,14 @@ def exclude_from_trainer_decay() -> None:
         sys.meta_path.insert(0, _AfterImport("transformers.trainer", _wrap_trainer))
 
 
+# Other patches of transformers' trainer module, applied at the same moment (registered by their modules:
+# integrations.hf_sharded wraps the Trainer's loader of sharded checkpoints).
+AT_TRAINER_IMPORT: list[Any] = []
+
+
 def _wrap_trainer(module: Any) -> None:
+    for patch in AT_TRAINER_IMPORT:
+        patch()
     cls = getattr(module, "Trainer", None)
     original = None if cls is None else cls.__dict__.get("get_decay_parameter_names")
     if original is None or getattr(original, "__replace_wrap__", False):

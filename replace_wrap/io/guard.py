@@ -22,8 +22,9 @@ writes it into ``config.json`` and :func:`replace_wrap.from_pretrained` can rebu
 
 from __future__ import annotations
 
+import contextlib
 import contextvars
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 from torch import nn
@@ -37,7 +38,7 @@ from ..surgery.site import SITE_ATTR, ReplacementSite
 from .plain import synthesized_keys
 from .record import CONFIG_KEY, ConversionRecord
 
-__all__ = ["converted", "is_hf_config", "load_state_dict"]
+__all__ = ["converted", "is_hf_config", "load_state_dict", "whole_checked"]
 
 
 def load_state_dict(model: nn.Module, state_dict: Mapping[str, Any], strict: bool = True) -> Any:
@@ -180,12 +181,41 @@ def _guard(
     # never reach them. torch passes strict=True to every pre-hook whatever the caller asked, so the guard
     # cannot tell strict=False apart: it refuses only the unmistakable case (tensors for blocks that have
     # none), and load_state_dict(..., strict=False) below is the deliberate way to drop them.
+    if _SHARDS.get():  # one shard of a checkpoint that whole_checked accepted: drop its synthesized values
+        for path, site in _sites(module).items():
+            for key in _keys(module, path, site, prefix):
+                state_dict.pop(key, None)
+        return
     problem = _mismatch(module, state_dict, prefix)
     if problem and not _GUARD_OFF.get():
         raise StateDictError(problem)
 
 
 _GUARD_OFF: contextvars.ContextVar[bool] = contextvars.ContextVar("replace_wrap_guard_off", default=False)
+_SHARDS: contextvars.ContextVar[bool] = contextvars.ContextVar("replace_wrap_shards", default=False)
+
+
+@contextlib.contextmanager
+def whole_checked(model: nn.Module, state: dict[str, Any]) -> Iterator[None]:
+    """Around a checkpoint loaded shard by shard (``load_state_dict(shard, strict=False)`` per shard, as
+    transformers' ``load_sharded_checkpoint`` does): check it on its whole key set before any shard is read.
+
+    One shard alone cannot be told from an unconverted or differently converted state dict (it may hold a
+    replaced block's synthesized values and not its scalars), so every guarded module of ``model`` checks
+    ``state`` (every key of the checkpoint; the values need a ``shape`` only under ``replacement.``) on entry,
+    and raises ``StateDictError`` as for a whole state dict. Inside the block the guard then only drops each
+    shard's synthesized values.
+    """
+    for path, module in model.named_modules():
+        if any(getattr(h, "hook", h) is _guard for h in module._load_state_dict_pre_hooks.values()):
+            problem = _mismatch(module, dict(state), f"{path}." if path else "")
+            if problem:
+                raise StateDictError(f"{problem} (checked on the whole sharded checkpoint; no shard was loaded)")
+    token = _SHARDS.set(True)
+    try:
+        yield
+    finally:
+        _SHARDS.reset(token)
 
 
 def _mismatch(model: nn.Module, state: Mapping[str, Any], prefix: str) -> str | None:
