@@ -139,7 +139,6 @@ def test_trainer_checkpoint_loads_plainly_everywhere_and_resumes_exactly(tmp_pat
     assert list(sa) == list(sb) and all(torch.equal(sa[k], sb[k]) for k in sa)
 
 
-
 def test_trainer_loads_a_sharded_checkpoint_of_a_converted_model_exactly_and_refuses_an_unconverted_one(tmp_path):
     # Trainer resume and load_best_model_at_end load a checkpoint above max_shard_size shard by shard
     # (load_sharded_checkpoint: load_state_dict(shard, strict=False) each); a shard may hold a replaced block's
