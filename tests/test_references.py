@@ -60,6 +60,51 @@ def test_a_deep_copy_of_a_replaced_block_alone_is_refused_at_its_first_use():
     model(ResidualMLP.example())  # the original is untouched
 
 
+class _Kernel(nn.Module):  # a block of layer-kernel layers only: no synthesized tensor is read as an attribute
+    def __init__(self, conv: bool):
+        super().__init__()
+        self.layer = nn.Conv2d(4, 4, 3, padding=1) if conv else nn.Linear(4, 4)
+
+    def forward(self, x):
+        return x + torch.tanh(self.layer(x))
+
+
+@pytest.mark.parametrize("conv", [False, True], ids=["linear", "conv"])
+def test_a_lone_copy_of_a_block_on_layer_kernels_is_refused_at_its_first_use(conv):
+    # the copy check ran in the synthesized attribute only: a block whose layers all run on layer kernels
+    # (which read the neighbours' tensors directly) computed silently with private copies of its neighbours
+    model = replace_wrap.convert(nn.Sequential(*[_Kernel(conv) for _ in range(5)]), every=2)
+    x = torch.randn(2, 4, 5, 5) if conv else torch.randn(2, 4)
+    before = model(x).detach()
+    lone = copy.deepcopy(model[1])
+    with pytest.raises(CompatibilityError, match=r"between '0' and '2'\) was deep-copied without its neighbour"):
+        lone(x)
+    twin = copy.deepcopy(model)  # a whole copy is complete: same function, no error
+    torch.testing.assert_close(twin(x), before, rtol=0, atol=0)
+    torch.testing.assert_close(model(x), before, rtol=0, atol=0)
+
+
+def test_a_copy_whose_neighbour_layers_were_swapped_names_the_surgery():
+    # timm's reparameterize_model(model) (inplace=False, its default) deep-copies the whole model, then fuses
+    # each block's layers into new ones, neighbours first: the copy was complete, the surgery made it lose what
+    # its replaced blocks synthesize from. The message named only a partial copy.
+    x = ResidualMLP.example()
+    model = _trained(replace_wrap.convert(ResidualMLP(), every=2), x)
+    before = model(x).detach()
+    twin = copy.deepcopy(model)
+    fused = nn.Linear(16, 32)  # the neighbour's layer swapped for a new one holding the same values
+    fused.load_state_dict(twin.blocks[0].fc1.state_dict())
+    twin.blocks[0].fc1 = fused
+    with pytest.raises(CompatibilityError, match=r"\['blocks.0'\], or module surgery on the copy has since "
+                       r"removed or swapped the neighbour layers .* reparameterize_model.* merge first"):
+        twin(x)
+    torch.testing.assert_close(model(x), before, rtol=0, atol=0)  # the original is untouched
+    plain = replace_wrap.merge(copy.deepcopy(model))  # and the way the message gives works
+    fused_plain = copy.deepcopy(plain)
+    fused_plain.blocks[0].fc1 = copy.deepcopy(plain.blocks[0].fc1)
+    torch.testing.assert_close(fused_plain(x), before, rtol=0, atol=0)
+
+
 class _Holder:  # what a pipeline, a trainer or a training-state object is to deepcopy: a plain object
     def __init__(self, model):
         self.model, self.step = model, 3

@@ -151,11 +151,12 @@ def check_copy(layer: nn.Module) -> None:
         site = next(iter(layer.__dict__[SOURCES_ATTR].values())).site
         raise CompatibilityError(
             f"this replaced {type(layer).__name__} (a layer of the block between {site.prev_path!r} and "
-            f"{site.next_path!r}) was deep-copied without its neighbour block(s) {missing}: the copy would "
+            f"{site.next_path!r}) was deep-copied without its neighbour block(s) {missing}, or module surgery "
+            "on the copy has since removed or swapped the neighbour layers it synthesizes from: the copy would "
             "compute with private copies of them that no model trains. Copy the whole model (or a module "
             "holding the replaced block and both neighbours), or copy replace_wrap.merge(copy of the model). "
-            "Tools that copy a model and swap its layers (torch.ao.quantization.quantize_dynamic, module "
-            "surgery) need the plain model: merge first."
+            "Tools that copy a model and swap or fuse its layers (torch.ao.quantization.quantize_dynamic, "
+            "timm's reparameterize_model, module surgery) need the plain model: merge first."
         )
 
 

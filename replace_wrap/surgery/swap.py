@@ -238,6 +238,9 @@ def _forward(base: type, names: tuple[str, ...], recompute: bool) -> Any:
         # The kernel is looked up per call (a cached dict read; the class fixes the key), so one registered
         # after this class was built serves it too.
         kernel = kernel_for(base, names)
+        state = self.__dict__
+        if CHECK in state or "_is_replica" in state:  # as in fget: a layer kernel reads the sources directly
+            check_copy(self)
         try:
             if kernel is not None:
                 out = kernel.forward(self, *args, **kwargs)
