@@ -158,12 +158,31 @@ def report(model: nn.Module) -> ConversionReport:
     for b in out.blocks:
         if b.status == "replaced" and b.path in live:
             b.scalars = scalar_values(live[b.path])
+    out.notes = [*out.notes, *_gone_notes(out.blocks, {path for path, _ in model.named_modules()})]
     # Counted on the live model, not at conversion: weights tied after convert (Hugging Face ties embeddings
     # after construction, so from_pretrained converts before tying), or frozen since, change the count.
     out.trainable_after = trainable_count(holder)
     added = sum(p.numel() for s in live.values() for p in s.parameters() if p.requires_grad)
     out.trainable_before = out.trainable_after - added + sum(b.params_saved for b in out.replaced)
     return out
+
+
+def _gone_notes(blocks: list[BlockReport], present: set[str]) -> list[str]:
+    # The table is the conversion's; blocks removed since (timm's prune_intermediate_layers truncates a stack)
+    # would read as present, and a replaced block whose neighbour left still computes with it, untrained.
+    gone = [b.path for b in blocks if b.path not in present]
+    if not gone:
+        return []
+    notes = [f"no longer in the model (removed after convert): {', '.join(gone)}"]
+    for b in blocks:
+        orphaned = [n for n in (b.prev, b.next) if n in gone]
+        if b.status == "replaced" and b.path in present and orphaned:
+            notes.append(
+                f"{b.path} still synthesizes from {', '.join(orphaned)}, which the model no longer holds or "
+                "trains; state_dict() refuses: merge first (replace_wrap.merge(model)), or convert the changed "
+                "model again"
+            )
+    return notes
 
 
 def _prefixed(b: BlockReport, prefix: str) -> BlockReport:

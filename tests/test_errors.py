@@ -187,13 +187,20 @@ def _scalars_moved(model):
     return model
 
 
-@pytest.mark.parametrize("change", ["block swapped in", "layer quantized in place"])
+@pytest.mark.parametrize("change", ["block swapped in", "layer quantized in place", "stack truncated"])
 def test_a_neighbour_module_replaced_after_convert_is_refused_at_save_and_merge_keeps_what_the_model_computes(change):
     torch.manual_seed(0)
     model = _scalars_moved(replace_wrap.convert(ResidualMLP(), every=2))
     x = ResidualMLP.example()
     if change == "block swapped in":
         model.blocks[2] = ResidualMLP().blocks[2]  # another block where the replaced block 1's next neighbour was
+    elif change == "stack truncated":  # as timm's prune_intermediate_layers does: block 1 keeps its neighbour 2
+        model.blocks = model.blocks[:2]
+        notes = replace_wrap.report(model).notes
+        assert notes[-2:] == [
+            "no longer in the model (removed after convert): blocks.2, blocks.3, blocks.4, blocks.5",
+            "blocks.1 still synthesizes from blocks.2, which the model no longer holds or trains; state_dict() "
+            "refuses: merge first (replace_wrap.merge(model)), or convert the changed model again"]
     else:
         torch.ao.quantization.quantize_dynamic(model, {torch.nn.Linear}, inplace=True)
     with torch.no_grad():

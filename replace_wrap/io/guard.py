@@ -141,7 +141,9 @@ def _check_sources(module: nn.Module, state_dict: dict[str, Any], prefix: str, l
             raise CompatibilityError(
                 f"cannot write a state dict of this converted model: its replaced layer {path!r} synthesizes its "
                 f"tensors from layers of {missing} that are no longer part of the model (a neighbour module was "
-                "replaced or quantized after convert), so the state dict would load as another model. Merge "
+                "replaced, removed or quantized after convert: a block swapped in, a stack truncated as timm's "
+                "prune_intermediate_layers does, a layer quantized in place), so the state dict would load as "
+                "another model. Merge "
                 "first (replace_wrap.merge(model): the replaced blocks become plain layers holding what they "
                 "compute now), or convert the changed model again."
             )
