@@ -246,6 +246,30 @@ def test_bench_floor_counts_every_replaced_layer_and_its_units():
     assert re.search(r"^\| in step order, each layer's tensors \| [\d.]+ \| [\d.]+ \| [\d.]+ \|", out, flags=re.M), out
 
 
+def test_bench_faults_freezes_what_convert_replaces_and_counts_each_phase():
+    import argparse
+
+    import replace_wrap
+
+    bench_faults = load_example("bench_faults")
+    args = argparse.Namespace(
+        model="vit_tiny_patch16_224", size=32, batch=2, seq=8, set=["depth=6"], steps=2, warmup=1)
+    frozen, _, _ = bench_faults.make("freeze", args)
+    replaced, _, _ = bench_faults.make("replace", args)
+    # the freeze baseline trains what the converted model trains, less its scalars (2 per replaced block)
+    trainable = [sum(p.numel() for p in m.parameters() if p.requires_grad) for m in (frozen, replaced)]
+    assert len(replace_wrap.report(replaced).replaced) == 2 and trainable[1] == trainable[0] + 2 * 2
+    counts = bench_faults.count(["freeze", "replace"], args)
+    assert set(counts) == {"freeze", "replace"}
+    for phases in counts.values():
+        assert set(phases) == {"forward", "backward", "optimizer"} and all(n >= 0 for n in phases.values())
+    out = run_example("bench_faults.py", "vit_tiny_patch16_224", "--size", "32", "--batch", "2", "--set", "depth=6",
+                      "--steps", "1", "--warmup", "1").stdout
+    rows = re.findall(r"^\| (freeze|replace) \| (alone|together) \| \d+ \| \d+ \| \d+ \| \d+ \|$", out, flags=re.M)
+    assert sorted(rows) == [("freeze", "alone"), ("freeze", "together"), ("replace", "alone"),
+                            ("replace", "together")], out
+
+
 @pytest.mark.timeout(240)
 def test_bench_fsdp_table_at_world_2(tmp_path):
     pytest.importorskip("transformers")
