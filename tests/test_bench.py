@@ -14,6 +14,7 @@ from replace_wrap import ReplaceWrapError
 from replace_wrap.cli import main
 from replace_wrap.cli.bench import BenchError, build_model, format_table, median_interval, run_bench
 from replace_wrap.cli.bench_child import paired_order
+from replace_wrap.cli.bench_lockstep import lockstep_times
 
 TESTS = str(pathlib.Path(__file__).parent)
 
@@ -85,6 +86,52 @@ def test_bench_reports_child_failure(toys_importable):
                   variants=["end-to-end"], progress=False)
 
 
+def test_bench_lockstep_steps_each_variant_in_its_own_process_in_turn(toys_importable):
+    variants = ["end-to-end", "freeze", "replace"]
+    result = run_bench("toys:ResidualMLP", input_shape=[8], batch=16, steps=6, warmup=1, rounds=1, threads=1,
+                       variants=variants, sets={"depth": 6}, lockstep=True, progress=False)
+    assert result["paired_mode"] == "lockstep" and result["paired_orders"] == []
+    pids = result["lockstep_pids"]
+    assert sorted(pids) == sorted(variants) and len(set(pids.values())) == 3 and os.getpid() not in pids.values()
+    rows = {r["variant"]: r for r in result["variants"]}
+    for name in variants:
+        times = result["paired"][name]
+        assert len(times["step_ms"]) == len(times["cpu_ms"]) == 6  # steps x rounds, each in its process
+        assert all(t > 0 for t in times["step_ms"])
+        ratios = [a / b for a, b in zip(times["step_ms"], result["paired"]["freeze"]["step_ms"])]
+        assert rows[name]["vs_freeze"]["paired"] == pytest.approx(statistics.median(ratios))
+        assert rows[name]["vs_freeze"]["paired_ci"] is not None  # 6 steps: the smallest count with a 95% interval
+    assert "paired steps: lockstep, one process per variant" in format_table(result)
+    assert len(result["loadavg"]) == len(variants) + 1  # the fresh processes, then the lockstep group
+
+
+def test_bench_lockstep_reports_a_failing_or_stuck_child(toys_importable, tmp_path, monkeypatch):
+    # a step that fails inside a lockstep child: its error comes back, the other children are ended
+    with pytest.raises(BenchError, match="(?s)variant 'freeze' failed in its lockstep process .*RuntimeError: "
+                                         "mat1 and mat2"):
+        lockstep_times(dict(_spec(), input_shape=[5]), ["freeze", "replace"], steps=1, timeout=120)
+    # a step that does not end: killed at the timeout, and said so
+    (tmp_path / "sleepy.py").write_text(
+        "import time, torch\n"
+        "class Sleepy(torch.nn.Module):\n"
+        "    def __init__(self):\n"
+        "        super().__init__(); self.fc = torch.nn.Linear(8, 2)\n"
+        "    def forward(self, x):\n"
+        "        if self.training and torch.is_grad_enabled(): time.sleep(60)\n"
+        "        return self.fc(x)\n"
+        "def make():\n"
+        "    return Sleepy()\n")
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(tmp_path), os.environ["PYTHONPATH"]]))
+    with pytest.raises(BenchError, match="variant 'end-to-end' took longer than 3 s in its lockstep process"):
+        lockstep_times(dict(_spec(), model="sleepy:make"), ["end-to-end"], steps=1, timeout=3)
+
+
+def _spec():
+    return {"model": "toys:ResidualMLP", "size": 8, "batch": 2, "input_shape": [8], "num_classes": 4,
+            "sets": {}, "every": None, "pattern": None, "sample": 0.25, "steps": 1, "warmup": 0,
+            "device": "cpu", "threads": 1, "dtype": "float32", "seq": 8, "compile": False, "child_env": {}}
+
+
 @pytest.mark.parametrize(
     "argv, message",
     [
@@ -95,6 +142,7 @@ def test_bench_reports_child_failure(toys_importable):
         (["--sample", "2"], "--sample must be a fraction in \\(0, 1\\], got 2.0"),
         (["--child-env", "NOVALUE"], "--child-env expects KEY=VALUE, got 'NOVALUE'"),
         (["--variants", "freeze,replace,freeze"], "variant\\(s\\) \\['freeze'\\] given more than once"),
+        (["--paired", "--lockstep"], "--paired and --lockstep both time the variants in turn; choose one"),
     ],
 )
 def test_bench_argument_errors(argv, message, capsys):

@@ -22,6 +22,8 @@ with, per variant:
   by about 1%) and share the ``steps x rounds`` paired steps. The ratio to freeze comes with a
   distribution-free 95% confidence interval for that median (from 6 paired steps up; 20 or more give a
   usefully narrow one).
+- with ``--lockstep`` instead, the same ratios from one process per training variant, the processes stepped
+  in turn (:mod:`.bench_lockstep`): the variants share the machine's moments but no heap and no build order.
 
 Models: ``timm:NAME`` (or a bare timm name), ``hf:MODEL_TYPE`` (a transformers config for that model type:
 a decoder language model such as ``hf:llama`` or ``hf:gpt2`` is built with ``AutoModelForCausalLM`` and fed
@@ -48,6 +50,7 @@ import sys
 from typing import Any
 
 from .bench_child import DEFAULT_VARIANTS, VARIANTS, BenchError, build_model, paired_order
+from .bench_lockstep import lockstep_times
 from .bench_report import aggregate, format_table, median_interval
 
 __all__ = [
@@ -95,6 +98,9 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
                    help="also time every training variant a step of each in turn, in two processes that "
                         "build them in opposite orders (steps x rounds steps each in all): ratios that hold "
                         "on a machine whose load varies")
+    p.add_argument("--lockstep", action="store_true",
+                   help="as --paired, but every training variant in a process of its own, the processes stepped "
+                        "in turn: no shared heap or build order between the variants")
     p.add_argument("--timeout", type=float, default=1800, help="seconds allowed per child process")
     p.add_argument("--child-env", action="append", default=[], metavar="KEY=VALUE",
                    help="environment of the child processes, e.g. GLIBC_TUNABLES=glibc.malloc.mmap_threshold=131072 "
@@ -111,7 +117,7 @@ def main_bench(args: argparse.Namespace) -> int:
             num_classes=args.num_classes, sets=_parse_sets(args.set), every=args.every, pattern=args.pattern,
             sample=args.sample, variants=[v.strip() for v in args.variants.split(",") if v.strip()],
             steps=args.steps, warmup=args.warmup, rounds=args.rounds, device=args.device, threads=args.threads,
-            dtype=args.dtype, progress=not args.no_progress, timeout=args.timeout, paired=args.paired,
+            dtype=args.dtype, progress=not args.no_progress, timeout=args.timeout, paired=args.paired, lockstep=args.lockstep,
             seq=args.seq, compile=args.compile, child_env=_parse_env(args.child_env),
         )
     except BenchError as exc:
@@ -180,6 +186,7 @@ def run_bench(
     progress: bool = True,
     timeout: float = 1800,
     paired: bool = False,
+    lockstep: bool = False,
     seq: int = 128,
     compile: bool = False,
     child_env: dict[str, str] | None = None,
@@ -194,6 +201,9 @@ def run_bench(
         is also timed a step of each in turn, ``steps * rounds`` steps each, split between two processes
         that build and step the variants in opposite orders (``paired_orders``), into ``paired``, each
         row's ``paired_ms`` and the ratios' ``paired``, ``paired_cpu`` and ``paired_ci`` entries.
+        ``lockstep=True`` fills the same entries from one process per training variant, the processes
+        stepped in turn (:mod:`.bench_lockstep`; ``lockstep_pids``: each variant's process); ``paired_mode``
+        says which (``"shared"``, ``"lockstep"``, ``None``: neither).
 
     Raises:
         BenchError: For an unknown variant or invalid numbers, or when a child fails (with its stderr).
@@ -208,6 +218,9 @@ def run_bench(
                              ("warmup", warmup, 0), ("seq", seq, 1)):
         if not isinstance(value, int) or value < low:
             raise BenchError(f"--{name} must be an integer >= {low}, got {value!r}")
+    if paired and lockstep:
+        raise BenchError("--paired and --lockstep both time the variants in turn; choose one (--lockstep: a "
+                         "process per variant)")
     if not 0 < sample <= 1:
         raise BenchError(f"--sample must be a fraction in (0, 1], got {sample!r}")
     spec = {
@@ -225,7 +238,7 @@ def run_bench(
     orders: list[list[str]] = []
     if paired and training:
         orders = [training, training[::-1]] if total_paired > 1 and len(training) > 1 else [training]
-    total, done = rounds * len(variants) + len(orders), 0
+    total, done = rounds * len(variants) + len(orders) + (1 if lockstep and training else 0), 0
     for r in range(rounds):
         for name in paired_order(list(variants), r):  # rotated per round
             _progress(progress, done, total, f"round {r + 1}/{rounds}: {name}")
@@ -233,6 +246,7 @@ def run_bench(
             runs[name].append(_spawn(dict(spec, variant=name), timeout))
             done += 1
     pair_times: dict[str, dict[str, list[float]]] | None = None
+    processes: dict[str, int] = {}
     for i, order in enumerate(orders):
         _progress(progress, done, total, f"paired {i + 1}/{len(orders)}: {len(training)} variants in one process")
         loads.append(_loadavg())
@@ -243,9 +257,16 @@ def run_bench(
             for key in ("step_ms", "cpu_ms"):
                 pair_times[name][key] += got[name][key]
         done += 1
+    if lockstep and training:
+        _progress(progress, done, total, f"lockstep: {len(training)} processes stepped in turn")
+        loads.append(_loadavg())
+        pair_times, processes = lockstep_times(spec, training, total_paired, timeout)
+        done += 1
     _progress(progress, done, total, "done", end=True)
+    mode = "lockstep" if lockstep and training else "shared" if orders else None
     return {"spec": spec, "variants": aggregate(runs, pair_times), "runs": runs, "paired": pair_times,
-            "paired_orders": orders, "loadavg": loads, "environment": _environment(device)}
+            "paired_orders": orders, "paired_mode": mode,
+            "lockstep_pids": processes, "loadavg": loads, "environment": _environment(device)}
 
 
 def _spawn(spec: dict[str, Any], timeout: float) -> dict[str, Any]:

@@ -128,6 +128,11 @@ def format_table(result: dict[str, Any]) -> str:
             f"| {'-' if row['saved_mib'] is None else format(row['saved_mib'], '.1f')} | {_ratio(frz.get('saved'))} |"
             + extra
         )
+    mode = result.get("paired_mode")
+    if paired and mode:
+        lines += ["", "paired steps: " + (
+            "lockstep, one process per variant, stepped in turn (steps x rounds each)" if mode == "lockstep"
+            else "two processes holding every variant, built in opposite orders (steps x rounds in all)")]
     loads = result["loadavg"]
     if loads:
         lines += ["", f"1-min load average before each process: min {min(loads):.2f}, median "
