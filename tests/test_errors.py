@@ -229,6 +229,48 @@ def test_a_parametrized_neighbour_layer_copies_with_its_model():
     assert twin.state_dict().keys() == model.state_dict().keys()
 
 
+@pytest.mark.parametrize("tool", ["prune", "spectral_norm", "weight_norm"])
+def test_a_neighbour_tensor_a_pre_hook_recomputes_is_refused_with_the_fix(tool):
+    # prune and the legacy hook-based weight/spectral norms make the neighbour's weight a plain attribute that a
+    # forward pre-hook refreshes before that neighbour's own forward; a replaced block reads it outside that
+    # forward (next runs after it; merge and state_dict run none), so it computed with a stale value: after an
+    # optimizer step two identical eval calls differed. Both paths (layer kernel, synthesized attribute) refuse.
+    from torch.nn.utils import prune
+
+    torch.manual_seed(0)
+    model = _scalars_moved(replace_wrap.convert(ResidualMLP(), every=2))
+    fc1 = model.blocks[2].fc1
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the legacy weight_norm's deprecation
+        if tool == "prune":
+            prune.l1_unstructured(fc1, "weight", amount=0.3)
+        else:
+            getattr(torch.nn.utils, tool)(fc1)
+    msg = (r"block between 'blocks.0' and 'blocks.2' synthesizes 'fc1.weight' from blocks.2.fc1.weight, which is "
+           r"no longer a parameter .* forward pre-hook .* parametrize-based versions .* merge first")
+    x = ResidualMLP.example()
+    for grad in (True, False):
+        with torch.set_grad_enabled(grad), pytest.raises(replace_wrap.CompatibilityError, match=msg):
+            model(x)
+    with pytest.raises(replace_wrap.CompatibilityError, match=msg):
+        model.state_dict()
+    def snapshot():  # state_dict() refuses: the tensors, their identity and the classes
+        return ([(n, id(t), t.detach().clone()) for n, t in (*model.named_parameters(), *model.named_buffers())],
+                [(n, type(m)) for n, m in model.named_modules()])
+
+    before = snapshot()
+    with pytest.raises(replace_wrap.CompatibilityError, match=msg):
+        replace_wrap.merge(model)  # before anything changes
+    after = snapshot()
+    assert before[1] == after[1] and [t[:2] for t in before[0]] == [t[:2] for t in after[0]]
+    assert all(torch.equal(u[2], v[2]) for u, v in zip(before[0], after[0]))
+    if tool == "prune":
+        prune.remove(fc1, "weight")  # the undo the message names: a parameter again, read fresh
+        with torch.no_grad():
+            y = model(x)
+        torch.testing.assert_close(replace_wrap.merge(model)(x), y, rtol=0, atol=0)
+
+
 def test_assigning_a_synthesized_tensor_is_refused_with_the_fix():
     model = _scalars_moved(replace_wrap.convert(ResidualMLP(), every=2))
     layer = model.blocks[1].fc1

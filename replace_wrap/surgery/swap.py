@@ -34,7 +34,7 @@ from ..integrations import fsdp_synthesis
 from ..synthesis import builtin_kernels  # noqa: F401  registers the built-in layer kernels, in lookup order
 from ..synthesis.adapt import adapt_pair
 from ..synthesis.layer_kernels import kernel_for
-from ..synthesis.mixing import CACHE_PREFIX, SOURCES_ATTR, TensorSource, reads_detached
+from ..synthesis.mixing import CACHE_PREFIX, SOURCES_ATTR, TensorSource, reads_detached, refuse_hook_computed
 from .sources import CHECK, check_copy, check_meta, check_subclass, refuse_script
 
 __all__ = ["base_class", "install", "is_swapped", "set_recompute", "uninstall"]
@@ -170,6 +170,8 @@ def _synthesize(layer: nn.Module, src: TensorSource, name: str) -> torch.Tensor:
 
 def _mix(layer: nn.Module, src: TensorSource, name: str) -> torch.Tensor:
     site, k, prev, nxt, prev_adapter, next_adapter = src
+    if (prev is not None and name in prev.__dict__) or (nxt is not None and name in nxt.__dict__):
+        refuse_hook_computed(src, name)  # as the layer kernels (mixing._own): a pre-hook's stale attribute
     if not src.adapted:  # same shapes: no adapter call, nothing allocated
         p, n = getattr(prev, name), getattr(nxt, name)
         if p.is_meta or n.is_meta:  # two flag reads on every synthesis; the check itself only on meta

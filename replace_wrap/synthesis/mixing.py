@@ -20,12 +20,13 @@ from typing import Any, Callable, NamedTuple
 import torch
 from torch import nn
 
+from ..errors import CompatibilityError
 from ..integrations.fsdp_state import is_managed
 from .adapt import adapt_pair
 
 __all__ = [
     "CACHE_PREFIX", "SOURCES_ATTR", "MixSource", "TensorSource", "detached", "generic_only", "mix_source",
-    "reads_detached",
+    "reads_detached", "refuse_hook_computed",
 ]
 
 # The contract between a replaced layer and its kernels. The surgery stores, in the layer's __dict__ under
@@ -117,12 +118,43 @@ def _sides(src: TensorSource, name: str, detach: bool) -> tuple[torch.Tensor, to
 
 def _own(src: TensorSource, name: str, detach: bool) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """The neighbours' own ``name`` tensors, read once (a parametrized one is computed on every read)."""
-    p = None if src.prev is None else getattr(src.prev, name)
-    n = None if src.next is None else getattr(src.next, name)
+    prev, nxt = src.prev, src.next
+    if (prev is not None and name in prev.__dict__) or (nxt is not None and name in nxt.__dict__):
+        refuse_hook_computed(src, name)
+    p = None if prev is None else getattr(prev, name)
+    n = None if nxt is None else getattr(nxt, name)
     if detach:
         p = None if p is None else p.detach()
         n = None if n is None else n.detach()
     return p, n
+
+
+def refuse_hook_computed(src: TensorSource, name: str) -> None:
+    """Refuse to synthesize from a neighbour whose ``name`` is a plain attribute rather than its parameter.
+
+    ``torch.nn.utils.prune`` and the legacy hook-based ``torch.nn.utils.weight_norm`` / ``spectral_norm`` remove a
+    layer's parameter and set the tensor as a plain attribute that a forward pre-hook recomputes before *that
+    layer's own* forward. A replaced block reads its neighbours' tensors outside their forward (the next block
+    runs after it; merge and state_dict run no forward at all), so it would read the value of the neighbour's
+    last forward: stale after every optimizer step or load, and two identical calls would differ. Both
+    synthesis paths (the layer kernels and the synthesized attribute) call this when ``name`` is found in a
+    neighbour's instance ``__dict__`` (where ``nn.Module`` puts a tensor that is no parameter or buffer).
+    """
+    site = src.site
+    rel = site.tensor_names[src.k]
+    side = site.next_path if src.next is not None and name in src.next.__dict__ else site.prev_path
+    raise CompatibilityError(
+        f"a replaced layer of the block between {site.prev_path!r} and {site.next_path!r} synthesizes {rel!r} "
+        f"from {side}.{rel}, which is no longer a parameter of that layer but a plain attribute that a forward "
+        "pre-hook recomputes before that layer's own forward (torch.nn.utils.prune, or the legacy "
+        "torch.nn.utils.weight_norm / spectral_norm, applied after convert). A replaced block reads its "
+        "neighbours' tensors outside their forward, so it would compute with a stale value (the one of the "
+        "neighbour's last forward). Undo it (torch.nn.utils.prune.remove, torch.nn.utils.remove_weight_norm, "
+        "torch.nn.utils.remove_spectral_norm) and use the parametrize-based versions "
+        "(torch.nn.utils.parametrizations.weight_norm / spectral_norm, or "
+        "torch.nn.utils.parametrize.register_parametrization for a pruning mask), computed on every read; or "
+        "merge first (replace_wrap.merge(model)) and prune or normalize the plain model."
+    )
 
 
 def _adapted(src: TensorSource, p: torch.Tensor | None, n: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
