@@ -189,6 +189,33 @@ def test_save_load_round_trip(tmp_path, name, safe):
         assert torch.equal(src(x), dst(x))
 
 
+@pytest.mark.parametrize("kind", ["weight_norm", "spectral_norm"])
+def test_a_neighbour_parametrized_after_convert_saves_and_loads_into_a_model_parametrized_before(tmp_path, kind):
+    # load converts a model built (and parametrized) afresh: its neighbour's weight is no parameter but a
+    # parametrized property. It counts as the counterpart it was when converted, not as an absent side (which
+    # loaded silently as another model: the next side's contribution replaced by zeros).
+    parametrize = getattr(torch.nn.utils.parametrizations, kind)
+    torch.manual_seed(0)
+    src = replace_wrap.convert(ResidualMLP(), every=2)
+    parametrize(src.blocks[2].fc1)
+    x = ResidualMLP.example()
+    opt = torch.optim.SGD(src.parameters(), lr=0.1)
+    src(x).pow(2).sum().backward()
+    opt.step()
+    src.eval()
+    replace_wrap.save(src, tmp_path)
+    fresh = ResidualMLP()
+    parametrize(fresh.blocks[2].fc1)
+    fresh.train()
+    before = state_snapshot(fresh)
+    replace_wrap.plan(fresh, policy=replace_wrap.Every(2))  # reads the parametrized weight without changing
+    assert_same_state(before, state_snapshot(fresh))  # anything (spectral_norm's power iteration, in training)
+    dst = replace_wrap.load(fresh, tmp_path).eval()
+    assert [b.adapted for b in replace_wrap.report(dst).blocks] == [b.adapted for b in replace_wrap.report(src).blocks]
+    with torch.no_grad():
+        torch.testing.assert_close(dst(x), src(x), rtol=0, atol=0)
+
+
 def test_load_into_already_converted_model(tmp_path):
     src = _converted(ResidualMLP)
     replace_wrap.save(src, tmp_path)

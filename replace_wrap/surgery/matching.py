@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import nn
+from torch.nn.utils import parametrize
 
 from ..synthesis.adapt import ShapeAdapter, adapt_pair
 
@@ -201,7 +202,23 @@ def _counterpart(block: nn.Module, layer_path: str, name: str) -> torch.Tensor |
         layer = block.get_submodule(layer_path)
     except AttributeError:
         return None
-    return layer._parameters.get(name)
+    found = layer._parameters.get(name)
+    if found is None and parametrize.is_parametrized(layer, name):
+        # A parametrized tensor (weight_norm, spectral_norm, orthogonal): no parameter, but a property computed
+        # on every read, which the synthesis reads as it reads one. Converting before or after the
+        # parametrization must give the same model: replace_wrap.load converts a model built (and parametrized)
+        # afresh, so a neighbour parametrized after convert would otherwise come back as an absent side.
+        # Read in eval mode: spectral_norm's power iteration would update its buffers in training (plan and
+        # convert change nothing before they apply).
+        modes = [(m, m.training) for m in layer.parametrizations[name].modules()]
+        try:
+            layer.parametrizations[name].eval()
+            with torch.no_grad():
+                found = getattr(layer, name)
+        finally:
+            for m, training in modes:
+                m.training = training
+    return found
 
 
 def _mismatch(own: torch.Tensor, other: torch.Tensor | None, strict: bool) -> str | None:
