@@ -279,6 +279,48 @@ def test_meta_init_then_materialize_and_load():
         assert torch.equal(model(x), source(x))
 
 
+@pytest.mark.parametrize("init", [(0.3, 0.6), "policy"])
+def test_meta_init_then_materialize_and_reset_parameters_restores_the_scalars(init):
+    # The meta-init recipe (FSDP2's too): to_empty, then reset_parameters() on every module that has one. to_empty
+    # leaves the scalars as uninitialized memory; the site has no reset_parameters of its own, so they stayed so.
+    class Scaled(replace_wrap.Indices):  # a policy's own initial scalars (as Similarity's fitted ones)
+        def initial_scalars(self, stack, index, match, n_sets):
+            return torch.full((n_sets,), 0.2), torch.full((n_sets,), 0.7)
+
+    options = ({"config": replace_wrap.ReplaceConfig(init=init)} if init != "policy" else
+               {"policy": Scaled([1, 3])})
+    want = (0.3, 0.6) if init != "policy" else (0.2, 0.7)
+    with torch.device("meta"):
+        model = ResidualMLP()
+    replace_wrap.convert(model, **({"every": 2} if init != "policy" else {}), **options)
+    model.to_empty(device="cpu")
+    sites = [m for m in model.modules() if isinstance(m, replace_wrap.ReplacementSite)]
+    ids = [id(p) for s in sites for p in s.parameters()]
+    for m in model.modules():
+        if hasattr(m, "reset_parameters"):
+            m.reset_parameters()
+    assert ids == [id(p) for s in sites for p in s.parameters()]  # in place: an optimizer keeps them
+    for s in sites:
+        a, b = s.coefficients()
+        torch.testing.assert_close((a.item(), b.item()), want)
+    x = ResidualMLP.example()
+    layer, prev, nxt = model.blocks[1].fc1, model.blocks[0].fc1, model.blocks[2].fc1
+    torch.testing.assert_close(layer.weight, want[0] * prev.weight + want[1] * nxt.weight)
+    assert torch.isfinite(model(x)).all()
+
+
+def test_reset_parameters_of_a_stateful_rule_is_refused_unchanged():
+    model = replace_wrap.convert(ResidualMLP(), every=2, config=replace_wrap.ReplaceConfig(rule="ema"))
+    site = model.blocks[1].replacement
+    before = {k: v.clone() for k, v in site.state_dict().items()}
+    with torch.no_grad():
+        site.a.fill_(0.9)
+    with pytest.raises(replace_wrap.CompatibilityError, match=r"rule 'ema' keeps a state \(shadow_0.* Load a checkpoint"):
+        site.reset_parameters()
+    assert site.a.item() == pytest.approx(0.9)
+    assert all(torch.equal(v, before[k]) for k, v in site.state_dict().items() if k.startswith("shadow"))
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_cuda_move_keeps_synthesis_and_trains():

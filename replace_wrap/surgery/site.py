@@ -9,6 +9,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..errors import CompatibilityError
 from ..integrations.fsdp_state import held_values
 from ..synthesis.rules import get_rule, is_linear_mix
 from .sources import refuse_script
@@ -68,6 +69,8 @@ class ReplacementSite(nn.Module):
             params = self._rule.params_from_coefficients(*coefficients)
         for name, value in params.items():
             self.register_parameter(name, nn.Parameter(value.detach().to(torch.float32)))
+        # what reset_parameters restores (model.to_empty() leaves the scalars uninitialized)
+        self._initial = (tuple(init), None if coefficients is None else tuple(c.detach().cpu().clone() for c in coefficients))
         self.n_sets = n_sets
         self.tensor_names = tuple(tensor_names)
         self.detach = detach
@@ -82,6 +85,38 @@ class ReplacementSite(nn.Module):
         for name, value in self._rule.init_buffers(self, list(own)).items():
             self.register_buffer(name, value)
         LIVE_SITES.add(self)
+
+    def reset_parameters(self) -> None:
+        """Set the scalars back to the values ``convert`` gave them, in place.
+
+        The usual re-initialisation after ``model.to_empty(device=...)`` (a meta-device build, FSDP2's recipe)
+        calls ``reset_parameters()`` on every module that has one; ``to_empty`` leaves the scalars as
+        uninitialized memory, which would silently scale the replaced blocks' weights by garbage.
+
+        Raises:
+            CompatibilityError: If the rule keeps a state that starts from the replaced block's own tensors
+                (``rule="ema"``'s shadows): re-initialisation cannot restore it; nothing is changed then.
+        """
+        state = [n for n in self._buffers if n not in self._non_persistent_buffers_set and not n.startswith("original_")]
+        if state:
+            raise CompatibilityError(
+                f"cannot re-initialise the replaced block between {self.prev_path!r} and {self.next_path!r}: its "
+                f"rule {self.rule!r} keeps a state ({', '.join(state[:3])}) that started from the block's own "
+                "tensors at convert, which re-initialisation cannot restore. Load a checkpoint into the model "
+                "instead (load_state_dict, replace_wrap.load), or initialise the plain model and convert it then."
+            )
+        init, coefficients = self.__dict__.get("_initial", ((0.5, 0.5), None))
+        params = (self._rule.init_params(self.n_sets, init) if coefficients is None
+                  else self._rule.params_from_coefficients(*coefficients))
+        with torch.no_grad():
+            for name, value in params.items():
+                p = self._parameters[name]
+                value = value.to(device=p.device, dtype=p.dtype)
+                if hasattr(p, "device_mesh") and hasattr(p, "placements"):  # an FSDP2 (DTensor) scalar
+                    from torch.distributed.tensor import distribute_tensor
+
+                    value = distribute_tensor(value, p.device_mesh, p.placements)
+                p.copy_(value)  # in place: optimizers keep their parameters
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)  # copies and unpickled sites are sites too
