@@ -16,7 +16,10 @@ from typing import Any
 
 from ..errors import ReplaceWrapError
 
-__all__ = ["SAMPLE", "VARIANTS", "BenchError", "build_model", "example_input", "model_factory", "paired_order"]
+__all__ = [
+    "SAMPLE", "VARIANTS", "BenchError", "build_model", "example_input", "model_factory", "paired_order", "train_steps",
+    "warmed_up",
+]
 
 # name -> how the child prepares the model. "convert" entries are ReplaceConfig options; SAMPLE is replaced
 # by --sample. Order is the default order of the table.
@@ -60,7 +63,7 @@ def _child(spec: dict[str, Any]) -> dict[str, Any]:
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     opt = torch.optim.AdamW(replace_wrap.param_groups(model, weight_decay=0.01), lr=1e-4)  # no decay on a, b
     if variant["kind"] == "infer-merged":
-        _train_steps(model, x, spec, 1, opt)  # the scalars move off their init, then materialize
+        train_steps(model, x, spec, 1, opt)  # the scalars move off their init, then materialize
         replace_wrap.merge(model)
         # the training step's optimizer state and gradients are no part of the merged model's inference
         opt = None
@@ -72,7 +75,7 @@ def _child(spec: dict[str, Any]) -> dict[str, Any]:
     if infer:
         _infer_steps(model, x, spec, spec["warmup"])
     else:  # warm-up first: optimizer state, lazily loaded kernels and allocator pools are not step memory
-        _train_steps(model, x, spec, spec["warmup"], opt)
+        train_steps(model, x, spec, spec["warmup"], opt)
     if cuda:
         torch.cuda.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
@@ -84,7 +87,7 @@ def _child(spec: dict[str, Any]) -> dict[str, Any]:
     if infer:
         times = _infer_steps(model, x, spec, spec["steps"])
     else:
-        times = _train_steps(model, x, spec, spec["steps"], opt)
+        times = train_steps(model, x, spec, spec["steps"], opt)
     saved = None if infer or spec.get("compile") else _saved_mib(model, x, spec)
     if cuda:
         peak, memory = torch.cuda.max_memory_allocated(device) / 2**20, "torch.cuda.max_memory_allocated"
@@ -161,29 +164,32 @@ def _paired(spec: dict[str, Any]) -> dict[str, Any]:
     The variants share every moment of the machine's load, so their time ratios hold even when other
     processes come and go (the memory figures need one process per variant and come from there).
     """
+    runs = {name: warmed_up(spec, name) for name in spec["paired"]}
+    times: dict[str, list[tuple[float, float]]] = {name: [] for name in runs}
+    for step in range(spec["steps"]):
+        for name in paired_order(list(runs), step):
+            model, x, opt = runs[name]
+            times[name] += train_steps(model, x, spec, 1, opt)
+    return {"paired": {name: {"step_ms": [t[0] for t in ts], "cpu_ms": [t[1] for t in ts]}
+                       for name, ts in times.items()}}
+
+
+def warmed_up(spec: dict[str, Any], name: str) -> tuple[Any, Any, Any]:
+    """``(model, input, optimizer)`` of training variant ``name``, built (the same initial weights for every
+    variant), prepared and stepped ``spec["warmup"]`` times: what the paired and lockstep steps time."""
     import torch
 
     import replace_wrap
 
+    torch.manual_seed(0)
     device = torch.device(spec["device"])
-    make = model_factory(spec["model"])
-    runs = {}
-    for name in spec["paired"]:
-        torch.manual_seed(0)  # the same initial weights for every variant
-        model = make(spec["size"], spec["num_classes"], spec["sets"]).to(device)
-        x = example_input(model, spec, device)
-        _prepare(model, name, spec)
-        opt = torch.optim.AdamW(replace_wrap.param_groups(model, weight_decay=0.01), lr=1e-4)  # no decay on a, b
-        model = _compiled(model, spec)
-        _train_steps(model, x, spec, spec["warmup"], opt)
-        runs[name] = (model, opt)
-    times: dict[str, list[tuple[float, float]]] = {name: [] for name in runs}
-    for step in range(spec["steps"]):
-        for name in paired_order(list(runs), step):
-            model, opt = runs[name]
-            times[name] += _train_steps(model, x, spec, 1, opt)
-    return {"paired": {name: {"step_ms": [t[0] for t in ts], "cpu_ms": [t[1] for t in ts]}
-                       for name, ts in times.items()}}
+    model = model_factory(spec["model"])(spec["size"], spec["num_classes"], spec["sets"]).to(device)
+    x = example_input(model, spec, device)
+    _prepare(model, name, spec)
+    opt = torch.optim.AdamW(replace_wrap.param_groups(model, weight_decay=0.01), lr=1e-4)  # no decay on a, b
+    model = _compiled(model, spec)
+    train_steps(model, x, spec, spec["warmup"], opt)
+    return model, x, opt
 
 
 def paired_order(names: list[str], step: int) -> list[str]:
@@ -277,7 +283,7 @@ def _autocast(spec: dict[str, Any], device: Any) -> Any:
     return torch.autocast(device.type, dtype=getattr(torch, spec["dtype"]))
 
 
-def _train_steps(model: Any, x: Any, spec: dict[str, Any], n: int, opt: Any) -> list[tuple[float, float]]:
+def train_steps(model: Any, x: Any, spec: dict[str, Any], n: int, opt: Any) -> list[tuple[float, float]]:
     import torch
 
     model.train()

@@ -25,7 +25,7 @@ import tempfile
 import threading
 from typing import Any
 
-from .bench_child import BenchError, _compiled, _prepare, _train_steps, example_input, model_factory, paired_order
+from .bench_child import BenchError, paired_order, train_steps, warmed_up
 
 __all__ = ["lockstep_times"]
 
@@ -80,7 +80,13 @@ class _Child:
             self.fail("exited")
 
     def expect(self, word: str) -> list[str]:
-        timer = threading.Timer(self.timeout, self.proc.kill)
+        expired = threading.Event()
+
+        def kill() -> None:
+            expired.set()
+            self.proc.kill()
+
+        timer = threading.Timer(self.timeout, kill)
         timer.start()
         try:  # a library may print to stdout too: its lines are skipped
             parts: list[str] = []
@@ -92,7 +98,7 @@ class _Child:
         finally:
             timer.cancel()
         if not parts or parts[0] != word:
-            self.fail("took longer than {:.0f} s".format(self.timeout) if self.proc.poll() == -9 else "failed")
+            self.fail(f"took longer than {self.timeout:.0f} s" if expired.is_set() else "failed")
         return parts[1:]
 
     def step(self) -> tuple[float, float]:
@@ -122,24 +128,15 @@ class _Child:
 def _serve() -> int:
     import torch
 
-    import replace_wrap
-
     spec = json.loads(sys.stdin.readline())
     if spec["threads"]:
         torch.set_num_threads(spec["threads"])
-    torch.manual_seed(0)  # the same initial weights for every variant
-    device = torch.device(spec["device"])
-    model = model_factory(spec["model"])(spec["size"], spec["num_classes"], spec["sets"]).to(device)
-    x = example_input(model, spec, device)
-    _prepare(model, spec["variant"], spec)
-    opt = torch.optim.AdamW(replace_wrap.param_groups(model, weight_decay=0.01), lr=1e-4)  # no decay on a, b
-    model = _compiled(model, spec)
-    _train_steps(model, x, spec, spec["warmup"], opt)
+    model, x, opt = warmed_up(spec, spec["variant"])
     print(f"READY {os.getpid()}", flush=True)
     for line in sys.stdin:
         if line.strip() != "step":
             break
-        ((wall, cpu),) = _train_steps(model, x, spec, 1, opt)
+        ((wall, cpu),) = train_steps(model, x, spec, 1, opt)
         print(f"TIME {wall!r} {cpu!r}", flush=True)
     return 0
 
