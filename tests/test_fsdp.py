@@ -418,6 +418,59 @@ for which in ("all", "neighbours"):
 """
 
 
+def test_fsdp2_ignored_params_are_no_fsdp1_and_fsdp1_is_refused_in_both_layouts():
+    # FSDP2 keeps the managed flag on a module whose parameters are all in ignored_params when it has buffers (a
+    # BatchNorm): the FSDP1 check read that as FSDP1 and refused the forward. FSDP1 itself, with or without
+    # use_orig_params, one unit or one per block, is still refused by name.
+    proc = run_python("-c", _IGNORED_AND_FSDP1, timeout=180)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = proc.stdout.strip().splitlines()
+    assert lines[0] == "fsdp2 ignored_params: True", proc.stdout
+    assert len(lines) == 5 and all(line.startswith("fsdp1: ConfigError: the neighbours of a replaced block ('0', "
+                                                   "'2') are wrapped by FSDP1") for line in lines[1:]), proc.stdout
+
+
+_IGNORED_AND_FSDP1 = """
+import tempfile, copy, torch, torch.distributed as dist, warnings
+warnings.filterwarnings("ignore")
+from torch import nn
+import replace_wrap
+from torch.distributed.fsdp import fully_shard, FullyShardedDataParallel
+from torch.distributed.fsdp.wrap import ModuleWrapPolicy
+from torch.distributed.device_mesh import init_device_mesh
+dist.init_process_group("gloo", init_method=f"file://{tempfile.mktemp()}", rank=0, world_size=1)
+mesh = init_device_mesh("cpu", (1,))
+class Block(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc, self.bn = nn.Linear(8, 8), nn.BatchNorm1d(8)
+    def forward(self, x):
+        return x + self.bn(self.fc(x))
+def model():
+    torch.manual_seed(0)
+    m = replace_wrap.convert(nn.Sequential(*[Block() for _ in range(5)]).eval(), every=2)
+    with torch.no_grad():
+        m[1].replacement.a.fill_(0.3)
+    return m
+x = torch.randn(4, 8)
+m = model(); y = m(x)
+ignored = {p for b in m for p in b.bn.parameters()}  # FSDP2 keeps the norms' parameters out of its units
+for b in m:
+    fully_shard(b, mesh=mesh, ignored_params=ignored)
+fully_shard(m, mesh=mesh, ignored_params=ignored)
+with torch.no_grad():
+    print("fsdp2 ignored_params:", torch.equal(m(x), y))
+for wrap in (None, ModuleWrapPolicy({Block})):
+    for uop in (False, True):
+        try:
+            FullyShardedDataParallel(model(), auto_wrap_policy=wrap, use_orig_params=uop, device_id=torch.device("cpu"))(x)
+            print("fsdp1: no error")
+        except replace_wrap.ReplaceWrapError as e:
+            print(f"fsdp1: {type(e).__name__}: {str(e)[:90]}")
+dist.destroy_process_group()
+"""
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(600)
 def test_memory_formula_matches_fsdp_layout_at_64_ranks():

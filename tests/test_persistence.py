@@ -140,6 +140,27 @@ def test_same_blocks_other_options_is_refused_before_copying(saved, loaded, thei
     torch.testing.assert_close(model(x), y, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("options", [{"keep_original": True}, {"rule": "ema"}], ids=["originals", "ema"])
+def test_trainable_only_state_dict_loads_with_strict_false(options):
+    # the scalars without the site's buffers (originals, ema shadows): a partial dict of the same conversion, not
+    # one "converted with other options" (it was refused so); the buffers it lacks are missing keys
+    src = _converted(ResidualMLP, seed=1, **options).eval()
+    trainable = {k: v.detach().clone() for k, v in src.named_parameters() if v.requires_grad}
+    model = _converted(ResidualMLP, seed=1, **options).eval()
+    with torch.no_grad():
+        for site in (model.blocks[1].replacement, model.blocks[3].replacement):
+            site.a.fill_(0.2)
+    result = model.load_state_dict(trainable, strict=False)
+    assert result.unexpected_keys == [] and result.missing_keys
+    assert all(".replacement." in k and not k.endswith((".a", ".b", ".scale")) for k in result.missing_keys)
+    x = ResidualMLP.example()
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), src(x), rtol=0, atol=0)
+    partial = {k: v for k, v in trainable.items() if not k.endswith(".b")}  # a parameter missing: still refused
+    with pytest.raises(replace_wrap.StateDictError, match="converted with other options"):
+        model.load_state_dict(partial, strict=False)
+
+
 def test_guard_strict_false_and_prefixes():
     model = _converted(ResidualMLP)
     plain_state = ResidualMLP().state_dict()

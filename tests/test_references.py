@@ -131,6 +131,25 @@ def test_a_deep_copy_of_an_object_holding_the_model_is_complete(wrap):
         lone(torch.randn(2, 16))
 
 
+def test_a_deep_copy_of_a_holder_is_walked_once_for_all_its_replaced_layers(monkeypatch):
+    # every replaced layer of the copy walked the whole holder again at its first use: with a holder that also
+    # holds data (a tokenized dataset as Python lists), the first forward cost (replaced layers) x (holder size)
+    from replace_wrap.surgery import sources
+
+    walks = []
+    walk = sources._modules_of
+    monkeypatch.setattr(sources, "_modules_of", lambda root: (walks.append(root), walk(root))[1])
+    x = ResidualMLP.example()
+    model = replace_wrap.convert(ResidualMLP(), every=2)
+    held = copy.deepcopy(types.SimpleNamespace(model=model, data=[[1000 + i] * 8 for i in range(100)]))
+    lone = copy.deepcopy(_Holder(model.blocks[1])).model  # another copy: checked on its own
+    torch.testing.assert_close(held.model(x), model(x), rtol=0, atol=0)
+    assert len(walks) == 1
+    with pytest.raises(CompatibilityError, match=r"without its neighbour block\(s\)"):
+        lone(torch.randn(2, 16))
+    assert len(walks) == 2
+
+
 def test_nn_data_parallel_replicas_are_refused():
     model = replace_wrap.convert(ResidualMLP(), every=2)
     # what nn.parallel.replicate does to every module (the device copies need CUDA; the refusal does not)

@@ -78,8 +78,10 @@ def _make_plan(leaf: nn.Module, name: str, src: TensorSource) -> Plan | None:
     site = src.site
     prev = fsdp_state.lookup(src.prev, name) if fsdp_state.is_managed(src.prev) else None
     nxt = fsdp_state.lookup(src.next, name) if fsdp_state.is_managed(src.next) else None
-    for side in (src.prev, src.next):
-        if fsdp_state.is_managed(side) and not fsdp_state.in_fsdp2_unit(side):
+    for side, held in ((src.prev, prev), (src.next, nxt)):
+        # FSDP1 sets the managed flag too; FSDP2 sets it on a module whose parameters it ignores (ignored_params)
+        # but keeps for its buffers: only a tensor FSDP1 flattened is refused
+        if held is None and fsdp_state.is_managed(side) and fsdp_state.fsdp1_holds(side, name):
             raise ConfigError(
                 f"the neighbours of a replaced block ({site.prev_path!r}, {site.next_path!r}) are wrapped by FSDP1 "
                 "(FullyShardedDataParallel), which flattens their parameters into its own: a replaced block "

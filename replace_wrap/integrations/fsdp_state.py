@@ -28,6 +28,7 @@ __all__ = [
     "UnitSettings",
     "all_units",
     "check",
+    "fsdp1_holds",
     "held_values",
     "in_fsdp2_unit",
     "is_managed",
@@ -94,6 +95,17 @@ def in_fsdp2_unit(module: nn.Module) -> bool:
     if module not in _INDEX:
         _reindex()
     return module in _INDEX
+
+
+def fsdp1_holds(module: nn.Module, name: str) -> bool:
+    """Whether FSDP1 (FullyShardedDataParallel) holds ``module.<name>`` as a view of its FlatParameter: a plain
+    tensor attribute (``use_orig_params=False``), or a tensor marked ``_fsdp_flattened`` (``use_orig_params=True``,
+    a plain tensor in ``_parameters`` during its forward). A parameter that FSDP2 leaves out of its units
+    (``ignored_params``) is the module's own ``nn.Parameter``, and a parametrized one is no attribute at all."""
+    t = module._parameters.get(name, module.__dict__.get(name))
+    if not isinstance(t, torch.Tensor):
+        return False
+    return not isinstance(t, nn.Parameter) or bool(getattr(t, "_fsdp_flattened", False))
 
 
 def sharded_by(model: nn.Module) -> str:

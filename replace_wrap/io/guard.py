@@ -232,7 +232,7 @@ def _mismatch(model: nn.Module, state: Mapping[str, Any], prefix: str) -> str | 
     name, ours = type(model).__name__, sorted(sites)
     if not own:  # no replaced tensors (a partial dict, or plain_state_dict=False): check a full one's scalars
         full = bool(sites) and _replaced_in(state, model, prefix) == ours
-        return _other_options(sites, state, prefix, name) if full else None
+        return _other_options(sites, state, prefix, name, partial=True) if full else None
     theirs = _replaced_in(state, model, prefix)
     if theirs == ours:
         for k in own:
@@ -259,11 +259,16 @@ def _mismatch(model: nn.Module, state: Mapping[str, Any], prefix: str) -> str | 
 
 
 def _other_options(
-    sites: dict[str, ReplacementSite], state: Mapping[str, Any], prefix: str, name: str
+    sites: dict[str, ReplacementSite], state: Mapping[str, Any], prefix: str, name: str, partial: bool = False
 ) -> str | None:
     """Why ``state``, which holds the scalars of exactly these blocks, still does not fit: its sites' tensors
     differ in names or shapes (saved with other ``scalars``, ``rule`` or ``keep_original``). torch would copy
-    every other tensor before raising about those, leaving a half-loaded model: this refuses first."""
+    every other tensor before raising about those, leaving a half-loaded model: this refuses first.
+
+    ``partial``: ``state`` holds none of the replaced tensors' values, so it may be a partial state dict (the
+    trainable parameters only, loaded with ``strict=False``): a site's buffers it lacks (``keep_original``'s
+    originals, the ``ema`` rule's shadows) are left to torch's missing keys; its parameters must all be there.
+    """
     def show(d: dict[str, tuple[int, ...]]) -> str:
         return ", ".join(f"{k}{list(v)}" for k, v in sorted(d.items())) or "none"
 
@@ -274,6 +279,9 @@ def _other_options(
         skip = site._non_persistent_buffers_set
         ours.update((k, tuple(v.shape)) for k, v in site.named_buffers() if k not in skip)
         theirs = {k[len(at):]: tuple(getattr(v, "shape", ())) for k, v in state.items() if k.startswith(at)}
+        if partial:  # the buffers it holds must fit; those it lacks are missing keys, as for any partial dict
+            params = {k for k, _ in site.named_parameters()}
+            ours = {k: v for k, v in ours.items() if k in params or k in theirs}
         if theirs != ours:
             where = f"{path}.{SITE_ATTR}" if path else SITE_ATTR
             return (

@@ -28,7 +28,7 @@ from ..errors import CompatibilityError
 from ..integrations.fsdp_state import is_managed
 from ..synthesis.mixing import SOURCES_ATTR, TensorSource
 
-__all__ = ["CHECK", "check_copy", "check_meta", "check_subclass", "refuse_script", "sources_outside"]
+__all__ = ["CHECK", "check_copy", "check_meta", "check_subclass", "copy_root", "refuse_script", "sources_outside"]
 
 _ACCELERATE_HOOK = "_hf_hook"  # the attribute accelerate's add_hook_to_module sets on a hooked module
 
@@ -131,6 +131,34 @@ def _is_dtensor(t: Any) -> bool:
 CHECK = "_rw_check_copy"  # set on copies and replicas: what to check before the first synthesis
 
 
+class CopyRoot:
+    """The outermost object of one deep copy, shared by all of the copy's replaced layers: what it holds is
+    walked once, at the first check, not once per replaced layer (a holder may hold much more than the model)."""
+
+    __slots__ = ("root", "_held")
+
+    def __init__(self, root: Any):
+        self.root, self._held = root, None
+
+    def held(self) -> tuple[set[int], set[int]]:
+        """Ids of the modules and of their parameters inside the copy."""
+        if self._held is None:
+            modules = list(_modules_of(self.root))
+            self._held = ({id(m) for m in modules}, {id(p) for m in modules for p in m.parameters(recurse=False)})
+        return self._held
+
+
+_COPY_KEY = object()  # a deep copy's memo holds its CopyRoot under id(_COPY_KEY): no copied object has that id
+
+
+def copy_root(memo: dict[int, Any]) -> CopyRoot:
+    """The :class:`CopyRoot` of the deep copy that ``memo`` belongs to (made at its first replaced layer)."""
+    found = memo.get(id(_COPY_KEY))
+    if found is None:
+        found = memo[id(_COPY_KEY)] = CopyRoot(memo[next(iter(memo))])  # the copy of the outermost object copied
+    return found
+
+
 def check_copy(layer: nn.Module) -> None:
     """Before the first synthesis of a deep copy (or a DataParallel replica): refuse one that does not hold what
     it synthesizes from (see ``swap._deepcopy``, which marks copies with :data:`CHECK`)."""
@@ -143,9 +171,8 @@ def check_copy(layer: nn.Module) -> None:
     root = layer.__dict__.pop(CHECK, None)
     if root is None:
         return
-    modules = list(_modules_of(root))
-    params = {id(p) for m in modules for p in m.parameters(recurse=False)}
-    missing = sources_outside(layer, {id(m) for m in modules}, params)
+    modules, params = root.held()
+    missing = sources_outside(layer, modules, params)
     if missing:
         layer.__dict__[CHECK] = root  # every later use fails the same way
         site = next(iter(layer.__dict__[SOURCES_ATTR].values())).site

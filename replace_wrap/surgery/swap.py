@@ -35,7 +35,7 @@ from ..synthesis import builtin_kernels  # noqa: F401  registers the built-in la
 from ..synthesis.adapt import adapt_pair
 from ..synthesis.layer_kernels import kernel_for
 from ..synthesis.mixing import CACHE_PREFIX, SOURCES_ATTR, TensorSource, reads_detached, refuse_hook_computed
-from .sources import CHECK, check_copy, check_meta, check_subclass, refuse_script
+from .sources import CHECK, check_copy, check_meta, check_subclass, copy_root, refuse_script
 
 __all__ = ["base_class", "install", "is_swapped", "set_recompute", "uninstall"]
 
@@ -346,5 +346,5 @@ def _deepcopy(self: nn.Module, memo: dict[int, Any]) -> nn.Module:
     memo[id(self)] = new
     new.__dict__.update(copy.deepcopy(state, memo))
     if SOURCES_ATTR in state:
-        object.__setattr__(new, CHECK, memo[next(iter(memo))])  # the copy of the outermost object copied
+        object.__setattr__(new, CHECK, copy_root(memo))  # the outermost object copied, walked once for all
     return new
