@@ -2,8 +2,8 @@
 
 ``--paired`` times the variants a step of each in turn inside processes that hold every variant. They then
 share one heap, and each variant's step meets the allocator as the other's step left it: under glibc's
-defaults the replaced Llama of docs/benchmarks.md faulted 81 k pages a step beside the frozen one and 68 k
-alone, where the frozen one faulted 48 k beside it and 90 k alone (``examples/bench_faults.py``). Where a model
+defaults the replaced Llama of docs/benchmarks.md faulted 76.8 k pages a step beside the frozen one and 65.5 k
+alone, where the frozen one faulted 32.8 k beside it and 65.5 k alone (``examples/bench_faults.py``). Where a model
 sits in such a process moves its step time too (two identical freeze models read 1.011x and 0.997x by which
 was built first). Here each variant is built and warmed up in its own interpreter, one after the other; then
 the parent steps them in turn, the order rotated by one each step (:func:`~.bench_child.paired_order`). Only one
