@@ -237,6 +237,50 @@ def test_a_neighbour_parametrized_after_convert_saves_and_loads_into_a_model_par
         torch.testing.assert_close(dst(x), src(x), rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("fast_path", [True, False])
+@pytest.mark.parametrize("when", ["before", "after"])
+def test_reading_a_parametrized_neighbour_in_training_moves_none_of_its_state(when, fast_path):
+    # spectral_norm advances its power iteration (its _u, _v buffers) whenever its weight is computed in
+    # training. A replaced block reads the neighbour's weight outside the neighbour's forward, and so do
+    # state_dict() and merge: read in training, state_dict() changed the model it saved, merge gave another
+    # model than the converted one, and the saved buffers and synthesized values came from different iterations.
+    def eval_out(model, x):
+        model.eval()
+        with torch.no_grad():
+            out = model(x)
+        model.train()
+        return out
+
+    torch.manual_seed(0)
+    model = ResidualMLP(width=32)
+    if when == "before":
+        torch.nn.utils.parametrizations.spectral_norm(model.blocks[2].fc1)
+    replace_wrap.convert(model, every=2, fast_path=fast_path)
+    if when == "after":
+        torch.nn.utils.parametrizations.spectral_norm(model.blocks[2].fc1)
+    x = ResidualMLP.example()
+    model.train()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    model(x).square().mean().backward()
+    opt.step()
+    sn = model.blocks[2].fc1.parametrizations.weight[0]
+    before, out = state_snapshot(model), eval_out(model, x)
+    state = model.state_dict()
+    assert_same_state(before, state_snapshot(model))
+    plain = ResidualMLP(width=32)
+    torch.nn.utils.parametrizations.spectral_norm(plain.blocks[2].fc1)
+    plain.load_state_dict({k: v for k, v in state.items() if ".replacement." not in k})
+    torch.testing.assert_close(eval_out(plain, x), out, rtol=0, atol=0)
+    # one power iteration per training forward, in the neighbour's own forward, as in the plain model
+    u = sn._u.clone()
+    plain.blocks[2].fc1.parametrizations.weight[0]._u.copy_(u)
+    model(x), plain(x)
+    torch.testing.assert_close(sn._u, plain.blocks[2].fc1.parametrizations.weight[0]._u, rtol=0, atol=0)
+    out = eval_out(model, x)
+    replace_wrap.merge(model)  # in training mode
+    torch.testing.assert_close(eval_out(model, x), out, rtol=0, atol=0)
+
+
 def test_load_into_already_converted_model(tmp_path):
     src = _converted(ResidualMLP)
     replace_wrap.save(src, tmp_path)

@@ -83,6 +83,33 @@ def test_scalars_stay_fp32_when_the_model_is_cast_and_merge_takes_the_model_dtyp
     assert all(p.dtype == dtype for p in model.parameters())
 
 
+@pytest.mark.parametrize("swap", [False, True], ids=["data", "swap_tensors"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float64])
+def test_a_cast_keeps_the_scalars_gradients_fp32_and_training_goes_on(dtype, swap):
+    # torch casts a parameter's .grad with it: the scalars stayed fp32 but their gradients became bf16 / fp64,
+    # and AdamW's next step failed inside torch ("expected dtype float for `end`"), where a plain model trains on.
+    previous = torch.__future__.get_swap_module_params_on_conversion()
+    torch.__future__.set_swap_module_params_on_conversion(swap)
+    try:
+        torch.manual_seed(0)
+        model = replace_wrap.convert(ResidualMLP(), every=2)
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+        x = ResidualMLP.example()
+        model(x).square().mean().backward()
+        grads = [s.a.grad.clone() for s in _sites(model)]
+        model.to(dtype)
+        # exact: the fp32 gradients, not cast and back
+        assert all(torch.equal(s.a.grad, g) for s, g in zip(_sites(model), grads))
+        opt.step()
+        opt.zero_grad()
+        model(x.to(dtype)).float().square().mean().backward()
+        opt.step()
+        for s in _sites(model):
+            assert s.a.dtype == s.a.grad.dtype == torch.float32 and torch.isfinite(s.a).all()
+    finally:
+        torch.__future__.set_swap_module_params_on_conversion(previous)
+
+
 # --- gradient checkpointing ----------------------------------------------------------------------------------
 
 

@@ -12,6 +12,7 @@ import torch
 from ..config import ReplaceConfig
 from ..errors import ConfigError
 from ..synthesis.maths import Fit, fit_coefficients
+from ..synthesis.mixing import read_neighbour
 from ..synthesis.rules import get_rule
 from .matching import BlockMatch
 
@@ -71,7 +72,7 @@ def start_coefficients(
     if _SCALARS_LOADED.get():
         return None, f"{constant}, then the checkpoint's scalars"
     tensors = [t.layer._parameters[t.name] for t in match.synthesized]
-    tensors += [getattr(layer, t.name) for t in match.synthesized for layer in (t.prev_layer, t.next_layer)
+    tensors += [read_neighbour(layer, t.name) for t in match.synthesized for layer in (t.prev_layer, t.next_layer)
                 if layer is not None]
     if any(t is not None and t.is_meta for t in tensors):
         raise ConfigError(

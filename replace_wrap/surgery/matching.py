@@ -23,6 +23,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from ..synthesis.adapt import ShapeAdapter, adapt_pair
+from ..synthesis.mixing import read_neighbour
 
 __all__ = ["BlockMatch", "Ownership", "TensorMatch", "match_block"]
 
@@ -61,8 +62,8 @@ class TensorMatch:
 
     def sources(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The neighbours' current tensors mapped to this tensor's shape: what the synthesis mixes."""
-        prev = None if self.prev_layer is None else getattr(self.prev_layer, self.name)
-        nxt = None if self.next_layer is None else getattr(self.next_layer, self.name)
+        prev = None if self.prev_layer is None else read_neighbour(self.prev_layer, self.name)
+        nxt = None if self.next_layer is None else read_neighbour(self.next_layer, self.name)
         if not self.adapted:
             return prev, nxt  # type: ignore[return-value]  # both present when nothing is adapted
         return adapt_pair(prev, nxt, self.prev_adapter, self.next_adapter)
@@ -208,16 +209,10 @@ def _counterpart(block: nn.Module, layer_path: str, name: str) -> torch.Tensor |
         # on every read, which the synthesis reads as it reads one. Converting before or after the
         # parametrization must give the same model: replace_wrap.load converts a model built (and parametrized)
         # afresh, so a neighbour parametrized after convert would otherwise come back as an absent side.
-        # Read in eval mode: spectral_norm's power iteration would update its buffers in training (plan and
-        # convert change nothing before they apply).
-        modes = [(m, m.training) for m in layer.parametrizations[name].modules()]
-        try:
-            layer.parametrizations[name].eval()
-            with torch.no_grad():
-                found = getattr(layer, name)
-        finally:
-            for m, training in modes:
-                m.training = training
+        # Read as the synthesis reads it (in eval mode: spectral_norm's power iteration would update its
+        # buffers in training; plan and convert change nothing before they apply).
+        with torch.no_grad():
+            found = read_neighbour(layer, name)
     return found
 
 

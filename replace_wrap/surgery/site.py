@@ -148,11 +148,21 @@ class ReplacementSite(nn.Module):
     def _apply(self, fn: Any, recurse: bool = True) -> ReplacementSite:
         # The scalars stay fp32 when the model is cast (model.half(), .to(torch.bfloat16)): a bf16 scalar
         # cannot express small updates. Devices still follow; buffers (originals) follow the model's dtype.
-        fp32 = {n: p.detach().clone() for n, p in self._parameters.items() if p is not None}
+        # So do their gradients: torch casts a parameter's .grad with it, and a bf16 gradient on an fp32 scalar
+        # made the optimizer's next step fail inside torch (AdamW: "expected dtype float for `end`").
+        fp32 = {
+            n: (p.detach().clone(), None if p.grad is None else p.grad.detach().clone())
+            for n, p in self._parameters.items() if p is not None
+        }
         super()._apply(fn, recurse)
         for n, p in self._parameters.items():
-            if p is not None and p.dtype != torch.float32:
-                p.data = fp32[n].to(p.device)
+            if p is None:
+                continue
+            if p.dtype != torch.float32:
+                p.data = fp32[n][0].to(p.device)
+            grad = fp32[n][1]
+            if p.grad is not None and grad is not None and p.grad.dtype != torch.float32:
+                p.grad = grad.to(p.device)
         return self
 
     def extra_repr(self) -> str:

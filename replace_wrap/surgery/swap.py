@@ -34,7 +34,9 @@ from ..integrations import fsdp_synthesis
 from ..synthesis import builtin_kernels  # noqa: F401  registers the built-in layer kernels, in lookup order
 from ..synthesis.adapt import adapt_pair
 from ..synthesis.layer_kernels import kernel_for
-from ..synthesis.mixing import CACHE_PREFIX, SOURCES_ATTR, TensorSource, reads_detached, refuse_hook_computed
+from ..synthesis.mixing import (
+    CACHE_PREFIX, SOURCES_ATTR, TensorSource, read_neighbour, reads_detached, refuse_hook_computed,
+)
 from .sources import CHECK, check_copy, check_meta, check_subclass, copy_root, refuse_script
 
 __all__ = ["base_class", "install", "is_swapped", "set_recompute", "uninstall"]
@@ -173,12 +175,12 @@ def _mix(layer: nn.Module, src: TensorSource, name: str) -> torch.Tensor:
     if (prev is not None and name in prev.__dict__) or (nxt is not None and name in nxt.__dict__):
         refuse_hook_computed(src, name)  # as the layer kernels (mixing._own): a pre-hook's stale attribute
     if not src.adapted:  # same shapes: no adapter call, nothing allocated
-        p, n = getattr(prev, name), getattr(nxt, name)
+        p, n = read_neighbour(prev, name), read_neighbour(nxt, name)
         if p.is_meta or n.is_meta:  # two flag reads on every synthesis; the check itself only on meta
             check_meta(layer, src, p, n)
         return site.synthesize(k, p, n)
-    p = None if prev is None else getattr(prev, name)
-    n = None if nxt is None else getattr(nxt, name)
+    p = None if prev is None else read_neighbour(prev, name)
+    n = None if nxt is None else read_neighbour(nxt, name)
     if (p is not None and p.is_meta) or (n is not None and n.is_meta):
         check_meta(layer, src, p, n)
     return site.synthesize(k, *adapt_pair(p, n, prev_adapter, next_adapter))
@@ -226,7 +228,7 @@ def _extra_repr(base: type) -> Any:
 
 def _stand_in(src: TensorSource, name: str) -> torch.Tensor:
     """A meta tensor with the synthesized tensor's shape and dtype (no read of any value, no allocation)."""
-    side = getattr(src.prev, name) if src.prev is not None else getattr(src.next, name)
+    side = read_neighbour(src.prev, name) if src.prev is not None else read_neighbour(src.next, name)
     return torch.empty(src.shape(name), dtype=side.dtype, device="meta")
 
 

@@ -26,7 +26,7 @@ from .adapt import adapt_pair
 
 __all__ = [
     "CACHE_PREFIX", "SOURCES_ATTR", "MixSource", "TensorSource", "detached", "generic_only", "mix_source",
-    "reads_detached", "refuse_hook_computed",
+    "read_neighbour", "reads_detached", "refuse_hook_computed",
 ]
 
 # The contract between a replaced layer and its kernels. The surgery stores, in the layer's __dict__ under
@@ -121,12 +121,41 @@ def _own(src: TensorSource, name: str, detach: bool) -> tuple[torch.Tensor | Non
     prev, nxt = src.prev, src.next
     if (prev is not None and name in prev.__dict__) or (nxt is not None and name in nxt.__dict__):
         refuse_hook_computed(src, name)
-    p = None if prev is None else getattr(prev, name)
-    n = None if nxt is None else getattr(nxt, name)
+    p = None if prev is None else read_neighbour(prev, name)
+    n = None if nxt is None else read_neighbour(nxt, name)
     if detach:
         p = None if p is None else p.detach()
         n = None if n is None else n.detach()
     return p, n
+
+
+def read_neighbour(layer: nn.Module, name: str) -> torch.Tensor:
+    """``layer.<name>`` as a replaced block reads it from a neighbour layer: a parametrized tensor is computed
+    with its parametrizations in eval mode.
+
+    A parametrization may change its own state when computed in training (spectral_norm's power iteration
+    updates its ``_u``/``_v`` buffers in place) or draw at random (a weight dropout). Its layer computes it once
+    per forward; a replaced block reads it besides, outside that forward, and so do ``state_dict()``, ``save``
+    and ``merge``. Read in training mode, each of those reads moved the neighbour's state (a ``state_dict()``
+    changed the model it saved; ``merge`` gave a model other than the converted one; the saved synthesized
+    values and the saved buffers came from different iterations) or baked one random draw into the merged
+    tensor. Read in eval mode, the neighbour's state moves only in its own forward, as in a plain model. One
+    dict lookup for a layer without parametrizations.
+    """
+    holder = layer._modules.get("parametrizations")
+    plist = None if holder is None else holder._modules.get(name)
+    if plist is None:
+        return getattr(layer, name)
+    training = [m for m in plist.modules() if m.training]
+    if not training:
+        return getattr(layer, name)
+    for m in training:
+        m.training = False
+    try:
+        return getattr(layer, name)
+    finally:
+        for m in training:
+            m.training = True
 
 
 def refuse_hook_computed(src: TensorSource, name: str) -> None:
