@@ -162,6 +162,42 @@ def test_trainer_loads_a_sharded_checkpoint_of_a_converted_model_exactly_and_ref
     _same_states(before, twin.state_dict())
 
 
+@pytest.mark.parametrize("utils_first", [False, True], ids=["utils-after-convert", "utils-before-convert"])
+def test_load_sharded_checkpoint_of_trainer_utils_is_checked_without_the_trainer_module(utils_first):
+    # transformers.trainer_utils.load_sharded_checkpoint is public API of its own: called directly, with the
+    # trainer module never imported, it loaded shards until one holding synthesized values without their
+    # scalars, then refused that one (a half-loaded model)
+    pytest.importorskip("transformers")
+    proc = run_python("-c", _SHARDED_WITHOUT_TRAINER.replace("UTILS_FIRST", str(utils_first)), timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.split() == ["False", "True", "True"], proc.stdout
+
+
+_SHARDED_WITHOUT_TRAINER = """
+import sys, tempfile, torch, transformers, replace_wrap
+if UTILS_FIRST:
+    import transformers.trainer_utils
+def llama(seed):
+    torch.manual_seed(seed)
+    cfg = transformers.LlamaConfig(vocab_size=32, hidden_size=32, intermediate_size=64, num_hidden_layers=5,
+        num_attention_heads=4, num_key_value_heads=2, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    return replace_wrap.convert(transformers.LlamaForCausalLM(cfg), every=2).eval()
+model = llama(0)
+with torch.no_grad():
+    model.model.layers[1].replacement.a.fill_(0.3)
+d = tempfile.mkdtemp()
+model.save_pretrained(d, max_shard_size="20KB")
+import transformers.trainer_utils as tu
+print("transformers.trainer" in sys.modules)
+print(getattr(tu.load_sharded_checkpoint, "__replace_wrap__", False))
+twin = llama(1)
+tu.load_sharded_checkpoint(twin, d, strict=False)
+ids = torch.tensor([[5, 9, 4, 7]])
+with torch.no_grad():
+    print(torch.equal(twin(input_ids=ids).logits, model(input_ids=ids).logits))
+"""
+
+
 class _Recorder:
     def __init__(self):
         self.logs: list[dict] = []

@@ -132,21 +132,38 @@ def exclude_from_trainer_decay() -> None:
     module is imported, else right after it is (a one-shot import hook), and only if transformers itself is
     imported: nothing is imported here.
     """
+    # The other patches (AT_TRAINER_IMPORT) wrap functions of transformers.trainer_utils, which is public API of
+    # its own (load_sharded_checkpoint) and imported before the trainer module: patched at its own import, the
+    # trainer module binds the wrapped functions.
+    if "transformers.trainer_utils" in sys.modules:
+        _run_patches()
+    elif "transformers" in sys.modules:
+        _after_import("transformers.trainer_utils", lambda module: _run_patches())
     module = sys.modules.get("transformers.trainer")
     if module is not None:
         _wrap_trainer(module)
-    elif "transformers" in sys.modules and not any(isinstance(f, _AfterImport) for f in sys.meta_path):
-        sys.meta_path.insert(0, _AfterImport("transformers.trainer", _wrap_trainer))
+    elif "transformers" in sys.modules:
+        _after_import("transformers.trainer", _wrap_trainer)
 
 
-# Other patches of transformers' trainer module, applied at the same moment (registered by their modules:
-# integrations.hf_sharded wraps the Trainer's loader of sharded checkpoints).
+def _after_import(name: str, callback: Any) -> None:
+    if not any(isinstance(f, _AfterImport) and f.name == name for f in sys.meta_path):
+        sys.meta_path.insert(0, _AfterImport(name, callback))
+
+
+# Other patches of transformers' trainer modules, applied when transformers.trainer_utils (and again when
+# transformers.trainer) is imported (registered by their modules: integrations.hf_sharded wraps the loader of
+# sharded checkpoints); each is idempotent.
 AT_TRAINER_IMPORT: list[Any] = []
 
 
-def _wrap_trainer(module: Any) -> None:
+def _run_patches() -> None:
     for patch in AT_TRAINER_IMPORT:
         patch()
+
+
+def _wrap_trainer(module: Any) -> None:
+    _run_patches()
     cls = getattr(module, "Trainer", None)
     original = None if cls is None else cls.__dict__.get("get_decay_parameter_names")
     if original is None or getattr(original, "__replace_wrap__", False):
