@@ -21,6 +21,7 @@ import resource
 import statistics
 import subprocess
 import sys
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -28,6 +29,10 @@ import torch
 import replace_wrap
 from replace_wrap.cli.bench import _parse_sets
 from replace_wrap.cli.bench_child import _loss, build_model, example_input
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench_floor.py, next to this file
+
+from bench_floor import model_arguments  # noqa: E402
 
 PHASES = ("forward", "backward", "optimizer")
 
@@ -73,12 +78,7 @@ def count(variants: list[str], args: argparse.Namespace) -> dict[str, dict[str, 
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("model")
-    p.add_argument("--size", type=int, default=96)
-    p.add_argument("--batch", type=int, default=16)
-    p.add_argument("--seq", type=int, default=128, help="tokens per sequence of a language model")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="model config override")
+    p = model_arguments(argparse.ArgumentParser(description=__doc__.split("\n\n")[0]))
     p.add_argument("--steps", type=int, default=5, help="counted steps per variant")
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--threads", type=int, default=1)

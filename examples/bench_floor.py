@@ -138,13 +138,18 @@ def floor(layers: list[dict[str, Any]], repeats: int) -> dict[str, tuple[float, 
     return {"warm": (synth, product), "step": (statistics.median(synths) * 1e3, step_product)}
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def model_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """The model options of ``replace-wrap bench`` that the bench examples share (the spec and its input)."""
     p.add_argument("model")
     p.add_argument("--size", type=int, default=96)
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--seq", type=int, default=128, help="tokens per sequence of a language model")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="model config override")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = model_arguments(argparse.ArgumentParser(description=__doc__.split("\n\n")[0]))
     p.add_argument("--steps", type=int, default=5, help="timed training steps of the freeze model")
     p.add_argument("--repeats", type=int, default=20, help="timed repeats of each operation (the fastest counts)")
     p.add_argument("--threads", type=int, default=None)

@@ -142,23 +142,49 @@ def test_same_blocks_other_options_is_refused_before_copying(saved, loaded, thei
 
 @pytest.mark.parametrize("options", [{"keep_original": True}, {"rule": "ema"}], ids=["originals", "ema"])
 def test_trainable_only_state_dict_loads_with_strict_false(options):
-    # the scalars without the site's buffers (originals, ema shadows): a partial dict of the same conversion, not
-    # one "converted with other options" (it was refused so); the buffers it lacks are missing keys
-    src = _converted(ResidualMLP, seed=1, **options).eval()
-    trainable = {k: v.detach().clone() for k, v in src.named_parameters() if v.requires_grad}
-    model = _converted(ResidualMLP, seed=1, **options).eval()
-    with torch.no_grad():
-        for site in (model.blocks[1].replacement, model.blocks[3].replacement):
-            site.a.fill_(0.2)
-    result = model.load_state_dict(trainable, strict=False)
-    assert result.unexpected_keys == [] and result.missing_keys
-    assert all(".replacement." in k and not k.endswith((".a", ".b", ".scale")) for k in result.missing_keys)
+    # the scalars without the site's buffers (originals, ema shadows). With a frozen tensor missing too, the dict
+    # is told partial by its keys: it loads with torch's strict=False, the buffers it lacks are missing keys.
+    # Lacking only the sites' buffers, it is also what a checkpoint converted without them looks like (another
+    # keep_original=, which torch would half-load before raising): refused, naming replace_wrap.load_state_dict.
     x = ResidualMLP.example()
-    with torch.no_grad():
-        torch.testing.assert_close(model(x), src(x), rtol=0, atol=0)
+    src = _converted(ResidualMLP, seed=1, **options).eval()
+    for frozen in (True, False):
+        src.proj.requires_grad_(not frozen)
+        trainable = {k: v.detach().clone() for k, v in src.named_parameters() if v.requires_grad}
+        model = _converted(ResidualMLP, seed=1, **options).eval()
+        with torch.no_grad():
+            model.proj.weight.copy_(src.proj.weight)  # what a frozen tensor is: the same in both
+            for site in (model.blocks[1].replacement, model.blocks[3].replacement):
+                site.a.fill_(0.2)
+        if frozen:
+            result = model.load_state_dict(trainable, strict=False)
+        else:
+            before = {k: v.clone() for k, v in model.named_parameters()}
+            with pytest.raises(replace_wrap.StateDictError, match=r"converted with other options.* A partial state "
+                               r"dict .* replace_wrap\.load_state_dict\(model, state_dict, strict=False\)"):
+                model.load_state_dict(trainable, strict=False)
+            assert all(torch.equal(v, before[k]) for k, v in model.named_parameters())  # nothing was loaded
+            result = replace_wrap.load_state_dict(model, trainable, strict=False)
+        assert result.unexpected_keys == [] and result.missing_keys
+        lacking = [k for k in result.missing_keys if not (frozen and k.startswith("proj."))]
+        assert lacking and all(".replacement." in k and not k.endswith((".a", ".b", ".scale")) for k in lacking)
+        with torch.no_grad():
+            torch.testing.assert_close(model(x), src(x), rtol=0, atol=0)
     partial = {k: v for k, v in trainable.items() if not k.endswith(".b")}  # a parameter missing: still refused
     with pytest.raises(replace_wrap.StateDictError, match="converted with other options"):
         model.load_state_dict(partial, strict=False)
+
+
+def test_a_converted_only_checkpoint_of_another_keep_original_is_refused_before_copying():
+    # plain_state_dict=False, keep_original=False, loaded into a keep_original=True model: every key of the model
+    # but the originals; torch copied 10 of 14 tensors, then raised about the missing originals
+    src = _converted(ResidualMLP, seed=1, plain_state_dict=False)
+    state = src.state_dict()
+    model = _converted(ResidualMLP, seed=2, keep_original=True, plain_state_dict=False)
+    before = {k: v.clone() for k, v in model.named_parameters()}
+    with pytest.raises(replace_wrap.StateDictError, match="converted with other options"):
+        model.load_state_dict(state)
+    assert all(torch.equal(v, before[k]) for k, v in model.named_parameters())
 
 
 def test_guard_strict_false_and_prefixes():

@@ -232,7 +232,7 @@ def _mismatch(model: nn.Module, state: Mapping[str, Any], prefix: str) -> str | 
     name, ours = type(model).__name__, sorted(sites)
     if not own:  # no replaced tensors (a partial dict, or plain_state_dict=False): check a full one's scalars
         full = bool(sites) and _replaced_in(state, model, prefix) == ours
-        return _other_options(sites, state, prefix, name, partial=True) if full else None
+        return _other_options(sites, state, prefix, name, partial=_lacks_own_keys(model, state, prefix)) if full else None
     theirs = _replaced_in(state, model, prefix)
     if theirs == ours:
         for k in own:
@@ -256,6 +256,22 @@ def _mismatch(model: nn.Module, state: Mapping[str, Any], prefix: str) -> str | 
         f"policy=replace_wrap.Paths({theirs}), <the original options>)), or save and load with replace_wrap.save "
         "and replace_wrap.load, which record the conversion." + hatch
     )
+
+
+def _lacks_own_keys(model: nn.Module, state: Mapping[str, Any], prefix: str) -> bool:
+    """Whether ``state`` lacks a tensor of ``model`` outside its replacement sites (a frozen parameter, a
+    persistent buffer): then it is a partial state dict (the trainable parameters only), not a full one saved
+    with other options. A dict that lacks only some sites' buffers is both, by its keys: it is refused."""
+    site_ids = {id(s) for s in _sites(model).values()}
+    for path, module in model.named_modules():
+        if id(module) in site_ids or isinstance(module, ReplacementSite):
+            continue
+        at = f"{prefix}{path}." if path else prefix
+        skip = module._non_persistent_buffers_set
+        for key, t in (*module._parameters.items(), *module._buffers.items()):
+            if t is not None and key not in skip and f"{at}{key}" not in state:
+                return True
+    return False
 
 
 def _other_options(
@@ -290,7 +306,9 @@ def _other_options(
                 "scalars=, rule= or keep_original=). Nothing was loaded. Load it into a fresh model "
                 "converted with the checkpoint's options, or save and load with replace_wrap.save and "
                 "replace_wrap.load (save_pretrained and replace_wrap.from_pretrained for Hugging Face "
-                "models), which record them."
+                "models), which record them. A partial state dict of this very conversion (the trainable "
+                "parameters only, without the blocks' buffers) loads with replace_wrap.load_state_dict(model, "
+                "state_dict, strict=False)."
             )
     return None
 
