@@ -4,6 +4,7 @@ error (issue 11, defect 3)."""
 
 from __future__ import annotations
 
+import collections
 import copy
 import dataclasses
 import types
@@ -108,6 +109,38 @@ def test_a_copy_whose_neighbour_layers_were_swapped_names_the_surgery():
 class _Holder:  # what a pipeline, a trainer or a training-state object is to deepcopy: a plain object
     def __init__(self, model):
         self.model, self.step = model, 3
+
+
+class _Slotted:
+    __slots__ = ("model",)
+
+
+class _SlottedChild(_Slotted):  # its own __slots__ names none of the base's: the model is in a base's slot
+    __slots__ = ("step",)
+
+    def __init__(self, model):
+        self.model, self.step = model, 3
+
+
+TrainState = collections.namedtuple("TrainState", ["config", "model"])
+
+
+@pytest.mark.parametrize("wrap, unwrap", [
+    (lambda m: ({"lr": 1e-3}, m), lambda h: h[1]),
+    (lambda m: TrainState({"lr": 1e-3}, m), lambda h: h.model),
+    (lambda m: collections.deque([m]), lambda h: h[0]),
+    (_SlottedChild, lambda h: h.model),
+], ids=["tuple-config-first", "namedtuple", "deque", "base-class-slot"])
+def test_a_deep_copy_of_a_container_holding_the_model_after_other_objects_is_complete(wrap, unwrap):
+    # refused as "deep-copied without its neighbour block(s)": the memo's first entry (the config dict, copied
+    # before the tuple that holds it and the model is memoized) was taken for the outermost object; deques and
+    # slots of base classes were not searched
+    x = ResidualMLP.example()
+    model = _trained(replace_wrap.convert(ResidualMLP(), every=2), x)
+    twin = unwrap(copy.deepcopy(wrap(model)))
+    assert twin is not model
+    torch.testing.assert_close(twin(x), model(x), rtol=0, atol=0)
+    assert twin.state_dict().keys() == model.state_dict().keys()
 
 
 @pytest.mark.parametrize("wrap", [

@@ -17,6 +17,7 @@ model that runs or saves the layer, and each would give another model without a 
 
 from __future__ import annotations
 
+import collections
 import types
 from collections.abc import Iterator
 from typing import Any
@@ -133,17 +134,32 @@ CHECK = "_rw_check_copy"  # set on copies and replicas: what to check before the
 
 class CopyRoot:
     """The outermost object of one deep copy, shared by all of the copy's replaced layers: what it holds is
-    walked once, at the first check, not once per replaced layer (a holder may hold much more than the model)."""
+    walked once, at the first check, not once per replaced layer (a holder may hold much more than the model).
 
-    __slots__ = ("root", "_held")
+    The outermost object is known only once the copy is done: ``copy.deepcopy`` appends each original to the
+    memo's keep-alive list (``memo[id(memo)]``) when its copy is complete, so the outermost comes last. The
+    memo's first entry is the first object *started* that memoizes early (a module, a dict), not the outermost:
+    in ``deepcopy((config, model))`` that is the config, whose walk holds no neighbour."""
 
-    def __init__(self, root: Any):
-        self.root, self._held = root, None
+    __slots__ = ("_memo", "_held")
+
+    def __init__(self, memo: dict[int, Any]):
+        self._memo: dict[int, Any] | None = memo
+        self._held: tuple[set[int], set[int]] | None = None
+
+    def _root(self) -> Any:
+        memo, self._memo = self._memo, None  # read once: the memo (originals and copies) is not kept
+        assert memo is not None
+        originals = memo.get(id(memo))
+        outermost = originals[-1] if originals else None
+        if outermost is not None and id(outermost) in memo:
+            return memo[id(outermost)]
+        return memo[next(iter(memo))]  # no keep-alive list (a memo filled by other means): the first entry
 
     def held(self) -> tuple[set[int], set[int]]:
         """Ids of the modules and of their parameters inside the copy."""
         if self._held is None:
-            modules = list(_modules_of(self.root))
+            modules = list(_modules_of(self._root()))
             self._held = ({id(m) for m in modules}, {id(p) for m in modules for p in m.parameters(recurse=False)})
         return self._held
 
@@ -155,7 +171,7 @@ def copy_root(memo: dict[int, Any]) -> CopyRoot:
     """The :class:`CopyRoot` of the deep copy that ``memo`` belongs to (made at its first replaced layer)."""
     found = memo.get(id(_COPY_KEY))
     if found is None:
-        found = memo[id(_COPY_KEY)] = CopyRoot(memo[next(iter(memo))])  # the copy of the outermost object copied
+        found = memo[id(_COPY_KEY)] = CopyRoot(memo)  # its root is read at the first check, the copy done
     return found
 
 
@@ -223,14 +239,15 @@ def _modules_of(root: Any) -> Iterator[nn.Module]:
         seen.add(id(obj))
         if isinstance(obj, nn.Module):
             yield from obj.modules()
-        elif isinstance(obj, (list, tuple, set, frozenset)):
+        elif isinstance(obj, (list, tuple, set, frozenset, collections.deque)):
             todo.extend(obj)
         elif isinstance(obj, dict):
             todo.extend(obj.values())
         else:
             try:  # an exotic object (a proxy whose attribute access raises) holds nothing we can see
                 todo.extend(getattr(obj, "__dict__", {}).values())
-                slots = getattr(type(obj), "__slots__", ())
-                todo.extend(getattr(obj, s, None) for s in ([slots] if isinstance(slots, str) else slots))
+                for cls in type(obj).__mro__:  # every class's own slots: a subclass lists only its new ones
+                    slots = cls.__dict__.get("__slots__", ())
+                    todo.extend(getattr(obj, s, None) for s in ([slots] if isinstance(slots, str) else slots))
             except Exception:  # noqa: BLE001 - see above
                 continue
