@@ -262,9 +262,8 @@ def _lacks_own_keys(model: nn.Module, state: Mapping[str, Any], prefix: str) -> 
     """Whether ``state`` lacks a tensor of ``model`` outside its replacement sites (a frozen parameter, a
     persistent buffer): then it is a partial state dict (the trainable parameters only), not a full one saved
     with other options. A dict that lacks only some sites' buffers is both, by its keys: it is refused."""
-    site_ids = {id(s) for s in _sites(model).values()}
     for path, module in model.named_modules():
-        if id(module) in site_ids or isinstance(module, ReplacementSite):
+        if isinstance(module, ReplacementSite):
             continue
         at = f"{prefix}{path}." if path else prefix
         skip = module._non_persistent_buffers_set

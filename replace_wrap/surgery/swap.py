@@ -172,8 +172,7 @@ def _synthesize(layer: nn.Module, src: TensorSource, name: str) -> torch.Tensor:
 
 def _mix(layer: nn.Module, src: TensorSource, name: str) -> torch.Tensor:
     site, k, prev, nxt, prev_adapter, next_adapter = src
-    if (prev is not None and name in prev.__dict__) or (nxt is not None and name in nxt.__dict__):
-        refuse_hook_computed(src, name)  # as the layer kernels (mixing._own): a pre-hook's stale attribute
+    refuse_hook_computed(src, name)  # as the layer kernels (mixing._own): a pre-hook's stale attribute
     if not src.adapted:  # same shapes: no adapter call, nothing allocated
         p, n = read_neighbour(prev, name), read_neighbour(nxt, name)
         if p.is_meta or n.is_meta:  # two flag reads on every synthesis; the check itself only on meta

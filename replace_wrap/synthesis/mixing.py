@@ -119,8 +119,7 @@ def _sides(src: TensorSource, name: str, detach: bool) -> tuple[torch.Tensor, to
 def _own(src: TensorSource, name: str, detach: bool) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """The neighbours' own ``name`` tensors, read once (a parametrized one is computed on every read)."""
     prev, nxt = src.prev, src.next
-    if (prev is not None and name in prev.__dict__) or (nxt is not None and name in nxt.__dict__):
-        refuse_hook_computed(src, name)
+    refuse_hook_computed(src, name)
     p = None if prev is None else read_neighbour(prev, name)
     n = None if nxt is None else read_neighbour(nxt, name)
     if detach:
@@ -159,16 +158,21 @@ def read_neighbour(layer: nn.Module, name: str) -> torch.Tensor:
 
 
 def refuse_hook_computed(src: TensorSource, name: str) -> None:
-    """Refuse to synthesize from a neighbour whose ``name`` is a plain attribute rather than its parameter.
+    """Refuse to synthesize from a neighbour whose ``name`` is a plain attribute rather than its parameter
+    (nothing to do where neither is).
 
     ``torch.nn.utils.prune`` and the legacy hook-based ``torch.nn.utils.weight_norm`` / ``spectral_norm`` remove a
     layer's parameter and set the tensor as a plain attribute that a forward pre-hook recomputes before *that
     layer's own* forward. A replaced block reads its neighbours' tensors outside their forward (the next block
     runs after it; merge and state_dict run no forward at all), so it would read the value of the neighbour's
     last forward: stale after every optimizer step or load, and two identical calls would differ. Both
-    synthesis paths (the layer kernels and the synthesized attribute) call this when ``name`` is found in a
-    neighbour's instance ``__dict__`` (where ``nn.Module`` puts a tensor that is no parameter or buffer).
+    synthesis paths (the layer kernels and the synthesized attribute) call this on every read; it raises when
+    ``name`` is found in a neighbour's instance ``__dict__`` (where ``nn.Module`` puts a tensor that is no
+    parameter or buffer).
     """
+    prev, nxt = src.prev, src.next
+    if (prev is None or name not in prev.__dict__) and (nxt is None or name not in nxt.__dict__):
+        return  # two dict lookups on every synthesis: both sides are parameters (or parametrized)
     site = src.site
     rel = site.tensor_names[src.k]
     side = site.next_path if src.next is not None and name in src.next.__dict__ else site.prev_path
