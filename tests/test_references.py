@@ -164,6 +164,33 @@ def test_a_deep_copy_of_an_object_holding_the_model_is_complete(wrap):
         lone(torch.randn(2, 16))
 
 
+class _ModuleHolder(nn.Module):  # an ensemble or a wrapper that keeps its models out of its children
+    def __init__(self, model, as_dict=False):
+        super().__init__()
+        self.head = nn.Linear(2, 2)
+        self.models = {"main": model} if as_dict else [model]  # a plain attribute: a list or dict is no child
+        self.history = [[float(i)] * 4 for i in range(10)]
+
+
+@pytest.mark.parametrize("as_dict", [False, True], ids=["list", "dict"])
+def test_a_deep_copy_of_a_module_holding_the_model_in_a_plain_attribute_is_complete(as_dict):
+    # refused at first use as "deep-copied without its neighbour block(s)": a module was searched through its
+    # children only, not its plain attributes
+    x = ResidualMLP.example()
+    model = _trained(replace_wrap.convert(ResidualMLP(), every=2), x)
+    held = copy.deepcopy(_ModuleHolder(model, as_dict))
+    twin = held.models["main"] if as_dict else held.models[0]
+    assert twin is not model
+    torch.testing.assert_close(twin(x), model(x), rtol=0, atol=0)
+    before = model(x).detach()
+    _trained(twin, x)  # the copy trains its own neighbours, not the original's
+    torch.testing.assert_close(model(x), before, rtol=0, atol=0)
+    lone = copy.deepcopy(_ModuleHolder(model.blocks[1], as_dict)).models  # one replaced block: still refused
+    lone = lone["main"] if as_dict else lone[0]
+    with pytest.raises(CompatibilityError, match=r"without its neighbour block\(s\) \['blocks.0', 'blocks.2'\]"):
+        lone(torch.randn(2, 16))
+
+
 def test_a_deep_copy_of_a_holder_is_walked_once_for_all_its_replaced_layers(monkeypatch):
     # every replaced layer of the copy walked the whole holder again at its first use: with a holder that also
     # holds data (a tokenized dataset as Python lists), the first forward cost (replaced layers) x (holder size)

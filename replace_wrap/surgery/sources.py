@@ -226,11 +226,19 @@ def sources_outside(layer: nn.Module, modules: set[int], tensors: set[int]) -> l
 # What a holder's attribute walk does not enter: values, tensors, classes, and Python modules (whose
 # attributes are a library's globals: holding ``torch`` must not make the walk visit the interpreter).
 _NOT_HOLDERS = (str, bytes, int, float, complex, torch.Tensor, type, types.ModuleType, types.FunctionType)
+# A module's own attributes that the walk does not enter: torch's machinery (parameters, buffers and children,
+# which the walk reaches otherwise, and hooks), and replace_wrap's (a replaced layer's sources name the
+# neighbours it reads: entering them would find the neighbours in any copy, and the check would pass a block
+# copied alone).
+_MODULE_MACHINERY = frozenset(nn.Module().__dict__)
+_OWN_PREFIXES = ("_rw_", "_replace_wrap")
 
 
 def _modules_of(root: Any) -> Iterator[nn.Module]:
     """Every module inside what a deep copy started from: a module, a container of modules, or any object that
-    holds them in its attributes (a pipeline, a dataclass of training state, a namespace), at any depth."""
+    holds them in its attributes (a pipeline, a dataclass of training state, a namespace, a module's plain
+    attribute such as ``self.models = [model]``), at any depth. Only the copy is walked: a deep copy has
+    already visited each object the walk visits."""
     todo, seen = [root], set()
     while todo:
         obj = todo.pop()
@@ -238,7 +246,10 @@ def _modules_of(root: Any) -> Iterator[nn.Module]:
             continue
         seen.add(id(obj))
         if isinstance(obj, nn.Module):
-            yield from obj.modules()
+            yield obj
+            todo.extend(obj._modules.values())
+            todo.extend(v for k, v in obj.__dict__.items()
+                        if k not in _MODULE_MACHINERY and not k.startswith(_OWN_PREFIXES))
         elif isinstance(obj, (list, tuple, set, frozenset, collections.deque)):
             todo.extend(obj)
         elif isinstance(obj, dict):
