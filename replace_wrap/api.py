@@ -18,7 +18,7 @@ from .config import ReplaceConfig
 from .errors import AlreadyConvertedError, ConfigError, MergeError, NotConvertedError, NothingToReplaceError, PolicyError
 from .integrations import decay, optim
 from .integrations.fsdp_state import refuse_sharded
-from .report import BlockReport, ConversionReport, converted_module, stored_report
+from .report import BlockReport, ConversionReport, converted_module, converted_modules, stored_report
 from .selection.policies import Every, Policy, PolicyLike, as_policy
 from .surgery import attachments, swap
 from .surgery.apply import apply_plan, neighbour_tensors, restore_block, scalar_values, site_tensors, sites
@@ -159,6 +159,14 @@ def report(model: nn.Module) -> ConversionReport:
         if b.status == "replaced" and b.path in live:
             b.scalars = scalar_values(live[b.path])
     out.notes = [*out.notes, *_gone_notes(out.blocks, {path for path, _ in model.named_modules()})]
+    others = [path for path, m in converted_modules(model) if m is not holder]
+    if others:  # converted separately: this report is one conversion's, and says so rather than omit them
+        out.notes.append(
+            f"{type(model).__name__} also holds modules converted separately, not in this table: "
+            f"{', '.join(map(repr, others))} (report each: replace_wrap.report(model.get_submodule(path))). A "
+            "conversion record holds one conversion: replace_wrap.save refuses this model, and "
+            "replace_wrap.from_pretrained its save_pretrained checkpoints"
+        )
     # Counted on the live model, not at conversion: weights tied after convert (Hugging Face ties embeddings
     # after construction, so from_pretrained converts before tying), or frozen since, change the count.
     out.trainable_after = trainable_count(holder)

@@ -10,7 +10,10 @@ from torch import nn
 
 from .config import ReplaceConfig
 
-__all__ = ["REPORT_ATTR", "BlockReport", "ConversionReport", "LayerRoute", "converted_module", "stored_report"]
+__all__ = [
+    "REPORT_ATTR", "BlockReport", "ConversionReport", "LayerRoute", "converted_module", "converted_modules",
+    "stored_report",
+]
 
 REPORT_ATTR = "_replace_wrap_report"  # where a converted model keeps its report (see surgery.attachments)
 
@@ -216,3 +219,9 @@ def converted_module(model: nn.Module) -> nn.Module | None:
     if REPORT_ATTR in model.__dict__:
         return model
     return next((m for m in model.modules() if REPORT_ATTR in m.__dict__), None)
+
+
+def converted_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """Every module inside ``model`` (itself included) that ``convert`` was called on, with its path, in module
+    order: more than one when submodules were converted separately (an encoder and a decoder, two towers)."""
+    return [(path, m) for path, m in model.named_modules() if REPORT_ATTR in m.__dict__]

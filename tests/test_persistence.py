@@ -328,6 +328,47 @@ def test_load_into_other_architecture_fails_cleanly(tmp_path):
         replace_wrap.load(ConvNet(), tmp_path)
 
 
+class _EncoderDecoder(torch.nn.Module):  # two stacks, each converted on its own (other options per stack)
+    def __init__(self):
+        super().__init__()
+        self.enc, self.dec = ResidualMLP(), ResidualMLP(n_in=4)
+
+    def forward(self, x):
+        return self.dec(self.enc(x))
+
+
+def _separately_converted() -> _EncoderDecoder:
+    torch.manual_seed(0)
+    model = _EncoderDecoder()
+    replace_wrap.convert(model.enc, every=2)
+    replace_wrap.convert(model.dec, every=2, rule="convex")
+    return _perturbed(model)
+
+
+def test_save_refuses_a_model_whose_modules_were_converted_separately(tmp_path):
+    # save recorded only the first converted module ('enc') beside the weights of both, report(model) listed only
+    # 'enc', and load refused the checkpoint afterwards ("converted differently"), with a hint that could not work
+    # for other options per module
+    model = _separately_converted()
+    x = ResidualMLP.example()
+    rep = replace_wrap.report(model)
+    assert [b.path for b in rep.replaced] == ["enc.blocks.1", "enc.blocks.3"]
+    assert any("converted separately" in n and "'dec'" in n for n in rep.notes)
+    with pytest.raises(replace_wrap.CompatibilityError, match=r"2 modules converted separately \('enc', 'dec'\)"):
+        replace_wrap.save(model, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+    # the ways the message gives: the state dict into the model converted again as here, or into the plain model
+    sd = model.state_dict()
+    twin = _EncoderDecoder()
+    replace_wrap.convert(twin.enc, every=2)
+    replace_wrap.convert(twin.dec, every=2, rule="convex")
+    twin.load_state_dict(sd)
+    _assert_bit_identical(model, twin)
+    plain = _EncoderDecoder()
+    replace_wrap.load_state_dict(plain, sd)
+    torch.testing.assert_close(plain(x), model(x))
+
+
 def test_save_and_read_errors(tmp_path):
     with pytest.raises(replace_wrap.NotConvertedError):
         replace_wrap.save(ResidualMLP(), tmp_path)
@@ -476,6 +517,47 @@ def test_hf_submodule_conversion_reloads_into_the_enclosing_model(tmp_path):
     x = torch.randn(2, 3, 16, 16)
     assert torch.equal(_logits(twin, x), _logits(model, x))
     assert [b.path for b in replace_wrap.report(twin).replaced] == ["vit.layers.1", "vit.layers.3"]
+
+
+def test_hf_from_pretrained_refuses_a_checkpoint_of_separately_converted_modules(tmp_path):
+    # Whisper's encoder and decoder share one config: the decoder's convert wrote its record over the encoder's,
+    # and replace_wrap.from_pretrained rebuilt the decoder only; the encoder's scalars were dropped as unexpected
+    # keys (a log line) and it came back plain, 25% more trainable parameters than the saved model
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.WhisperConfig(
+        vocab_size=40, d_model=16, encoder_layers=5, decoder_layers=5, encoder_attention_heads=2,
+        decoder_attention_heads=2, encoder_ffn_dim=32, decoder_ffn_dim=32, num_mel_bins=4,
+        max_source_positions=8, max_target_positions=8, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+        decoder_start_token_id=1,
+    )
+
+    def build():
+        torch.manual_seed(0)
+        model = transformers.WhisperForConditionalGeneration(cfg)
+        replace_wrap.convert(model.model.encoder, every=2)
+        replace_wrap.convert(model.model.decoder, every=2)
+        return model
+
+    model = _perturbed(build()).eval()
+    feats, ids = torch.randn(1, 4, 16), torch.randint(3, 40, (1, 5))
+    with torch.no_grad():
+        want = model(input_features=feats, decoder_input_ids=ids).logits
+    assert any("'model.decoder'" in n for n in replace_wrap.report(model).notes)
+    model.save_pretrained(tmp_path)
+    with pytest.raises(replace_wrap.StateDictError, match=r"holds scalars of replaced blocks that its config\.json "
+                       r"record does not convert \(\['model\.encoder\.layers\.1\.replacement\.a'.*converted "
+                       r"separately.*plain loader"):
+        replace_wrap.from_pretrained(transformers.WhisperForConditionalGeneration, tmp_path)
+    # the ways the message gives: the plain loader, or the model converted as before and the weights loaded
+    from safetensors.torch import load_file
+
+    plain = transformers.WhisperForConditionalGeneration.from_pretrained(tmp_path).eval()
+    twin = build().eval()
+    twin.load_state_dict(load_file(str(tmp_path / "model.safetensors")), strict=False)  # proj_out: tied, unsaved
+    with torch.no_grad():
+        for m in (plain, twin):
+            assert torch.equal(m(input_features=feats, decoder_input_ids=ids).logits, want)
+
 
 
 @pytest.mark.parametrize("family", ["OPT", "Gemma"])

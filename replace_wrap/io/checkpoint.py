@@ -170,6 +170,19 @@ def from_pretrained(cls: type[M], directory: str | Path, *, example_inputs: Any 
         model.__dict__.pop("_keys_to_ignore_on_load_unexpected", None)  # post_init copied the subclass's list
     # "auto", "balanced", max_memory=...: what is offloaded is known once Hugging Face has placed the model
     _refuse_offload(cls, d, getattr(model, "hf_device_map", None), [n for n, p in model.named_parameters() if p.is_meta])
+    extra = sorted(k for k in info.get("unexpected_keys", ()) if f".{SITE_ATTR}." in f".{k}")
+    if extra:  # HF drops unexpected keys with a log line: those blocks would come back plain, silently
+        raise StateDictError(
+            f"the checkpoint in {d} holds scalars of replaced blocks that its config.json record does not convert "
+            f"({extra[:4]}{f' and {len(extra) - 4} more' if len(extra) > 4 else ''}; the record converts "
+            f"{[b.path for b in record.blocks][:4]} of a {record.module or cls.__name__}): it was saved from a "
+            "model whose modules were converted separately (an encoder and a decoder sharing one config, whose "
+            "record names the last conversion), so those blocks would load as plain layers. Convert the model in "
+            "one call before training (replace_wrap.convert(model, policy=replace_wrap.Paths([...]))). To load "
+            f"this checkpoint: the plain loader ({cls.__name__}.from_pretrained(directory)) gives the plain model "
+            "that predicts the same; or build the model, convert each module as before, and load the checkpoint's "
+            "weights into it (model.load_state_dict)."
+        )
     missing = [k for k in info.get("missing_keys", ()) if f".{SITE_ATTR}." in f".{k}"]
     if missing:
         raise StateDictError(

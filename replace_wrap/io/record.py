@@ -28,8 +28,8 @@ from torch import nn
 from .. import api
 from .._version import __version__
 from ..config import UNFITTED_INIT, ReplaceConfig
-from ..errors import ConfigError, PolicyError, StateDictError
-from ..report import ConversionReport
+from ..errors import CompatibilityError, ConfigError, PolicyError, StateDictError
+from ..report import ConversionReport, converted_modules
 from ..selection.policies import Paths
 from ..surgery.fits import scalars_from_checkpoint
 
@@ -99,7 +99,20 @@ class ConversionRecord:
 
         Raises:
             NotConvertedError: If ``model`` was not converted.
+            CompatibilityError: If ``model`` holds several modules converted separately: a record holds one
+                conversion, and a record of one of them would reload the others as plain modules, or not at all.
         """
+        held = converted_modules(model)
+        if len(held) > 1:
+            paths = [path or "<the model>" for path, _ in held]
+            raise CompatibilityError(
+                f"{type(model).__name__} holds {len(held)} modules converted separately ({', '.join(map(repr, paths))}), "
+                "and a conversion record holds one conversion: recording one of them would reload the others as "
+                "plain modules, or not at all. Convert the model in one call (replace_wrap.convert(model, "
+                "policy=replace_wrap.Paths([...every block to replace...]), ...) when the options are the same), or "
+                "save the state dict (torch.save(model.state_dict(), path)), which loads into a freshly built model "
+                "whose modules are converted again as here, and into the plain model."
+            )
         return cls.from_report(api.report(model), module=type(model).__name__)
 
     @classmethod
