@@ -236,6 +236,25 @@ def test_save_load_round_trip(tmp_path, name, safe):
         assert torch.equal(src(x), dst(x))
 
 
+@pytest.mark.parametrize("wrap", [
+    lambda m: torch.compile(m, backend="eager"),
+    torch.nn.DataParallel,  # DistributedDataParallel (also unwrapped) needs a process group
+], ids=["torch.compile", "DataParallel"])
+def test_save_of_a_wrapped_model_is_the_models_checkpoint(tmp_path, wrap):
+    # save(torch.compile(model)) recorded the blocks as '_orig_mod.blocks.1' and wrote '_orig_mod.'-prefixed
+    # weights: load(fresh model) refused ("are no blocks of any stack"), and no plain loader took the weights
+    from safetensors.torch import load_file
+
+    src = _converted(ResidualMLP)
+    replace_wrap.save(wrap(src), tmp_path)
+    assert [b["path"] for b in json.loads((tmp_path / RECORD_FILE).read_text())["blocks"]] == ["blocks.1", "blocks.3"]
+    assert list(load_file(str(tmp_path / "model.safetensors"))) == sorted(src.state_dict())
+    _assert_bit_identical(src, replace_wrap.load(ResidualMLP(), tmp_path))
+    fresh = ResidualMLP()
+    assert replace_wrap.load(wrapped := wrap(fresh), tmp_path) is wrapped  # a wrapped model loads its inner one
+    _assert_bit_identical(src, fresh)
+
+
 @pytest.mark.parametrize("kind", ["weight_norm", "spectral_norm"])
 def test_a_neighbour_parametrized_after_convert_saves_and_loads_into_a_model_parametrized_before(tmp_path, kind):
     # load converts a model built (and parametrized) afresh: its neighbour's weight is no parameter but a

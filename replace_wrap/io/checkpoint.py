@@ -39,7 +39,8 @@ def save(model: nn.Module, directory: str | Path, *, safe_serialization: bool = 
     travels in ``config.json``; reload those with :func:`from_pretrained`.
 
     Args:
-        model: A converted model.
+        model: A converted model; wrapped by ``torch.compile`` or (Distributed)DataParallel, the model inside is
+            saved (its keys and block paths, without ``_orig_mod.`` or ``module.``).
         directory: Created if missing.
         safe_serialization: Write safetensors (default) or a ``torch.save`` file.
 
@@ -59,6 +60,7 @@ def save(model: nn.Module, directory: str | Path, *, safe_serialization: bool = 
         >>> torch.equal(twin[1].weight, net[1].weight)
         True
     """
+    model = _unwrapped(model)  # the checkpoint of the model, not of the wrapper: its keys and paths load anywhere
     record = ConversionRecord.of(model)
     out = Path(directory)
     out.mkdir(parents=True, exist_ok=True)
@@ -83,7 +85,8 @@ def load(model: M, directory: str | Path, *, strict: bool = True, example_inputs
 
     Args:
         model: A freshly built model of the saved architecture (unconverted), or one already converted
-            exactly as recorded.
+            exactly as recorded; wrapped by ``torch.compile`` or (Distributed)DataParallel, the model inside
+            is loaded (``model`` is returned).
         directory: What :func:`save` wrote.
         strict: Passed to ``load_state_dict``.
         example_inputs: Inputs for the ``torch.export`` analysis route, if the original conversion used it.
@@ -102,6 +105,7 @@ def load(model: M, directory: str | Path, *, strict: bool = True, example_inputs
         )
     record = read_record(d)
     state = _read_weights(d)
+    wrapper, model = model, (model if type(model).__name__ == record.module else _unwrapped(model))
     if converted(model):
         mine = ConversionRecord.of(model)
         if not mine.same_conversion(record):
@@ -113,7 +117,27 @@ def load(model: M, directory: str | Path, *, strict: bool = True, example_inputs
     else:
         record.apply(model, example_inputs)
     model.load_state_dict(state, strict=strict)
-    return model
+    return wrapper
+
+
+def _unwrapped(model: nn.Module) -> nn.Module:
+    """``model`` without the wrappers that hold one model and add nothing to what it computes or saves but a key
+    prefix: ``torch.compile``'s ``OptimizedModule`` (``_orig_mod.``), ``DistributedDataParallel`` and
+    ``DataParallel`` (``module.``). A checkpoint of the wrapper would name its blocks and tensors by those
+    prefixes, and load only into the same wrapper."""
+    from torch.nn.parallel import DataParallel, DistributedDataParallel
+
+    try:
+        from torch._dynamo.eval_frame import OptimizedModule
+    except ImportError:  # a torch without dynamo: nothing is compiled
+        OptimizedModule = ()  # noqa: N806
+    while True:
+        if isinstance(model, OptimizedModule):
+            model = model._orig_mod
+        elif isinstance(model, (DistributedDataParallel, DataParallel)):
+            model = model.module
+        else:
+            return model
 
 
 def from_pretrained(cls: type[M], directory: str | Path, *, example_inputs: Any = None, **kwargs: Any) -> M:
