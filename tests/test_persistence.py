@@ -579,6 +579,25 @@ def test_hf_from_pretrained_refuses_a_checkpoint_of_separately_converted_modules
 
 
 
+def test_hf_from_pretrained_loads_a_head_models_checkpoint_into_its_base_model(tmp_path):
+    # Hugging Face loads ViTForImageClassification's checkpoint into ViTModel (AutoModel) by dropping
+    # base_model_prefix ("vit.") from its keys; replace_wrap.from_pretrained refused it ("Paths: ['vit.layers.1',
+    # ...] are no blocks of any stack of ViTModel"), advising plan() and example_inputs
+    from transformers import ViTModel
+
+    model = _converted(_hf_vit).eval()
+    model.save_pretrained(tmp_path)
+    base, info = replace_wrap.from_pretrained(ViTModel, tmp_path, output_loading_info=True)
+    assert [b.path for b in replace_wrap.report(base).replaced] == ["layers.1", "layers.3"]
+    assert all(k.startswith("pooler.") for k in info["missing_keys"])  # the classifier's ViT has no pooler
+    assert all(k.startswith("classifier.") for k in info["unexpected_keys"])
+    x = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        assert torch.equal(base.eval()(pixel_values=x).last_hidden_state, model.vit(pixel_values=x).last_hidden_state)
+    assert torch.equal(base.layers[1].replacement.a, model.vit.layers[1].replacement.a)
+
+
+
 @pytest.mark.parametrize("family", ["OPT", "Gemma"])
 def test_hf_report_counts_tied_embeddings_once_after_from_pretrained(tmp_path, family):
     """from_pretrained converts before Hugging Face ties the embeddings (issue 11, defect 2): the report must count

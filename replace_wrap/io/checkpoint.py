@@ -289,9 +289,13 @@ def _converting_subclass(cls: type[M], record: ConversionRecord, example_inputs:
             raise AlreadyConvertedError(
                 f"{cls.__name__}.__init__ already converted the model; cannot apply the saved conversion on top"
             )
-        record.apply(self, example_inputs)
+        record.for_base_model(self).apply(self, example_inputs)
 
     synthesized = [f"{b.path}.{t}" if b.path else t for b in record.blocks for t in b.tensors]
+    lead = f"{getattr(cls, 'base_model_prefix', '')}."
+    # loaded into the base model, Hugging Face drops base_model_prefix from the keys; the patterns below match
+    # a key's end, so the shorter key matches both
+    synthesized = [k[len(lead):] if lead != "." and k.startswith(lead) else k for k in synthesized]
     ignore = list(getattr(cls, "_keys_to_ignore_on_load_unexpected", None) or ())
     ignore += [rf"(^|\.){re.escape(k)}$" for k in synthesized]
     namespace = {

@@ -229,6 +229,26 @@ class ConversionRecord:
             )
         return found[0][1]
 
+    def for_base_model(self, model: nn.Module) -> ConversionRecord:
+        """The record for ``model`` when it is the Hugging Face base model of the head model it was saved from.
+
+        Hugging Face loads a head model's checkpoint (``LlamaForCausalLM``) into its base model (``LlamaModel``,
+        ``AutoModel``) by dropping the ``base_model_prefix`` (``model.``) from the keys; the record's paths drop
+        it alike (``replace_wrap.from_pretrained`` applies this one). Anything else keeps the record as it is
+        (the block-by-block check of :meth:`apply` then says what does not fit).
+        """
+        prefix = getattr(model, "base_model_prefix", None)
+        if not isinstance(prefix, str) or not prefix or type(model).__name__ == self.module:
+            return self
+        if prefix in model._modules or getattr(model, prefix, None) is not None:  # a head model: holds its base
+            return self
+        lead = f"{prefix}."
+        if not all(p.startswith(lead) for b in self.blocks for p in (b.path, b.prev, b.next)):
+            return self
+        blocks = tuple(dataclasses.replace(b, path=b.path[len(lead):], prev=b.prev[len(lead):], next=b.next[len(lead):])
+                       for b in self.blocks)
+        return dataclasses.replace(self, blocks=blocks, module=type(model).__name__)
+
     def same_conversion(self, other: ConversionRecord) -> bool:
         """Whether ``other`` replaces the same blocks from the same neighbours with the same options.
 
