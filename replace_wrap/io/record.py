@@ -156,9 +156,13 @@ class ConversionRecord:
         except (KeyError, TypeError) as exc:
             raise ConfigError(f"malformed conversion record: missing or invalid field {exc}") from None
 
-    def policy(self) -> Paths:
-        """A policy that selects exactly the recorded blocks."""
-        return Paths([b.path for b in self.blocks])
+    def policy(self, model: nn.Module | None = None) -> Paths:
+        """A policy that selects exactly the recorded blocks (of ``model``: a block that ``model`` holds in a
+        ``checkpoint_wrapper`` is the module the wrapper holds, as discovery sees it)."""
+        if model is None:
+            return Paths([b.path for b in self.blocks])
+        paths = {key: path for path, key, _ in keyed_modules(model)}  # of a wrapper and its module, the module
+        return Paths([paths.get(recorded_key(b.path), b.path) for b in self.blocks])
 
     def apply(self, model: M, example_inputs: Any = None) -> M:
         """Convert ``model`` (of the saved architecture, not yet converted) exactly as recorded; return it.
@@ -179,10 +183,7 @@ class ConversionRecord:
             AlreadyConvertedError: If ``model`` is already converted.
         """
         target = self._converted_module(model)
-        # the recorded keys as this model's module paths (a block under checkpoint_wrapper is the module it holds)
-        paths = {key: path for path, key, _ in keyed_modules(target)}
-        policy = Paths([paths.get(recorded_key(b.path), b.path) for b in self.blocks])
-        options = {"policy": policy, "config": self.config, "example_inputs": example_inputs}
+        options = {"policy": self.policy(target), "config": self.config, "example_inputs": example_inputs}
         # a structural original stays structural: a graph could order the blocks differently
         options["trace"] = self.route != "structural"
         name = type(target).__name__
