@@ -14,6 +14,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
+from .analysis.wrappers import key_path
 from .config import ReplaceConfig
 from .errors import AlreadyConvertedError, ConfigError, MergeError, NotConvertedError, NothingToReplaceError, PolicyError
 from .integrations import decay, optim
@@ -154,10 +155,11 @@ def report(model: nn.Module) -> ConversionReport:
         )
     prefix = "" if holder is model else next(f"{p}." for p, m in model.named_modules() if m is holder)
     out = dataclasses.replace(stored, blocks=[_prefixed(b, prefix) for b in stored.blocks])
-    live = {path: site for path, _, site in sites(model)}
+    # by state-dict key: a block wrapped for activation checkpointing after convert is one level down now
+    live = {key_path(model, path): site for path, _, site in sites(model)}
     for b in out.blocks:
-        if b.status == "replaced" and b.path in live:
-            b.scalars = scalar_values(live[b.path])
+        if b.status == "replaced" and key_path(model, b.path) in live:
+            b.scalars = scalar_values(live[key_path(model, b.path)])
     out.notes = [*out.notes, *_gone_notes(out.blocks, {path for path, _ in model.named_modules()})]
     others = [path for path, m in converted_modules(model) if m is not holder]
     if others:  # converted separately: this report is one conversion's, and says so rather than omit them

@@ -14,14 +14,17 @@ import torch
 
 import replace_wrap
 from conftest import TOL, run_python
-from toys import ConvNet, ResidualMLP, SharedSubmoduleNet
+from toys import ConvNet, ResidualMLP, ResidualMLPBlock, SharedSubmoduleNet
 
 MODELS = {"mlp": ResidualMLP, "conv_bn": ConvNet, "shared": SharedSubmoduleNet}
 
 
 def _trained(factory, seed: int = 0, **kw) -> torch.nn.Module:
     torch.manual_seed(seed)
-    model = replace_wrap.convert(factory(), **({"every": 2} | kw))
+    return _moved(replace_wrap.convert(factory(), **({"every": 2} | kw)), seed)
+
+
+def _moved(model: torch.nn.Module, seed: int) -> torch.nn.Module:
     g = torch.Generator().manual_seed(seed + 1)
     with torch.no_grad():  # move every parameter (scalars included) away from its initial value
         for p in model.parameters():
@@ -181,3 +184,133 @@ def test_saving_in_training_mode_never_moves_a_stateful_rule():
     shadows = {k: v.clone() for k, v in model.state_dict().items() if ".shadow_" in k}
     model.state_dict()  # again: nothing moved
     assert all(torch.equal(model.state_dict()[k], v) for k, v in shadows.items())
+
+
+# --- torch's activation checkpointing wrappers --------------------------------------------------------------
+# checkpoint_wrapper holds a module as "<path>._checkpoint_wrapped_module", and its state-dict hooks drop that
+# segment from every key (and add it back on load). Applied by apply_activation_checkpointing, as Accelerate's
+# FSDP recipes and torchtitan do: around whole blocks, or around layers (then inside the replaced blocks), before
+# or after convert.
+WRAPPINGS = {  # name -> (the modules wrapped, wrapped before convert)
+    "blocks_before": (ResidualMLPBlock, True),
+    "blocks_after": (ResidualMLPBlock, False),
+    "layers_before": (torch.nn.Linear, True),
+    "layers_after": (torch.nn.Linear, False),
+}
+
+
+def _wrap(model: torch.nn.Module, kind: type) -> torch.nn.Module:
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import apply_activation_checkpointing
+
+    apply_activation_checkpointing(model, check_fn=lambda m: isinstance(m, kind))
+    return model
+
+
+def _wrapped(way: str, seed: int = 0, wrap: bool = True) -> torch.nn.Module:
+    """A converted, moved ResidualMLP wrapped as ``way`` says (``wrap=False``: the same model, not wrapped)."""
+    kind, before = WRAPPINGS[way]
+    torch.manual_seed(seed)
+    model = ResidualMLP()
+    if wrap and before:
+        _wrap(model, kind)
+    replace_wrap.convert(model, every=2)
+    if wrap and not before:
+        _wrap(model, kind)
+    return _moved(model, seed)
+
+
+def _n_wrappers(model: torch.nn.Module) -> int:
+    return sum(type(m).__name__ == "CheckpointWrapper" for m in model.modules())
+
+
+@pytest.mark.parametrize("way", sorted(WRAPPINGS))
+def test_checkpoint_wrapped_state_dict_is_the_plain_models(way):
+    model = _wrapped(way)
+    state = model.state_dict()
+    plain_state = {k: v for k, v in state.items() if k not in _scalar_keys(state)}
+    # the keys torch writes: no wrapper segment, the replaced tensors under their original keys
+    assert set(plain_state) == set(ResidualMLP().state_dict())
+    x = ResidualMLP.example()
+    with torch.no_grad():
+        want = model(x)
+        for plain in (ResidualMLP(), _wrap(ResidualMLP(), WRAPPINGS[way][0])):
+            plain.load_state_dict(plain_state)  # strict
+            assert (plain.eval()(x) - want).abs().max() <= TOL["merge"]
+        # a copy keeps its wrappers (a replaced layer's own __deepcopy__, reached through the wrapper's
+        # attribute forwarding, returned the layer alone), and merges into the same function
+        twin = copy.deepcopy(model)
+        assert _n_wrappers(twin) == _n_wrappers(model) > 0
+        merged = replace_wrap.merge(twin)
+        assert (merged(x) - want).abs().max() <= TOL["merge"]
+        assert set(merged.state_dict()) == set(plain_state)
+        # converted with and without the wrappers: each loads the other's state dict strictly, exactly
+        for dst, src in ((_wrapped(way, seed=4, wrap=False), model), (_wrapped(way, seed=4), _wrapped(way, wrap=False))):
+            assert not dst.load_state_dict(src.state_dict()).unexpected_keys
+            assert torch.equal(dst(x), want)
+
+
+@pytest.mark.parametrize("way", sorted(WRAPPINGS))
+def test_checkpoint_wrapped_model_trains_as_the_unwrapped_one(way):
+    models = [_wrapped(way).train(), _wrapped(way, wrap=False).train()]
+    x = ResidualMLP.example()
+    grads = []
+    for m in models:
+        torch.manual_seed(7)  # the same sampled rows in both
+        m(x).square().mean().backward()
+        grads.append({n.replace("._checkpoint_wrapped_module", ""): p.grad for n, p in m.named_parameters()})
+        torch.optim.SGD(m.parameters(), lr=0.1).step()
+    assert grads[0].keys() == grads[1].keys()
+    assert all(torch.equal(grads[0][n], grads[1][n]) for n in grads[0])
+    scalars = [n for n in grads[0] if ".replacement." in n]
+    assert len(scalars) == 4 and all(grads[0][n].abs().sum() > 0 for n in scalars)
+    with torch.no_grad():
+        assert torch.equal(models[0].eval()(x), models[1].eval()(x))
+    # the report reads the live scalars wherever the wrapper put the block
+    live = [b.scalars for b in replace_wrap.report(models[0]).replaced]
+    assert live == [b.scalars for b in replace_wrap.report(models[1]).replaced]
+    assert live[0]["a"] != [0.5]
+
+
+@pytest.mark.parametrize("way", sorted(WRAPPINGS))
+def test_plain_state_dict_into_a_checkpoint_wrapped_model_is_refused_as_unwrapped(way):
+    model = _wrapped(way)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    for plain in (ResidualMLP(), _wrap(ResidualMLP(), WRAPPINGS[way][0])):
+        with pytest.raises(replace_wrap.StateDictError) as wrapped:
+            model.load_state_dict(plain.state_dict())
+        with pytest.raises(replace_wrap.StateDictError) as bare:
+            _wrapped(way, wrap=False).load_state_dict(plain.state_dict())
+        assert str(wrapped.value) == str(bare.value) and "and no scalars" in str(wrapped.value)
+    after = model.state_dict()
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+
+
+@pytest.mark.parametrize("way", sorted(WRAPPINGS))
+def test_checkpoint_wrapped_save_loads_into_the_model_wrapped_or_not(way, tmp_path):
+    model = _wrapped(way)
+    replace_wrap.save(model, tmp_path)
+    # the record names blocks by their state-dict keys, as the weights beside it do
+    assert [b.path for b in replace_wrap.ConversionRecord.of(model).blocks] == ["blocks.1", "blocks.3"]
+    x = ResidualMLP.example()
+    with torch.no_grad():
+        want = model(x)
+        for kind in (None, ResidualMLPBlock, torch.nn.Linear):
+            fresh = ResidualMLP() if kind is None else _wrap(ResidualMLP(), kind)
+            twin = replace_wrap.load(fresh, tmp_path).eval()
+            assert torch.equal(twin(x), want)
+
+
+def test_a_checkpoint_wrapped_converted_model_is_recorded_as_the_model_it_holds(tmp_path):
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+
+    inner = _trained(ResidualMLP)
+    model = checkpoint_wrapper(inner)
+    record = replace_wrap.ConversionRecord.of(model)
+    assert record.module == "ResidualMLP" and [b.path for b in record.blocks] == ["blocks.1", "blocks.3"]
+    replace_wrap.save(model, tmp_path)
+    x = ResidualMLP.example()
+    with torch.no_grad():
+        for fresh in (ResidualMLP(), checkpoint_wrapper(ResidualMLP())):
+            assert torch.equal(replace_wrap.load(fresh, tmp_path).eval()(x), inner(x))
+        with pytest.raises(replace_wrap.StateDictError, match="and no scalars"):
+            model.load_state_dict(ResidualMLP().state_dict())

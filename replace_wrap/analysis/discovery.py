@@ -37,6 +37,7 @@ from torch import nn
 
 from ..errors import TracingError
 from .capture import BlockGraph, export_block_graph, fx_block_graph, preserved_state
+from .wrappers import unwrap
 
 __all__ = ["Analysis", "Stack", "analyse", "find_stacks", "template"]
 
@@ -197,9 +198,12 @@ def _runs(model: nn.Module, sizes: dict[int, int]) -> Iterator[tuple[Hashable, s
     for ppath, parent in model.named_modules():
         run: list[tuple[str, nn.Module]] = []
         run_kind: Hashable = None
+        first = ""  # the attribute name of the run's first member
         item_parent = type(parent) in _GENERIC_CONTAINERS
         for name, child in parent.named_children():
-            path = f"{ppath}.{name}" if ppath else name
+            # a block under activation checkpointing is the module the wrapper holds: its scalars then live
+            # inside the wrapper, where the wrapper's load hook sends their state-dict keys (.wrappers)
+            path, child = unwrap(f"{ppath}.{name}" if ppath else name, child)
             # ModuleList/ModuleDict have no forward: they hold blocks but are never blocks themselves
             # (a subclass with its own forward, like DenseNet's DenseBlock, can be a block).
             callable_block = type(child).forward is not nn.Module.forward
@@ -210,10 +214,10 @@ def _runs(model: nn.Module, sizes: dict[int, int]) -> Iterator[tuple[Hashable, s
             if kind is not None and kind == run_kind:
                 run.append((path, child))
                 continue
-            if len(run) >= 2 or (run and _lone_block(run[0], item_parent)):
+            if len(run) >= 2 or (run and _lone_block(first, run[0][1], item_parent)):
                 yield run_kind, ppath, run
-            run, run_kind = ([(path, child)], kind) if kind is not None else ([], None)
-        if len(run) >= 2 or (run and _lone_block(run[0], item_parent)):
+            run, run_kind, first = ([(path, child)], kind, name) if kind is not None else ([], None, "")
+        if len(run) >= 2 or (run and _lone_block(first, run[0][1], item_parent)):
             yield run_kind, ppath, run
 
 
@@ -227,10 +231,9 @@ def _is_block(module: nn.Module) -> bool:
     return False
 
 
-def _lone_block(member: tuple[str, nn.Module], item_parent: bool) -> bool:
-    """Whether a child without a same-kind sibling may still join a stack: an item, and a block."""
-    path, module = member
-    return (item_parent or path.rsplit(".", 1)[-1][-1:].isdigit()) and _is_block(module)
+def _lone_block(name: str, module: nn.Module, item_parent: bool) -> bool:
+    """Whether a child ``name`` without a same-kind sibling may still join a stack: an item, and a block."""
+    return (item_parent or name[-1:].isdigit()) and _is_block(module)
 
 
 def _chain(runs: Iterator[tuple[Hashable, str, list[tuple[str, nn.Module]]]]) -> list[list[tuple[str, nn.Module]]]:

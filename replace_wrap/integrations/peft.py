@@ -42,6 +42,7 @@ import torch
 from torch import nn
 
 from .. import api
+from ..analysis.wrappers import hides, key_path
 from ..errors import IntegrationError, NotConvertedError, StateDictError
 from ..report import ConversionReport, converted_module
 from ..surgery.apply import located_tensors, sites
@@ -151,7 +152,7 @@ def from_pretrained(model: nn.Module, directory: str | Path, *, is_trainable: bo
         record.apply(model)
     elif not ConversionRecord.of(holder).same_conversion(record):
         raise StateDictError(f"{type(model).__name__} is converted differently from the adapter in {d}")
-    wanted = {f"base_model.model.{b.path}.{SITE_ATTR}." for b in record.blocks}
+    wanted = {f"base_model.model.{key_path(model, b.path)}.{SITE_ATTR}." for b in record.blocks}
     saved = _adapter_keys(d)
     if saved is not None and not all(any(k.startswith(w) for k in saved) for w in wanted):
         raise StateDictError(
@@ -212,7 +213,8 @@ def _add_conversion(peft_model: nn.Module, holder: nn.Module, d: Path, adapter: 
     extra: dict[str, torch.Tensor] = {}
     with torch.no_grad():
         for path, block, site in sites(peft_model):
-            extra.update({f"{path}.{SITE_ATTR}.{k}": v.detach() for k, v in site.state_dict().items()})
+            at = key_path(peft_model, path)  # the state-dict key (activation checkpointing hides a segment)
+            extra.update({f"{at}.{SITE_ATTR}.{k}": v.detach() for k, v in site.state_dict().items()})
             for key, layer, name in located_tensors(block, site):
                 extra[_key_for_adapter(peft_model, f"{path}.{key}", adapter)] = getattr(layer, name).detach()
     safe = d / "adapter_model.safetensors"
@@ -241,6 +243,9 @@ def _key_for_adapter(peft_model: nn.Module, key: str, adapter: str) -> str:
     kept: list[str] = []
     module = peft_model
     for i, part in enumerate(parts):
+        if hides(module, part):  # a wrapper's held module: no segment of the key (analysis.wrappers)
+            module = module._modules[part]
+            continue
         names = getattr(module, "adapter_layer_names", None)  # a PEFT tuner layer (BaseTunerLayer)
         if part == "base_layer" and names is not None and not any(adapter in getattr(module, n, ()) for n in names):
             module = module.get_submodule(part)

@@ -29,6 +29,7 @@ from typing import Any
 
 from torch import nn
 
+from ..analysis.wrappers import key_path, keyed_modules
 from ..errors import CompatibilityError, StateDictError
 from ..report import ConversionReport
 from ..surgery.sources import sources_outside
@@ -86,12 +87,8 @@ def load_state_dict(model: nn.Module, state_dict: Mapping[str, Any], strict: boo
         theirs = _replaced_in(state_dict, model, "")
         if theirs:
             scalars = {k for k in state_dict for b in theirs if k.startswith(f"{b}.{SITE_ATTR}." if b else f"{SITE_ATTR}.")}
-            absent = [
-                f"{b}.{n}" if b else n
-                for b in theirs
-                for n, _ in model.get_submodule(b).named_parameters()
-                if (f"{b}.{n}" if b else n) not in state_dict
-            ]
+            modules = _by_key(model)
+            absent = [k for b in theirs for k in _parameter_keys(modules[b], b) if k not in state_dict]
             if not absent:  # a plain checkpoint plus the scalars: load the plain model it describes
                 return model.load_state_dict({k: v for k, v in state_dict.items() if k not in scalars}, strict=True)
             raise StateDictError(
@@ -184,8 +181,8 @@ def _guard(
     # cannot tell strict=False apart: it refuses only the unmistakable case (tensors for blocks that have
     # none), and load_state_dict(..., strict=False) below is the deliberate way to drop them.
     if _SHARDS.get():  # one shard of a checkpoint that whole_checked accepted: drop its synthesized values
-        for path, site in _sites(module).items():
-            for key in _keys(module, path, site, prefix):
+        for path, (block, site) in _sites(module).items():
+            for key in _keys(block, path, site, prefix):
                 state_dict.pop(key, None)
         return
     problem = _mismatch(module, state_dict, prefix)
@@ -208,9 +205,9 @@ def whole_checked(model: nn.Module, state: dict[str, Any]) -> Iterator[None]:
     and raises ``StateDictError`` as for a whole state dict. Inside the block the guard then only drops each
     shard's synthesized values.
     """
-    for path, module in model.named_modules():
+    for _, key, module in keyed_modules(model):
         if any(getattr(h, "hook", h) is _guard for h in module._load_state_dict_pre_hooks.values()):
-            problem = _mismatch(module, dict(state), f"{path}." if path else "")
+            problem = _mismatch(module, dict(state), f"{key}." if key else "")
             if problem:
                 raise StateDictError(f"{problem} (checked on the whole sharded checkpoint; no shard was loaded)")
     token = _SHARDS.set(True)
@@ -227,7 +224,7 @@ def _mismatch(model: nn.Module, state: Mapping[str, Any], prefix: str) -> str | 
     values, if any, are removed from ``state`` here, so that no layer sees them as unexpected keys.
     """
     sites = _sites(model)
-    keys = {p: _keys(model, p, s, prefix) for p, s in sites.items()}
+    keys = {p: _keys(b, p, s, prefix) for p, (b, s) in sites.items()}
     own = [k for p in sites for k in keys[p] if k in state]
     name, ours = type(model).__name__, sorted(sites)
     if not own:  # no replaced tensors (a partial dict, or plain_state_dict=False): check a full one's scalars
@@ -262,10 +259,10 @@ def _lacks_own_keys(model: nn.Module, state: Mapping[str, Any], prefix: str) -> 
     """Whether ``state`` lacks a tensor of ``model`` outside its replacement sites (a frozen parameter, a
     persistent buffer): then it is a partial state dict (the trainable parameters only), not a full one saved
     with other options. A dict that lacks only some sites' buffers is both, by its keys: it is refused."""
-    for path, module in model.named_modules():
+    for _, key, module in keyed_modules(model):
         if isinstance(module, ReplacementSite):
             continue
-        at = f"{prefix}{path}." if path else prefix
+        at = f"{prefix}{key}." if key else prefix
         skip = module._non_persistent_buffers_set
         for key, t in (*module._parameters.items(), *module._buffers.items()):
             if t is not None and key not in skip and f"{at}{key}" not in state:
@@ -274,7 +271,7 @@ def _lacks_own_keys(model: nn.Module, state: Mapping[str, Any], prefix: str) -> 
 
 
 def _other_options(
-    sites: dict[str, ReplacementSite], state: Mapping[str, Any], prefix: str, name: str, partial: bool = False
+    sites: dict[str, tuple[nn.Module, ReplacementSite]], state: Mapping[str, Any], prefix: str, name: str, partial: bool = False
 ) -> str | None:
     """Why ``state``, which holds the scalars of exactly these blocks, still does not fit: its sites' tensors
     differ in names or shapes (saved with other ``scalars``, ``rule`` or ``keep_original``). torch would copy
@@ -287,7 +284,7 @@ def _other_options(
     def show(d: dict[str, tuple[int, ...]]) -> str:
         return ", ".join(f"{k}{list(v)}" for k, v in sorted(d.items())) or "none"
 
-    for path, site in sites.items():
+    for path, (_, site) in sites.items():
         at = f"{prefix}{path}.{SITE_ATTR}." if path else f"{prefix}{SITE_ATTR}."
         # what site.state_dict() writes, without running any state-dict hook
         ours = {k: tuple(v.shape) for k, v in site.named_parameters()}
@@ -312,17 +309,16 @@ def _other_options(
     return None
 
 
-def _keys(model: nn.Module, path: str, site: ReplacementSite, prefix: str) -> set[str]:
-    """Keys under which ``state`` may hold the tensors of the replaced block ``path``: the recorded paths, and
-    where wrappers moved the layers since (PEFT's ``base_layer``)."""
-    block = model.get_submodule(path) if path else model
-    rels = set(site.tensor_names) | set(synthesized_keys(block))
+def _keys(block: nn.Module, path: str, site: ReplacementSite, prefix: str) -> set[str]:
+    """Keys under which ``state`` may hold the tensors of the replaced ``block`` (at key ``path``): the recorded
+    paths, and where wrappers moved the layers since (PEFT's ``base_layer``)."""
+    rels = {key_path(block, rel, tensor=True) for rel in site.tensor_names} | set(synthesized_keys(block))
     return {f"{prefix}{path}.{rel}" if path else f"{prefix}{rel}" for rel in rels}
 
 
 def _replaced_in(state: Mapping[str, Any], model: nn.Module, prefix: str) -> list[str]:
     """Blocks of ``model`` for which ``state`` holds replacement scalars (``<block>.replacement.<name>``)."""
-    modules = dict(model.named_modules())
+    modules = _by_key(model)
     marker = f".{SITE_ATTR}."
     found = set()
     for key in state:
@@ -336,8 +332,25 @@ def _replaced_in(state: Mapping[str, Any], model: nn.Module, prefix: str) -> lis
     return sorted(found)
 
 
-def _sites(model: nn.Module) -> dict[str, ReplacementSite]:
-    return {path: site for path, _, site in sites(model)}
+def _sites(model: nn.Module) -> dict[str, tuple[nn.Module, ReplacementSite]]:
+    """``{key: (block, site)}`` of the replaced blocks, by their state-dict keys: every path the guard compares
+    with a state dict is a key (activation checkpointing's wrappers hide a segment, see analysis.wrappers)."""
+    return {key_path(model, path): (block, site) for path, block, site in sites(model)}
+
+
+def _by_key(model: nn.Module) -> dict[str, nn.Module]:
+    """The modules of ``model`` by state-dict key; of a wrapper and the module it holds, the held one."""
+    return {key: m for _, key, m in keyed_modules(model)}
+
+
+def _parameter_keys(module: nn.Module, at: str) -> list[str]:
+    """The state-dict keys of ``module``'s parameters, ``module`` being at key ``at``."""
+    return [
+        ".".join(p for p in (at, key, name) if p)
+        for _, key, m in keyed_modules(module)
+        for name, t in m._parameters.items()
+        if t is not None
+    ]
 
 
 def converted(model: nn.Module) -> bool:

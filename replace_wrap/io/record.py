@@ -27,6 +27,7 @@ from torch import nn
 
 from .. import api
 from .._version import __version__
+from ..analysis.wrappers import keyed_modules, recorded_key, unwrap
 from ..config import UNFITTED_INIT, ReplaceConfig
 from ..errors import CompatibilityError, ConfigError, PolicyError, StateDictError
 from ..report import ConversionReport, converted_modules
@@ -45,7 +46,12 @@ M = TypeVar("M", bound=nn.Module)
 
 @dataclass(frozen=True)
 class RecordedBlock:
-    """One replaced block of a saved conversion: its path, its neighbours and its synthesized tensors."""
+    """One replaced block of a saved conversion: its path, its neighbours and its synthesized tensors.
+
+    Each is a state-dict key, as the weights saved with the record name it: without the segments that
+    activation checkpointing's wrappers hide (see :mod:`replace_wrap.analysis.wrappers`), so that the record
+    applies to the model with or without those wrappers, as its weights load into either.
+    """
 
     path: str
     prev: str
@@ -113,12 +119,13 @@ class ConversionRecord:
                 "save the state dict (torch.save(model.state_dict(), path)), which loads into a freshly built model "
                 "whose modules are converted again as here, and into the plain model."
             )
-        return cls.from_report(api.report(model), module=type(model).__name__)
+        # a model wrapped whole for activation checkpointing is recorded as the model it holds
+        return cls.from_report(api.report(model), module=type(unwrap("", model)[1]).__name__)
 
     @classmethod
     def from_report(cls, rep: ConversionReport, module: str = "") -> ConversionRecord:
         """The record of what a :class:`~replace_wrap.ConversionReport` replaced in a module of class ``module``."""
-        blocks = tuple(RecordedBlock(b.path, b.prev or "", b.next or "", tuple(b.synthesized)) for b in rep.replaced)
+        blocks = tuple(_keyed(RecordedBlock(b.path, b.prev or "", b.next or "", tuple(b.synthesized))) for b in rep.replaced)
         return cls(rep.config, blocks, rep.route, __version__, module=module)
 
     def to_dict(self) -> dict[str, Any]:
@@ -162,9 +169,13 @@ class ConversionRecord:
         except (KeyError, TypeError) as exc:
             raise ConfigError(f"malformed conversion record: missing or invalid field {exc}") from None
 
-    def policy(self) -> Paths:
-        """A policy that selects exactly the recorded blocks."""
-        return Paths([b.path for b in self.blocks])
+    def policy(self, model: nn.Module | None = None) -> Paths:
+        """A policy that selects exactly the recorded blocks (of ``model``: a block that ``model`` holds in a
+        ``checkpoint_wrapper`` is the module the wrapper holds, as discovery sees it)."""
+        if model is None:
+            return Paths([b.path for b in self.blocks])
+        paths = {key: path for path, key, _ in keyed_modules(model)}  # of a wrapper and its module, the module
+        return Paths([paths.get(recorded_key(b.path), b.path) for b in self.blocks])
 
     def apply(self, model: M, example_inputs: Any = None) -> M:
         """Convert ``model`` (of the saved architecture, not yet converted) exactly as recorded; return it.
@@ -185,7 +196,7 @@ class ConversionRecord:
             AlreadyConvertedError: If ``model`` is already converted.
         """
         target = self._converted_module(model)
-        options = {"policy": self.policy(), "config": self.config, "example_inputs": example_inputs}
+        options = {"policy": self.policy(target), "config": self.config, "example_inputs": example_inputs}
         # a structural original stays structural: a graph could order the blocks differently
         options["trace"] = self.route != "structural"
         name = type(target).__name__
@@ -194,15 +205,15 @@ class ConversionRecord:
                 planned = api.plan(target, **options)
         except PolicyError as exc:
             raise StateDictError(f"cannot re-apply the saved conversion to {name}: {exc}") from None
-        got = {b.path: b for b in planned.blocks}
-        for want in self.blocks:
+        got = {recorded_key(b.path): b for b in planned.blocks}
+        for want in map(_keyed, self.blocks):
             b = got[want.path]  # Paths guarantees the block exists
             if b.status != "replaced":
                 raise StateDictError(
                     f"cannot re-apply the saved conversion to {name}: block {want.path!r} would be {b.status} "
                     f"({b.reason}). Is this the architecture the checkpoint was saved from?"
                 )
-            if (b.prev, b.next, tuple(b.synthesized)) != (want.prev, want.next, want.tensors):
+            if _keyed(RecordedBlock(b.path, b.prev or "", b.next or "", tuple(b.synthesized))) != want:
                 raise StateDictError(
                     f"cannot re-apply the saved conversion to {name}: block {want.path!r} was synthesized from "
                     f"{want.prev!r} and {want.next!r} ({len(want.tensors)} tensors) when saved, but this model's "
@@ -256,9 +267,14 @@ class ConversionRecord:
         scalars started, not what the model computes.
         """
         def key(r: ConversionRecord) -> tuple[ReplaceConfig, tuple[RecordedBlock, ...]]:
-            return dataclasses.replace(r.config, plain_state_dict=True, init=UNFITTED_INIT), r.blocks
+            return dataclasses.replace(r.config, plain_state_dict=True, init=UNFITTED_INIT), tuple(map(_keyed, r.blocks))
 
         return key(self) == key(other)
+
+
+def _keyed(b: RecordedBlock) -> RecordedBlock:
+    """``b`` in state-dict keys (a record written before they were, or a live report's module paths)."""
+    return RecordedBlock(recorded_key(b.path), recorded_key(b.prev), recorded_key(b.next), tuple(map(recorded_key, b.tensors)))
 
 
 def read_record(directory: str | Path) -> ConversionRecord:

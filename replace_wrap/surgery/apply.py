@@ -13,6 +13,7 @@ from typing import Callable
 import torch
 from torch import nn
 
+from ..analysis.wrappers import key_path
 from ..config import ReplaceConfig
 from ..errors import CompatibilityError, ConfigError
 from ..integrations.fsdp_state import held_values
@@ -46,7 +47,10 @@ def site_tensors(block: nn.Module, site: ReplacementSite) -> list[tuple[nn.Modul
 def located_tensors(block: nn.Module, site: ReplacementSite) -> list[tuple[str, nn.Module, str]]:
     """``(key, layer, name)`` of each synthesized tensor: its state-dict key relative to ``block`` where its
     layer is now (``site.tensor_names`` unless a wrapper moved the layer, e.g.
-    ``self_attn.q_proj.base_layer.weight`` under a LoRA layer), and the layer and name that synthesize it."""
+    ``self_attn.q_proj.base_layer.weight`` under a LoRA layer), and the layer and name that synthesize it.
+
+    The key is the one torch writes: without the segments that wrappers' state-dict hooks drop
+    (``fc1._checkpoint_wrapped_module.weight`` is ``fc1.weight``, see :mod:`~replace_wrap.analysis.wrappers`)."""
     out = []
     for rel in site.tensor_names:
         layer_path, _, name = rel.rpartition(".")
@@ -62,7 +66,7 @@ def located_tensors(block: nn.Module, site: ReplacementSite) -> list[tuple[str, 
                 break
         if found is None:
             _refuse_changed_layer(site, rel, layer)
-        out.append((f"{layer_path}.{name}" if layer_path else name, found, name))
+        out.append((key_path(block, f"{layer_path}.{name}" if layer_path else name, tensor=True), found, name))
     return out
 
 

@@ -177,7 +177,7 @@ def copy_root(memo: dict[int, Any]) -> CopyRoot:
 
 def check_copy(layer: nn.Module) -> None:
     """Before the first synthesis of a deep copy (or a DataParallel replica): refuse one that does not hold what
-    it synthesizes from (see ``swap._deepcopy``, which marks copies with :data:`CHECK`)."""
+    it synthesizes from (see ``swap._CopyProbe``, which marks copies with :data:`CHECK`)."""
     if layer.__dict__.get("_is_replica", False):  # set by nn.Module._replicate_for_data_parallel
         raise CompatibilityError(
             "nn.DataParallel cannot run a converted model: its replicas would read the replaced blocks' "

@@ -19,7 +19,6 @@ lean backward; every tensor keeps its property, so reading ``layer.weight`` stil
 
 from __future__ import annotations
 
-import copy
 import functools
 import inspect
 import warnings
@@ -37,7 +36,7 @@ from ..synthesis.layer_kernels import kernel_for
 from ..synthesis.mixing import (
     CACHE_PREFIX, SOURCES_ATTR, TensorSource, read_neighbour, reads_detached, refuse_hook_computed,
 )
-from .sources import CHECK, check_copy, check_meta, check_subclass, copy_root, refuse_script
+from .sources import CHECK, CopyRoot, check_copy, check_meta, check_subclass, copy_root, refuse_script
 
 __all__ = ["base_class", "install", "is_swapped", "set_recompute", "uninstall"]
 
@@ -127,7 +126,6 @@ def _swapped_class(base: type, names: tuple[str, ...], recompute: bool = False) 
             __module__=__name__ if names else base.__module__,
             __qualname__=base.__qualname__,
             __reduce_ex__=_reduce_ex,
-            __deepcopy__=_deepcopy,
             __doc__=base.__doc__,
         )
         cls = type(base.__name__, (base,), namespace)
@@ -324,28 +322,38 @@ def _fx_call_module(layer: nn.Module, base: type, args: tuple, kwargs: dict) -> 
 def _reduce_ex(self: nn.Module, protocol: int) -> tuple[Any, ...]:
     # Generated classes cannot be found by name; pickle and deepcopy rebuild them from (base, names, recompute).
     key = (type(self)._rw_base, tuple(sorted(self.__dict__.get(SOURCES_ATTR, ()))),
-           bool(self.__dict__.get("_rw_recompute", False)))
+           bool(self.__dict__.get("_rw_recompute", False)), _CopyProbe())
     state = {k: v for k, v in self.__dict__.items() if not k.startswith(CACHE_PREFIX) and k != CHECK}
     return _rebuild, key, state
 
 
-def _rebuild(base: type, names: tuple[str, ...], recompute: bool = False) -> nn.Module:
+def _rebuild(base: type, names: tuple[str, ...], recompute: bool = False, root: Any = None) -> nn.Module:
     cls = _swapped_class(base, names, recompute)
-    return cls.__new__(cls)
+    new = cls.__new__(cls)
+    if names and isinstance(root, CopyRoot):  # a deep copy: check at first use that its neighbours came along
+        object.__setattr__(new, CHECK, root)
+    return new
 
 
-def _deepcopy(self: nn.Module, memo: dict[int, Any]) -> nn.Module:
-    """Copy a layer with its sources through ``memo``, and check at first use that its neighbours came along.
+class _CopyProbe:
+    """The last argument of :func:`_rebuild`: the :class:`CopyRoot` of the deep copy it is part of.
 
     Copying a whole model copies each replaced layer's neighbours and site as part of it (the memo shares
     them), but copying one block alone would give it private copies of its neighbours that no model holds: a
     frozen snapshot that trains apart from the model. Whether the copy holds the neighbours is only known once
     the outermost copy is finished, so the copy keeps that object and checks before its first synthesis.
+
+    ``copy.deepcopy`` copies a reduction's arguments through its memo, which is how the probe reaches it. A
+    ``__deepcopy__`` method would do the same but is also found through a wrapper that forwards attribute reads
+    to the module it holds (torch's ``CheckpointWrapper``): copying the wrapper then returned the layer alone.
     """
-    rebuild, args, state = _reduce_ex(self, 4)
-    new = rebuild(*args)
-    memo[id(self)] = new
-    new.__dict__.update(copy.deepcopy(state, memo))
-    if SOURCES_ATTR in state:
-        object.__setattr__(new, CHECK, copy_root(memo))  # the outermost object copied, walked once for all
-    return new
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> CopyRoot:
+        return copy_root(memo)
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return _no_root, ()  # pickled: nothing to check (an unpickled model holds what it was saved with)
+
+
+def _no_root() -> None:
+    return None
