@@ -11,8 +11,11 @@ so that its keys are the ones torch writes wherever the wrapper sits (around a b
 model). Discovery sees through such a wrapper (:func:`unwrap`): the block is the module it holds, so the
 scalars live inside the wrapper, where its load hook sends their keys.
 
-Not here, because their keys are torch's as they are: ``torch.compile``'s ``OptimizedModule`` (its state dict
-keeps ``_orig_mod.``), and FSDP1's ``_fsdp_wrapped_module`` (``convert`` and ``merge`` refuse FSDP1).
+Wrappers of a whole model whose keys keep their segment (``torch.compile``'s ``OptimizedModule`` writes
+``_orig_mod.``, ``DistributedDataParallel`` and ``DataParallel`` write ``module.``) are torch's keys as they are:
+a state dict of the wrapper loads into the same wrapper. Only a checkpoint that must load anywhere
+(``replace_wrap.save``) is written from the model inside (:func:`held_model`). FSDP1's
+``_fsdp_wrapped_module`` is neither (``convert`` and ``merge`` refuse FSDP1).
 
 Example:
     >>> import torch
@@ -31,7 +34,7 @@ from collections.abc import Iterator
 
 from torch import nn
 
-__all__ = ["hides", "key_path", "keyed_modules", "recorded_key", "unwrap"]
+__all__ = ["held_model", "hides", "key_path", "keyed_modules", "recorded_key", "unwrap"]
 
 # The child name a wrapper's state-dict hooks drop from keys -> (module, class) of that wrapper. Looked up in
 # sys.modules: a model cannot hold the wrapper unless its module was imported, so nothing is imported here.
@@ -39,6 +42,28 @@ _HIDDEN: dict[str, tuple[str, str]] = {
     # CheckpointWrapper and OffloadWrapper (torch >= 2.1): _post_state_dict_hook / _pre_load_state_dict_hook
     "_checkpoint_wrapped_module": ("torch.distributed.algorithms._checkpoint.checkpoint_wrapper", "ActivationWrapper"),
 }
+
+
+# Wrappers holding one whole model that change its keys (by a prefix) and nothing it computes or saves besides:
+# class -> the attribute holding the model. Looked up in sys.modules, as _HIDDEN.
+_HOLDERS: dict[tuple[str, str], str] = {
+    ("torch._dynamo.eval_frame", "OptimizedModule"): "_orig_mod",  # torch.compile(model)
+    ("torch.nn.parallel.distributed", "DistributedDataParallel"): "module",
+    ("torch.nn.parallel.data_parallel", "DataParallel"): "module",
+}
+
+
+def held_model(model: nn.Module) -> nn.Module:
+    """``model`` without the whole-model wrappers of :data:`_HOLDERS` (``torch.compile``, (Distributed)DataParallel),
+    nested in any order: what a checkpoint that loads anywhere is written from (a checkpoint of the wrapper names
+    its blocks and tensors with the wrapper's prefix and loads only into the same wrapper)."""
+    while True:
+        attr = next((a for (mod, name), a in _HOLDERS.items()
+                     if isinstance(cls := getattr(sys.modules.get(mod), name, None), type) and isinstance(model, cls)),
+                    None)
+        if attr is None:
+            return model
+        model = getattr(model, attr)
 
 
 def hides(parent: nn.Module, name: str) -> bool:

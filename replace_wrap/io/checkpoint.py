@@ -16,6 +16,7 @@ from typing import Any, TypeVar
 import torch
 from torch import nn
 
+from ..analysis.wrappers import held_model
 from ..errors import AlreadyConvertedError, CompatibilityError, ConfigError, StateDictError
 from ..surgery.site import SITE_ATTR
 from .guard import converted
@@ -60,7 +61,7 @@ def save(model: nn.Module, directory: str | Path, *, safe_serialization: bool = 
         >>> torch.equal(twin[1].weight, net[1].weight)
         True
     """
-    model = _unwrapped(model)  # the checkpoint of the model, not of the wrapper: its keys and paths load anywhere
+    model = held_model(model)  # the checkpoint of the model, not of the wrapper: its keys and paths load anywhere
     record = ConversionRecord.of(model)
     out = Path(directory)
     out.mkdir(parents=True, exist_ok=True)
@@ -105,7 +106,7 @@ def load(model: M, directory: str | Path, *, strict: bool = True, example_inputs
         )
     record = read_record(d)
     state = _read_weights(d)
-    wrapper, model = model, (model if type(model).__name__ == record.module else _unwrapped(model))
+    wrapper, model = model, (model if type(model).__name__ == record.module else held_model(model))
     if converted(model):
         mine = ConversionRecord.of(model)
         if not mine.same_conversion(record):
@@ -118,26 +119,6 @@ def load(model: M, directory: str | Path, *, strict: bool = True, example_inputs
         record.apply(model, example_inputs)
     model.load_state_dict(state, strict=strict)
     return wrapper
-
-
-def _unwrapped(model: nn.Module) -> nn.Module:
-    """``model`` without the wrappers that hold one model and add nothing to what it computes or saves but a key
-    prefix: ``torch.compile``'s ``OptimizedModule`` (``_orig_mod.``), ``DistributedDataParallel`` and
-    ``DataParallel`` (``module.``). A checkpoint of the wrapper would name its blocks and tensors by those
-    prefixes, and load only into the same wrapper."""
-    from torch.nn.parallel import DataParallel, DistributedDataParallel
-
-    try:
-        from torch._dynamo.eval_frame import OptimizedModule
-    except ImportError:  # a torch without dynamo: nothing is compiled
-        OptimizedModule = ()  # noqa: N806
-    while True:
-        if isinstance(model, OptimizedModule):
-            model = model._orig_mod
-        elif isinstance(model, (DistributedDataParallel, DataParallel)):
-            model = model.module
-        else:
-            return model
 
 
 def from_pretrained(cls: type[M], directory: str | Path, *, example_inputs: Any = None, **kwargs: Any) -> M:
