@@ -32,6 +32,7 @@ from .errors import (
     RegistryError,
     ReplaceWrapError,
     StateDictError,
+    SynthesisMismatchError,
     TracingError,
 )
 from .integrations import peft as _peft  # noqa: F401  registers the attachment that guards PEFT-wrapped models
@@ -99,6 +100,7 @@ __all__ = [
     "Similarity",
     "Stack",
     "StateDictError",
+    "SynthesisMismatchError",
     "TracingError",
     "__version__",
     "convert",

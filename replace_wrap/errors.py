@@ -21,6 +21,7 @@ __all__ = [
     "RegistryError",
     "ReplaceWrapError",
     "StateDictError",
+    "SynthesisMismatchError",
     "TracingError",
 ]
 
@@ -87,6 +88,21 @@ class CompatibilityError(ReplaceWrapError, RuntimeError):
 
 class StateDictError(ReplaceWrapError, RuntimeError):
     """A state dict does not fit the model (converted vs. unconverted)."""
+
+
+class SynthesisMismatchError(StateDictError):
+    """A state dict's synthesized value of a replaced tensor is not what its own neighbours and scalars synthesize
+    in the model that loads it (saved by a model that synthesizes by another rule, or edited after saving).
+
+    Attributes:
+        key: The state-dict key of the first such tensor.
+        max_diff: Its largest absolute difference (``inf`` where one side is not finite and the other is).
+        tolerance: The difference allowed for it (dtype-aware, see :mod:`replace_wrap.io.verify`).
+    """
+
+    def __init__(self, message: str, key: str = "", max_diff: float = 0.0, tolerance: float = 0.0):
+        super().__init__(message)
+        self.key, self.max_diff, self.tolerance = key, max_diff, tolerance
 
 
 class IntegrationError(ReplaceWrapError, RuntimeError):

@@ -314,3 +314,38 @@ def test_a_checkpoint_wrapped_converted_model_is_recorded_as_the_model_it_holds(
             assert torch.equal(replace_wrap.load(fresh, tmp_path).eval()(x), inner(x))
         with pytest.raises(replace_wrap.StateDictError, match="and no scalars"):
             model.load_state_dict(ResidualMLP().state_dict())
+
+
+@pytest.mark.parametrize("way", sorted(WRAPPINGS))
+def test_checkpoint_wrapped_models_verify_synthesized_values_on_load(way):
+    # the synthesized values are checked under the keys torch writes: a wrapped model's own round trip is
+    # accepted (every value compared), an edited value refused before anything is copied
+    from replace_wrap.io import verify
+
+    model = _wrapped(way)
+    state = model.state_dict()
+    compared: list[str] = []
+    original = verify._Reader.forward
+
+    def spy(self):
+        compared.extend(job.key for job in self.jobs)
+        return original(self)
+
+    x = ResidualMLP.example()
+    dst = _wrapped(way, seed=4)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(verify._Reader, "forward", spy)
+        dst.load_state_dict(state)
+    synthesized = [k for k in state if k.startswith(("blocks.1.", "blocks.3.")) and ".replacement." not in k]
+    assert sorted(compared) == sorted(synthesized) and compared
+    with torch.no_grad():
+        assert torch.equal(dst(x), model(x))
+    edited = dict(state)
+    edited["blocks.3.fc2.weight"] = state["blocks.3.fc2.weight"] + 1e-2
+    target = _wrapped(way, seed=5)
+    before = {k: v.clone() for k, v in target.state_dict().items()}
+    with pytest.raises(replace_wrap.SynthesisMismatchError) as err:
+        target.load_state_dict(edited)
+    assert err.value.key == "blocks.3.fc2.weight" and "blocks.2.fc2.weight" in str(err.value)
+    after = target.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)

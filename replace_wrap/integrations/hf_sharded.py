@@ -8,8 +8,9 @@ which the state-dict guard cannot tell from a state dict of an unconverted model
 naming a wrong conversion, after other shards had loaded. So the function is wrapped (a patch of
 transformers, applied by ``convert`` once transformers' trainer module is imported, like the weight-decay
 one, registered in :mod:`replace_wrap.integrations.decay`): for a converted model it checks the index's keys (and the scalars' shapes) as one state dict before
-reading any shard, refuses as for a whole state dict, and lets each shard load with its synthesized values
-dropped. Unconverted models go to the original untouched.
+reading any shard, compares the synthesized values with what their neighbours and scalars give (reading those
+tensors alone, :mod:`replace_wrap.io.verify`), refuses as for a whole state dict, and lets each shard load with
+its synthesized values dropped. Unconverted models go to the original untouched.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import os
 import sys
 from typing import Any
 
+from ..io.checkpoint import read_tensors
 from ..io.guard import converted, whole_checked
 from ..surgery.site import SITE_ATTR
 from . import decay
@@ -56,7 +58,9 @@ def _wrap(original: Any) -> Any:
     def load_sharded_checkpoint(model: Any, folder: Any, strict: bool = True, prefer_safe: bool = True) -> Any:
         if not converted(model):
             return original(model, folder, strict, prefer_safe)
-        with whole_checked(model, _index_state(str(folder), prefer_safe)):
+        # the values the check compares (synthesized values, their neighbours and scalars) are read alone
+        read = functools.partial(read_tensors, folder)
+        with whole_checked(model, _index_state(str(folder), prefer_safe), read):
             return original(model, folder, strict, prefer_safe)
 
     load_sharded_checkpoint.__replace_wrap__ = True  # type: ignore[attr-defined]

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -19,14 +19,16 @@ from torch import nn
 from ..analysis.wrappers import held_model
 from ..errors import AlreadyConvertedError, CompatibilityError, ConfigError, StateDictError
 from ..surgery.site import SITE_ATTR
+from . import verify
 from .guard import converted
-from .plain import converted_only
+from .plain import converted_only, synthesized_paths
 from .record import RECORD_FILE, ConversionRecord, config_record, read_record
 
-__all__ = ["from_pretrained", "load", "save"]
+__all__ = ["from_pretrained", "load", "read_tensors", "save"]
 
 SAFE_WEIGHTS_FILE = "model.safetensors"
 TORCH_WEIGHTS_FILE = "pytorch_model.bin"
+SAFE_INDEX_FILE, TORCH_INDEX_FILE = f"{SAFE_WEIGHTS_FILE}.index.json", f"{TORCH_WEIGHTS_FILE}.index.json"
 
 M = TypeVar("M", bound=nn.Module)
 
@@ -198,7 +200,73 @@ def from_pretrained(cls: type[M], directory: str | Path, *, example_inputs: Any 
             "(directory)) and convert it again if you want; del model.config.replace_wrap before saving a plain "
             "model drops the record."
         )
+    _verify_loaded(model, d)  # Hugging Face ignored the synthesized values: compare them with what the model makes
     return (model, info) if want_info else model
+
+
+def _verify_loaded(model: nn.Module, d: Path) -> None:
+    """Refuse a model whose replaced tensors differ from the synthesized values of its checkpoint (see
+    :mod:`.verify`), read from the files for the keys the model has. Hugging Face renames keys between the
+    checkpoint and the model (transformers 5's weight conversions); a key that only a converter maps (tensors
+    fused or split on the way) is not compared."""
+    keys = synthesized_paths(model)
+    names = _checkpoint_names(model, keys)
+    found = read_tensors(d, names.values())
+    saved = {k: found[n] for k, n in names.items() if n in found and tuple(found[n].shape) == keys[k]}
+    problem = verify.mismatch(model, saved, substitute=False, next_step=(
+        "Hugging Face loaded it, and no model was returned. To get the model the saved values describe, load "
+        f"the checkpoint with the plain loader ({type(model).__name__}.from_pretrained(directory): every "
+        "checkpoint of a converted model is a plain one) and convert that again."
+    ))
+    if problem is not None:
+        raise problem
+
+
+def _checkpoint_names(model: nn.Module, keys: Mapping[str, tuple[int, ...]]) -> dict[str, str]:
+    """The checkpoint's name of each model key: transformers' reverse renaming (what ``save_pretrained``
+    applies), asked key by key with a meta tensor; the key itself where transformers has none or converts it."""
+    try:
+        from transformers.core_model_loading import revert_weight_conversion
+    except ImportError:  # transformers 4: checkpoints hold the model's own names
+        return {k: k for k in keys}
+    out = {}
+    for key, shape in keys.items():
+        t = torch.empty(shape, device="meta")
+        try:
+            renamed = revert_weight_conversion(model, {key: t})
+        except Exception:  # a converter that needs its whole group of tensors: not a plain renaming
+            continue
+        if len(renamed) == 1 and next(iter(renamed.values())) is t:  # a renaming, the tensor untouched
+            out[key] = next(iter(renamed))
+    return out
+
+
+def read_tensors(directory: str | Path, keys: Iterable[str]) -> dict[str, torch.Tensor]:
+    """The tensors under ``keys`` in a checkpoint directory (safetensors or ``torch.save`` weights, one file or
+    sharded with an index), each read alone (safetensors) or memory-mapped; keys it lacks are left out."""
+    d, wanted = Path(directory), set(keys)
+    by_file: dict[Path, list[str]] = {}
+    for index, single in ((SAFE_INDEX_FILE, SAFE_WEIGHTS_FILE), (TORCH_INDEX_FILE, TORCH_WEIGHTS_FILE)):
+        if (d / index).is_file():
+            weight_map: dict[str, str] = json.loads((d / index).read_text(encoding="utf-8"))["weight_map"]
+            for k in wanted & set(weight_map):
+                by_file.setdefault(d / weight_map[k], []).append(k)
+            break
+        if (d / single).is_file():
+            by_file[d / single] = sorted(wanted)
+            break
+    out: dict[str, torch.Tensor] = {}
+    for path, names in by_file.items():
+        if path.suffix == ".safetensors":
+            from safetensors import safe_open
+
+            with safe_open(str(path), framework="pt") as f:
+                held = set(f.keys())
+                out.update((k, f.get_tensor(k)) for k in names if k in held)
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            out.update((k, state[k]) for k in names if k in state)
+    return out
 
 
 def _offloaded(device_map: Any) -> list[str]:

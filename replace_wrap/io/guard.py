@@ -5,8 +5,10 @@ dict before any tensor is copied and tells three kinds apart by what it holds fo
 
 - the scalars of exactly these blocks (a checkpoint of a model converted the same way): loaded. If it also
   holds the replaced tensors' synthesized values (written by :mod:`replace_wrap.io.plain` so that plain loaders
-  work), those are derived data and are dropped on purpose, never compared: the scalars and the neighbours
-  define the replaced tensors;
+  work), those are derived data (the scalars and the neighbours define the replaced tensors) and are dropped,
+  once :mod:`replace_wrap.io.verify` has checked that the dict's own neighbours and scalars synthesize them in
+  this model: else it is refused with :class:`~replace_wrap.SynthesisMismatchError` (saved by a model that
+  synthesizes by another rule, or edited), before anything is copied;
 - tensors of the replaced blocks and no scalars (saved from an unconverted or merged model): refused with
   :class:`~replace_wrap.StateDictError`, which names the blocks and the fix;
 - scalars of other blocks (a model converted differently): refused the same way.
@@ -25,7 +27,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 from collections.abc import Iterator, Mapping
-from typing import Any
+from typing import Any, Callable
 
 from torch import nn
 
@@ -36,6 +38,7 @@ from ..surgery.sources import sources_outside
 from ..surgery.apply import sites
 from ..surgery.attachments import register_attachment
 from ..surgery.site import SITE_ATTR, ReplacementSite
+from . import verify
 from .plain import synthesized_keys
 from .record import CONFIG_KEY, ConversionRecord
 
@@ -185,9 +188,12 @@ def _guard(
             for key in _keys(block, path, site, prefix):
                 state_dict.pop(key, None)
         return
-    problem = _mismatch(module, state_dict, prefix)
-    if problem and not _GUARD_OFF.get():
-        raise StateDictError(problem)
+    off = _GUARD_OFF.get()
+    # values: compare the synthesized values with what the incoming neighbours and scalars give (not past the guard)
+    assign = local_metadata.get("assign_to_params_buffers", False)  # load_state_dict(assign=True)
+    problem = _mismatch(module, state_dict, prefix, values=not off, assign=assign)
+    if problem and not off:
+        raise problem
 
 
 _GUARD_OFF: contextvars.ContextVar[bool] = contextvars.ContextVar("replace_wrap_guard_off", default=False)
@@ -195,21 +201,29 @@ _SHARDS: contextvars.ContextVar[bool] = contextvars.ContextVar("replace_wrap_sha
 
 
 @contextlib.contextmanager
-def whole_checked(model: nn.Module, state: dict[str, Any]) -> Iterator[None]:
+def whole_checked(
+    model: nn.Module, state: dict[str, Any], read: Callable[[list[str]], Mapping[str, Any]] | None = None
+) -> Iterator[None]:
     """Around a checkpoint loaded shard by shard (``load_state_dict(shard, strict=False)`` per shard, as
     transformers' ``load_sharded_checkpoint`` does): check it on its whole key set before any shard is read.
 
     One shard alone cannot be told from an unconverted or differently converted state dict (it may hold a
     replaced block's synthesized values and not its scalars), so every guarded module of ``model`` checks
     ``state`` (every key of the checkpoint; the values need a ``shape`` only under ``replacement.``) on entry,
-    and raises ``StateDictError`` as for a whole state dict. Inside the block the guard then only drops each
-    shard's synthesized values.
+    and raises ``StateDictError`` as for a whole state dict. With ``read`` (keys -> their tensors), the
+    synthesized values are then compared with what their neighbours and scalars give
+    (:mod:`replace_wrap.io.verify`), reading those keys only, and ``SynthesisMismatchError`` raised as for a
+    whole state dict. Inside the block the guard then only drops each shard's synthesized values.
     """
     for _, key, module in keyed_modules(model):
         if any(getattr(h, "hook", h) is _guard for h in module._load_state_dict_pre_hooks.values()):
-            problem = _mismatch(module, dict(state), f"{key}." if key else "")
+            prefix = f"{key}." if key else ""
+            problem = _mismatch(module, dict(state), prefix)
+            if problem is None and read is not None:
+                problem = verify.mismatch(module, read(verify.keys_read(module, state, prefix)), prefix)
             if problem:
-                raise StateDictError(f"{problem} (checked on the whole sharded checkpoint; no shard was loaded)")
+                problem.args = (f"{problem} (checked on the whole sharded checkpoint; no shard was loaded)",)
+                raise problem
     token = _SHARDS.set(True)
     try:
         yield
@@ -217,11 +231,16 @@ def whole_checked(model: nn.Module, state: dict[str, Any]) -> Iterator[None]:
         _SHARDS.reset(token)
 
 
-def _mismatch(model: nn.Module, state: Mapping[str, Any], prefix: str) -> str | None:
-    """Why ``state`` cannot be loaded into the converted ``model``: it holds tensors of replaced blocks.
+def _mismatch(
+    model: nn.Module, state: Mapping[str, Any], prefix: str, values: bool = False, assign: bool = False
+) -> StateDictError | None:
+    """Why ``state`` cannot be loaded into the converted ``model`` (the error to raise): it holds tensors of
+    replaced blocks, or (``values``) synthesized values that its own neighbours and scalars do not give.
 
     A checkpoint of this very conversion (the scalars of exactly these blocks) is no mismatch: its synthesized
-    values, if any, are removed from ``state`` here, so that no layer sees them as unexpected keys.
+    values, if any, are removed from ``state`` here, so that no layer sees them as unexpected keys; with
+    ``values``, after :func:`replace_wrap.io.verify.mismatch` compared them (``assign``: the load's
+    ``assign=``).
     """
     sites = _sites(model)
     keys = {p: _keys(b, p, s, prefix) for p, (b, s) in sites.items()}
@@ -229,25 +248,32 @@ def _mismatch(model: nn.Module, state: Mapping[str, Any], prefix: str) -> str | 
     name, ours = type(model).__name__, sorted(sites)
     if not own:  # no replaced tensors (a partial dict, or plain_state_dict=False): check a full one's scalars
         full = bool(sites) and _replaced_in(state, model, prefix) == ours
-        return _other_options(sites, state, prefix, name, partial=_lacks_own_keys(model, state, prefix)) if full else None
+        problem = _other_options(sites, state, prefix, name, partial=_lacks_own_keys(model, state, prefix)) if full else None
+        return StateDictError(problem) if problem else None
     theirs = _replaced_in(state, model, prefix)
     if theirs == ours:
-        for k in own:
-            del state[k]
-        return _other_options(sites, state, prefix, name)
+        problem = _other_options(sites, state, prefix, name)
+        if problem:
+            return StateDictError(problem)
+        # the names and shapes fit; the values must too, or the load gives another model than the one saved
+        wrong = verify.mismatch(model, state, prefix, assign=assign) if values else None
+        if wrong is None:
+            for k in own:
+                del state[k]
+        return wrong
     blocks = sorted({p for p in sites if any(k in state for k in keys[p])})
     hatch = (
         " To load the other tensors and drop those on purpose: replace_wrap.load_state_dict(model, state_dict, "
         "strict=False)."
     )
     if not theirs:
-        return (
+        return StateDictError(
             f"this state dict does not fit the converted {name}: it holds tensors for the replaced blocks "
             f"{blocks} (e.g. {own[0]!r}), which synthesize theirs, and no scalars, so it was saved from an "
             "unconverted or merged model. Load it before converting (model.load_state_dict(state_dict), then "
             "replace_wrap.convert(model, ...)), or merge this model first (replace_wrap.merge(model))." + hatch
         )
-    return (
+    return StateDictError(
         f"this state dict was saved from a model converted differently: it replaced blocks {theirs}, this "
         f"{name} replaced {ours}. Load it into a fresh model converted the same way (replace_wrap.convert(model, "
         f"policy=replace_wrap.Paths({theirs}), <the original options>)), or save and load with replace_wrap.save "

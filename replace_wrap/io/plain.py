@@ -47,12 +47,13 @@ import torch
 from torch import nn
 
 from ..report import ConversionReport
-from ..surgery.apply import located_tensors
+from ..surgery.apply import located_tensors, sites
 from ..surgery.attachments import register_attachment
 from ..surgery.site import SITE_ATTR, ReplacementSite
+from ..synthesis.mixing import SOURCES_ATTR
 from ..synthesis.rules import state_frozen
 
-__all__ = ["converted_only", "synthesized_keys"]
+__all__ = ["converted_only", "synthesized_keys", "synthesized_paths"]
 
 _OFF: ContextVar[bool] = ContextVar("replace_wrap_plain_state_dict_off", default=False)
 
@@ -76,6 +77,16 @@ def synthesized_keys(block: nn.Module) -> list[str]:
     if not isinstance(site, ReplacementSite):
         return []
     return [key for key, _, _ in located_tensors(block, site)]
+
+
+def synthesized_paths(model: nn.Module) -> dict[str, tuple[int, ...]]:
+    """The keys (relative to ``model``) under which its state dict holds the replaced tensors' synthesized values
+    when the hook writes them, with their shapes (nothing is synthesized)."""
+    return {
+        f"{path}.{key}" if path else key: layer.__dict__[SOURCES_ATTR][name].shape(name)
+        for path, block, site in sites(model)
+        for key, layer, name in located_tensors(block, site)
+    }
 
 
 def _write_synthesized(block: nn.Module, state_dict: dict[str, Any], prefix: str, local_metadata: Any) -> None:

@@ -75,6 +75,12 @@ class TensorSource(NamedTuple):
     next_adapter: Any = None
 
     @property
+    def inputs(self) -> tuple[nn.Module, ...]:
+        """The modules whose tensors the synthesized tensor is computed from: the site (the scalars, a rule's
+        state) and the neighbour layers present (their parameters, or a parametrization's)."""
+        return (self.site, *(m for m in (self.prev, self.next) if m is not None))
+
+    @property
     def adapted(self) -> bool:
         """Whether either side is mapped to the replaced tensor's shape (else both are used as they are)."""
         return self.prev_adapter is not None or self.next_adapter is not None
