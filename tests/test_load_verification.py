@@ -97,6 +97,20 @@ def test_low_precision_checkpoints_and_casts_after_saving_are_accepted(saved, lo
             assert torch.equal(v, state[k].to(v.dtype)), k
 
 
+def test_tiny_values_cast_to_fp16_subnormals_are_accepted(compared):
+    # LayerScale gammas start at 1e-6 (timm's ConvNeXt, CaiT): fp16 holds them as subnormals, spaced 6e-8 apart
+    # whatever their size, so a cast rounds them by far more than 8 eps of themselves (convnext_atto's fp32
+    # checkpoint into model.half() was refused: "differs by up to 2.26e-08 (allowed 2.03e-08)")
+    src = _trained(ResidualMLP)
+    with torch.no_grad():
+        for name, p in src.named_parameters():  # the neighbours' (the replaced blocks' are synthesized)
+            if name.endswith("norm.weight"):
+                p.mul_(1e-6)
+    dst = _fresh(ResidualMLP).half()
+    dst.load_state_dict(src.state_dict())
+    assert compared == _synthesized(src)
+
+
 def test_a_checkpoint_loaded_in_a_fresh_process_is_accepted(tmp_path):
     src = _trained(ResidualMLP, rule="ema")
     replace_wrap.save(src, tmp_path)
