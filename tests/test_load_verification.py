@@ -284,6 +284,10 @@ def test_hf_from_pretrained_checks_the_values_it_ignores(tmp_path):
     with pytest.raises(replace_wrap.SynthesisMismatchError, match=r"'vit\.layers\.1\.attention\.q_proj\.weight'.*"
                        r"no model was returned"):
         replace_wrap.from_pretrained(transformers.ViTForImageClassification, tmp_path / "one")
+    # into its base model (AutoModel), Hugging Face drops base_model_prefix ("vit.") from the checkpoint's keys:
+    # the check read the model's own keys from the file, found none, and compared nothing
+    with pytest.raises(replace_wrap.SynthesisMismatchError, match=r"'layers\.1\.attention\.q_proj\.weight'"):
+        replace_wrap.from_pretrained(transformers.ViTModel, tmp_path / "one")
 
 
 

@@ -200,17 +200,19 @@ def from_pretrained(cls: type[M], directory: str | Path, *, example_inputs: Any 
             "(directory)) and convert it again if you want; del model.config.replace_wrap before saving a plain "
             "model drops the record."
         )
-    _verify_loaded(model, d)  # Hugging Face ignored the synthesized values: compare them with what the model makes
+    # a head model's checkpoint in its base model: Hugging Face dropped base_model_prefix from the file's keys
+    lead = f"{model.base_model_prefix}." if record.for_base_model(model) is not record else ""
+    _verify_loaded(model, d, lead)  # Hugging Face ignored the synthesized values: compare them with what the model makes
     return (model, info) if want_info else model
 
 
-def _verify_loaded(model: nn.Module, d: Path) -> None:
+def _verify_loaded(model: nn.Module, d: Path, lead: str = "") -> None:
     """Refuse a model whose replaced tensors differ from the synthesized values of its checkpoint (see
-    :mod:`.verify`), read from the files for the keys the model has. Hugging Face renames keys between the
-    checkpoint and the model (transformers 5's weight conversions); a key that only a converter maps (tensors
-    fused or split on the way) is not compared."""
+    :mod:`.verify`), read from the files for the keys the model has (behind ``lead`` there). Hugging Face renames
+    keys between the checkpoint and the model (transformers 5's weight conversions); a key that only a converter
+    maps (tensors fused or split on the way) is not compared."""
     keys = synthesized_paths(model)
-    names = _checkpoint_names(model, keys)
+    names = {k: lead + n for k, n in _checkpoint_names(model, keys).items()}
     found = read_tensors(d, names.values())
     saved = {k: found[n] for k, n in names.items() if n in found and tuple(found[n].shape) == keys[k]}
     problem = verify.mismatch(model, saved, substitute=False, next_step=(
