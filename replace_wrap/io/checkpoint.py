@@ -108,6 +108,8 @@ def load(model: M, directory: str | Path, *, strict: bool = True, example_inputs
         )
     record = read_record(d)
     state = _read_weights(d)
+    # a checkpoint that save wrote from the wrapper itself (before it saved the model inside) names the wrapper's
+    # class and prefixed paths: it loads into the same wrapper, as it did
     wrapper, model = model, (model if type(model).__name__ == record.module else held_model(model))
     if converted(model):
         mine = ConversionRecord.of(model)
