@@ -291,6 +291,20 @@ def test_hf_from_pretrained_checks_the_values_it_ignores(tmp_path):
 
 
 
+def test_hf_from_pretrained_says_which_values_it_could_not_compare(tmp_path, caplog):
+    # transformers 5 fuses Mixtral's per-expert checkpoint tensors into one model tensor (experts.gate_up_proj):
+    # no file name maps to it alone, so it is not compared; that was silent
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    cfg = transformers.MixtralConfig(vocab_size=32, hidden_size=16, intermediate_size=16, num_hidden_layers=3,
+                                     num_attention_heads=2, num_key_value_heads=1, num_local_experts=2,
+                                     num_experts_per_tok=1)
+    replace_wrap.convert(transformers.MixtralForCausalLM(cfg), every=2).save_pretrained(tmp_path)
+    with caplog.at_level(logging.INFO, logger="replace_wrap"):
+        replace_wrap.from_pretrained(transformers.MixtralForCausalLM, tmp_path)
+    assert "were not checked" in caplog.text and "mlp.experts." in caplog.text
+
+
 def _llama(seed: int) -> torch.nn.Module:
     transformers = pytest.importorskip("transformers")
     torch.manual_seed(seed)

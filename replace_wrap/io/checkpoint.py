@@ -217,6 +217,14 @@ def _verify_loaded(model: nn.Module, d: Path, lead: str = "") -> None:
     names = {k: lead + n for k, n in _checkpoint_names(model, keys).items()}
     found = read_tensors(d, names.values())
     saved = {k: found[n] for k, n in names.items() if n in found and tuple(found[n].shape) == keys[k]}
+    unread = [k for k in keys if k not in saved]
+    if unread:  # said, as verify says what it skips: a check that did not run must not pass for one that did
+        verify.logger.info(
+            "replace_wrap: the synthesized values of %d replaced tensors (e.g. %r) were not checked against their "
+            "neighbours and scalars: %s holds none of that shape under a name Hugging Face maps to the tensor alone "
+            "(a weight conversion fuses or splits it, as MoE experts; or saved with plain_state_dict=False)",
+            len(unread), unread[0], d,
+        )
     problem = verify.mismatch(model, saved, substitute=False, next_step=(
         "Hugging Face loaded it, and no model was returned. To get the model the saved values describe, load "
         f"the checkpoint with the plain loader ({type(model).__name__}.from_pretrained(directory): every "
