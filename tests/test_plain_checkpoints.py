@@ -338,6 +338,9 @@ def test_checkpoint_wrapped_models_verify_synthesized_values_on_load(way):
         dst.load_state_dict(state)
     synthesized = [k for k in state if k.startswith(("blocks.1.", "blocks.3.")) and ".replacement." not in k]
     assert sorted(compared) == sorted(synthesized) and compared
+    from replace_wrap.io.plain import synthesized_paths  # what from_pretrained's check reads: the same keys
+
+    assert sorted(synthesized_paths(model)) == sorted(synthesized)
     with torch.no_grad():
         assert torch.equal(dst(x), model(x))
     edited = dict(state)

@@ -108,6 +108,8 @@ def load(model: M, directory: str | Path, *, strict: bool = True, example_inputs
         )
     record = read_record(d)
     state = _read_weights(d)
+    # a checkpoint that save wrote from the wrapper itself (before it saved the model inside) names the wrapper's
+    # class and prefixed paths: it loads into the same wrapper, as it did
     wrapper, model = model, (model if type(model).__name__ == record.module else held_model(model))
     if converted(model):
         mine = ConversionRecord.of(model)
@@ -200,19 +202,29 @@ def from_pretrained(cls: type[M], directory: str | Path, *, example_inputs: Any 
             "(directory)) and convert it again if you want; del model.config.replace_wrap before saving a plain "
             "model drops the record."
         )
-    _verify_loaded(model, d)  # Hugging Face ignored the synthesized values: compare them with what the model makes
+    # a head model's checkpoint in its base model: Hugging Face dropped base_model_prefix from the file's keys
+    lead = f"{model.base_model_prefix}." if record.for_base_model(model) is not record else ""
+    _verify_loaded(model, d, lead)  # Hugging Face ignored the synthesized values: compare them with what the model makes
     return (model, info) if want_info else model
 
 
-def _verify_loaded(model: nn.Module, d: Path) -> None:
+def _verify_loaded(model: nn.Module, d: Path, lead: str = "") -> None:
     """Refuse a model whose replaced tensors differ from the synthesized values of its checkpoint (see
-    :mod:`.verify`), read from the files for the keys the model has. Hugging Face renames keys between the
-    checkpoint and the model (transformers 5's weight conversions); a key that only a converter maps (tensors
-    fused or split on the way) is not compared."""
+    :mod:`.verify`), read from the files for the keys the model has (behind ``lead`` there). Hugging Face renames
+    keys between the checkpoint and the model (transformers 5's weight conversions); a key that only a converter
+    maps (tensors fused or split on the way) is not compared."""
     keys = synthesized_paths(model)
-    names = _checkpoint_names(model, keys)
+    names = {k: lead + n for k, n in _checkpoint_names(model, keys).items()}
     found = read_tensors(d, names.values())
     saved = {k: found[n] for k, n in names.items() if n in found and tuple(found[n].shape) == keys[k]}
+    unread = [k for k in keys if k not in saved]
+    if unread:  # said, as verify says what it skips: a check that did not run must not pass for one that did
+        verify.logger.info(
+            "replace_wrap: the synthesized values of %d replaced tensors (e.g. %r) were not checked against their "
+            "neighbours and scalars: %s holds none of that shape under a name Hugging Face maps to the tensor alone "
+            "(a weight conversion fuses or splits it, as MoE experts; or saved with plain_state_dict=False)",
+            len(unread), unread[0], d,
+        )
     problem = verify.mismatch(model, saved, substitute=False, next_step=(
         "Hugging Face loaded it, and no model was returned. To get the model the saved values describe, load "
         f"the checkpoint with the plain loader ({type(model).__name__}.from_pretrained(directory): every "

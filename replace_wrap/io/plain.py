@@ -46,6 +46,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..analysis.wrappers import key_path
 from ..report import ConversionReport
 from ..surgery.apply import located_tensors, sites
 from ..surgery.attachments import register_attachment
@@ -81,9 +82,10 @@ def synthesized_keys(block: nn.Module) -> list[str]:
 
 def synthesized_paths(model: nn.Module) -> dict[str, tuple[int, ...]]:
     """The keys (relative to ``model``) under which its state dict holds the replaced tensors' synthesized values
-    when the hook writes them, with their shapes (nothing is synthesized)."""
+    when the hook writes them, with their shapes (nothing is synthesized). Keys as torch writes them: a block in a
+    ``checkpoint_wrapper`` has none of its path's ``_checkpoint_wrapped_module``."""
     return {
-        f"{path}.{key}" if path else key: layer.__dict__[SOURCES_ATTR][name].shape(name)
+        f"{at}.{key}" if (at := key_path(model, path)) else key: layer.__dict__[SOURCES_ATTR][name].shape(name)
         for path, block, site in sites(model)
         for key, layer, name in located_tensors(block, site)
     }

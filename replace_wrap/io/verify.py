@@ -16,9 +16,10 @@ it with the value the state dict carries, before anything is copied.
 Nothing of the model is changed or copied; the rule, the adapters and the parametrizations are the layer's.
 
 **Tolerance** (:data:`RELATIVE_TOLERANCE`): the largest ``|saved - recomputed|`` may be ``8 * eps`` of the
-coarser of the two dtypes, times the saved tensor's largest magnitude. A round trip mixes the same values the
-same way, bitwise on one device; another device (fused multiply-adds) or a cast between saving and loading
-(a bf16 checkpoint into an fp32 model, ``model.half()`` after saving) rounds by a few units of that dtype.
+coarser of the two dtypes, times the saved tensor's largest magnitude or the larger of the two dtypes' smallest
+normal numbers (below it fp16's spacing no longer shrinks). A round trip mixes the same values the same way,
+bitwise on one device; another device (fused multiply-adds) or a cast between saving and loading (a bf16
+checkpoint into an fp32 model, ``model.half()`` after saving) rounds by a few units of that dtype.
 
 **Skipped**, with a reason on the ``"replace_wrap"`` logger (info), where the values the model will compute with
 are not here to read: meta tensors (a model built on the meta device, loaded without ``assign=True``; a
@@ -245,7 +246,10 @@ def _difference(saved: torch.Tensor, value: torch.Tensor) -> tuple[float, float]
         same = (s == v) | (s.isnan() & v.isnan())
         diff = torch.nan_to_num((s - v).abs_().masked_fill_(same, 0.0), nan=math.inf).max().item()
         scale = torch.nan_to_num(s.abs(), nan=0.0, posinf=0.0).max().item()
-    return diff, tolerance(saved.dtype, value.dtype) * scale
+    # below a dtype's smallest normal number its spacing stops shrinking with the values (fp16's subnormals are
+    # 6e-8 apart): a LayerScale gamma of 1e-6 cast to fp16 is rounded by far more than 8 eps of itself
+    floor = max((torch.finfo(d).tiny for d in (saved.dtype, value.dtype) if d.is_floating_point), default=0.0)
+    return diff, tolerance(saved.dtype, value.dtype) * max(scale, floor)
 
 
 def _error(name: str, found: list[tuple[_Job, float, float]], next_step: str) -> SynthesisMismatchError:
