@@ -22,7 +22,6 @@ joins its neighbours' group (:func:`beside_neighbours`).
 
 from __future__ import annotations
 
-import functools
 import logging
 from collections.abc import Callable, Sequence
 from typing import Any
