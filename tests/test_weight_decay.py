@@ -174,14 +174,21 @@ def test_hf_trainer_gives_the_scalars_no_decay():
     assert decay[id(model.get_parameter("vit.layers.0.attention.q_proj.weight"))] == 0.1  # the rest as before
 
 
-def test_hf_trainer_imported_after_convert_gives_the_scalars_no_decay(tmp_path, monkeypatch):
-    """In a fresh process: transformers' trainer module is imported only after convert (the import hook)."""
+@pytest.mark.parametrize("imported", ["transformers", "nothing"])
+def test_hf_trainer_imported_after_convert_gives_the_scalars_no_decay(tmp_path, monkeypatch, imported):
+    """In a fresh process: transformers' trainer module is imported only after convert (the import hook); with
+    ``nothing``, transformers itself too (a timm or plain model converted before the script imports the Trainer:
+    the scalars were decayed)."""
     pytest.importorskip("accelerate")
+    first, build = (
+        ("import transformers\n", "tiny_hf_vit(3)") if imported == "transformers" else ("", "ResidualMLP(width=32)")
+    )
     code = (
-        "import sys, transformers, replace_wrap\n"
-        "from toys import tiny_hf_vit\n"
+        f"import sys, replace_wrap\n{first}"
+        "from toys import tiny_hf_vit, ResidualMLP\n"
         "assert 'transformers.trainer' not in sys.modules\n"
-        "model = replace_wrap.convert(tiny_hf_vit(3), every=2)\n"
+        f"assert ('transformers' in sys.modules) == {imported == 'transformers'}\n"
+        f"model = replace_wrap.convert({build}, every=2)\n"
         "from test_weight_decay import _trainer_decay, _scalars\n"
         "decay = _trainer_decay(model)\n"
         "print(sorted({decay[id(p)] for p in _scalars(model)}), sorted(set(decay.values())))\n"

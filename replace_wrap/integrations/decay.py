@@ -129,20 +129,21 @@ def exclude_from_trainer_decay() -> None:
     transformers 5 picks the decayed parameters by name patterns and ``nn.LayerNorm`` instances only
     (``Trainer.get_decay_parameter_names``), with no hook a model could use. So the method is wrapped: it
     returns what it returned, minus the parameters of replacement sites. Applied now if transformers' trainer
-    module is imported, else right after it is (a one-shot import hook), and only if transformers itself is
-    imported: nothing is imported here.
+    module is imported, else right after it is (a one-shot import hook, also when transformers itself is
+    imported only after ``convert``, as a script converting a timm model before it imports the Trainer does):
+    nothing is imported here.
     """
     # The other patches (AT_TRAINER_IMPORT) wrap functions of transformers.trainer_utils, which is public API of
     # its own (load_sharded_checkpoint) and imported before the trainer module: patched at its own import, the
     # trainer module binds the wrapped functions.
     if "transformers.trainer_utils" in sys.modules:
         _run_patches()
-    elif "transformers" in sys.modules:
+    else:
         _after_import("transformers.trainer_utils", lambda module: _run_patches())
     module = sys.modules.get("transformers.trainer")
     if module is not None:
         _wrap_trainer(module)
-    elif "transformers" in sys.modules:
+    else:
         _after_import("transformers.trainer", _wrap_trainer)
 
 

@@ -5,7 +5,8 @@ gradients, so it keeps their state for nothing) and not the new scalars (so they
 error; after ``merge`` the same holds the other way round (dead scalars, restored tensors missing).
 Rebinding fixes both in place, as Composer's surgery does: every removed tensor leaves every parameter group
 (and the optimizer's state), and each block's new tensors join the group that held the first of that block's
-removed ones. A block whose tensors the optimizer did not hold (a frozen part of the model) gets none of its
+removed ones, in its place (the group keeps ``model.parameters()`` order, so a checkpoint of the optimizer, whose
+states torch matches by position, loads into one built afterwards). A block whose tensors the optimizer did not hold (a frozen part of the model) gets none of its
 new tensors in it either.
 
 Weight decay: a replaced block's scalars never join a decayed group. When the block's group decays, they join
@@ -21,7 +22,6 @@ joins its neighbours' group (:func:`beside_neighbours`).
 
 from __future__ import annotations
 
-import functools
 import logging
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -89,25 +89,41 @@ def rebind(optimizers: Sequence[Any], blocks: Sequence[tuple[Removed, Added]], p
     """
     for opt in optimizers:
         removed = {id(p) for old, _ in blocks for p in old}
-        targets = []  # (group, new tensors) decided before the groups change
+        # Each new tensor that joins its block's group takes the place of the block's first removed tensor there,
+        # so the group lists the model's tensors in the order of model.parameters(), as a group built afterwards
+        # would: torch's Optimizer.load_state_dict matches states by position, and a checkpoint of the rebound
+        # optimizer then resumes into one built after convert or merge (appended, the states went to other
+        # tensors of the same shapes). One in another group (a no-decay twin, the neighbours') is appended there.
+        inline: dict[int, Added] = {}  # id(first removed tensor) -> the new tensors that take its place
+        appended: list[tuple[dict[str, Any], str, nn.Parameter]] = []
         for old, new in blocks:
-            group = next((g for g in map(functools.partial(group_of, opt), old) if g is not None), None)
-            if group is not None:
-                targets.append((group, new))
+            anchor, group = next(((p, g) for p in old if (g := group_of(opt, p)) is not None), (None, None))
+            if group is None:
+                continue
+            for name, p in new:
+                dest = _group_for(opt, group, False) if place is None else place(opt, group, name, p)
+                if dest is group:
+                    inline.setdefault(id(anchor), []).append((name, p))
+                else:
+                    appended.append((dest, name, p))
         for group in opt.param_groups:
-            keep = [k for k, p in enumerate(group["params"]) if id(p) not in removed]
-            if "param_names" in group:  # torch >= 2.6 keeps names when built from named_parameters()
-                group["param_names"] = [group["param_names"][k] for k in keep]
-            group["params"] = [group["params"][k] for k in keep]
+            names = group.get("param_names")  # torch >= 2.6 keeps names when built from named_parameters()
+            params, kept_names = [], []
+            for k, p in enumerate(group["params"]):
+                entries = inline.get(id(p), ()) if id(p) in removed else ((None if names is None else names[k], p),)
+                for name, q in entries:
+                    params.append(q)
+                    kept_names.append(name)
+            group["params"] = params
+            if names is not None:
+                group["param_names"] = kept_names
         for old, _ in blocks:
             for p in old:
                 opt.state.pop(p, None)
-        for group, new in targets:
-            for name, p in new:
-                dest = _group_for(opt, group, False) if place is None else place(opt, group, name, p)
-                dest["params"].append(p)
-                if "param_names" in dest:
-                    dest["param_names"].append(name)
+        for dest, name, p in appended:
+            dest["params"].append(p)
+            if "param_names" in dest:
+                dest["param_names"].append(name)
 
 
 def group_of(opt: Any, tensor: nn.Parameter | None) -> dict[str, Any] | None:
